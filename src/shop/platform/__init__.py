@@ -1,0 +1,1 @@
+"""Shared plumbing for every Shop service: no business rules, and no service imported."""

@@ -1,0 +1,200 @@
+"""The FastAPI app factory every service is built with.
+
+It gives each service the same outside: ``/health/live``, ``/health/ready``, ``/metrics``,
+``/docs``, an ``X-Request-ID`` on every answer, problem+json for every error, a body
+limit, one pooled HTTP client and its registration with the discovery server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import aiohttp
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from shop.platform.discovery import Heartbeat, Registration, RegistryClient
+from shop.platform.http import http_session
+from shop.platform.middleware import (
+    BodyLimitMiddleware,
+    HttpMetrics,
+    MetricsMiddleware,
+    RequestContextMiddleware,
+)
+from shop.platform.problems import Problem, from_problem, problem_response, validation_errors
+from shop.platform.settings import PlatformSettings
+
+__all__ = ["Runtime", "RuntimeDep", "ServiceLifespan", "create_app", "get_runtime"]
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What the platform opens for a service during its lifespan."""
+
+    name: str
+    platform: PlatformSettings
+    http: aiohttp.ClientSession
+    registry: RegistryClient
+    readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    heartbeat: Heartbeat | None = None
+
+
+ServiceLifespan = Callable[[FastAPI, Runtime], AbstractAsyncContextManager[None]]
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+@asynccontextmanager
+async def _no_service_lifespan(_app: FastAPI, _runtime: Runtime) -> AsyncIterator[None]:
+    yield
+
+
+def _install_problem_handlers(app: FastAPI) -> None:
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Problem)  # noqa: S101 - registered for Problem only
+        return from_problem(exc, instance=request.url.path)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101
+        detail = exc.detail if isinstance(exc.detail, str) else None
+        return problem_response(
+            exc.status_code, instance=request.url.path, detail=detail, headers=exc.headers
+        )
+
+    async def on_invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101
+        return problem_response(
+            422,
+            instance=request.url.path,
+            detail="The request is not valid; see errors.",
+            errors=validation_errors(exc.errors()),
+        )
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_invalid)
+
+
+def _ops_router(metrics: HttpMetrics) -> APIRouter:
+    router = APIRouter(tags=["operations"])
+
+    @router.get("/health/live")
+    async def live() -> dict[str, str]:
+        return {"status": "UP"}
+
+    @router.get("/health/ready", response_model=None)
+    async def ready(runtime: RuntimeDep, request: Request) -> Response:
+        names = list(runtime.readiness)
+        outcomes = await asyncio.gather(
+            *(asyncio.wait_for(runtime.readiness[n](), 2.0) for n in names),
+            return_exceptions=True,
+        )
+        checks = {
+            n: "UP" if not isinstance(o, BaseException) else "DOWN"
+            for n, o in zip(names, outcomes, strict=True)
+        }
+        if all(v == "UP" for v in checks.values()):
+            return JSONResponse({"status": "UP", "checks": checks})
+        down = ", ".join(n for n, v in checks.items() if v == "DOWN")
+        return problem_response(
+            503,
+            instance=request.url.path,
+            detail=f"Not ready: {down}",
+            extra={"checks": checks},
+        )
+
+    @router.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+def create_app(
+    *,
+    name: str,
+    title: str,
+    platform: PlatformSettings,
+    routers: Sequence[APIRouter] = (),
+    lifespan: ServiceLifespan = _no_service_lifespan,
+    register: bool = True,
+    description: str = "",
+) -> FastAPI:
+    """Build a service. ``name`` is its registered name (``auth-service``...).
+
+    The process that serves it sets ``app.state.bound_port`` before start-up; with it
+    the app registers that port with the discovery server (``register=True``).
+    """
+    metrics = HttpMetrics(name)
+
+    @asynccontextmanager
+    async def platform_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with http_session() as http:
+            registry = RegistryClient(
+                base_url=platform.registry_url,
+                session=http,
+                cache_ttl_s=platform.registry_cache_ttl_s,
+            )
+            runtime = Runtime(name=name, platform=platform, http=http, registry=registry)
+            app.state.runtime = runtime
+            async with lifespan(app, runtime):
+                port: int | None = getattr(app.state, "bound_port", None)
+                if register and port:
+                    heartbeat = Heartbeat(
+                        registry,
+                        Registration(
+                            app=name,
+                            host=platform.advertise_host,
+                            port=port,
+                            lease_duration_s=platform.lease_duration_s,
+                            renewal_interval_s=platform.heartbeat_interval_s,
+                        ),
+                    )
+                    runtime.heartbeat = heartbeat
+                    runtime.readiness["registry"] = _registered(heartbeat)
+                    heartbeat.start()
+                try:
+                    yield
+                finally:
+                    if runtime.heartbeat is not None:
+                        await runtime.heartbeat.stop()
+
+    app = FastAPI(title=title, description=description, lifespan=platform_lifespan)
+    app.state.metrics = metrics
+    _install_problem_handlers(app)
+    app.include_router(_ops_router(metrics))
+    for router in routers:
+        app.include_router(router)
+    # Added last = outermost: request identity wraps everything, even the 413 and metrics.
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=platform.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware)
+    return app
+
+
+def _registered(heartbeat: Heartbeat) -> ReadinessCheck:
+    async def check() -> None:
+        if not heartbeat.registered:
+            raise RuntimeError("not registered with the discovery server")
+
+    return check
+
+
+def runtime_of(app: Any) -> Runtime:
+    runtime: Runtime = app.state.runtime
+    return runtime

@@ -1,0 +1,125 @@
+"""SQLAlchemy 2 async engines from a URL, and each service's Alembic migrations at start-up.
+
+SQLite (aiosqlite) is the embedded default; MySQL/MariaDB (aiomysql) is chosen by URL.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, event, make_url, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
+
+__all__ = [
+    "AsyncSession",
+    "create_engine",
+    "is_mysql",
+    "migrate",
+    "normalise_url",
+    "ping",
+    "run_migrations_env",
+    "session_factory",
+]
+
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+aiomysql", "mariadb": "mysql+aiomysql"}
+
+
+def normalise_url(url: str) -> URL:
+    """Accept plain ``mysql://`` and ``sqlite:///`` URLs and pick the async driver."""
+    parsed = make_url(url)
+    if parsed.drivername in _DRIVERS:
+        parsed = parsed.set(drivername=_DRIVERS[parsed.drivername])
+    if parsed.drivername.startswith("mysql") and "charset" not in parsed.query:
+        parsed = parsed.update_query_dict({"charset": "utf8mb4"})
+    return parsed
+
+
+def is_mysql(engine: AsyncEngine) -> bool:
+    return engine.dialect.name in {"mysql", "mariadb"}
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers and one writer work at once; busy_timeout waits instead of failing.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def create_engine(url: str) -> AsyncEngine:
+    parsed = normalise_url(url)
+    if parsed.drivername.startswith("sqlite"):
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(
+        parsed,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_size=10,
+        max_overflow=20,
+        isolation_level="READ COMMITTED",
+    )
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def ping(engine: AsyncEngine) -> None:
+    async with engine.connect() as conn:
+        await conn.execute(text("SELECT 1"))
+
+
+def _upgrade(connection: Connection, *, script_location: str, version_table: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", script_location)
+    config.attributes["connection"] = connection
+    config.attributes["version_table"] = version_table
+    command.upgrade(config, "head")
+
+
+async def migrate(engine: AsyncEngine, *, package: str, service: str) -> None:
+    """Apply ``<package>/migrations`` up to head. Several instances may start at once."""
+    script_location = os.fspath(Path(str(files(package))) / "migrations")
+    version_table = f"alembic_version_{service}"
+    async with engine.connect() as conn:
+        lock = f"shop_migrate_{service}"
+        if is_mysql(engine):
+            await conn.execute(text("SELECT GET_LOCK(:name, 60)"), {"name": lock})
+        try:
+            await conn.run_sync(
+                lambda sync: _upgrade(
+                    sync, script_location=script_location, version_table=version_table
+                )
+            )
+            await conn.commit()
+        finally:
+            if is_mysql(engine):
+                await conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": lock})
+
+
+def run_migrations_env() -> None:
+    """Body of every service's ``migrations/env.py``: migrate on the connection it is given."""
+    from alembic import context
+
+    connection = context.config.attributes["connection"]
+    context.configure(
+        connection=connection,
+        version_table=context.config.attributes["version_table"],
+        render_as_batch=connection.dialect.name == "sqlite",
+        transaction_per_migration=False,
+    )
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,236 @@
+"""Client of the discovery server (the Eureka REST protocol): register, heartbeat, look up.
+
+Lookups are cached per application for a few seconds and served stale if the registry
+is briefly unreachable, so no request pays a registry round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+__all__ = ["Heartbeat", "Instance", "Registration", "RegistryClient", "RegistryUnavailable"]
+
+log = logging.getLogger("shop.discovery")
+
+_JSON = {"Accept": "application/json", "Content-Type": "application/json"}
+
+
+class RegistryUnavailable(Exception):
+    """The registry could not be reached and nothing is cached for the application."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    app: str
+    instance_id: str
+    host: str
+    port: int
+    status: str = "UP"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @classmethod
+    def from_eureka(cls, raw: dict[str, Any]) -> Instance:
+        port = raw.get("port", 0)
+        if isinstance(port, dict):
+            port = port.get("$", 0)
+        return cls(
+            app=str(raw.get("app", "")).lower(),
+            instance_id=str(raw.get("instanceId") or raw.get("hostName")),
+            host=str(raw.get("ipAddr") or raw.get("hostName")),
+            port=int(port),
+            status=str(raw.get("status", "UNKNOWN")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    app: str
+    host: str
+    port: int
+    lease_duration_s: int = 90
+    renewal_interval_s: float = 30.0
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def instance_id(self) -> str:
+        return f"{self.host}:{self.app}:{self.port}"
+
+    def to_eureka(self) -> dict[str, Any]:
+        base = f"http://{self.host}:{self.port}"
+        return {
+            "instance": {
+                "instanceId": self.instance_id,
+                "hostName": self.host,
+                "app": self.app.upper(),
+                "ipAddr": self.host,
+                "vipAddress": self.app,
+                "secureVipAddress": self.app,
+                "status": "UP",
+                "port": {"$": self.port, "@enabled": "true"},
+                "securePort": {"$": 443, "@enabled": "false"},
+                "homePageUrl": f"{base}/",
+                "statusPageUrl": f"{base}/health/live",
+                "healthCheckUrl": f"{base}/health/ready",
+                "dataCenterInfo": {
+                    "@class": "com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo",
+                    "name": "MyOwn",
+                },
+                "leaseInfo": {
+                    "renewalIntervalInSecs": int(self.renewal_interval_s),
+                    "durationInSecs": self.lease_duration_s,
+                },
+                "metadata": dict(self.metadata),
+            }
+        }
+
+
+@dataclass(slots=True)
+class _Cached:
+    instances: list[Instance]
+    fetched_at: float
+    cursor: itertools.count[int] = field(default_factory=itertools.count)
+
+
+class RegistryClient:
+    def __init__(
+        self, *, base_url: str, session: aiohttp.ClientSession, cache_ttl_s: float = 5.0
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._session = session
+        self._ttl = cache_ttl_s
+        self._cache: dict[str, _Cached] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def register(self, registration: Registration) -> None:
+        url = f"{self.base_url}/apps/{registration.app.upper()}"
+        async with self._session.post(url, json=registration.to_eureka(), headers=_JSON) as resp:
+            if resp.status not in (200, 204):
+                raise RegistryUnavailable(f"register answered {resp.status}")
+
+    async def renew(self, registration: Registration) -> bool:
+        """False when the registry no longer knows the instance (it must register again)."""
+        url = f"{self.base_url}/apps/{registration.app.upper()}/{registration.instance_id}"
+        async with self._session.put(url, params={"status": "UP"}, headers=_JSON) as resp:
+            if resp.status == 404:
+                return False
+            if resp.status != 200:
+                raise RegistryUnavailable(f"renew answered {resp.status}")
+            return True
+
+    async def cancel(self, registration: Registration) -> None:
+        url = f"{self.base_url}/apps/{registration.app.upper()}/{registration.instance_id}"
+        async with self._session.delete(url, headers=_JSON):
+            pass
+
+    async def fetch(self, app: str) -> list[Instance]:
+        """Ask the registry now: every instance of ``app`` whatever its status."""
+        url = f"{self.base_url}/apps/{app.upper()}"
+        try:
+            async with self._session.get(
+                url, headers=_JSON, timeout=aiohttp.ClientTimeout(total=2.0)
+            ) as resp:
+                if resp.status == 404:
+                    return []
+                if resp.status != 200:
+                    raise RegistryUnavailable(f"registry answered {resp.status}")
+                body = await resp.json()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RegistryUnavailable(str(exc) or type(exc).__name__) from exc
+        raw = body.get("application", {}).get("instance", [])
+        if isinstance(raw, dict):
+            raw = [raw]
+        return [Instance.from_eureka(item) for item in raw]
+
+    async def instances(self, app: str) -> list[Instance]:
+        """UP instances of ``app``, from the cache when it is fresh."""
+        app = app.lower()
+        cached = self._cache.get(app)
+        if cached and time.monotonic() - cached.fetched_at < self._ttl:
+            return cached.instances
+        lock = self._locks.setdefault(app, asyncio.Lock())
+        async with lock:
+            cached = self._cache.get(app)
+            if cached and time.monotonic() - cached.fetched_at < self._ttl:
+                return cached.instances
+            try:
+                found = [i for i in await self.fetch(app) if i.status == "UP"]
+            except RegistryUnavailable:
+                if cached:
+                    log.warning("registry unreachable; serving cached instances of %s", app)
+                    cached.fetched_at = time.monotonic()
+                    return cached.instances
+                raise
+            self._cache[app] = _Cached(instances=found, fetched_at=time.monotonic())
+            return found
+
+    async def choose(self, app: str) -> Instance | None:
+        """Round-robin over the UP instances of ``app``."""
+        instances = await self.instances(app)
+        if not instances:
+            return None
+        cached = self._cache[app.lower()]
+        return instances[next(cached.cursor) % len(instances)]
+
+    def forget(self, app: str) -> None:
+        """Drop the cached lookup, e.g. after an instance refused a connection."""
+        self._cache.pop(app.lower(), None)
+
+
+class Heartbeat:
+    """Keeps one registration alive: registers, renews, registers again after eviction."""
+
+    def __init__(self, client: RegistryClient, registration: Registration) -> None:
+        self.client = client
+        self.registration = registration
+        self.registered = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.registration.app}")
+
+    async def _run(self) -> None:
+        retry = 0.2
+        while True:
+            try:
+                if not self.registered:
+                    await self.client.register(self.registration)
+                    self.registered = True
+                    retry = 0.2
+                    log.info(
+                        "registered %s as %s",
+                        self.registration.app,
+                        self.registration.instance_id,
+                    )
+                    await asyncio.sleep(self.registration.renewal_interval_s)
+                    continue
+                if not await self.client.renew(self.registration):
+                    log.warning("registry forgot %s; registering again", self.registration.app)
+                    self.registered = False
+                    continue
+                await asyncio.sleep(self.registration.renewal_interval_s)
+            except (aiohttp.ClientError, TimeoutError, RegistryUnavailable) as exc:
+                self.registered = False
+                log.warning("registry unreachable (%s); retrying in %.1fs", exc, retry)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, 5.0)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.registered:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                await self.client.cancel(self.registration)
+            self.registered = False

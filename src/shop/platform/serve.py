@@ -1,0 +1,51 @@
+"""Run one service process: bind the port (0 = any free one), then serve and register it."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+
+import uvicorn
+from starlette.types import ASGIApp
+
+__all__ = ["bind_socket", "configure_logging", "serve"]
+
+
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+        force=True,
+    )
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(app: ASGIApp, *, name: str, sock: socket.socket, log_level: str = "INFO") -> None:
+    """Serve on an already bound socket until SIGINT/SIGTERM; announce the real port.
+
+    The launcher reads the ``listening on`` line to learn the port a service got.
+    """
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        app,
+        log_level=log_level.lower(),
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        server_header=False,
+        date_header=False,
+        log_config=None,
+    )
+    server = uvicorn.Server(config)
+    logging.getLogger("shop").info("%s listening on http://%s:%d", name, host, port)
+    server.run(sockets=[sock])

@@ -1,0 +1,54 @@
+"""Settings shared by every process, and the base class each service extends with its own prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["PlatformSettings", "ServiceSettings", "Profile"]
+
+Profile = Literal["embedded", "production"]
+
+
+class PlatformSettings(BaseSettings):
+    """What every process of one Shop deployment agrees on (env prefix ``SHOP_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SHOP_", extra="ignore")
+
+    profile: Profile = "embedded"
+    data_dir: Path = Path(".data")
+    registry_url: str = "http://127.0.0.1:8761/eureka"
+    # How this process is reached by others; 127.0.0.1 suits a laptop, a pod sets its own IP.
+    advertise_host: str = "127.0.0.1"
+    heartbeat_interval_s: float = 30.0
+    lease_duration_s: int = 90
+    registry_cache_ttl_s: float = 5.0
+    auth_issuer: str = "shop-auth"
+    auth_audience: str = "shop"
+    log_level: str = "INFO"
+    max_body_bytes: int = 1_048_576
+
+    @property
+    def is_production(self) -> bool:
+        return self.profile == "production"
+
+
+class ServiceSettings(BaseSettings):
+    """Base for one service's own settings. Subclasses set ``env_prefix`` (``AUTH_``, ...)."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL; the embedded profile uses a SQLite file under the data dir.",
+    )
+
+    def resolved_database_url(self, *, platform: PlatformSettings, service: str) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{platform.data_dir.resolve() / f'{service}.db'}"

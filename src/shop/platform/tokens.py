@@ -1,0 +1,123 @@
+"""Access-token verification against the auth service's JWKS.
+
+Keys are parsed once and cached by ``kid``; an unknown ``kid`` triggers one refetch
+(rate-limited, so a flood of forged kids cannot hammer the auth service). The
+algorithm is pinned to the asymmetric one: ``none`` and HS256 are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+__all__ = ["ALGORITHMS", "InvalidToken", "JwksVerifier", "Principal", "principal_from_claims"]
+
+ALGORITHMS = ("RS256",)
+REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud", "jti"]
+
+
+class InvalidToken(Exception):
+    """The token is missing, malformed, expired, or not signed by a key we trust."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    user_id: str
+    email: str
+    roles: frozenset[str]
+    token_id: str
+
+    @property
+    def is_admin(self) -> bool:
+        return "admin" in self.roles
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    roles = claims.get("roles", [])
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise InvalidToken("roles claim is malformed")
+    return Principal(
+        user_id=str(claims["sub"]),
+        email=str(claims.get("email", "")),
+        roles=frozenset(roles),
+        token_id=str(claims["jti"]),
+    )
+
+
+def decode(
+    token: str, *, key: Any, issuer: str, audience: str, leeway_s: float = 5.0
+) -> dict[str, Any]:
+    try:
+        claims: dict[str, Any] = jwt.decode(
+            token,
+            key=key,
+            algorithms=list(ALGORITHMS),
+            audience=audience,
+            issuer=issuer,
+            leeway=leeway_s,
+            options={"require": REQUIRED_CLAIMS},
+        )
+    except jwt.PyJWTError as exc:
+        raise InvalidToken(str(exc)) from exc
+    return claims
+
+
+class JwksVerifier:
+    def __init__(
+        self,
+        *,
+        fetch_jwks: Callable[[], Awaitable[Mapping[str, Any]]],
+        issuer: str,
+        audience: str,
+        min_refetch_interval_s: float = 10.0,
+    ) -> None:
+        self._fetch = fetch_jwks
+        self._issuer = issuer
+        self._audience = audience
+        self._min_refetch = min_refetch_interval_s
+        self._keys: dict[str, Any] = {}
+        self._last_fetch = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._last_fetch < self._min_refetch:
+                return
+            self._last_fetch = time.monotonic()
+            jwks = await self._fetch()
+            keys: dict[str, Any] = {}
+            for raw in jwks.get("keys", []):
+                if raw.get("kty") != "RSA" or raw.get("use", "sig") != "sig" or "kid" not in raw:
+                    continue
+                keys[raw["kid"]] = jwt.PyJWK(raw, algorithm="RS256").key
+            self._keys = keys
+
+    async def key_for(self, kid: str) -> Any:
+        if kid not in self._keys:
+            try:
+                await self._refresh()
+            except Exception as exc:  # the JWKS source is down: no key, no entry
+                raise InvalidToken("signing keys are unavailable") from exc
+        key = self._keys.get(kid)
+        if key is None:
+            raise InvalidToken("unknown signing key")
+        return key
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken("malformed token") from exc
+        if header.get("alg") not in ALGORITHMS:
+            raise InvalidToken("algorithm not allowed")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise InvalidToken("token has no key id")
+        key = await self.key_for(kid)
+        claims = decode(token, key=key, issuer=self._issuer, audience=self._audience)
+        return principal_from_claims(claims)

@@ -1,0 +1,27 @@
+"""Helpers shared by the test suites (not fixtures: those live in conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+__all__ = ["free_port", "require_or_skip", "REQUIRE_ALL"]
+
+# CI sets SHOP_REQUIRE_ALL=1: a missing server is then a failure, never a skip.
+REQUIRE_ALL = os.environ.get("SHOP_REQUIRE_ALL") == "1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def require_or_skip(reason: str) -> None:
+    """Skip locally when a server is missing; fail loudly under SHOP_REQUIRE_ALL=1."""
+    if REQUIRE_ALL:
+        pytest.fail(f"required test server missing: {reason}", pytrace=False)
+    pytest.skip(reason)
