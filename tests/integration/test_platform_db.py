@@ -1,0 +1,41 @@
+"""Engines from URLs: the embedded SQLite file and MariaDB answer through the same code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import text
+
+from shop.platform.db import create_engine, normalise_url, ping
+
+
+def test_plain_urls_get_the_async_drivers() -> None:
+    assert normalise_url("sqlite:///x.db").drivername == "sqlite+aiosqlite"
+    mysql = normalise_url("mysql://u:p@db:3306/shop")
+    assert mysql.drivername == "mysql+aiomysql" and mysql.query["charset"] == "utf8mb4"
+
+
+async def test_sqlite_file_is_created_in_wal_mode(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'nested' / 'svc.db'}")
+    try:
+        await ping(engine)
+        async with engine.connect() as conn:
+            mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
+        assert mode == "wal"
+        assert (tmp_path / "nested" / "svc.db").exists()
+    finally:
+        await engine.dispose()
+
+
+async def test_same_engine_code_reaches_both_backends(database_url: str) -> None:
+    engine = create_engine(database_url)
+    try:
+        await ping(engine)
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE probe (id INTEGER PRIMARY KEY, note TEXT)"))
+            await conn.execute(text("INSERT INTO probe (id, note) VALUES (1, 'ünïcode')"))
+        async with engine.connect() as conn:
+            note = (await conn.execute(text("SELECT note FROM probe"))).scalar_one()
+        assert note == "ünïcode"
+    finally:
+        await engine.dispose()
