@@ -12,7 +12,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shop.platform.tokens import InvalidToken, JwksVerifier
+from shop.platform.tokens import InvalidToken, JwksVerifier, KeysUnavailable
 
 ISSUER, AUDIENCE = "shop-auth", "shop"
 
@@ -115,3 +115,12 @@ async def test_forged_kids_cannot_hammer_the_jwks_source() -> None:
         with pytest.raises(InvalidToken):
             await verifier.verify(_token(_key() if n == 0 else KEY, kid=f"forged-{n}"))
     assert jwks.fetches == 1
+
+
+async def test_unreachable_jwks_is_not_reported_as_a_bad_token() -> None:
+    async def down() -> Mapping[str, Any]:
+        raise ConnectionError("auth-service is down")
+
+    verifier = JwksVerifier(fetch_jwks=down, issuer=ISSUER, audience=AUDIENCE)
+    with pytest.raises(KeysUnavailable):
+        await verifier.verify(_token(KEY))

@@ -20,7 +20,12 @@ __all__ = ["Heartbeat", "Instance", "Registration", "RegistryClient", "RegistryU
 
 log = logging.getLogger("shop.discovery")
 
-_JSON = {"Accept": "application/json", "Content-Type": "application/json"}
+# The gateway shares this session with auto-decompression off, so ask for plain JSON.
+_JSON = {
+    "Accept": "application/json",
+    "Accept-Encoding": "identity",
+    "Content-Type": "application/json",
+}
 
 
 class RegistryUnavailable(Exception):

@@ -30,14 +30,24 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(app: ASGIApp, *, name: str, sock: socket.socket, log_level: str = "INFO") -> None:
+def serve(
+    app: ASGIApp,
+    *,
+    name: str,
+    sock: socket.socket,
+    log_level: str = "INFO",
+    proxy_headers: bool = True,
+) -> None:
     """Serve on an already bound socket until SIGINT/SIGTERM; announce the real port.
 
     The launcher reads the ``listening on`` line to learn the port a service got.
+    ``proxy_headers=False`` for the edge (the gateway): there ``X-Forwarded-For`` comes from
+    the caller and must not become the client address.
     """
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(
         app,
+        proxy_headers=proxy_headers,
         log_level=log_level.lower(),
         access_log=False,
         lifespan="on",

@@ -15,7 +15,14 @@ from typing import Any
 
 import jwt
 
-__all__ = ["ALGORITHMS", "InvalidToken", "JwksVerifier", "Principal", "principal_from_claims"]
+__all__ = [
+    "ALGORITHMS",
+    "InvalidToken",
+    "JwksVerifier",
+    "KeysUnavailable",
+    "Principal",
+    "principal_from_claims",
+]
 
 ALGORITHMS = ("RS256",)
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud", "jti"]
@@ -23,6 +30,13 @@ REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud", "jti"]
 
 class InvalidToken(Exception):
     """The token is missing, malformed, expired, or not signed by a key we trust."""
+
+
+class KeysUnavailable(Exception):
+    """The token names a key we do not hold and the JWKS source cannot be reached.
+
+    Not an ``InvalidToken``: the caller's token may be fine, so the honest answer is 503.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +115,8 @@ class JwksVerifier:
         if kid not in self._keys:
             try:
                 await self._refresh()
-            except Exception as exc:  # the JWKS source is down: no key, no entry
-                raise InvalidToken("signing keys are unavailable") from exc
+            except Exception as exc:  # whatever the JWKS source failed with
+                raise KeysUnavailable("signing keys cannot be fetched") from exc
         key = self._keys.get(kid)
         if key is None:
             raise InvalidToken("unknown signing key")

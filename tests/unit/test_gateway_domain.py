@@ -1,0 +1,225 @@
+"""The gateway's pure rules: canonical paths, the route table, headers, the merged API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from shop.gateway.domain import (
+    Access,
+    Match,
+    MethodNotAllowed,
+    NotRouted,
+    bearer_token,
+    canonical_path,
+    merge_openapi,
+    public_route_table,
+    response_headers,
+    upstream_headers,
+)
+from shop.gateway.settings import GatewaySettings
+from shop.platform.settings import PlatformSettings
+
+ROUTES = public_route_table(dashboard_access=Access.PUBLIC)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/",
+        b"/api/product",
+        b"/api/product/64b7f0c2a1b2c3d4e5f60718",
+        b"/api/inventory/iphone_13-red~2",
+        b"/api/product/caf%C3%A9",
+        b"/api/product/a%20b",
+        b"/auth/.well-known/jwks.json",
+        b"/api/order/3f2c/cancel",
+    ],
+)
+def test_canonical_paths_are_accepted(raw: bytes) -> None:
+    assert canonical_path(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"api/product",
+        b"/api/../internal",
+        b"/api/./order",
+        b"/api/product/..",
+        b"/api/product/.",
+        b"/api/product/%2e%2e",
+        b"/api/product/%2E",
+        b"/api/product/%2f",
+        b"/api/product/%2F..",
+        b"/api/product/%5c..",
+        b"/api/product/..\\x",
+        b"/api/product;x=1",
+        b"/api/product/%3b",
+        b"/api/product/%00",
+        b"/api/product/\x00",
+        b"/api/product/%25",
+        b"/api/product/%2",
+        b"/api/product/%zz",
+        b"/api/product/%41",
+        b"/api/product/%7e",
+        b"//api/product",
+        b"/api//product",
+        b"/api/product/",
+        b"/api/product/a b",
+        b"/api/product/\xc3\xa9",
+        b"/api/product/a\tb",
+    ],
+)
+def test_disguised_paths_are_not_canonical(raw: bytes) -> None:
+    assert not canonical_path(raw)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "service", "access"),
+    [
+        ("GET", "/api/product", "product-service", Access.PUBLIC),
+        ("GET", "/api/product/abc", "product-service", Access.PUBLIC),
+        ("DELETE", "/api/product/abc", "product-service", Access.ADMIN),
+        ("GET", "/api/inventory", "inventory-service", Access.TOKEN),
+        ("PUT", "/api/inventory/sku", "inventory-service", Access.ADMIN),
+        ("POST", "/api/order/x/cancel", "order-service", Access.TOKEN),
+        ("GET", "/api/notifications", "notification-service", Access.TOKEN),
+        ("POST", "/auth/register", "auth-service", Access.PUBLIC),
+        ("GET", "/auth/getToken", "auth-service", Access.PUBLIC),
+        ("POST", "/auth/logout", "auth-service", Access.TOKEN),
+        ("GET", "/auth/me", "auth-service", Access.TOKEN),
+    ],
+)
+def test_routes_resolve_to_a_service_and_a_rule(
+    method: str, path: str, service: str, access: Access
+) -> None:
+    outcome = ROUTES.match(method, path)
+    assert isinstance(outcome, Match)
+    assert (outcome.route.service, outcome.access) == (service, access)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/products",
+        "/api/Product",
+        "/auth/me/x",
+        "/auth",
+        "/api",
+        "/internal/reservations",
+        "/api/inventory/INTERNAL/x",
+        "/eureka/web/x",
+        "/eureka/apps/AUTH-SERVICE",
+    ],
+)
+def test_everything_else_is_not_routed(path: str) -> None:
+    assert isinstance(ROUTES.match("GET", path), NotRouted)
+
+
+def test_a_known_path_with_another_method_says_what_is_allowed() -> None:
+    outcome = ROUTES.match("PATCH", "/api/inventory/sku")
+    assert isinstance(outcome, MethodNotAllowed)
+    assert outcome.route.allow == "GET, POST, PUT"
+
+
+def test_the_dashboard_rule_follows_the_profile() -> None:
+    production = public_route_table(dashboard_access=Access.ADMIN)
+    outcome = production.match("GET", "/eureka/web")
+    assert isinstance(outcome, Match) and outcome.access is Access.ADMIN
+
+
+def test_upstream_headers_drop_hop_by_hop_and_set_forwarding() -> None:
+    incoming = [
+        (b"host", b"shop.example"),
+        (b"connection", b"keep-alive, X-Secret"),
+        (b"x-secret", b"1"),
+        (b"keep-alive", b"timeout=5"),
+        (b"transfer-encoding", b"chunked"),
+        (b"upgrade", b"websocket"),
+        (b"proxy-authorization", b"Basic x"),
+        (b"x-forwarded-for", b"203.0.113.9"),
+        (b"x-forwarded-proto", b"https"),
+        (b"x-request-id", b"caller-id"),
+        (b"content-length", b"12"),
+        (b"authorization", b"Bearer t"),
+        (b"accept", b"application/json"),
+    ]
+    out = upstream_headers(
+        incoming,
+        client_ip="10.0.0.7",
+        scheme="http",
+        identity={"X-Request-ID": "ours", "traceparent": "00-a-b-01"},
+    )
+    assert out == [
+        ("authorization", "Bearer t"),
+        ("accept", "application/json"),
+        ("x-forwarded-for", "203.0.113.9, 10.0.0.7"),
+        ("x-forwarded-proto", "http"),
+        ("x-forwarded-host", "shop.example"),
+        ("X-Request-ID", "ours"),
+        ("traceparent", "00-a-b-01"),
+    ]
+
+
+def test_response_headers_drop_hop_by_hop_and_the_service_request_id() -> None:
+    answer = [
+        (b"Content-Type", b"application/json"),
+        (b"Connection", b"X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Proxy-Authenticate", b"Basic"),
+        (b"X-Request-ID", b"theirs"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+    ]
+    assert response_headers(answer) == [
+        (b"content-type", b"application/json"),
+        (b"set-cookie", b"a=1"),
+        (b"set-cookie", b"b=2"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc.def.ghi", "abc.def.ghi"),
+        ("bearer abc.def.ghi", "abc.def.ghi"),
+        ("Basic dXNlcjpwYXNz", None),
+        ("Bearer", None),
+        ("Bearer a b", None),
+        (None, None),
+    ],
+)
+def test_bearer_token(header: str | None, token: str | None) -> None:
+    assert bearer_token(header) == token
+
+
+def test_merged_api_keeps_only_routed_operations() -> None:
+    ref = {"$ref": "#/components/schemas/Line"}
+    documents: dict[str, Any] = {
+        "order-service": {
+            "paths": {
+                "/api/order": {"post": {"requestBody": ref}, "delete": {}},
+                "/internal/orders": {"get": {"x": {"$ref": "#/components/schemas/Secret"}}},
+                "/health/ready": {"get": {}},
+            },
+            "components": {"schemas": {"Line": {"type": "object"}, "Secret": {}}},
+        },
+        "product-service": {"paths": {"/api/order": {"get": {}}}},  # not its route
+    }
+    merged = merge_openapi(documents, routes=ROUTES)
+    assert merged["paths"] == {
+        "/api/order": {"post": {"requestBody": ref, "security": [{"bearerAuth": []}]}}
+    }
+    assert merged["components"]["schemas"] == {"Line": {"type": "object"}}
+    assert merged["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+def test_the_dashboard_url_is_derived_from_the_registry_url() -> None:
+    platform = PlatformSettings(registry_url="http://registry:8761/eureka/")
+    assert GatewaySettings().dashboard_url(platform) == "http://registry:8761"
+    fixed = GatewaySettings(registry_dashboard_url="http://dash:9000/")
+    assert fixed.dashboard_url(platform) == "http://dash:9000"
