@@ -1,0 +1,126 @@
+"""Wiring of the auth service: the only place that picks implementations from settings."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shop.auth.api import install_error_answers, router
+from shop.auth.domain import password_problem
+from shop.auth.keys import KeyProblem, Keyring, keyring_from_pems, load_or_create_keyring
+from shop.auth.passwords import Passwords
+from shop.auth.service import AuthService
+from shop.auth.settings import AuthSettings, UnsafeSettings
+from shop.auth.store import SqlAuthStore
+from shop.auth.throttle import LoginThrottle
+from shop.platform.app import Runtime, create_app
+from shop.platform.db import create_engine, migrate, ping
+from shop.platform.settings import PlatformSettings
+
+__all__ = ["SERVICE_NAME", "build_app", "configured_keyring"]
+
+SERVICE_NAME = "auth-service"
+
+
+def configured_keyring(settings: AuthSettings) -> Keyring | None:
+    """The keys given in settings (production), parsed once; None when none are given."""
+    if settings.signing_key is not None:
+        current, origin = settings.signing_key.get_secret_value().encode(), "AUTH_SIGNING_KEY"
+    elif settings.signing_key_file is not None:
+        current, origin = _read(settings.signing_key_file), "AUTH_SIGNING_KEY_FILE"
+    else:
+        return None
+    previous = b""
+    if settings.previous_signing_keys is not None:
+        previous += settings.previous_signing_keys.get_secret_value().encode()
+    if settings.previous_signing_keys_file is not None:
+        previous += b"\n" + _read(settings.previous_signing_keys_file)
+    try:
+        return keyring_from_pems(current, previous, origin=origin)
+    except KeyProblem as exc:
+        raise UnsafeSettings(str(exc)) from exc
+
+
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise UnsafeSettings(f"cannot read key file {file}: {exc.strerror}") from exc
+
+
+def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
+    """Raises UnsafeSettings before anything starts when the settings are not safe to run."""
+    settings.check_safe_for(platform)
+    admin_password = settings.admin_password.get_secret_value()
+    if admin_password and (problem := password_problem(admin_password)):
+        raise UnsafeSettings(f"AUTH_ADMIN_PASSWORD {problem}")
+    keyring = configured_keyring(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
+        keys = keyring
+        if keys is None:
+            keys = await asyncio.to_thread(
+                load_or_create_keyring,
+                settings.resolved_keys_dir(platform),
+                key_size=settings.key_size,
+                keep_previous=settings.published_previous_keys,
+            )
+        engine = create_engine(settings.resolved_database_url(platform=platform, service="auth"))
+        try:
+            await migrate(engine, package="shop.auth", service="auth")
+            passwords = Passwords(
+                time_cost=settings.argon2_time_cost,
+                memory_cost_kib=settings.argon2_memory_cost_kib,
+                parallelism=settings.argon2_parallelism,
+                max_concurrent=settings.max_concurrent_hashes,
+            )
+            await passwords.prepare()
+            auth = AuthService(
+                store=SqlAuthStore(engine),
+                passwords=passwords,
+                keyring=keys,
+                throttle=LoginThrottle(
+                    max_failures_per_email=settings.max_failures_per_email,
+                    max_failures_per_client=settings.max_failures_per_client,
+                    window_s=settings.login_window_s,
+                ),
+                issuer=platform.auth_issuer,
+                audience=platform.auth_audience,
+                access_ttl=timedelta(seconds=settings.access_token_ttl_s),
+                refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
+            )
+            if admin_password:
+                await auth.ensure_admin(
+                    email=settings.admin_email, name=settings.admin_name, password=admin_password
+                )
+            app.state.auth = auth
+            runtime.readiness["database"] = _database_check(engine)
+            yield
+        finally:
+            await engine.dispose()
+
+    app = create_app(
+        name=SERVICE_NAME,
+        title="Shop auth service",
+        description="Users, log-in, refresh tokens and the JWKS that verifies access tokens.",
+        platform=platform,
+        routers=[router],
+        lifespan=lifespan,
+    )
+    app.state.trusted_proxies = frozenset(settings.trusted_proxies)
+    install_error_answers(app)
+    return app
+
+
+def _database_check(engine: AsyncEngine) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        await ping(engine)
+
+    return check

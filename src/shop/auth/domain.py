@@ -1,0 +1,194 @@
+"""Rules of the auth service: users, password policy, access-token claims, refresh-token families.
+
+No I/O here. Refresh tokens rotate: each use spends the token and issues its successor in
+the same family (one family per login). Presenting a spent token means it was copied, so
+the whole family is revoked, the thief's copy and the owner's newest token alike.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+__all__ = [
+    "ADMIN",
+    "CUSTOMER",
+    "MAX_PASSWORD_LENGTH",
+    "MIN_PASSWORD_LENGTH",
+    "AuthError",
+    "BadCredentials",
+    "EmailTaken",
+    "InvalidRefreshToken",
+    "IssuedRefreshToken",
+    "RefreshToken",
+    "RefreshVerdict",
+    "TooManyAttempts",
+    "User",
+    "access_claims",
+    "hash_refresh_token",
+    "issue_refresh_token",
+    "judge_refresh",
+    "new_user_id",
+    "normalise_email",
+    "password_problem",
+    "spend",
+    "with_role",
+]
+
+CUSTOMER = "customer"
+ADMIN = "admin"
+MIN_PASSWORD_LENGTH = 8
+# argon2 costs the same for any length, but a megabyte "password" is not one.
+MAX_PASSWORD_LENGTH = 256
+
+
+class AuthError(Exception):
+    """A use case refused; the API turns each kind into its status code."""
+
+
+class EmailTaken(AuthError):
+    pass
+
+
+class BadCredentials(AuthError):
+    pass
+
+
+class InvalidRefreshToken(AuthError):
+    pass
+
+
+class TooManyAttempts(AuthError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"too many failed attempts; retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: str
+    name: str
+    email: str
+    roles: tuple[str, ...] = (CUSTOMER,)
+
+
+def new_user_id() -> str:
+    return str(uuid.uuid4())
+
+
+def normalise_email(email: str) -> str:
+    return email.strip().lower()
+
+
+def password_problem(password: str) -> str | None:
+    """Why ``password`` is not acceptable, or None if it is."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        return f"must be at least {MIN_PASSWORD_LENGTH} characters"
+    if len(password) > MAX_PASSWORD_LENGTH:
+        return f"must be at most {MAX_PASSWORD_LENGTH} characters"
+    if not password.strip():
+        return "must not be blank"
+    return None
+
+
+def with_role(roles: Iterable[str], role: str) -> tuple[str, ...]:
+    current = tuple(roles)
+    return current if role in current else (*current, role)
+
+
+def access_claims(
+    user: User,
+    *,
+    issuer: str,
+    audience: str,
+    issued_at: datetime,
+    ttl: timedelta,
+    token_id: str,
+) -> dict[str, Any]:
+    return {
+        "sub": user.id,
+        "email": user.email,
+        "roles": list(user.roles),
+        "iss": issuer,
+        "aud": audience,
+        "iat": int(issued_at.timestamp()),
+        "exp": int((issued_at + ttl).timestamp()),
+        "jti": token_id,
+    }
+
+
+def hash_refresh_token(secret: str) -> str:
+    """Only this digest is stored: a leaked table holds no usable token.
+
+    The secret is 256 random bits, so a fast unsalted hash is enough (no guessing to slow).
+    """
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshToken:
+    token_hash: str
+    family_id: str
+    user_id: str
+    issued_at: datetime
+    expires_at: datetime
+    spent_at: datetime | None = None
+    family_revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedRefreshToken:
+    """The secret goes to the client once; only ``record`` is kept."""
+
+    secret: str
+    record: RefreshToken
+
+
+def issue_refresh_token(
+    *, user_id: str, now: datetime, ttl: timedelta, family_id: str | None = None
+) -> IssuedRefreshToken:
+    """The first token of a new family (a login), or the successor in ``family_id``."""
+    secret = secrets.token_urlsafe(32)
+    record = RefreshToken(
+        token_hash=hash_refresh_token(secret),
+        family_id=family_id or str(uuid.uuid4()),
+        user_id=user_id,
+        issued_at=now,
+        expires_at=now + ttl,
+    )
+    return IssuedRefreshToken(secret=secret, record=record)
+
+
+class RefreshVerdict(enum.Enum):
+    USABLE = "usable"
+    UNKNOWN = "unknown"
+    REVOKED = "revoked"
+    REUSED = "reused"
+    EXPIRED = "expired"
+
+    @property
+    def revokes_family(self) -> bool:
+        return self is RefreshVerdict.REUSED
+
+
+def judge_refresh(token: RefreshToken | None, *, now: datetime) -> RefreshVerdict:
+    if token is None:
+        return RefreshVerdict.UNKNOWN
+    if token.family_revoked_at is not None:
+        return RefreshVerdict.REVOKED
+    # Spent wins over expired: a replayed token still betrays a copy, whose family may live on.
+    if token.spent_at is not None:
+        return RefreshVerdict.REUSED
+    if token.expires_at <= now:
+        return RefreshVerdict.EXPIRED
+    return RefreshVerdict.USABLE
+
+
+def spend(token: RefreshToken, *, now: datetime) -> RefreshToken:
+    return replace(token, spent_at=now)

@@ -1,0 +1,82 @@
+"""Settings of the auth service (env prefix ``AUTH_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from shop.platform.settings import PlatformSettings, ServiceSettings
+
+__all__ = ["DEV_ADMIN_PASSWORD", "AuthSettings", "UnsafeSettings"]
+
+DEV_ADMIN_PASSWORD = "admin-password"  # noqa: S105 - the published dev default, refused in production
+
+
+class UnsafeSettings(ValueError):
+    """The settings would run the service insecurely; it refuses to start."""
+
+
+class AuthSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore")
+
+    access_token_ttl_s: int = Field(default=900, ge=30, le=86_400)
+    refresh_token_ttl_s: int = Field(default=14 * 86_400, ge=60)
+
+    signing_key: SecretStr | None = Field(
+        default=None, description="PEM of the RSA private key that signs access tokens."
+    )
+    signing_key_file: Path | None = None
+    previous_signing_keys: SecretStr | None = Field(
+        default=None,
+        description="PEMs (private or public) of retired keys, still published in the JWKS.",
+    )
+    previous_signing_keys_file: Path | None = None
+    keys_dir: Path | None = Field(
+        default=None, description="Embedded profile key store; default <data_dir>/auth/keys."
+    )
+    key_size: int = Field(default=2048, ge=2048, le=4096)
+    published_previous_keys: int = Field(default=2, ge=1, le=10)
+
+    admin_email: str = "admin@example.com"
+    admin_name: str = "Shop admin"
+    admin_password: SecretStr = Field(
+        default=SecretStr(DEV_ADMIN_PASSWORD),
+        description="Password of the admin created at start-up; empty creates no admin.",
+    )
+
+    # OWASP's minimum for argon2id; raise them as the hardware allows.
+    argon2_time_cost: int = Field(default=2, ge=1)
+    argon2_memory_cost_kib: int = Field(default=19_456, ge=8)
+    argon2_parallelism: int = Field(default=1, ge=1)
+    max_concurrent_hashes: int = Field(default=4, ge=1)
+
+    login_window_s: float = Field(default=300.0, gt=0)
+    max_failures_per_email: int = Field(default=5, ge=1)
+    max_failures_per_client: int = Field(default=20, ge=1)
+    trusted_proxies: list[str] = Field(
+        default=["127.0.0.1", "::1"],
+        description="Peers whose X-Forwarded-For names the real client (the gateway).",
+    )
+
+    def resolved_keys_dir(self, platform: PlatformSettings) -> Path:
+        return self.keys_dir or platform.data_dir / "auth" / "keys"
+
+    def has_configured_key(self) -> bool:
+        return self.signing_key is not None or self.signing_key_file is not None
+
+    def check_safe_for(self, platform: PlatformSettings) -> None:
+        """Refuse, with a message an operator can act on, what production must not run with."""
+        if not platform.is_production:
+            return
+        if not self.has_configured_key():
+            raise UnsafeSettings(
+                "the production profile needs a signing key: set AUTH_SIGNING_KEY (PEM) "
+                "or AUTH_SIGNING_KEY_FILE"
+            )
+        if self.admin_password.get_secret_value() == DEV_ADMIN_PASSWORD:
+            raise UnsafeSettings(
+                "the production profile refuses the default admin password: set "
+                "AUTH_ADMIN_PASSWORD to a strong secret, or to an empty value to create no admin"
+            )
