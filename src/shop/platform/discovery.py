@@ -92,7 +92,7 @@ class Registration:
                     "name": "MyOwn",
                 },
                 "leaseInfo": {
-                    "renewalIntervalInSecs": int(self.renewal_interval_s),
+                    "renewalIntervalInSecs": max(1, round(self.renewal_interval_s)),
                     "durationInSecs": self.lease_duration_s,
                 },
                 "metadata": dict(self.metadata),

@@ -1,0 +1,340 @@
+"""The registry's HTTP API through its ASGI app, lifespan and eviction sweeper included."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+from xml.etree import ElementTree
+
+import httpx
+import pytest
+from py_eureka_client.eureka_basic import _build_applications
+
+from shop.platform.settings import PlatformSettings
+from shop.registry.app import build_app
+from shop.registry.settings import RegistrySettings
+
+T0 = 1_700_000_000.0
+JSON = {"Accept": "application/json"}
+ORDER_ID = "10.0.0.5:order-service:8081"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def client(clock: FakeClock) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_app(
+        platform=PlatformSettings(),
+        settings=RegistrySettings(eviction_interval_s=0.02),
+        clock=clock,
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
+            yield http
+
+
+def instance(instance_id: str = ORDER_ID, **fields: Any) -> dict[str, Any]:
+    document: dict[str, Any] = {
+        "instanceId": instance_id,
+        "hostName": "10.0.0.5",
+        "app": "ORDER-SERVICE",
+        "ipAddr": "10.0.0.5",
+        "status": "UP",
+        "port": {"$": 8081, "@enabled": "true"},
+        "leaseInfo": {"renewalIntervalInSecs": 10, "durationInSecs": 30},
+    }
+    document.update(fields)
+    return {"instance": document}
+
+
+async def register(http: httpx.AsyncClient, app: str = "order-service", **fields: Any) -> None:
+    answer = await http.post(f"/eureka/apps/{app}", json=instance(**fields))
+    assert answer.status_code == 204, answer.text
+
+
+async def shown(http: httpx.AsyncClient, app: str = "ORDER-SERVICE") -> dict[str, Any]:
+    answer = await http.get(f"/eureka/apps/{app}/{ORDER_ID}", headers=JSON)
+    assert answer.status_code == 200, answer.text
+    document: dict[str, Any] = answer.json()["instance"]
+    return document
+
+
+def assert_problem(answer: httpx.Response, status: int) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = answer.json()
+    assert body["status"] == status
+    assert body["requestId"] == answer.headers["x-request-id"]
+    return body
+
+
+async def test_registered_instance_is_listed_as_json(client: httpx.AsyncClient) -> None:
+    await register(client, "order-service")
+    await register(client, "ORDER-SERVICE", instanceId="second")
+    await register(client, "inventory-service", instanceId="inv-1")
+
+    answer = await client.get("/eureka/apps", headers=JSON)
+
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    apps = answer.json()["applications"]
+    assert apps["apps__hashcode"] == "UP_3_"
+    assert int(apps["versions__delta"]) > 0
+    listed = {
+        a["name"]: sorted(i["instanceId"] for i in a["instance"]) for a in apps["application"]
+    }
+    assert listed == {"INVENTORY-SERVICE": ["inv-1"], "ORDER-SERVICE": [ORDER_ID, "second"]}
+    one = await shown(client, "order-service")
+    assert one["port"] == {"$": 8081, "@enabled": "true"}
+    assert one["leaseInfo"]["durationInSecs"] == 30
+    assert one["lastDirtyTimestamp"] == one["lastUpdatedTimestamp"] == str(int(T0 * 1000))
+
+
+async def test_no_accept_header_means_xml_as_eureka_answers(client: httpx.AsyncClient) -> None:
+    await register(client)
+    client.headers.pop("accept")  # py-eureka-client sends none, and parses only XML
+
+    answer = await client.get("/eureka/apps/order-service")
+
+    assert answer.headers["content-type"] == "application/xml"
+    assert ElementTree.fromstring(answer.content).findtext("name") == "ORDER-SERVICE"  # noqa: S314
+
+
+@pytest.mark.parametrize("accept", ["application/xml", "*/*"])
+async def test_xml_listing_is_what_py_eureka_client_parses(
+    client: httpx.AsyncClient, accept: str
+) -> None:
+    await register(client)
+
+    answer = await client.get("/eureka/apps", headers={"Accept": accept})
+
+    assert answer.headers["content-type"].startswith("application/xml")
+    apps = _build_applications(ElementTree.fromstring(answer.content))  # noqa: S314
+    (found,) = apps.get_application("ORDER-SERVICE").up_instances
+    assert (found.instanceId, found.ipAddr, found.port.port) == (ORDER_ID, "10.0.0.5", 8081)
+    assert apps.apps__hashcode == "UP_1_"
+
+
+async def test_listing_with_a_trailing_slash_is_answered_directly(
+    client: httpx.AsyncClient,
+) -> None:
+    await register(client)
+
+    answer = await client.get("/eureka/apps/", headers=JSON)
+
+    assert answer.status_code == 200
+    assert answer.json()["applications"]["apps__hashcode"] == "UP_1_"
+
+
+async def test_single_instance_by_app_and_by_id(client: httpx.AsyncClient) -> None:
+    await register(client)
+
+    by_app = await client.get("/eureka/apps/order-service/10.0.0.5%3Aorder-service%3A8081")
+    by_id = await client.get(f"/eureka/instances/{ORDER_ID}", headers=JSON)
+
+    root = ElementTree.fromstring(by_app.content)  # noqa: S314
+    assert root.tag == "instance"
+    assert root.findtext("instanceId") == ORDER_ID
+    assert by_id.json()["instance"]["app"] == "ORDER-SERVICE"
+
+
+async def test_delta_answers_the_full_registry(client: httpx.AsyncClient) -> None:
+    await register(client)
+
+    full = (await client.get("/eureka/apps", headers=JSON)).json()
+    delta = (await client.get("/eureka/apps/delta", headers=JSON)).json()
+
+    assert delta == full
+
+
+async def test_unknown_names_are_404(client: httpx.AsyncClient) -> None:
+    await register(client)
+
+    assert_problem(await client.get("/eureka/apps/nobody", headers=JSON), 404)
+    assert_problem(await client.get("/eureka/apps/order-service/nobody"), 404)
+    assert_problem(await client.get("/eureka/instances/nobody"), 404)
+    assert_problem(await client.put("/eureka/apps/order-service/nobody"), 404)
+    assert_problem(await client.delete("/eureka/apps/order-service/nobody"), 404)
+    assert_problem(await client.put("/eureka/apps/nobody/x/status?value=DOWN"), 404)
+
+
+async def test_heartbeat_renews_the_lease(client: httpx.AsyncClient, clock: FakeClock) -> None:
+    await register(client)
+    clock.now += 25
+
+    answer = await client.put(
+        f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}",
+        params={"status": "UP", "lastDirtyTimestamp": "1700000000000"},
+    )
+
+    assert answer.status_code == 200
+    assert (await shown(client))["leaseInfo"]["lastRenewalTimestamp"] == int((T0 + 25) * 1000)
+    clock.now += 25
+    assert (await client.get("/eureka/apps/order-service", headers=JSON)).status_code == 200
+
+
+async def test_expired_lease_is_gone_and_its_heartbeat_is_404(
+    client: httpx.AsyncClient, clock: FakeClock
+) -> None:
+    await register(client)
+    clock.now += 30
+
+    assert_problem(await client.get("/eureka/apps/order-service", headers=JSON), 404)
+    assert_problem(await client.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}"), 404)
+    await register(client)
+    assert (await shown(client))["status"] == "UP"
+
+
+async def test_sweeper_evicts_and_logs(
+    client: httpx.AsyncClient, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="shop.registry")
+    await register(client)
+    clock.now += 31
+
+    for _ in range(100):
+        if "evicted ORDER-SERVICE/" in caplog.text:
+            break
+        await asyncio.sleep(0.01)
+
+    assert f"evicted ORDER-SERVICE/{ORDER_ID}: no heartbeat for 31 s (lease 30 s)" in caplog.text
+
+
+async def test_cancel_removes_the_instance(client: httpx.AsyncClient) -> None:
+    await register(client)
+
+    answer = await client.delete(f"/eureka/apps/order-service/{ORDER_ID}")
+
+    assert answer.status_code == 200
+    assert_problem(await client.get("/eureka/apps/order-service", headers=JSON), 404)
+    listing = (await client.get("/eureka/apps", headers=JSON)).json()["applications"]
+    assert listing["application"] == []
+    assert listing["apps__hashcode"] == ""
+
+
+async def test_status_override_holds_until_removed(client: httpx.AsyncClient) -> None:
+    await register(client)
+
+    answer = await client.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}/status?value=OUT_OF_SERVICE")
+    assert answer.status_code == 200
+    await client.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}?status=UP")
+    await register(client, status="UP")
+    overridden = await shown(client)
+    assert (overridden["status"], overridden["overriddenStatus"]) == ("OUT_OF_SERVICE",) * 2
+
+    answer = await client.delete(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}/status")
+    assert answer.status_code == 200
+    restored = await shown(client)
+    assert (restored["status"], restored["overriddenStatus"]) == ("UP", "UNKNOWN")
+
+
+async def test_bad_status_value_is_422_and_changes_nothing(client: httpx.AsyncClient) -> None:
+    await register(client)
+    before = await shown(client)
+
+    answer = await client.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}/status?value=ASLEEP")
+    missing = await client.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}/status")
+    heartbeat = await client.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}?status=ASLEEP")
+
+    assert "value" in assert_problem(answer, 422)["errors"]
+    assert "value" in assert_problem(missing, 422)["errors"]
+    assert "status" in assert_problem(heartbeat, 422)["errors"]
+    assert await shown(client) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "field"),
+    [
+        (b"this is not json", "application/json", 400, None),
+        (b"", "application/json", 400, None),
+        (b'{"app": "ORDER-SERVICE"}', "application/json", 422, "instance"),
+        (b'{"instance": "me"}', "application/json", 422, "instance"),
+        (b'{"instance": {"ipAddr": "10.0.0.9"}}', "application/json", 422, "instance.instanceId"),
+        (
+            b'{"instance": {"instanceId": "x", "port": {"$": -1}}}',
+            "application/json",
+            422,
+            "instance.port",
+        ),
+        (b"<instance><instanceId>x</instanceId>", "application/xml", 400, None),
+        (b'<!DOCTYPE i [<!ENTITY e "e">]><instance>&e;</instance>', "text/xml", 400, None),
+    ],
+)
+async def test_bad_registration_is_refused_and_changes_nothing(
+    client: httpx.AsyncClient, body: bytes, content_type: str, status: int, field: str | None
+) -> None:
+    await register(client)
+    before = (await client.get("/eureka/apps", headers=JSON)).json()
+
+    answer = await client.post(
+        "/eureka/apps/order-service", content=body, headers={"Content-Type": content_type}
+    )
+
+    problem = assert_problem(answer, status)
+    if field is not None:
+        assert field in problem["errors"]
+    assert (await client.get("/eureka/apps", headers=JSON)).json() == before
+
+
+async def test_xml_registration_is_accepted(client: httpx.AsyncClient) -> None:
+    body = f"""<instance><instanceId>{ORDER_ID}</instanceId><hostName>box</hostName>
+        <ipAddr>10.0.0.5</ipAddr><status>STARTING</status><port enabled="true">8081</port>
+        <dataCenterInfo class="com.netflix.appinfo.InstanceInfo$DefaultDataCenterInfo">
+        <name>MyOwn</name></dataCenterInfo></instance>"""
+
+    answer = await client.post(
+        "/eureka/apps/order-service", content=body, headers={"Content-Type": "application/xml"}
+    )
+
+    assert answer.status_code == 204
+    registered = await shown(client)
+    assert (registered["status"], registered["port"]["$"]) == ("STARTING", 8081)
+    assert registered["dataCenterInfo"]["name"] == "MyOwn"
+
+
+async def test_dashboard_lists_every_instance(client: httpx.AsyncClient, clock: FakeClock) -> None:
+    await register(client)
+    await register(client, "inventory-service", instanceId="inv-1", ipAddr="10.0.0.6")
+    await client.put("/eureka/apps/INVENTORY-SERVICE/inv-1/status?value=OUT_OF_SERVICE")
+    clock.now += 12
+
+    page = await client.get("/eureka/web")
+
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "ORDER-SERVICE" in html and "INVENTORY-SERVICE" in html
+    assert ORDER_ID in html and "10.0.0.6:8081" in html
+    assert "OUT_OF_SERVICE</span> <small>(override)</small>" in html
+    assert "12 s ago" in html and "in 18 s" in html
+
+
+async def test_root_redirects_to_the_dashboard(client: httpx.AsyncClient) -> None:
+    answer = await client.get("/")
+
+    assert answer.status_code in (302, 307)
+    assert answer.headers["location"] == "/eureka/web"
+
+
+async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
+    await register(client)
+
+    ready = await client.get("/health/ready")
+    metrics = await client.get("/metrics")
+
+    assert ready.json() == {"status": "UP", "checks": {}}
+    assert 'route="/eureka/apps/{app}"' in metrics.text
