@@ -1,0 +1,138 @@
+"""The table of processes ``shop up`` runs: adding a service is one line in ``SERVICES``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+__all__ = [
+    "SERVICES",
+    "Role",
+    "ServiceSpec",
+    "ServicesFileError",
+    "check_table",
+    "has_main",
+    "load_services_file",
+    "runnable",
+    "with_ports",
+]
+
+# The registry starts alone and first (the others register with it); the gateway's
+# URL is the one the summary leads with.
+Role = Literal["registry", "gateway", "service"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServiceSpec:
+    """One process: ``python -m <module>``, or ``command`` (stand-ins in tests)."""
+
+    name: str
+    module: str | None = None
+    command: tuple[str, ...] = ()
+    port: int = 0
+    port_env: str | None = None
+    role: Role = "service"
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() for c in self.name):
+            raise ValueError(f"service name {self.name!r} must be one word")
+        if bool(self.module) == bool(self.command):
+            raise ValueError(f"service {self.name!r} needs exactly one of module or command")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"service {self.name!r}: port {self.port} is out of range")
+
+    def argv(self) -> tuple[str, ...]:
+        if self.command:
+            return self.command
+        return (sys.executable, "-m", str(self.module))
+
+    def describe(self) -> str:
+        return " ".join(self.command) if self.command else f"python -m {self.module}"
+
+
+SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec(
+        name="registry",
+        module="shop.registry",
+        port=8761,
+        port_env="REGISTRY_PORT",
+        role="registry",
+    ),
+    ServiceSpec(
+        name="gateway", module="shop.gateway", port=8765, port_env="GATEWAY_PORT", role="gateway"
+    ),
+    ServiceSpec(name="auth", module="shop.auth"),
+    # Next: ServiceSpec(name="product", module="shop.product"), inventory, order, notification.
+)
+
+
+def has_main(module: str) -> bool:
+    """Whether ``python -m module`` can run, without importing the service itself."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "__main__.py").is_file() for p in spec.submodule_search_locations)
+
+
+def runnable(specs: Iterable[ServiceSpec]) -> tuple[list[ServiceSpec], list[ServiceSpec]]:
+    """Split the table into what can run now and services whose package is not written yet."""
+    present: list[ServiceSpec] = []
+    missing: list[ServiceSpec] = []
+    for spec in specs:
+        (present if spec.module is None or has_main(spec.module) else missing).append(spec)
+    return present, missing
+
+
+def with_ports(
+    specs: Iterable[ServiceSpec], *, registry: int | None = None, gateway: int | None = None
+) -> list[ServiceSpec]:
+    """The table with the registry's and the gateway's ports replaced (``--registry-port``...)."""
+    ports: dict[Role, int | None] = {"registry": registry, "gateway": gateway}
+    out: list[ServiceSpec] = []
+    for spec in specs:
+        port = ports.get(spec.role)
+        out.append(spec if port is None else replace(spec, port=port))
+    return out
+
+
+class ServicesFileError(ValueError):
+    """The ``--services-file`` is not a valid service table."""
+
+
+_TABLE = TypeAdapter(list[ServiceSpec])
+
+
+def load_services_file(path: Path) -> list[ServiceSpec]:
+    """A table from JSON: ``[{"name", "module" or "command", "port", "port_env", "role"}]``."""
+    try:
+        specs = _TABLE.validate_json(path.read_bytes())
+    except OSError as exc:
+        raise ServicesFileError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ServicesFileError(f"{path}: {problems}") from exc
+    check_table(specs)
+    return specs
+
+
+def check_table(specs: Sequence[ServiceSpec]) -> None:
+    names = [s.name for s in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ServicesFileError(f"service names must be unique: {', '.join(duplicates)}")
+    if not specs:
+        raise ServicesFileError("the service table is empty")
+    for role in ("registry", "gateway"):
+        if sum(s.role == role for s in specs) > 1:
+            raise ServicesFileError(f"only one service may have the role {role!r}")

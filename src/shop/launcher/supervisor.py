@@ -1,0 +1,502 @@
+"""Start the Shop's processes, learn their ports, wait until each is ready, stop them all.
+
+Each child runs in its own session (so a terminal's Ctrl-C reaches only the launcher,
+which then stops the children in order) and, on Linux, is told to die with the
+launcher (``PR_SET_PDEATHSIG``), so even a ``kill -9`` of the launcher leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+import aiohttp
+
+from shop.launcher.console import LAUNCHER, Console
+from shop.launcher.services import SERVICES, ServiceSpec, check_table, with_ports
+from shop.launcher.settings import child_environment
+
+__all__ = ["ServiceFailed", "Supervisor", "describe_exit", "parse_listening", "shop_system"]
+
+_LISTENING = re.compile(
+    r"listening on http://(?P<host>\[[^\]]*\]|[^\s/]+?):(?P<port>\d{1,5})(?=[\s/]|$)"
+)
+_WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}  # noqa: S104 - mapped away
+_KEPT_LINES = 40
+_SHOWN_LINES = 15
+_LINE_LIMIT = 1 << 20
+_PR_SET_PDEATHSIG = 1
+
+
+def parse_listening(line: str) -> str | None:
+    """The base URL a ``<name> listening on http://HOST:PORT`` line announces, as seen from here."""
+    match = _LISTENING.search(line)
+    if match is None:
+        return None
+    host = _WILDCARDS.get(match["host"], match["host"])
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{int(match['port'])}"
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class ServiceFailed(Exception):
+    """A service crashed, or did not become ready in time. Everything was stopped."""
+
+    def __init__(
+        self, name: str, *, reason: str, exit_code: int | None, last_lines: Sequence[str]
+    ) -> None:
+        self.name = name
+        self.reason = reason
+        self.exit_code = exit_code
+        self.last_lines = list(last_lines)
+        tail = "".join(f"\n    {line}" for line in self.last_lines)
+        super().__init__(f"{name} {reason}{tail}")
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when the launcher dies."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    launcher = os.getpid()
+    sigterm = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm)
+        # The launcher died between fork and prctl: nobody would ever stop this child.
+        if os.getppid() != launcher:
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Tells the moment the process exits.
+
+    ``Process.wait()`` also waits for its pipes to close, which never happens while
+    something the service started still holds its output open.
+    """
+
+    def __init__(self, *, limit: int, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=limit, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _spawn_process(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    preexec_fn: Callable[[], None] | None,
+) -> tuple[asyncio.subprocess.Process, _ExitAwareProtocol]:
+    """``asyncio.create_subprocess_exec``, keeping hold of the protocol to learn of the exit."""
+    loop = asyncio.get_running_loop()
+    protocol = _ExitAwareProtocol(limit=_LINE_LIMIT, loop=loop)
+    transport, _ = await loop.subprocess_exec(
+        lambda: protocol,
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        # One stream keeps a traceback's lines in order with the log lines before it.
+        stderr=asyncio.subprocess.STDOUT,
+        env=dict(env),
+        # Its own session: a terminal's Ctrl-C reaches only the launcher, which stops
+        # the children in order; and the whole group can be signalled at once.
+        start_new_session=True,
+        preexec_fn=preexec_fn,
+    )
+    return asyncio.subprocess.Process(transport, protocol, loop), protocol
+
+
+class _Child:
+    """One running service: its process, its output pump, the URL it announced."""
+
+    def __init__(
+        self,
+        spec: ServiceSpec,
+        process: asyncio.subprocess.Process,
+        protocol: _ExitAwareProtocol,
+    ) -> None:
+        self.spec = spec
+        self.process = process
+        self.began = time.monotonic()
+        self.last_lines: deque[str] = deque(maxlen=_KEPT_LINES)
+        self.listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Task[int] = asyncio.create_task(self._exit_code(protocol))
+        self.url: str | None = None
+        self.ready = False
+        self.pump: asyncio.Task[None] | None = None
+
+    async def _exit_code(self, protocol: _ExitAwareProtocol) -> int:
+        await protocol.exited
+        code = self.process.returncode
+        return -1 if code is None else code
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    async def drained(self, timeout_s: float, *, give_up: bool = False) -> None:
+        """Give the output pump time to print the last lines (a traceback) of a dead child."""
+        if self.pump is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.pump), timeout_s)
+        except TimeoutError:
+            # Something that left the service's process group still holds the pipe.
+            if give_up:
+                self.pump.cancel()
+
+
+class Supervisor:
+    """Runs a table of services: registry first, then the rest at once; stops in reverse.
+
+    ``start()`` returns when every service answered 200 on ``/health/ready``, or raises
+    ``ServiceFailed`` after stopping whatever it had started. ``wait()`` returns the
+    failure of a service that exits on its own, or ``None`` once ``stop()`` is called.
+    """
+
+    def __init__(
+        self,
+        services: Sequence[ServiceSpec],
+        *,
+        environment: Mapping[str, str],
+        console: Console,
+        ready_timeout_s: float = 60.0,
+        stop_timeout_s: float = 10.0,
+    ) -> None:
+        check_table(services)
+        self._services = list(services)
+        self._environment = dict(environment)
+        self._console = console
+        self._ready_timeout_s = ready_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._stages: list[list[_Child]] = []
+        self._registry_url: str | None = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._stop_requested = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._preexec = _die_with_launcher()
+
+    # -- what callers learn ------------------------------------------------------------
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {c.name: c.url for stage in self._stages for c in stage if c.url}
+
+    def url(self, name: str) -> str:
+        try:
+            return self.urls[name]
+        except KeyError:
+            raise KeyError(f"{name} is not running (running: {', '.join(self.urls)})") from None
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {c.name: c.process.pid for stage in self._stages for c in stage}
+
+    def url_of_role(self, role: str) -> str | None:
+        for stage in self._stages:
+            for child in stage:
+                if child.spec.role == role and child.url:
+                    return child.url
+        return None
+
+    # -- start ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Supervisor:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._stages:
+            raise RuntimeError("a Supervisor starts once")
+        first = [s for s in self._services if s.role == "registry"]
+        rest = [s for s in self._services if s.role != "registry"]
+        try:
+            async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=2.0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            ) as http:
+                if first:
+                    await self._start_stage(first, http)
+                    self._registry_url = f"{self._stages[0][0].url}/eureka"
+                if rest:
+                    await self._start_stage(rest, http)
+        except ServiceFailed as failure:
+            self._report(failure)
+            await self.stop()
+            raise
+        except BaseException:
+            # Cancelled (a signal during start-up) or a bug: leave no process behind.
+            await self.stop()
+            raise
+
+    async def _spawn(self, spec: ServiceSpec) -> _Child:
+        env = dict(self._environment)
+        if spec.port_env:
+            env[spec.port_env] = str(spec.port)
+        if self._registry_url:
+            env["SHOP_REGISTRY_URL"] = self._registry_url
+        try:
+            process, protocol = await _spawn_process(spec.argv(), env=env, preexec_fn=self._preexec)
+        except OSError as exc:
+            raise ServiceFailed(
+                spec.name,
+                reason=f"could not be started ({spec.describe()}: {exc.strerror or exc})",
+                exit_code=None,
+                last_lines=(),
+            ) from exc
+        child = _Child(spec, process, protocol)
+        child.pump = asyncio.create_task(self._pump(child))
+        self._console.note(f"started {spec.name} (pid {process.pid}): {spec.describe()}")
+        return child
+
+    async def _pump(self, child: _Child) -> None:
+        stream = child.process.stdout
+        if stream is None:
+            return
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:
+                line = f"[a line longer than {_LINE_LIMIT} bytes was cut]"
+            else:
+                if not raw:
+                    return
+                line = raw.decode(errors="replace").rstrip("\r\n")
+            child.last_lines.append(line)
+            self._console.service_line(child.name, line)
+            if not child.listening.done():
+                url = parse_listening(line)
+                if url is not None:
+                    child.listening.set_result(url)
+
+    async def _start_stage(self, specs: Sequence[ServiceSpec], http: aiohttp.ClientSession) -> None:
+        earlier = [c for stage in self._stages for c in stage]
+        stage: list[_Child] = []
+        # Registered before readiness, so that stop() reaches a child however start ends.
+        self._stages.append(stage)
+        for spec in specs:
+            stage.append(await self._spawn(spec))
+        readiness = [asyncio.create_task(self._become_ready(c, http)) for c in stage]
+        pending: set[asyncio.Task[None]] = set(readiness)
+        if earlier:
+            pending.add(asyncio.create_task(self._raise_first_exit(earlier)))
+        try:
+            while not all(t.done() for t in readiness):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    error = task.exception()
+                    if error is not None:
+                        raise error
+        finally:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        for child in (*earlier, *stage):
+            if child.exited.done():
+                raise await self._failure(child, "exited unexpectedly")
+
+    async def _become_ready(self, child: _Child, http: aiohttp.ClientSession) -> None:
+        last_answer = "no answer"
+        try:
+            async with asyncio.timeout(self._ready_timeout_s):
+                announced: set[asyncio.Future[Any]] = {child.listening, child.exited}
+                await asyncio.wait(announced, return_when=asyncio.FIRST_COMPLETED)
+                if not child.listening.done():
+                    raise await self._failure(child, "exited before it announced its port")
+                child.url = child.listening.result()
+                delay = 0.05
+                while True:
+                    last_answer = await self._probe(http, f"{child.url}/health/ready")
+                    if last_answer == "200":
+                        break
+                    if child.exited.done():
+                        raise await self._failure(child, "exited before it was ready")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+        except TimeoutError:
+            limit = f"{self._ready_timeout_s:g} s"
+            if child.url is None:
+                reason = f"did not announce 'listening on http://...' within {limit}"
+            else:
+                reason = (
+                    f"was not ready within {limit} (GET {child.url}/health/ready: {last_answer})"
+                )
+            raise await self._failure(child, reason) from None
+        child.ready = True
+        took = time.monotonic() - child.began
+        self._console.note(f"{child.name} is ready at {child.url} ({took:.1f} s)")
+
+    @staticmethod
+    async def _probe(http: aiohttp.ClientSession, url: str) -> str:
+        try:
+            async with http.get(url) as response:
+                await response.read()
+                return str(response.status)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return type(exc).__name__
+
+    async def _raise_first_exit(self, children: Sequence[_Child]) -> None:
+        waiting = {c.exited: c for c in children}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        raise await self._failure(waiting[next(iter(done))], "exited unexpectedly")
+
+    async def _failure(self, child: _Child, reason: str) -> ServiceFailed:
+        code = child.process.returncode
+        if code is not None:
+            await child.drained(1.0)
+            reason = f"{reason} ({describe_exit(code)})"
+        return ServiceFailed(child.name, reason=reason, exit_code=code, last_lines=child.last_lines)
+
+    def _report(self, failure: ServiceFailed) -> None:
+        shown = failure.last_lines[-_SHOWN_LINES:]
+        details = [f"last output of {failure.name}:", *(f"  {line}" for line in shown)]
+        if not shown:
+            details = [f"{failure.name} printed nothing"]
+        self._console.banner(f"{failure.name} {failure.reason}: stopping every service", details)
+
+    # -- run -----------------------------------------------------------------------------
+
+    async def wait(self) -> ServiceFailed | None:
+        """Until a service exits on its own (reported, returned) or ``stop()`` is called."""
+        children = [c for stage in self._stages for c in stage]
+        if not children:
+            return None
+        crash = asyncio.create_task(self._raise_first_exit(children))
+        stopping = asyncio.create_task(self._stop_requested.wait())
+        try:
+            await asyncio.wait({crash, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (crash, stopping):
+                task.cancel()
+            await asyncio.gather(crash, stopping, return_exceptions=True)
+        if self._stop_requested.is_set() or not crash.done() or crash.cancelled():
+            return None
+        failure = crash.exception()
+        if not isinstance(failure, ServiceFailed):
+            return None
+        self._report(failure)
+        return failure
+
+    # -- stop ----------------------------------------------------------------------------
+
+    def hurry(self) -> None:
+        """Do not wait the grace period any more: SIGKILL what is still running (second Ctrl-C)."""
+        self._hurry.set()
+
+    async def stop(self) -> None:
+        """Stop every service, last started first; idempotent, safe to call concurrently."""
+        self._stop_requested.set()
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop_all())
+        await asyncio.shield(self._stopping)
+
+    async def _stop_all(self) -> None:
+        running = [c for stage in self._stages for c in stage if c.process.returncode is None]
+        if running:
+            self._console.note(f"stopping {', '.join(c.name for c in reversed(running))}")
+        # Registry last: the others deregister from it on their way out.
+        for stage in reversed(self._stages):
+            await asyncio.gather(*(self._stop_child(c) for c in stage))
+
+    async def _stop_child(self, child: _Child) -> None:
+        pid = child.process.pid
+        if child.process.returncode is None:
+            _signal_group(pid, signal.SIGTERM)
+            hurry = asyncio.create_task(self._hurry.wait())
+            done, _ = await asyncio.wait(
+                {child.exited, hurry},
+                timeout=self._stop_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            hurry.cancel()
+            if child.exited not in done:
+                self._console.note(
+                    f"{child.name} did not stop within {self._stop_timeout_s:g} s: killing it"
+                )
+                _signal_group(pid, signal.SIGKILL)
+            code = await child.exited
+            # uvicorn re-raises the SIGTERM it handled, so -SIGTERM is a graceful end too.
+            clean = code in (0, -signal.SIGTERM) and child.exited in done
+            self._console.note(
+                f"{child.name} stopped {'cleanly' if clean else f'({describe_exit(code)})'}"
+            )
+        # Whatever the service started in its group goes with it.
+        _signal_group(pid, signal.SIGKILL)
+        await child.drained(2.0, give_up=True)
+
+
+def shop_system(
+    *,
+    data_dir: Path,
+    registry_port: int = 0,
+    gateway_port: int = 0,
+    services: Sequence[ServiceSpec] = SERVICES,
+    extra_environment: Mapping[str, str] | None = None,
+    ready_timeout_s: float = 60.0,
+    stop_timeout_s: float = 10.0,
+    output: TextIO | None = None,
+) -> Supervisor:
+    """The whole Shop on the embedded profile, for end-to-end tests: ``async with`` it.
+
+    Ports default to 0 (any free one); read them back with ``url("gateway")``.
+    ``extra_environment`` is added to this process's environment for every service.
+    """
+    table = with_ports(services, registry=registry_port, gateway=gateway_port)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = child_environment(
+        {**os.environ, **(extra_environment or {})},
+        data_dir=data_dir,
+        profile="embedded",
+    )
+    console = Console(output or sys.stdout, names=[LAUNCHER, *(s.name for s in table)])
+    return Supervisor(
+        table,
+        environment=env,
+        console=console,
+        ready_timeout_s=ready_timeout_s,
+        stop_timeout_s=stop_timeout_s,
+    )

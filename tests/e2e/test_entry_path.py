@@ -1,0 +1,190 @@
+"""The entry path end to end: real processes started by the launcher, driven via the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from tests.e2e.conftest import System
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _new_user(gateway: httpx.Client) -> dict[str, str]:
+    email = f"user-{uuid.uuid4().hex[:10]}@example.com"
+    user = {"name": "Ada Lovelace", "email": email, "password": "analytical-engine"}
+    resp = gateway.post("/auth/register", json=user)
+    assert resp.status_code == 201, resp.text
+    return user
+
+
+def _login(gateway: httpx.Client, user: dict[str, str]) -> dict[str, Any]:
+    resp = gateway.post("/auth/token", json={"email": user["email"], "password": user["password"]})
+    assert resp.status_code == 200, resp.text
+    tokens: dict[str, Any] = resp.json()
+    return tokens
+
+
+def _bearer(tokens: dict[str, Any]) -> dict[str, str]:
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+def test_register_token_me(gateway: httpx.Client) -> None:
+    user = _new_user(gateway)
+    tokens = _login(gateway, user)
+    me = gateway.get("/auth/me", headers=_bearer(tokens))
+    assert tokens["token_type"] == "bearer" and tokens["expires_in"] > 0
+    assert me.status_code == 200
+    assert me.json()["email"] == user["email"] and me.json()["roles"] == ["customer"]
+    assert me.headers["x-request-id"]
+
+
+def test_get_token_with_basic_as_the_reference_does(gateway: httpx.Client) -> None:
+    user = _new_user(gateway)
+    ok = gateway.get("/auth/getToken", auth=(user["email"], user["password"]))
+    wrong = gateway.get("/auth/getToken", auth=(user["email"], "not-the-password"))
+    assert ok.status_code == 200 and ok.json()["access_token"]
+    assert wrong.status_code == 401 and wrong.headers["content-type"] == PROBLEM_JSON
+    assert gateway.get("/auth/me", headers=_bearer(ok.json())).status_code == 200
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(gateway: httpx.Client) -> None:
+    first = _login(gateway, _new_user(gateway))
+    second = gateway.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    assert second.status_code == 200
+    reused = gateway.post("/auth/refresh", json={"refresh_token": first["refresh_token"]})
+    after_reuse = gateway.post(
+        "/auth/refresh", json={"refresh_token": second.json()["refresh_token"]}
+    )
+    assert reused.status_code == 401
+    assert after_reuse.status_code == 401, "the whole family must be revoked on reuse"
+
+
+def test_jwks_verifies_the_tokens_the_gateway_accepts(gateway: httpx.Client) -> None:
+    tokens = _login(gateway, _new_user(gateway))
+    jwks = gateway.get("/auth/.well-known/jwks.json").json()
+    kid = jwt.get_unverified_header(tokens["access_token"])["kid"]
+    key = next(jwt.PyJWK(k) for k in jwks["keys"] if k["kid"] == kid)
+    claims = jwt.decode(tokens["access_token"], key=key.key, algorithms=["RS256"], audience="shop")
+    assert claims["email"] and claims["exp"] - claims["iat"] == 900
+    assert all("d" not in k for k in jwks["keys"]), "private key material in the JWKS"
+
+
+def test_bad_input_is_422_problem_and_creates_nothing(gateway: httpx.Client) -> None:
+    email = f"bad-{uuid.uuid4().hex[:8]}@example.com"
+    short = gateway.post("/auth/register", json={"name": "B", "email": email, "password": "x"})
+    invalid = gateway.post(
+        "/auth/register", json={"name": "B", "email": "not-an-email", "password": "long-enough"}
+    )
+    assert short.status_code == 422 and short.headers["content-type"] == PROBLEM_JSON
+    assert "password" in short.json()["errors"]
+    assert invalid.status_code == 422 and "email" in invalid.json()["errors"]
+    login = gateway.post("/auth/token", json={"email": email, "password": "x"})
+    assert login.status_code == 401, "a refused registration must not create the user"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/auth/me/..",
+        "/auth/x/../me",
+        "/auth/%2e%2e/auth/me",
+        "/auth/%2E/me",
+        "/api/order%2f..%2f..%2fauth%2fme",
+        "/auth;/me",
+        "/auth/me;jsessionid=1",
+        "//auth/me",
+        "/auth//me",
+        "/AUTH/ME",
+        "/Auth/Me",
+        "/api/ORDER",
+        "/internal/reservations",
+        "/Internal/reservations",
+        "/auth/../internal/reservations",
+        "/auth/%2e%2e/internal/reservations",
+        "/api/product/%2e%2e/%2e%2e/internal/reservations",
+        "/api/product/..%2f..%2finternal%2freservations",
+        "/auth\\..\\internal",
+        "/auth/%5c..%5cinternal",
+    ],
+)
+def test_path_tricks_never_reach_a_protected_or_internal_route(
+    gateway: httpx.Client, path: str
+) -> None:
+    resp = gateway.get(path)
+    assert resp.status_code in (401, 404), (path, resp.status_code, resp.text)
+    assert resp.headers["content-type"] == PROBLEM_JSON
+
+
+def test_protected_routes_need_a_valid_token(gateway: httpx.Client) -> None:
+    no_token = gateway.get("/auth/me")
+    forged = gateway.get("/auth/me", headers={"Authorization": "Bearer a.b.c"})
+    customer = _login(gateway, _new_user(gateway))
+    not_admin = gateway.post(
+        "/api/product",
+        headers=_bearer(customer),
+        json={"name": "x", "description": "x", "price": "1.00", "skuCode": "x"},
+    )
+    assert no_token.status_code == 401 and forged.status_code == 401
+    assert no_token.headers["www-authenticate"].lower().startswith("bearer")
+    assert not_admin.status_code == 403
+
+
+def test_registry_lists_every_service_and_shows_the_dashboard(system: System) -> None:
+    apps = httpx.get(f"{system.registry}/eureka/apps", headers={"Accept": "application/json"})
+    names = {a["name"] for a in apps.json()["applications"]["application"]}
+    dashboard = httpx.get(f"{system.registry}/eureka/web")
+    assert {"API-GATEWAY", "AUTH-SERVICE"} <= names
+    assert dashboard.status_code == 200 and "AUTH-SERVICE" in dashboard.text
+
+
+def test_a_third_party_eureka_client_registers_renews_and_leaves(system: System) -> None:
+    from py_eureka_client import eureka_client
+
+    app_name = f"legacy-{uuid.uuid4().hex[:6]}"
+    url = f"{system.registry}/eureka/apps/{app_name.upper()}"
+
+    async def scenario() -> tuple[int, int, int, int]:
+        client = eureka_client.EurekaClient(
+            eureka_server=f"{system.registry}/eureka",
+            app_name=app_name,
+            instance_host="127.0.0.1",
+            instance_ip="127.0.0.1",
+            instance_port=9999,
+            renewal_interval_in_secs=1,
+            duration_in_secs=5,
+            should_discover=False,
+        )
+        await client.start()
+        async with httpx.AsyncClient(headers={"Accept": "application/json"}) as http:
+            listed = await http.get(url)
+            first = _renewed_at(listed.json())
+            await asyncio.sleep(2.5)
+            later = _renewed_at((await http.get(url)).json())
+            await client.stop()
+            gone = await http.get(url)
+        return listed.status_code, first, later, gone.status_code
+
+    status, first, later, gone = asyncio.run(scenario())
+    assert status == 200
+    assert later > first, "heartbeats must advance the lease"
+    assert gone == 404
+
+
+def _renewed_at(body: dict[str, Any]) -> int:
+    instance = body["application"]["instance"]
+    instance = instance[0] if isinstance(instance, list) else instance
+    return int(instance["leaseInfo"]["lastRenewalTimestamp"])
+
+
+def test_each_answer_carries_a_request_id_through_the_gateway(gateway: httpx.Client) -> None:
+    started = time.monotonic()
+    resp = gateway.get("/auth/.well-known/jwks.json", headers={"X-Request-ID": "e2e-trace-1"})
+    assert resp.headers["x-request-id"] == "e2e-trace-1"
+    assert time.monotonic() - started < 5

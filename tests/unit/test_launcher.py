@@ -1,0 +1,226 @@
+"""The launcher's rules without processes: the table, the port line, the environment, output."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from shop.launcher import cli
+from shop.launcher.console import Console
+from shop.launcher.services import (
+    SERVICES,
+    ServicesFileError,
+    ServiceSpec,
+    load_services_file,
+    runnable,
+    with_ports,
+)
+from shop.launcher.settings import LauncherSettings, child_environment
+from shop.launcher.supervisor import describe_exit, parse_listening
+
+
+@pytest.mark.parametrize(
+    ("line", "url"),
+    [
+        (
+            "2025-11-25 16:24:00,123 INFO  shop: auth-service listening on http://127.0.0.1:40123",
+            "http://127.0.0.1:40123",
+        ),
+        ("api-gateway listening on http://0.0.0.0:8765", "http://127.0.0.1:8765"),
+        ("registry listening on http://:::8761", "http://[::1]:8761"),
+        ("registry listening on http://[::1]:8761/", "http://[::1]:8761"),
+        ("x listening on http://shop.local:81 (pid 3)", "http://shop.local:81"),
+    ],
+)
+def test_the_listening_line_gives_a_url_reachable_from_here(line: str, url: str) -> None:
+    assert parse_listening(line) == url
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Uvicorn running on http://127.0.0.1:8000",
+        "listening on http://127.0.0.1:port",
+        "listening on https://127.0.0.1:443",
+        "",
+    ],
+)
+def test_other_lines_announce_nothing(line: str) -> None:
+    assert parse_listening(line) is None
+
+
+def test_exits_are_described_for_people() -> None:
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-9) == "killed by SIGKILL"
+    assert describe_exit(None) == "still running"
+
+
+def test_the_table_starts_the_registry_gateway_and_auth_on_their_ports() -> None:
+    assert [(s.name, s.module, s.port, s.port_env, s.role) for s in SERVICES] == [
+        ("registry", "shop.registry", 8761, "REGISTRY_PORT", "registry"),
+        ("gateway", "shop.gateway", 8765, "GATEWAY_PORT", "gateway"),
+        ("auth", "shop.auth", 0, None, "service"),
+    ]
+    assert SERVICES[2].argv() == (sys.executable, "-m", "shop.auth")
+
+
+def test_a_service_whose_package_is_not_written_yet_is_left_out() -> None:
+    written = ServiceSpec(name="launcher", module="shop.launcher")
+    unwritten = ServiceSpec(name="product", module="shop.no_such_service")
+    stand_in = ServiceSpec(name="fake", command=("true",))
+    present, missing = runnable([written, unwritten, stand_in])
+    assert present == [written, stand_in]
+    assert missing == [unwritten]
+
+
+def test_ports_are_overridden_by_role() -> None:
+    table = with_ports(SERVICES, registry=0, gateway=18765)
+    assert [s.port for s in table] == [0, 18765, 0]
+    assert with_ports(SERVICES) == list(SERVICES)
+
+
+def test_a_services_file_replaces_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "services.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"name": "registry", "command": ["reg", "--x"], "port": 0, "role": "registry"},
+                {"name": "auth", "module": "shop.auth"},
+            ]
+        )
+    )
+    registry, auth = load_services_file(path)
+    assert registry.command == ("reg", "--x")
+    assert registry.role == "registry"
+    assert auth == ServiceSpec(name="auth", module="shop.auth")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[{", "Invalid JSON"),
+        ('[{"name": "auth"}]', "needs exactly one of module or command"),
+        ('[{"name": "auth", "module": "a", "command": ["b"]}]', "exactly one of"),
+        ('[{"name": "auth", "module": "a", "port": 70000}]', "out of range"),
+        ('[{"name": "my auth", "module": "a"}]', "must be one word"),
+        ('[{"name": "auth", "module": "a", "role": "boss"}]', "role"),
+        ('[{"name": "a", "module": "a"}, {"name": "a", "module": "b"}]', "unique: a"),
+        (
+            '[{"name": "a", "module": "a", "role": "registry"},'
+            ' {"name": "b", "module": "b", "role": "registry"}]',
+            "only one service may have the role 'registry'",
+        ),
+        ("[]", "empty"),
+    ],
+)
+def test_a_bad_services_file_is_refused_with_the_reason(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "services.json"
+    path.write_text(content)
+    with pytest.raises(ServicesFileError, match=message):
+        load_services_file(path)
+
+
+def test_a_missing_services_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ServicesFileError, match="cannot read"):
+        load_services_file(tmp_path / "nope.json")
+
+
+def test_children_get_the_embedded_profile_and_an_absolute_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = {"PATH": "/bin", "SHOP_DATA_DIR": "elsewhere"}
+    env = child_environment(base, data_dir=Path(".data"), profile="embedded")
+    assert env["SHOP_PROFILE"] == "embedded"
+    assert env["SHOP_DATA_DIR"] == str(tmp_path.resolve() / ".data")
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["PATH"] == "/bin"
+    assert base == {"PATH": "/bin", "SHOP_DATA_DIR": "elsewhere"}
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGISTRY_PORT", "18761")
+    monkeypatch.setenv("GATEWAY_PORT", "0")
+    monkeypatch.setenv("AUTH_ADMIN_EMAIL", "boss@shop.test")
+    monkeypatch.delenv("AUTH_ADMIN_PASSWORD", raising=False)
+    settings = LauncherSettings()
+    assert (settings.registry_port, settings.gateway_port) == (18761, 0)
+    assert settings.admin_email == "boss@shop.test"
+    assert settings.admin_password == "admin-password"
+
+
+def test_output_lines_are_prefixed_with_the_padded_service_name() -> None:
+    stream = io.StringIO()
+    console = Console(stream, names=["registry", "auth"])
+    console.service_line("registry", "up and running")
+    console.service_line("auth", "")
+    console.note("all good")
+    assert stream.getvalue().splitlines() == [
+        "registry     | up and running",
+        "auth         | ",
+        "launcher     | all good",
+    ]
+    assert "\033" not in stream.getvalue()
+
+
+def test_a_long_service_name_widens_every_prefix() -> None:
+    stream = io.StringIO()
+    console = Console(stream, names=["notification-service", "auth"])
+    console.service_line("auth", "x")
+    assert stream.getvalue() == "auth                 | x\n"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_colour_is_used_at_a_terminal_unless_no_color_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    stream = _Terminal()
+    console = Console(stream, names=["registry", "auth"])
+    console.service_line("registry", "hi")
+    console.service_line("auth", "hi")
+    console.banner("auth crashed")
+    first, second, *banner = stream.getvalue().splitlines()
+    assert first.startswith("\033[36mregistry     |\033[0m")
+    assert second.startswith("\033[32mauth         |\033[0m")
+    assert "\033[1;31m!! auth crashed\033[0m" in banner
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not Console(_Terminal()).colour
+
+
+def test_bad_flags_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["up", "--registry-port", "70000"])
+    assert exited.value.code == 2
+    assert "70000 is not between 0 and 65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["up", "--ready-timeout", "0"])
+    assert "must be more than 0 seconds" in capsys.readouterr().err
+
+
+def test_bad_settings_in_the_environment_are_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_PORT", "lots")
+    assert cli.main(["up"]) == 2
+    assert "GATEWAY_PORT" in capsys.readouterr().err
+
+
+def test_nothing_to_start_is_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "services.json"
+    path.write_text(json.dumps([{"name": "product", "module": "shop.no_such_service"}]))
+    assert cli.main(["up", "--services-file", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "skipping product: shop.no_such_service has no __main__ yet" in out
+    assert "no service to start" in out
