@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,6 +15,7 @@ import jwt
 import pytest
 
 from tests.e2e.conftest import System
+from tests.integration.test_registry_eureka_client import DRIVER
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -144,37 +148,49 @@ def test_registry_lists_every_service_and_shows_the_dashboard(system: System) ->
     assert dashboard.status_code == 200 and "AUTH-SERVICE" in dashboard.text
 
 
-def test_a_third_party_eureka_client_registers_renews_and_leaves(system: System) -> None:
-    from py_eureka_client import eureka_client
-
+def test_a_third_party_eureka_client_registers_renews_and_leaves(
+    system: System, tmp_path: Path
+) -> None:
     app_name = f"legacy-{uuid.uuid4().hex[:6]}"
     url = f"{system.registry}/eureka/apps/{app_name.upper()}"
-
-    async def scenario() -> tuple[int, int, int, int]:
-        client = eureka_client.EurekaClient(
-            eureka_server=f"{system.registry}/eureka",
-            app_name=app_name,
-            instance_host="127.0.0.1",
-            instance_ip="127.0.0.1",
-            instance_port=9999,
-            renewal_interval_in_secs=1,
-            duration_in_secs=5,
-            should_discover=False,
+    report = tmp_path / "client.jsonl"
+    # py-eureka-client runs in a process of its own: its heartbeat thread outlives stop().
+    client = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, f"{system.registry}/eureka", app_name, "9999", str(report)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        _wait(lambda: report.exists() and "started" in report.read_text(), what="the client")
+        listed = httpx.get(url, headers={"Accept": "application/json"})
+        assert listed.status_code == 200
+        first = _renewed_at(listed.json())
+        _wait(
+            lambda: (
+                _renewed_at(httpx.get(url, headers={"Accept": "application/json"}).json()) > first
+            ),
+            what="a heartbeat",
         )
-        await client.start()
-        async with httpx.AsyncClient(headers={"Accept": "application/json"}) as http:
-            listed = await http.get(url)
-            first = _renewed_at(listed.json())
-            await asyncio.sleep(2.5)
-            later = _renewed_at((await http.get(url)).json())
-            await client.stop()
-            gone = await http.get(url)
-        return listed.status_code, first, later, gone.status_code
+        assert client.stdin is not None
+        client.stdin.write("stop\n")
+        client.stdin.flush()
+        client.wait(timeout=10)
+        assert httpx.get(url, headers={"Accept": "application/json"}).status_code == 404
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        if client.stdin is not None:
+            client.stdin.close()
 
-    status, first, later, gone = asyncio.run(scenario())
-    assert status == 200
-    assert later > first, "heartbeats must advance the lease"
-    assert gone == 404
+
+def _wait(check: Callable[[], bool], *, what: str, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
 
 
 def _renewed_at(body: dict[str, Any]) -> int:
