@@ -11,7 +11,6 @@ from shop.gateway.domain import (
     Match,
     MethodNotAllowed,
     NotRouted,
-    bearer_token,
     canonical_path,
     merge_openapi,
     public_route_table,
@@ -180,21 +179,6 @@ def test_response_headers_drop_hop_by_hop_and_the_service_request_id() -> None:
         (b"set-cookie", b"a=1"),
         (b"set-cookie", b"b=2"),
     ]
-
-
-@pytest.mark.parametrize(
-    ("header", "token"),
-    [
-        ("Bearer abc.def.ghi", "abc.def.ghi"),
-        ("bearer abc.def.ghi", "abc.def.ghi"),
-        ("Basic dXNlcjpwYXNz", None),
-        ("Bearer", None),
-        ("Bearer a b", None),
-        (None, None),
-    ],
-)
-def test_bearer_token(header: str | None, token: str | None) -> None:
-    assert bearer_token(header) == token
 
 
 def test_merged_api_keeps_only_routed_operations() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -124,3 +125,15 @@ async def test_unreachable_jwks_is_not_reported_as_a_bad_token() -> None:
     verifier = JwksVerifier(fetch_jwks=down, issuer=ISSUER, audience=AUDIENCE)
     with pytest.raises(KeysUnavailable):
         await verifier.verify(_token(KEY))
+
+
+async def test_a_cached_token_still_expires() -> None:
+    verifier = JwksVerifier(
+        fetch_jwks=Jwks(_jwk(KEY, "k1")), issuer=ISSUER, audience=AUDIENCE, leeway_s=0.0
+    )
+    token = _token(KEY, exp=int(time.time()) + 1)
+    await verifier.verify(token)
+    await verifier.verify(token)
+    await asyncio.sleep(1.1)
+    with pytest.raises(InvalidToken):
+        await verifier.verify(token)

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from shop.gateway.api import GatewayRuntime, ProxyMiddleware, ReadinessCheck, ops_routes
 from shop.gateway.domain import DASHBOARD, Access, public_route_table
-from shop.gateway.service import ApiCatalogue, Upstreams, jwks_from_registry
+from shop.gateway.service import ApiCatalogue, Upstreams
 from shop.gateway.settings import GatewaySettings
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
 from shop.platform.http import http_session
@@ -24,6 +24,7 @@ from shop.platform.middleware import (
     RequestContextMiddleware,
 )
 from shop.platform.problems import problem_response
+from shop.platform.security import jwks_from_registry
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 

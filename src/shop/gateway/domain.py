@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import enum
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,6 @@ __all__ = [
     "Route",
     "RouteTable",
     "ROUTED_SERVICES",
-    "bearer_token",
     "canonical_path",
     "merge_openapi",
     "public_route_table",
@@ -283,16 +281,6 @@ def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes
         for name, value in headers
         if name.decode("latin-1").lower() not in drop
     ]
-
-
-_BEARER = re.compile(r"^\s*bearer\s+([A-Za-z0-9._~+/=-]+)\s*$", re.IGNORECASE)
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    if not authorization:
-        return None
-    match = _BEARER.match(authorization)
-    return match.group(1) if match else None
 
 
 _SCHEMA_REF = "#/components/schemas/"

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -19,25 +19,23 @@ from shop.gateway.domain import (
     ROUTED_SERVICES,
     Access,
     RouteTable,
-    bearer_token,
     merge_openapi,
     response_headers,
 )
 from shop.platform.discovery import RegistryClient, RegistryUnavailable
 from shop.platform.problems import Problem
-from shop.platform.tokens import InvalidToken, JwksVerifier, KeysUnavailable, Principal
+from shop.platform.security import authenticate
+from shop.platform.tokens import JwksVerifier, Principal
 
 __all__ = [
     "ApiCatalogue",
     "Upstreams",
     "admit",
     "forward",
-    "jwks_from_registry",
 ]
 
 log = logging.getLogger("shop.gateway")
 
-JWKS_PATH = "/auth/.well-known/jwks.json"
 # Let aiohttp add nothing the caller did not send: the service must see the caller's request.
 _NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # The shared session does not decompress (proxied bodies pass through as they are), so the
@@ -51,49 +49,10 @@ async def admit(
     """Apply a route's rule. The services verify the token again; this is the first gate."""
     if access is Access.PUBLIC:
         return None
-    token = bearer_token(authorization)
-    if token is None:
-        raise Problem(401, "An access token is required.", headers={"WWW-Authenticate": "Bearer"})
-    try:
-        principal = await verifier.verify(token)
-    except KeysUnavailable as exc:
-        raise Problem(
-            503,
-            "The signing keys cannot be fetched right now; try again shortly.",
-            headers={"Retry-After": "5"},
-        ) from exc
-    except InvalidToken as exc:
-        reason = str(exc).replace('"', "'")
-        raise Problem(
-            401,
-            "The access token is not valid.",
-            headers={
-                "WWW-Authenticate": f'Bearer error="invalid_token", error_description="{reason}"'
-            },
-        ) from exc
+    principal = await authenticate(authorization, verifier=verifier)
     if access is Access.ADMIN and not principal.is_admin:
         raise Problem(403, "This needs the admin role.")
     return principal
-
-
-def jwks_from_registry(
-    registry: RegistryClient, session: aiohttp.ClientSession
-) -> Callable[[], Awaitable[Mapping[str, Any]]]:
-    async def fetch() -> Mapping[str, Any]:
-        instance = await registry.choose("auth-service")
-        if instance is None:
-            raise RegistryUnavailable("no auth-service instance is UP")
-        async with session.get(
-            instance.base_url + JWKS_PATH,
-            headers=_PLAIN_JSON,
-            timeout=aiohttp.ClientTimeout(total=3.0),
-        ) as resp:
-            if resp.status != 200:
-                raise RegistryUnavailable(f"JWKS answered {resp.status}")
-            body: Mapping[str, Any] = await resp.json(content_type=None)
-            return body
-
-    return fetch
 
 
 class Upstreams:

@@ -29,7 +29,9 @@ from shop.platform.middleware import (
     RequestContextMiddleware,
 )
 from shop.platform.problems import Problem, from_problem, problem_response, validation_errors
+from shop.platform.security import jwks_from_registry
 from shop.platform.settings import PlatformSettings
+from shop.platform.tokens import JwksVerifier
 
 __all__ = ["Runtime", "RuntimeDep", "ServiceLifespan", "create_app", "get_runtime"]
 
@@ -44,6 +46,7 @@ class Runtime:
     platform: PlatformSettings
     http: aiohttp.ClientSession
     registry: RegistryClient
+    tokens: JwksVerifier
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     heartbeat: Heartbeat | None = None
 
@@ -150,7 +153,14 @@ def create_app(
                 session=http,
                 cache_ttl_s=platform.registry_cache_ttl_s,
             )
-            runtime = Runtime(name=name, platform=platform, http=http, registry=registry)
+            tokens = JwksVerifier(
+                fetch_jwks=jwks_from_registry(registry, http),
+                issuer=platform.auth_issuer,
+                audience=platform.auth_audience,
+            )
+            runtime = Runtime(
+                name=name, platform=platform, http=http, registry=registry, tokens=tokens
+            )
             app.state.runtime = runtime
             async with lifespan(app, runtime):
                 port: int | None = getattr(app.state, "bound_port", None)

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`). Not tests: they measure, print a table and check stated targets."""
