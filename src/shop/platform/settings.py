@@ -21,6 +21,8 @@ class PlatformSettings(BaseSettings):
     profile: Profile = "embedded"
     data_dir: Path = Path(".data")
     registry_url: str = "http://127.0.0.1:8761/eureka"
+    # Where events travel: unset = the embedded SQLite event log under the data dir.
+    event_bus_url: str | None = None
     # How this process is reached by others; 127.0.0.1 suits a laptop, a pod sets its own IP.
     advertise_host: str = "127.0.0.1"
     heartbeat_interval_s: float = 30.0
@@ -34,6 +36,10 @@ class PlatformSettings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.profile == "production"
+
+    @property
+    def resolved_event_bus_url(self) -> str:
+        return self.event_bus_url or f"sqlite:///{(self.data_dir / 'events.db').resolve()}"
 
 
 class ServiceSettings(BaseSettings):

@@ -1,0 +1,141 @@
+"""Events: the CloudEvents envelope and the bus interface every service codes against.
+
+One interface, two implementations chosen by URL: the embedded SQLite event log
+(``sqlite:///…/events.db``) and Kafka in production. Publish takes a topic and events; the
+key of each is its ``subject``, and order is kept per key. Subscribe names a consumer
+group; delivery is at least once, so handlers de-duplicate (``shop.platform.inbox``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from shop.platform import context
+
+__all__ = [
+    "Event",
+    "EventBus",
+    "Handler",
+    "MalformedEvent",
+    "open_event_bus",
+]
+
+
+class MalformedEvent(ValueError):
+    """A message that is not a CloudEvents 1.0 JSON envelope."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    type: str
+    source: str
+    subject: str
+    data: Mapping[str, Any]
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    time: str = field(default_factory=_now)
+    traceparent: str | None = None
+
+    @classmethod
+    def new(cls, *, type: str, source: str, subject: str, data: Mapping[str, Any]) -> Event:
+        """An event caused by the current request: it carries the request's trace onward."""
+        trace = context.current_trace()
+        return cls(
+            type=type,
+            source=source,
+            subject=subject,
+            data=data,
+            traceparent=trace.child().traceparent if trace else None,
+        )
+
+    @property
+    def key(self) -> str:
+        return self.subject
+
+    def to_dict(self) -> dict[str, Any]:
+        envelope: dict[str, Any] = {
+            "specversion": "1.0",
+            "id": self.id,
+            "type": self.type,
+            "source": self.source,
+            "time": self.time,
+            "subject": self.subject,
+            "datacontenttype": "application/json",
+            "data": dict(self.data),
+        }
+        if self.traceparent:
+            # The CloudEvents distributed-tracing extension attribute.
+            envelope["traceparent"] = self.traceparent
+        return envelope
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Event:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MalformedEvent("not JSON") from exc
+        if not isinstance(body, dict) or body.get("specversion") != "1.0":
+            raise MalformedEvent("not a CloudEvents 1.0 envelope")
+        missing = [
+            k for k in ("id", "type", "source", "subject") if not isinstance(body.get(k), str)
+        ]
+        if missing or not isinstance(body.get("data"), dict):
+            raise MalformedEvent(f"missing or malformed: {', '.join(missing) or 'data'}")
+        traceparent = body.get("traceparent")
+        return cls(
+            type=body["type"],
+            source=body["source"],
+            subject=body["subject"],
+            data=body["data"],
+            id=body["id"],
+            time=str(body.get("time") or _now()),
+            traceparent=traceparent if isinstance(traceparent, str) else None,
+        )
+
+
+Handler = Callable[[Event], Awaitable[None]]
+
+
+class EventBus(Protocol):
+    async def publish(self, topic: str, events: Sequence[Event]) -> None:
+        """Append ``events`` to ``topic`` durably, in order; each keyed by its subject."""
+
+    def subscribe(self, topic: str, *, group: str, handler: Handler) -> None:
+        """Deliver every event of ``topic`` to ``handler`` once per consumer ``group``.
+
+        Call before ``start``. A handler that raises gets the same event again later.
+        """
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise if the bus cannot be reached (readiness)."""
+
+
+@asynccontextmanager
+async def open_event_bus(url: str, *, client_id: str) -> AsyncIterator[EventBus]:
+    """Open the bus the URL names; start consumers with ``start()`` after subscribing."""
+    if url.startswith("sqlite"):
+        from shop.platform.eventlog import SqliteEventLog
+
+        bus: EventBus = SqliteEventLog(url, client_id=client_id)
+    else:
+        raise ValueError(f"no event bus for {url.split(':', 1)[0]!r} URLs")
+    try:
+        yield bus
+    finally:
+        await bus.close()

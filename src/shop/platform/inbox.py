@@ -1,0 +1,43 @@
+"""The inbox: a consumer remembers the events it has processed, so a redelivered event (the
+bus delivers at least once) changes nothing the second time.
+
+Call ``first_delivery`` inside the transaction that applies the event: both commit, or
+neither does.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import Column, Float, MetaData, String, Table, insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = ["create_inbox_table", "first_delivery", "inbox"]
+
+_metadata = MetaData()
+inbox = Table(
+    "inbox",
+    _metadata,
+    Column("consumer", String(100), primary_key=True),
+    Column("event_id", String(64), primary_key=True),
+    Column("processed_at", Float, nullable=False),
+)
+
+
+def create_inbox_table(op: Any) -> None:
+    """For a service's Alembic migration: ``create_inbox_table(op)``."""
+    inbox.create(op.get_bind())
+
+
+async def first_delivery(conn: AsyncConnection, *, consumer: str, event_id: str) -> bool:
+    """Record the event as processed by ``consumer``; False if it already was."""
+    try:
+        async with conn.begin_nested():
+            await conn.execute(
+                insert(inbox).values(consumer=consumer, event_id=event_id, processed_at=time.time())
+            )
+    except IntegrityError:
+        return False
+    return True
