@@ -39,7 +39,7 @@ def _router() -> APIRouter:
 
 @pytest.fixture
 async def client() -> AsyncIterator[httpx.AsyncClient]:
-    platform = PlatformSettings(max_body_bytes=1024, registry_url="http://127.0.0.1:9/eureka")
+    platform = PlatformSettings(max_body_bytes=200_000, registry_url="http://127.0.0.1:9/eureka")
     app: FastAPI = create_app(
         name="test-service", title="Test", platform=platform, routers=[_router()]
     )
@@ -79,10 +79,9 @@ async def test_validation_error_is_422_problem_with_field_errors(
     assert body["instance"] == "/widgets"
 
 
-async def test_malformed_json_is_422_not_500(client: httpx.AsyncClient) -> None:
-    resp = await client.post(
-        "/widgets", content=b"{not json", headers={"content-type": "application/json"}
-    )
+@pytest.mark.parametrize("body", [b"{not json", b"[" * 100_000, b'{"a":' * 5_000])
+async def test_malformed_json_is_422_not_500(client: httpx.AsyncClient, body: bytes) -> None:
+    resp = await client.post("/widgets", content=body, headers={"content-type": "application/json"})
     assert resp.status_code == 422
     assert resp.json()["errors"] == {"body": "is not valid JSON"}
 
@@ -101,14 +100,14 @@ async def test_routing_errors_are_problems(
 
 
 async def test_oversized_body_is_413_declared_or_streamed(client: httpx.AsyncClient) -> None:
-    big = b'{"name": "' + b"x" * 2000 + b'", "quantity": 1}'
+    big = b'{"name": "' + b"x" * 250_000 + b'", "quantity": 1}'
     declared = await client.post(
         "/widgets", content=big, headers={"content-type": "application/json"}
     )
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(4):
-            yield b" " * 400
+            yield b" " * 60_000
 
     streamed = await client.post(
         "/widgets", content=chunks(), headers={"content-type": "application/json"}

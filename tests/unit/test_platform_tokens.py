@@ -137,3 +137,23 @@ async def test_a_cached_token_still_expires() -> None:
     await asyncio.sleep(1.1)
     with pytest.raises(InvalidToken):
         await verifier.verify(token)
+
+
+async def test_after_a_failed_fetch_a_valid_token_is_unavailable_not_invalid() -> None:
+    healthy = Jwks(_jwk(KEY, "k1"))
+    calls = 0
+
+    async def down_then_up() -> Mapping[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("auth-service is starting")
+        return await healthy()
+
+    verifier = JwksVerifier(
+        fetch_jwks=down_then_up, issuer=ISSUER, audience=AUDIENCE, min_refetch_interval_s=60
+    )
+    for _ in range(2):
+        with pytest.raises(KeysUnavailable):
+            await verifier.verify(_token(KEY))
+    assert calls == 1, "the refetch stays rate-limited while the source is down"

@@ -36,6 +36,7 @@ from shop.platform.tokens import JwksVerifier
 __all__ = ["Runtime", "RuntimeDep", "ServiceLifespan", "create_app", "get_runtime"]
 
 ReadinessCheck = Callable[[], Awaitable[None]]
+_FASTAPI_UNPARSEABLE_BODY = "There was an error parsing the body"
 
 
 @dataclass(slots=True)
@@ -75,6 +76,15 @@ def _install_problem_handlers(app: FastAPI) -> None:
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)  # noqa: S101
         detail = exc.detail if isinstance(exc.detail, str) else None
+        if exc.status_code == 400 and detail == _FASTAPI_UNPARSEABLE_BODY:
+            # FastAPI's own answer to a body json.loads gave up on (e.g. nested too deep):
+            # the same 422 as any other body that is not valid JSON.
+            return problem_response(
+                422,
+                instance=request.url.path,
+                detail="The request is not valid; see errors.",
+                errors={"body": "is not valid JSON"},
+            )
         return problem_response(
             exc.status_code, instance=request.url.path, detail=detail, headers=exc.headers
         )

@@ -100,6 +100,7 @@ class JwksVerifier:
         self._min_refetch = min_refetch_interval_s
         self._keys: dict[str, Any] = {}
         self._last_fetch = float("-inf")
+        self._last_fetch_failed = False
         self._lock = asyncio.Lock()
         # Verified tokens until they expire: a client sends the same token many times, and
         # parsing one costs ~130 µs of pure-Python base64 checks in PyJWT (bench/).
@@ -111,6 +112,7 @@ class JwksVerifier:
             if time.monotonic() - self._last_fetch < self._min_refetch:
                 return
             self._last_fetch = time.monotonic()
+            self._last_fetch_failed = True
             jwks = await self._fetch()
             keys: dict[str, Any] = {}
             for raw in jwks.get("keys", []):
@@ -118,6 +120,7 @@ class JwksVerifier:
                     continue
                 keys[raw["kid"]] = jwt.PyJWK(raw, algorithm="RS256").key
             self._keys = keys
+            self._last_fetch_failed = False
 
     async def key_for(self, kid: str) -> Any:
         if kid not in self._keys:
@@ -127,6 +130,9 @@ class JwksVerifier:
                 raise KeysUnavailable("signing keys cannot be fetched") from exc
         key = self._keys.get(kid)
         if key is None:
+            if self._last_fetch_failed:
+                # Inside the refetch interval after a failed fetch: we cannot tell.
+                raise KeysUnavailable("signing keys cannot be fetched")
             raise InvalidToken("unknown signing key")
         return key
 
