@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import stat
 import time
 from collections.abc import AsyncIterator
@@ -344,6 +346,67 @@ async def test_bad_registration_is_422_and_creates_nothing(
     await _register(auth)  # the email is still free
 
 
+NOT_TEXT = "abcdefgh\ud800"  # an unpaired surrogate: JSON can spell it, UTF-8 cannot
+
+
+async def _send_json(
+    client: httpx.AsyncClient, method: str, path: str, body: Any, **headers: str
+) -> httpx.Response:
+    # json.dumps writes the surrogate as the escape "\ud800", as a hostile client would.
+    content = json.dumps(body)
+    return await client.request(
+        method, path, content=content, headers={"content-type": "application/json", **headers}
+    )
+
+
+async def test_password_that_is_not_text_is_422_and_creates_nothing(
+    tmp_path: Path, auth: httpx.AsyncClient
+) -> None:
+    body = {"name": "Ada", "email": "ada@example.com", "password": NOT_TEXT}
+    answer = await _send_json(auth, "POST", "/auth/register", body)
+    assert answer.status_code == 422, answer.text
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["errors"]["password"] == "must be valid text"
+    assert await _user_count(tmp_path) == 1
+    await _register(auth)
+
+
+async def test_strings_that_are_not_text_are_4xx_on_every_endpoint(
+    auth: httpx.AsyncClient,
+) -> None:
+    await _register(auth)
+    tokens = await _log_in(auth)
+    attempts: list[tuple[str, str, dict[str, str], dict[str, str]]] = [
+        ("POST", "/auth/token", {"email": "ada@example.com", "password": NOT_TEXT}, {}),
+        ("POST", "/auth/token", {"email": "nobody@example.com", "password": NOT_TEXT}, {}),
+        ("POST", "/auth/token", {"email": "ada\ud800@example.com", "password": "x"}, {}),
+        ("GET", "/auth/getToken", {"email": "ada@example.com", "password": NOT_TEXT}, {}),
+        ("POST", "/auth/refresh", {"refresh_token": NOT_TEXT}, {}),
+        (
+            "POST",
+            "/auth/logout",
+            {"refresh_token": NOT_TEXT},
+            _bearer(tokens["access_token"]),
+        ),
+        (
+            "POST",
+            "/auth/register",
+            {"name": "Ada", "email": "ada\ud800@example.com", "password": PASSWORD},
+            {},
+        ),
+    ]
+    for method, path, body, headers in attempts:
+        answer = await _send_json(auth, method, path, body, **headers)
+        assert 400 <= answer.status_code < 500, (path, body, answer.text)
+        assert answer.headers["content-type"] == "application/problem+json"
+    not_utf8 = base64.b64encode(b"ada@example.com:\xed\xa0\x80").decode()
+    basic = await auth.get("/auth/getToken", headers={"Authorization": f"Basic {not_utf8}"})
+    assert basic.status_code == 401
+    # Nothing changed: the session the garbled logout named is still alive.
+    again = await auth.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
+    assert again.status_code == 200
+
+
 async def test_malformed_json_is_422(auth: httpx.AsyncClient) -> None:
     for path in ("/auth/register", "/auth/token", "/auth/refresh"):
         answer = await auth.post(
@@ -383,6 +446,42 @@ async def test_too_many_failures_from_one_client_is_429(tmp_path: Path) -> None:
         assert (await auth.post("/auth/token", json=creds, headers=spray)).status_code == 429
         other = {"X-Forwarded-For": "198.51.100.10"}
         assert (await auth.post("/auth/token", json=creds, headers=other)).status_code == 200
+
+
+async def test_behind_the_gateway_the_last_forwarded_hop_is_the_client(tmp_path: Path) -> None:
+    # The test client's peer address, 127.0.0.1, is a trusted proxy (the gateway's place).
+    async with running(tmp_path, max_failures_per_client=3) as auth:
+        await _register(auth)
+        for i in range(3):
+            # Hops before the last are whatever a client wrote; they must not split its count.
+            spoofed = {"X-Forwarded-For": f"10.9.9.{i}, 198.51.100.9"}
+            guess = {"email": f"user{i}@example.com", "password": "guess-guess"}
+            assert (await auth.post("/auth/token", json=guess, headers=spoofed)).status_code == 401
+        creds = {"email": "ada@example.com", "password": PASSWORD}
+        # A trusted address as the last hop is the client (the gateway's own host), not a
+        # reason to look further left at hops a client wrote.
+        for hops in ("10.9.9.77, 198.51.100.9", "198.51.100.9"):
+            answer = await auth.post("/auth/token", json=creds, headers={"X-Forwarded-For": hops})
+            assert answer.status_code == 429, hops
+        local = {"X-Forwarded-For": "10.9.9.77, 127.0.0.1"}
+        for i in range(3):
+            guess = {"email": f"local{i}@example.com", "password": "guess-guess"}
+            assert (await auth.post("/auth/token", json=guess, headers=local)).status_code == 401
+        assert (await auth.post("/auth/token", json=creds)).status_code == 429
+        other = {"X-Forwarded-For": "10.9.9.77"}
+        assert (await auth.post("/auth/token", json=creds, headers=other)).status_code == 200
+
+
+async def test_an_untrusted_peer_is_the_client_whatever_it_forwards(tmp_path: Path) -> None:
+    async with running(tmp_path, max_failures_per_client=2, trusted_proxies=[]) as auth:
+        await _register(auth)
+        for i in range(2):
+            spoofed = {"X-Forwarded-For": f"10.9.9.{i}"}
+            guess = {"email": f"user{i}@example.com", "password": "guess-guess"}
+            assert (await auth.post("/auth/token", json=guess, headers=spoofed)).status_code == 401
+        creds = {"email": "ada@example.com", "password": PASSWORD}
+        fresh = {"X-Forwarded-For": "10.9.9.200"}
+        assert (await auth.post("/auth/token", json=creds, headers=fresh)).status_code == 429
 
 
 async def test_dev_admin_is_created_once_across_restarts(tmp_path: Path) -> None:

@@ -252,6 +252,7 @@ async def running_gateway(
     *,
     profile: Profile = "embedded",
     cache_ttl_s: float = 30.0,
+    trusted_proxies: tuple[str, ...] = (),
 ) -> AsyncIterator[Gateway]:
     platform = PlatformSettings(
         profile=profile,
@@ -268,6 +269,7 @@ async def running_gateway(
         upstream_timeout_s=UPSTREAM_TIMEOUT_S,
         jwks_min_refetch_s=JWKS_REFETCH_S,
         openapi_cache_ttl_s=30.0,
+        trusted_proxies=list(trusted_proxies),
     )
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
@@ -326,7 +328,8 @@ PRODUCT_OPENAPI: dict[str, Any] = {
             "get": {
                 **_operation("one product", "Product"),
                 "x-not-found": {"$ref": "#/components/schemas/Problem"},
-            }
+            },
+            "put": {**_operation("change a product"), "security": [{"HTTPBearer": []}]},
         },
         "/health/live": {"get": _operation("live")},
         "/metrics": {"get": _operation("metrics")},
@@ -335,7 +338,9 @@ PRODUCT_OPENAPI: dict[str, Any] = {
         "schemas": {
             "Product": {"type": "object", "properties": {"id": {"type": "string"}}},
             "Problem": {"type": "object", "title": "product problem"},
-        }
+        },
+        # Same name as auth's scheme, another definition: the merge must keep both.
+        "securitySchemes": {"HTTPBearer": {"type": "http", "scheme": "bearer"}},
     },
 }
 INVENTORY_OPENAPI: dict[str, Any] = {
@@ -355,10 +360,20 @@ INVENTORY_OPENAPI: dict[str, Any] = {
         }
     },
 }
+# As FastAPI describes the real auth service: its token routes name their own schemes.
 AUTH_OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "auth", "version": "1"},
-    "paths": {"/auth/token": {"post": _operation("log in")}, "/auth/me": {"get": _operation("me")}},
+    "paths": {
+        "/auth/token": {"post": _operation("log in")},
+        "/auth/me": {"get": {**_operation("me"), "security": [{"HTTPBearer": []}]}},
+    },
+    "components": {
+        "securitySchemes": {
+            "HTTPBearer": {"type": "http", "scheme": "bearer", "description": "auth's"},
+            "HTTPBasic": {"type": "http", "scheme": "basic"},
+        }
+    },
 }
 
 
@@ -760,6 +775,8 @@ async def test_hop_by_hop_headers_stop_and_forwarding_headers_are_set(world: Wor
         "TE: trailers\r\n"
         "Proxy-Authorization: Basic Zm9vOmJhcg==\r\n"
         "X-Forwarded-For: 203.0.113.9\r\n"
+        "X-Forwarded-Proto: https\r\n"
+        "X-Forwarded-Host: evil.example\r\n"
         "X-Request-ID: req-123\r\n"
         f"traceparent: 00-{trace_id}-00f067aa0ba902b7-01\r\n"
         f"Authorization: Bearer {world.customer}\r\n"
@@ -771,7 +788,8 @@ async def test_hop_by_hop_headers_stop_and_forwarding_headers_are_set(world: Wor
     sent = {k.lower(): v for k, v in received.headers.items()}
     for hop in ("x-hop-secret", "keep-alive", "te", "proxy-authorization"):
         assert hop not in sent
-    assert sent["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    # What the caller wrote in X-Forwarded-* is replaced by what the gateway saw.
+    assert sent["x-forwarded-for"] == "127.0.0.1"
     assert sent["x-forwarded-proto"] == "http"
     assert sent["x-forwarded-host"] == "shop.example"
     assert sent["x-request-id"] == "req-123"
@@ -783,6 +801,18 @@ async def test_hop_by_hop_headers_stop_and_forwarding_headers_are_set(world: Wor
     for hop in ("x-upstream-hop", "keep-alive", "proxy-authenticate"):
         assert hop not in names
     assert [v for n, v in answer_headers if n == "x-request-id"] == ["req-123"]
+
+
+async def test_behind_a_trusted_load_balancer_its_forwarding_is_kept(world: World) -> None:
+    registry = FakeRegistry({"product-service": [world.products[0].port]})
+    async with started(registry), running_gateway(registry, trusted_proxies=("127.0.0.1",)) as gw:
+        spoof = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
+        async with world.http.get(gw.url + "/api/product", headers=spoof) as resp:
+            assert resp.status == 200
+    [received] = world.reached()
+    sent = {k.lower(): v for k, v in received.headers.items()}
+    assert sent["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert sent["x-forwarded-proto"] == "https"
 
 
 async def test_requests_alternate_between_instances(world: World) -> None:
@@ -863,6 +893,23 @@ async def test_openapi_merges_the_public_api_of_every_running_service(world: Wor
     }
     assert set(document["paths"]["/api/inventory"]) == {"get"}
     assert document["paths"]["/api/inventory"]["get"]["security"] == [{"bearerAuth": []}]
+    # Swagger's "Authorize" needs every scheme an operation requires to be defined.
+    schemes = document["components"]["securitySchemes"]
+    required = {
+        name
+        for operations in document["paths"].values()
+        for operation in operations.values()
+        for requirement in operation.get("security", [])
+        for name in requirement
+    }
+    assert required == {"HTTPBearer", "ProductServiceHTTPBearer", "bearerAuth"}
+    assert required <= set(schemes)
+    assert document["paths"]["/auth/me"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert schemes["HTTPBearer"]["description"] == "auth's"
+    assert document["paths"]["/api/product/{id}"]["put"]["security"] == [
+        {"ProductServiceHTTPBearer": []}
+    ]
+    assert "HTTPBasic" not in schemes  # /auth/getToken is not in this description
     schemas = document["components"]["schemas"]
     # Same name, different schemas: each service keeps its own, references follow.
     assert schemas["Problem"]["title"] == "inventory problem"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -287,6 +288,59 @@ async def test_bad_registration_is_refused_and_changes_nothing(
     problem = assert_problem(answer, status)
     if field is not None:
         assert field in problem["errors"]
+    assert (await client.get("/eureka/apps", headers=JSON)).json() == before
+
+
+@pytest.mark.parametrize(
+    ("app", "body", "status"),
+    [
+        ("%C3%BC%00", instance(), 422),
+        ("order-service", instance(instanceId="evil\x00"), 422),
+        ("order-service", instance(metadata={"zone": "\x0c"}), 422),
+        ("order-service", instance(hostName="\ud800"), 422),
+        ("order-service", instance(leaseInfo={"durationInSecs": 10**26}), 422),
+        ("order-service", {"instance": {"instanceId": "x", "n": float("inf")}}, 400),
+    ],
+)
+async def test_hostile_registration_is_refused_and_discovery_still_parses(
+    client: httpx.AsyncClient, app: str, body: dict[str, Any], status: int
+) -> None:
+    await register(client)
+
+    # httpx writes NaN/Infinity and lone surrogates as Python's json module does.
+    content = json.dumps(body).encode()
+    answer = await client.post(
+        f"/eureka/apps/{app}", content=content, headers={"Content-Type": "application/json"}
+    )
+
+    assert_problem(answer, status)
+    listing = await client.get("/eureka/apps", headers={"Accept": "application/xml"})
+    apps = _build_applications(ElementTree.fromstring(listing.content))  # noqa: S314
+    assert [a.name for a in apps.applications] == ["ORDER-SERVICE"]
+    assert [i.instanceId for i in apps.get_application("ORDER-SERVICE").instances] == [ORDER_ID]
+    assert (await client.get("/eureka/apps", headers=JSON)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"[" * 100_000, "application/json"),
+        (b'{"instance": {"a": ' * 3000 + b"1" + b"}" * 3001, "application/json"),
+        (b"<a>" * 100_000, "application/xml"),
+        (b"<a>" * 100_000 + b"</a>" * 100_000, "application/xml"),
+    ],
+)
+async def test_deeply_nested_body_is_400_and_changes_nothing(
+    client: httpx.AsyncClient, body: bytes, content_type: str
+) -> None:
+    await register(client)
+    before = (await client.get("/eureka/apps", headers=JSON)).json()
+
+    answer = await client.post(
+        "/eureka/apps/order-service", content=body, headers={"Content-Type": content_type}
+    )
+
+    assert_problem(answer, 400)
     assert (await client.get("/eureka/apps", headers=JSON)).json() == before
 
 

@@ -41,6 +41,11 @@ def test_password_policy(password: str, acceptable: bool) -> None:
     assert (password_problem(password) is None) is acceptable
 
 
+def test_password_with_a_lone_surrogate_is_not_text() -> None:
+    # JSON can spell "\ud800"; no byte encoding (so no hash) exists for it.
+    assert password_problem("abcdefgh\ud800") == "must be valid text"
+
+
 def test_short_password_is_explained() -> None:
     assert password_problem("short") == "must be at least 8 characters"
 

@@ -155,12 +155,56 @@ def test_upstream_headers_drop_hop_by_hop_and_set_forwarding() -> None:
     assert out == [
         ("authorization", "Bearer t"),
         ("accept", "application/json"),
-        ("x-forwarded-for", "203.0.113.9, 10.0.0.7"),
+        # The caller's own X-Forwarded-* are not believed: the gateway is the edge.
+        ("x-forwarded-for", "10.0.0.7"),
         ("x-forwarded-proto", "http"),
         ("x-forwarded-host", "shop.example"),
         ("X-Request-ID", "ours"),
         ("traceparent", "00-a-b-01"),
     ]
+
+
+SPOOFED = [
+    (b"host", b"shop.example"),
+    (b"x-forwarded-for", b"10.9.9.77"),
+    (b"X-Forwarded-For", b"10.9.9.78"),
+    (b"x-forwarded-proto", b"https"),
+    (b"x-forwarded-host", b"evil.example"),
+]
+
+
+def _forwarding(out: list[tuple[str, str]]) -> dict[str, str]:
+    return {name: value for name, value in out if name.startswith("x-forwarded-")}
+
+
+def test_a_client_cannot_choose_the_address_services_see() -> None:
+    out = upstream_headers(
+        SPOOFED,
+        client_ip="127.0.0.1",
+        scheme="http",
+        identity={},
+        trusted_proxies=frozenset({"10.0.0.1"}),
+    )
+    assert _forwarding(out) == {
+        "x-forwarded-for": "127.0.0.1",
+        "x-forwarded-proto": "http",
+        "x-forwarded-host": "shop.example",
+    }
+
+
+def test_a_trusted_load_balancer_keeps_its_forwarding_headers() -> None:
+    out = upstream_headers(
+        SPOOFED,
+        client_ip="10.0.0.1",
+        scheme="http",
+        identity={},
+        trusted_proxies=frozenset({"10.0.0.1"}),
+    )
+    assert _forwarding(out) == {
+        "x-forwarded-for": "10.9.9.77, 10.9.9.78, 10.0.0.1",
+        "x-forwarded-proto": "https",
+        "x-forwarded-host": "evil.example",
+    }
 
 
 def test_response_headers_drop_hop_by_hop_and_the_service_request_id() -> None:
@@ -200,6 +244,37 @@ def test_merged_api_keeps_only_routed_operations() -> None:
     }
     assert merged["components"]["schemas"] == {"Line": {"type": "object"}}
     assert merged["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+
+
+def test_merged_api_defines_every_security_scheme_it_requires() -> None:
+    bearer = {"type": "http", "scheme": "bearer"}
+    documents: dict[str, Any] = {
+        "auth-service": {
+            "paths": {"/auth/me": {"get": {"security": [{"HTTPBearer": []}]}}},
+            "components": {"securitySchemes": {"HTTPBearer": bearer}},
+        },
+        "order-service": {
+            # Document-wide requirement, a clashing name, and a clash with the gateway's own.
+            "security": [{"HTTPBearer": [], "bearerAuth": []}],
+            "paths": {"/api/order": {"post": {}}},
+            "components": {
+                "securitySchemes": {
+                    "HTTPBearer": {**bearer, "bearerFormat": "opaque"},
+                    "bearerAuth": {"type": "apiKey", "in": "header", "name": "X-Key"},
+                }
+            },
+        },
+    }
+    merged = merge_openapi(documents, routes=ROUTES)
+    assert merged["paths"]["/auth/me"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert merged["paths"]["/api/order"]["post"]["security"] == [
+        {"OrderServiceHTTPBearer": [], "OrderServicebearerAuth": []}
+    ]
+    assert merged["components"]["securitySchemes"] == {
+        "HTTPBearer": bearer,
+        "OrderServiceHTTPBearer": {**bearer, "bearerFormat": "opaque"},
+        "OrderServicebearerAuth": {"type": "apiKey", "in": "header", "name": "X-Key"},
+    }
 
 
 def test_the_dashboard_url_is_derived_from_the_registry_url() -> None:

@@ -218,6 +218,26 @@ async def test_client_cannot_set_server_fields(registry: Registry, clock: FakeCl
         ),
         ({"instanceId": "x", "leaseInfo": "long"}, "instance.leaseInfo"),
         ({"instanceId": "x", "metadata": ["a"]}, "instance.metadata"),
+        (
+            {"instanceId": "x", "leaseInfo": {"durationInSecs": 99999999999999999999999999}},
+            "instance.leaseInfo.durationInSecs",
+        ),
+        (
+            {"instanceId": "x", "leaseInfo": {"durationInSecs": 3601}},
+            "instance.leaseInfo.durationInSecs",
+        ),
+        (
+            {"instanceId": "x", "leaseInfo": {"renewalIntervalInSecs": "86400"}},
+            "instance.leaseInfo.renewalIntervalInSecs",
+        ),
+        ({"instanceId": "bad\x00id"}, "instance.instanceId"),
+        ({"instanceId": "bad\ud800id"}, "instance.instanceId"),
+        ({"instanceId": "x", "hostName": "h\x1b[2J"}, "instance.hostName"),
+        ({"instanceId": "x", "metadata": {"zone": "a\x0bb"}}, "instance.metadata.zone"),
+        ({"instanceId": "x", "metadata": {"z\x00": "a"}}, "instance.metadata"),
+        ({"instanceId": "x", "port": {"$": 80, "@enabled": "\x01"}}, "instance.port.@enabled"),
+        ({"instanceId": "x", "tags": ["ok", "\ufffe"]}, "instance.tags"),
+        ({"instanceId": "x", "weight": float("nan")}, "instance.weight"),
     ],
 )
 async def test_invalid_registrations_change_nothing(
@@ -234,6 +254,26 @@ async def test_invalid_registrations_change_nothing(
         "10.0.0.5:order-service:8081"
     ]
     assert registry.version == version
+
+
+@pytest.mark.parametrize("app", ["\u00fc\x00", "order service", "a/b", "", "x" * 256, "caf\u00e9"])
+async def test_application_names_are_letters_digits_and_separators(
+    registry: Registry, app: str
+) -> None:
+    with pytest.raises(InvalidInstance) as raised:
+        await registry.register(app, instance())
+
+    assert "app" in raised.value.errors
+    assert await registry.leases() == []
+
+
+async def test_the_longest_lease_and_name_are_accepted(registry: Registry) -> None:
+    lease = await registry.register(
+        "A_b.c-9" + "x" * 248,
+        instance(leaseInfo={"durationInSecs": 3600, "renewalIntervalInSecs": 3600}),
+    )
+
+    assert (lease.app, lease.duration_s) == ("A_B.C-9" + "X" * 248, 3600)
 
 
 async def test_sub_second_heartbeats_may_say_zero_interval(registry: Registry) -> None:

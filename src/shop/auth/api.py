@@ -126,12 +126,11 @@ def client_address(request: Request) -> str:
     peer = request.client.host if request.client else "unknown"
     if peer not in trusted:
         return peer
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
-    # The rightmost hop our proxies did not add is the first one a client could not forge.
-    for hop in reversed(hops):
-        if hop not in trusted:
-            return hop[:64]
-    return peer
+    # The gateway replaces a client's X-Forwarded-For and appends its peer last: the last hop
+    # is the only one no client wrote. Any hop before it may be a client's invention.
+    forwarded = request.headers.get("x-forwarded-for", "")
+    last = forwarded.rsplit(",", 1)[-1].strip()
+    return last[:64] if last else peer
 
 
 ClientAddress = Annotated[str, Depends(client_address)]
@@ -183,7 +182,7 @@ class _Basic(HTTPBasic):
         return (email, password)
 
 
-_basic = _Basic(auto_error=False, realm="shop")
+_basic = _Basic(auto_error=False, realm="shop", scheme_name="HTTPBasic")
 _CREDENTIALS_BODY: dict[str, Any] = {
     "required": True,
     "content": {

@@ -88,6 +88,8 @@ def normalise_email(email: str) -> str:
 
 def password_problem(password: str) -> str | None:
     """Why ``password`` is not acceptable, or None if it is."""
+    if not _is_text(password):
+        return "must be valid text"
     if len(password) < MIN_PASSWORD_LENGTH:
         return f"must be at least {MIN_PASSWORD_LENGTH} characters"
     if len(password) > MAX_PASSWORD_LENGTH:
@@ -95,6 +97,15 @@ def password_problem(password: str) -> str | None:
     if not password.strip():
         return "must not be blank"
     return None
+
+
+def _is_text(value: str) -> bool:
+    # JSON may spell a lone surrogate (\ud800); it has no UTF-8 bytes, so nothing to hash.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def with_role(roles: Iterable[str], role: str) -> tuple[str, ...]:

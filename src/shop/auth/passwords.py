@@ -43,6 +43,9 @@ class Passwords:
             return self._hasher.verify(password_hash, password)
         except (VerificationError, InvalidHashError):
             return False
+        except UnicodeEncodeError:
+            # A string with no UTF-8 form (a lone surrogate) cannot be anyone's password.
+            return False
 
     async def verify_nobody(self, password: str) -> None:
         """Spend what a real check costs, so an unknown email answers no faster than a known one."""

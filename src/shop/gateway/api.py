@@ -61,9 +61,16 @@ class ProxyMiddleware:
     (401/403), and only then is a service looked up.
     """
 
-    def __init__(self, app: ASGIApp, *, routes: RouteTable) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: RouteTable,
+        trusted_proxies: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.routes = routes
+        self.trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPS_PATHS:
@@ -117,6 +124,7 @@ class ProxyMiddleware:
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
             identity=outgoing_headers(),
+            trusted_proxies=self.trusted_proxies,
         )
         target = raw_path.decode("ascii")
         query: bytes = scope.get("query_string", b"")

@@ -121,7 +121,11 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
             Middleware(RequestContextMiddleware),
             Middleware(BodyLimitMiddleware, max_bytes=platform.max_body_bytes),
             Middleware(MetricsMiddleware, metrics=instruments),
-            Middleware(ProxyMiddleware, routes=routes),
+            Middleware(
+                ProxyMiddleware,
+                routes=routes,
+                trusted_proxies=frozenset(settings.trusted_proxies),
+            ),
         ],
         exception_handlers={HTTPException: _on_http_error},
         lifespan=lifespan,

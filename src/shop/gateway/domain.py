@@ -240,28 +240,38 @@ def upstream_headers(
     client_ip: str | None,
     scheme: str,
     identity: Mapping[str, str],
+    trusted_proxies: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
     """The caller's headers as the service should see them.
 
-    Hop-by-hop headers stop here; ``X-Forwarded-*`` tell the service who called and how;
-    ``identity`` (request id, child ``traceparent``) replaces whatever the caller sent.
+    Hop-by-hop headers stop here; ``identity`` (request id, child ``traceparent``) replaces
+    whatever the caller sent. The gateway is the edge: ``X-Forwarded-*`` say what *it* saw
+    (the peer address, its scheme, the ``Host`` asked for), and whatever a caller wrote in
+    them is dropped, or anyone could pick the address the log-in throttle counts. Only a
+    peer in ``trusted_proxies`` (a load balancer in front) has its ``X-Forwarded-*`` kept,
+    the peer appended to ``X-Forwarded-For``.
     """
     headers = list(headers)
     drop = HOP_BY_HOP | _REWRITTEN_UPSTREAM | _connection_tokens(headers)
     out: list[tuple[str, str]] = []
-    forwarded_for: list[str] = []
+    inbound: dict[str, list[str]] = {}
     host = ""
     for raw_name, raw_value in headers:
         name = raw_name.decode("latin-1").lower()
         value = raw_value.decode("latin-1")
-        if name == "x-forwarded-for":
-            forwarded_for.append(value)
+        if name.startswith("x-forwarded-"):
+            inbound.setdefault(name, []).append(value)
         elif name == "host":
             host = value
         if name not in drop:
             out.append((name, value))
+    proxied = client_ip is not None and client_ip in trusted_proxies
+    forwarded_for = inbound.get("x-forwarded-for", []) if proxied else []
+    if proxied:
+        scheme = inbound.get("x-forwarded-proto", [scheme])[-1]
+        host = inbound.get("x-forwarded-host", [host])[-1]
     if client_ip:
-        forwarded_for.append(client_ip)
+        forwarded_for = [*forwarded_for, client_ip]
     if forwarded_for:
         out.append(("x-forwarded-for", ", ".join(forwarded_for)))
     out.append(("x-forwarded-proto", scheme))
@@ -332,6 +342,38 @@ def _schema_prefix(service: str) -> str:
     return "".join(part.capitalize() for part in service.split("-"))
 
 
+_BEARER_AUTH = "bearerAuth"
+_BEARER_SCHEME: dict[str, Any] = {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+
+
+def _renamed_requirements(security: Any, renames: Mapping[str, str]) -> Any:
+    """A ``security`` list with its scheme names renamed (requirements are name → scopes)."""
+    if not isinstance(security, list):
+        return security
+    return [
+        {renames.get(name, name): scopes for name, scopes in requirement.items()}
+        if isinstance(requirement, dict)
+        else requirement
+        for requirement in security
+    ]
+
+
+def _required_schemes(paths: Mapping[str, Any]) -> set[str]:
+    names: set[str] = set()
+    for operations in paths.values():
+        for method, operation in operations.items():
+            if method not in _HTTP_METHODS or not isinstance(operation, dict):
+                continue
+            for requirement in operation.get("security") or []:
+                if isinstance(requirement, dict):
+                    names.update(requirement)
+    return names
+
+
+def _conflicts(own: Mapping[str, Any], merged: Mapping[str, Any], prefix: str) -> dict[str, str]:
+    return {name: prefix + name for name, item in own.items() if merged.get(name, item) != item}
+
+
 def merge_openapi(
     documents: Mapping[str, Mapping[str, Any]],
     *,
@@ -342,25 +384,31 @@ def merge_openapi(
     """One OpenAPI document of what a client can reach through the gateway.
 
     Only operations the gateway routes survive (no /health, /metrics, /internal). Schemas
-    merge by name; two services defining the same name differently each keep theirs under
-    a service prefix (``ProductServiceProblem``), references rewritten to match.
+    and security schemes merge by name; two services defining the same name differently
+    each keep theirs under a service prefix (``ProductServiceProblem``), references (``$ref``,
+    ``security`` requirements) rewritten to match.
     """
     paths: dict[str, Any] = {}
     schemas: dict[str, Any] = {}
-    security_needed = False
+    # The scheme the gateway adds to token routes that declare none: a service's own
+    # different "bearerAuth" is renamed, like any other clash.
+    schemes: dict[str, Any] = {_BEARER_AUTH: _BEARER_SCHEME}
     for service in sorted(documents):
         document = copy.deepcopy(dict(documents[service]))
-        own = document.get("components", {}).get("schemas", {})
-        renames = {
-            name: _schema_prefix(service) + name
-            for name, schema in own.items()
-            if name in schemas and schemas[name] != schema
-        }
+        prefix = _schema_prefix(service)
+        components = document.get("components", {})
+        renames = _conflicts(components.get("schemas", {}), schemas, prefix)
         if renames:
             document = _rename_refs(document, renames)
-            own = document.get("components", {}).get("schemas", {})
-        for name, schema in own.items():
+        components = document.get("components", {})
+        for name, schema in components.get("schemas", {}).items():
             schemas[renames.get(name, name)] = schema
+        own_schemes = components.get("securitySchemes", {})
+        scheme_renames = _conflicts(own_schemes, schemes, prefix)
+        for name, scheme in own_schemes.items():
+            schemes[scheme_renames.get(name, name)] = scheme
+        # A document-wide requirement would be lost in the merge: each operation carries it.
+        default_security = document.get("security")
         for path, operations in document.get("paths", {}).items():
             route = routes.resolve(path)
             if route is None or route.service != service or _names_internal(path):
@@ -373,9 +421,13 @@ def merge_openapi(
                 access = route.methods.get(method.upper())
                 if access is None:
                     continue
-                if access is not Access.PUBLIC and "security" not in operation:
-                    operation = {**operation, "security": [{"bearerAuth": []}]}
-                    security_needed = True
+                if "security" not in operation and default_security is not None:
+                    operation = {**operation, "security": default_security}
+                if "security" in operation:
+                    security = _renamed_requirements(operation["security"], scheme_renames)
+                    operation = {**operation, "security": security}
+                elif access is not Access.PUBLIC:
+                    operation = {**operation, "security": [{_BEARER_AUTH: []}]}
                 kept[method] = operation
             if any(m in _HTTP_METHODS for m in kept):
                 paths.setdefault(path, {}).update(kept)
@@ -386,8 +438,7 @@ def merge_openapi(
         "paths": dict(sorted(paths.items())),
         "components": {"schemas": {n: schemas[n] for n in sorted(used)}},
     }
-    if security_needed:
-        merged["components"]["securitySchemes"] = {
-            "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-        }
+    required = sorted(n for n in _required_schemes(paths) if n in schemes)
+    if required:
+        merged["components"]["securitySchemes"] = {n: schemes[n] for n in required}
     return merged

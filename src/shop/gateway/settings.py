@@ -26,6 +26,14 @@ class GatewaySettings(ServiceSettings):
         default=10.0, ge=0, description="An unknown key id refetches the JWKS at most this often."
     )
 
+    trusted_proxies: list[str] = Field(
+        default=[],
+        description=(
+            "Peers (load balancers) whose X-Forwarded-* are kept and appended to; from any "
+            "other peer they are replaced by what the gateway saw."
+        ),
+    )
+
     def dashboard_url(self, platform: PlatformSettings) -> str:
         if self.registry_dashboard_url:
             return self.registry_dashboard_url.rstrip("/")

@@ -5,12 +5,17 @@ Pure rules over plain values; time is always passed in (seconds since the epoch)
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal, get_args
 
 __all__ = [
+    "MAX_DEPTH",
+    "MAX_LEASE_DURATION_S",
+    "MAX_RENEWAL_INTERVAL_S",
     "STATUSES",
     "Clock",
     "InstanceStatus",
@@ -29,6 +34,17 @@ STATUSES: Final[tuple[str, ...]] = get_args(InstanceStatus)
 Clock = Callable[[], float]
 
 DEFAULT_RENEWAL_INTERVAL_S: Final = 30
+# An hour: enough for any heartbeat schedule, short enough that a dead instance goes away.
+MAX_LEASE_DURATION_S: Final = 3600
+MAX_RENEWAL_INTERVAL_S: Final = 3600
+# Eureka's documents nest four or five levels; the XML writer recurses once per level.
+MAX_DEPTH: Final = 32
+_APP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
+# Everything but the characters XML 1.0 allows: one of them in any field makes the whole
+# XML listing not well-formed, and every py-eureka-client loses discovery at once.
+_NOT_XML_CHAR = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Java clients read timestamps as a long.
+_MAX_TIMESTAMP_MS: Final = 2**63 - 1
 # Fields the registry owns: whatever a client sends for them is replaced, never echoed.
 _SERVER_FIELDS: Final = frozenset(
     {
@@ -141,10 +157,12 @@ class Lease:
 
 def normalise_app(app: str) -> str:
     """Application names are case-insensitive; Eureka keeps them upper-case."""
-    name = app.strip().upper()
-    if not name or len(name) > 255:
-        raise InvalidInstance({"app": "must be 1 to 255 characters"})
-    return name
+    name = app.strip()
+    if not _APP_NAME.fullmatch(name):
+        raise InvalidInstance(
+            {"app": "must be 1 to 255 characters among letters, digits, '_', '.' and '-'"}
+        )
+    return name.upper()
 
 
 def _status_message() -> str:
@@ -178,14 +196,45 @@ def _port(value: Any, *, field: str, errors: dict[str, str]) -> dict[str, Any] |
     return {"$": number, "@enabled": "true" if flag else "false"}
 
 
-def _seconds(value: Any, *, field: str, default: int, least: int, errors: dict[str, str]) -> int:
+def _seconds(
+    value: Any, *, field: str, default: int, least: int, most: int, errors: dict[str, str]
+) -> int:
     if value is None:
         return default
     number = _int(value)
-    if number is None or number < least:
-        errors[field] = f"must be a whole number of seconds, at least {least}"
+    if number is None or not least <= number <= most:
+        errors[field] = f"must be a whole number of seconds, from {least} to {most}"
         return default
     return number
+
+
+def _unwritable_fields(document: Mapping[str, Any], errors: dict[str, str]) -> None:
+    """Refuse what the XML listing could not carry: XML-illegal characters, NaN, deep nests.
+
+    Iterative, so a hostile document costs no Python stack. Error keys are built from
+    acceptable keys only: the hostile text is never echoed back.
+    """
+    pending: list[tuple[str, Any, int]] = [("instance", document, 1)]
+    while pending:
+        path, value, depth = pending.pop()
+        if isinstance(value, str):
+            if _NOT_XML_CHAR.search(value):
+                errors[path] = "must not contain control characters or unpaired surrogates"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                errors[path] = "must be a finite number"
+        elif isinstance(value, Mapping | list):
+            if depth > MAX_DEPTH:
+                errors["instance"] = f"must not nest deeper than {MAX_DEPTH} levels"
+                return
+            if isinstance(value, list):
+                pending.extend((path, item, depth + 1) for item in value)
+                continue
+            for key, child in value.items():
+                if not isinstance(key, str) or _NOT_XML_CHAR.search(key):
+                    errors[path] = "field names must not contain control characters"
+                else:
+                    pending.append((f"{path}.{key}", child, depth + 1))
 
 
 def new_lease(
@@ -204,6 +253,7 @@ def new_lease(
     if not isinstance(document, Mapping):
         raise InvalidInstance({"instance": "must be an object"})
     errors: dict[str, str] = {}
+    _unwritable_fields(document, errors)
     raw_id = document.get("instanceId") or document.get("hostName")
     instance_id = raw_id.strip() if isinstance(raw_id, str) else ""
     if not instance_id:
@@ -236,6 +286,7 @@ def new_lease(
         field="instance.leaseInfo.durationInSecs",
         default=default_duration_s,
         least=1,
+        most=MAX_LEASE_DURATION_S,
         errors=errors,
     )
     # Only informative (the lease is what counts); sub-second heartbeats round down to 0.
@@ -244,6 +295,7 @@ def new_lease(
         field="instance.leaseInfo.renewalIntervalInSecs",
         default=DEFAULT_RENEWAL_INTERVAL_S,
         least=0,
+        most=MAX_RENEWAL_INTERVAL_S,
         errors=errors,
     )
     if errors:
@@ -265,7 +317,7 @@ def new_lease(
         registered_at=now,
         renewed_at=now,
         updated_at=now,
-        dirty_at_ms=dirty if dirty is not None and dirty > 0 else _ms(now),
+        dirty_at_ms=dirty if dirty is not None and 0 < dirty <= _MAX_TIMESTAMP_MS else _ms(now),
         up_since=up_since,
         override=previous.override if previous is not None else None,
     )

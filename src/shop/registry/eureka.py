@@ -7,12 +7,13 @@ element's text, lists are repeated elements. One converter each way covers every
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from xml.etree import ElementTree
 
-from shop.registry.domain import Lease, apps_hashcode
+from shop.registry.domain import MAX_DEPTH, Lease, apps_hashcode
 
 __all__ = [
     "UnreadableBody",
@@ -150,6 +151,44 @@ def _from_element(element: ElementTree.Element) -> Any:
     return value
 
 
+def _xml_too_deep(root: ElementTree.Element) -> bool:
+    pending = [(root, 1)]
+    while pending:
+        element, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return True
+        pending.extend((child, depth + 1) for child in element)
+    return False
+
+
+def _json_too_deep(document: Any) -> bool:
+    pending = [(document, 0)]
+    while pending:
+        value, depth = pending.pop()
+        if depth > MAX_DEPTH:
+            return True
+        if isinstance(value, dict):
+            pending.extend((child, depth + 1) for child in value.values())
+        elif isinstance(value, list):
+            pending.extend((child, depth + 1) for child in value)
+    return False
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _too_deep() -> UnreadableBody:
+    return UnreadableBody(f"The body nests deeper than {MAX_DEPTH} levels.")
+
+
 def _parse_xml(body: bytes) -> dict[str, Any]:
     # No DTD, no entities: that closes entity expansion, the one XML attack expat still allows.
     upper = body.upper()
@@ -159,6 +198,9 @@ def _parse_xml(body: bytes) -> dict[str, Any]:
         root = ElementTree.fromstring(body)  # noqa: S314 - DTDs refused above
     except ElementTree.ParseError as exc:
         raise UnreadableBody(f"The body is not well-formed XML ({exc}).") from exc
+    # _from_element recurses once per level: measure the depth without recursing first.
+    if _xml_too_deep(root):
+        raise _too_deep()
     return {root.tag: _from_element(root)}
 
 
@@ -169,9 +211,14 @@ def parse_registration(body: bytes, *, content_type: str | None) -> Any:
         document: Any = _parse_xml(body)
     else:
         try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            document = json.loads(body, parse_float=_finite, parse_constant=_no_constant)
+        except RecursionError as exc:
+            raise _too_deep() from exc
+        # Also bad UTF-8, NaN, 1e400 and integers too long to convert (all ValueError).
+        except ValueError as exc:
             raise UnreadableBody("The body is not valid JSON.") from exc
+        if _json_too_deep(document):
+            raise _too_deep()
     if not isinstance(document, dict):
         return None
     return document.get("instance")

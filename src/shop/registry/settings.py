@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shop.platform.settings import ServiceSettings
+from shop.registry.domain import MAX_LEASE_DURATION_S
 
 __all__ = ["RegistrySettings"]
 
@@ -17,6 +18,7 @@ class RegistrySettings(ServiceSettings):
     lease_duration_s: int = Field(
         default=90,
         ge=1,
+        le=MAX_LEASE_DURATION_S,
         description="Lease of an instance that does not say its own leaseInfo.durationInSecs.",
     )
     eviction_interval_s: float = Field(
