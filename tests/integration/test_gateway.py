@@ -412,30 +412,33 @@ async def world() -> AsyncIterator[World]:
         Upstream("product-service", openapi=PRODUCT_OPENAPI),
     )
     inventory = Upstream("inventory-service", openapi=INVENTORY_OPENAPI)
-    async with started(auth, *products, inventory):
-        dead_port = free_port()
-        registry = FakeRegistry(
-            {
-                "auth-service": [auth.port],
-                "product-service": [p.port for p in products],
-                "inventory-service": [inventory.port],
-                "order-service": [dead_port],
-            }
-        )
-        async with started(registry), running_gateway(registry) as gateway:
-            async with aiohttp.ClientSession(auto_decompress=False) as http:
-                yield World(
-                    registry=registry,
-                    auth=auth,
-                    products=products,
-                    inventory=inventory,
-                    dead_port=dead_port,
-                    gateway=gateway,
-                    http=http,
-                    keys=keys,
-                    customer=mint(keys["k1"]),
-                    admin=mint(keys["k1"], roles=["customer", "admin"]),
-                )
+    # Bound but never listening: connections are refused, and no other test can take the port.
+    dead = bind_socket("127.0.0.1", 0)
+    with dead:
+        async with started(auth, *products, inventory):
+            dead_port = dead.getsockname()[1]
+            registry = FakeRegistry(
+                {
+                    "auth-service": [auth.port],
+                    "product-service": [p.port for p in products],
+                    "inventory-service": [inventory.port],
+                    "order-service": [dead_port],
+                }
+            )
+            async with started(registry), running_gateway(registry) as gateway:
+                async with aiohttp.ClientSession(auto_decompress=False) as http:
+                    yield World(
+                        registry=registry,
+                        auth=auth,
+                        products=products,
+                        inventory=inventory,
+                        dead_port=dead_port,
+                        gateway=gateway,
+                        http=http,
+                        keys=keys,
+                        customer=mint(keys["k1"]),
+                        admin=mint(keys["k1"], roles=["customer", "admin"]),
+                    )
 
 
 @pytest.fixture(autouse=True)
