@@ -68,7 +68,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         name="gateway", module="shop.gateway", port=8765, port_env="GATEWAY_PORT", role="gateway"
     ),
     ServiceSpec(name="auth", module="shop.auth"),
-    # Next: ServiceSpec(name="product", module="shop.product"), inventory, order, notification.
+    ServiceSpec(name="inventory", module="shop.inventory"),
 )
 
 

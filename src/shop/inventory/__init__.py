@@ -1,0 +1,1 @@
+"""The inventory service: stock per SKU, and all-or-nothing reservations for orders."""

@@ -1,0 +1,29 @@
+"""Settings of the inventory service (env prefix ``INVENTORY_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shop.platform.settings import PlatformSettings, ServiceSettings
+
+__all__ = ["InventorySettings"]
+
+
+class InventorySettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="INVENTORY_", extra="ignore")
+
+    seed_demo_stock: bool = Field(
+        default=True,
+        description="Stock the demo SKUs when the stock table is empty (embedded profile only).",
+    )
+    reserve_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=10,
+        description="Tries of one reservation when MySQL reports a deadlock or lock wait timeout.",
+    )
+
+    def seeds_demo_stock(self, platform: PlatformSettings) -> bool:
+        # Production stock is real: a forgotten setting must never invent units to sell.
+        return self.seed_demo_stock and platform.profile == "embedded"

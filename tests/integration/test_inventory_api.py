@@ -1,0 +1,406 @@
+"""The inventory service over HTTP: the app with its real lifespan and a SQLite file in tmp_path.
+
+Access tokens are minted here with a test RSA key; the app's verifier is pointed at that
+key's JWKS, as it would be at the auth service's.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from shop.inventory.app import build_app
+from shop.inventory.settings import InventorySettings
+from shop.platform.settings import PlatformSettings
+from shop.platform.tokens import JwksVerifier
+
+KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+KID = "inventory-test-key"
+PROBLEM_JSON = "application/problem+json"
+FRESH = "<a new order number>"
+DEMO = {
+    "iphone_15": 100,
+    "pixel_8": 50,
+    "galaxy_s24": 30,
+    "airpods_pro": 200,
+    "kindle_paperwhite": 0,
+}
+
+
+def _jwks() -> dict[str, Any]:
+    jwk: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(KEY.public_key()))
+    return {"keys": [{**jwk, "kid": KID, "use": "sig", "alg": "RS256"}]}
+
+
+def _token(*roles: str, key: Any = KEY) -> str:
+    platform = PlatformSettings()
+    now = int(time.time())
+    claims = {
+        "sub": str(uuid.uuid4()),
+        "email": "ada@example.com",
+        "roles": list(roles),
+        "iss": platform.auth_issuer,
+        "aud": platform.auth_audience,
+        "iat": now,
+        "exp": now + 900,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+CUSTOMER = _bearer(_token("customer"))
+ADMIN = _bearer(_token("customer", "admin"))
+
+
+@asynccontextmanager
+async def running(
+    data_dir: Path, *, profile: str = "embedded", **overrides: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    platform = PlatformSettings(data_dir=data_dir, profile=profile)
+    app = build_app(platform=platform, settings=InventorySettings(_env_file=None, **overrides))
+    async with app.router.lifespan_context(app):
+
+        async def fetch_jwks() -> dict[str, Any]:
+            return _jwks()
+
+        app.state.runtime.tokens = JwksVerifier(
+            fetch_jwks=fetch_jwks, issuer=platform.auth_issuer, audience=platform.auth_audience
+        )
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://inventory") as client:
+            yield client
+
+
+@pytest.fixture
+async def inventory(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    async with running(tmp_path) as client:
+        yield client
+
+
+async def _levels(client: httpx.AsyncClient, *skus: str) -> dict[str, int]:
+    answer = await client.get("/api/inventory", params={"skuCode": list(skus)}, headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    return {level["skuCode"]: level["quantity"] for level in answer.json()}
+
+
+def _assert_problem(answer: httpx.Response, status: int) -> dict[str, Any]:
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"] == PROBLEM_JSON
+    body: dict[str, Any] = answer.json()
+    assert body["status"] == status
+    return body
+
+
+def _reservation(order: str, **lines: int) -> dict[str, Any]:
+    return {
+        "orderNumber": order,
+        "lines": [{"skuCode": sku, "quantity": qty} for sku, qty in lines.items()],
+    }
+
+
+# --- public API -----------------------------------------------------------------------
+
+
+async def test_embedded_start_stocks_the_demo_skus(inventory: httpx.AsyncClient) -> None:
+    answer = await inventory.get(
+        "/api/inventory?skuCode=kindle_paperwhite&skuCode=iphone_15", headers=CUSTOMER
+    )
+    assert answer.status_code == 200
+    assert answer.json() == [
+        {"skuCode": "kindle_paperwhite", "quantity": 0, "isInStock": False},
+        {"skuCode": "iphone_15", "quantity": 100, "isInStock": True},
+    ]
+    assert await _levels(inventory, *DEMO) == DEMO
+
+
+async def test_seeding_happens_only_once_and_never_in_production(tmp_path: Path) -> None:
+    async with running(tmp_path) as client:
+        await client.put("/api/inventory/iphone_15", json={"quantity": 1}, headers=ADMIN)
+    async with running(tmp_path) as client:  # a restart does not top the stock up again
+        assert await _levels(client, "iphone_15", "pixel_8") == {"iphone_15": 1, "pixel_8": 50}
+    async with running(tmp_path / "off", seed_demo_stock=False) as client:
+        assert await _levels(client, "iphone_15") == {"iphone_15": 0}
+    url = f"sqlite+aiosqlite:///{tmp_path / 'prod.db'}"
+    async with running(tmp_path, profile="production", database_url=url) as client:
+        assert await _levels(client, "iphone_15") == {"iphone_15": 0}
+
+
+async def test_get_lists_unknown_skus_in_the_order_asked(inventory: httpx.AsyncClient) -> None:
+    answer = await inventory.get(
+        "/api/inventory?skuCodes=nope,pixel_8&skuCode=galaxy_s24&skuCode=pixel_8",
+        headers=CUSTOMER,
+    )
+    assert answer.status_code == 200
+    assert answer.json() == [
+        {"skuCode": "nope", "quantity": 0, "isInStock": False},
+        {"skuCode": "pixel_8", "quantity": 50, "isInStock": True},
+        {"skuCode": "galaxy_s24", "quantity": 30, "isInStock": True},
+    ]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "?skuCode=", "?skuCode=bad%20sku", "?skuCode=" + "x" * 65, "?skuCodes=a;b"]
+    + ["?" + "&".join(f"skuCode=s{i}" for i in range(101))],
+)
+async def test_get_refuses_a_missing_or_malformed_sku(
+    inventory: httpx.AsyncClient, query: str
+) -> None:
+    body = _assert_problem(await inventory.get("/api/inventory" + query, headers=CUSTOMER), 422)
+    assert "skuCode" in body["errors"]
+
+
+async def test_get_needs_a_valid_token(inventory: httpx.AsyncClient) -> None:
+    _assert_problem(await inventory.get("/api/inventory?skuCode=pixel_8"), 401)
+    forged = _bearer(_token("admin", key=rsa.generate_private_key(65537, 2048)))
+    _assert_problem(await inventory.get("/api/inventory?skuCode=pixel_8", headers=forged), 401)
+
+
+async def test_post_adds_units_and_answers_the_new_total(inventory: httpx.AsyncClient) -> None:
+    added = await inventory.post(
+        "/api/inventory", json={"skuCode": "pixel_8", "quantity": 5}, headers=ADMIN
+    )
+    assert added.status_code == 200
+    assert added.json() == {"skuCode": "pixel_8", "quantity": 55}
+    created = await inventory.post(
+        "/api/inventory", json={"skuCode": "new.sku-1", "quantity": 3}, headers=ADMIN
+    )
+    assert created.json() == {"skuCode": "new.sku-1", "quantity": 3}
+    assert await _levels(inventory, "pixel_8", "new.sku-1") == {"pixel_8": 55, "new.sku-1": 3}
+
+
+async def test_put_sets_the_absolute_stock(inventory: httpx.AsyncClient) -> None:
+    answer = await inventory.put("/api/inventory/pixel_8", json={"quantity": 7}, headers=ADMIN)
+    assert answer.status_code == 200
+    assert answer.json() == {"skuCode": "pixel_8", "quantity": 7}
+    zero = await inventory.put("/api/inventory/fresh", json={"quantity": 0}, headers=ADMIN)
+    assert zero.json() == {"skuCode": "fresh", "quantity": 0}
+    assert await _levels(inventory, "pixel_8", "fresh") == {"pixel_8": 7, "fresh": 0}
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"skuCode": "pixel_8", "quantity": 0}, "quantity"),
+        ({"skuCode": "pixel_8", "quantity": -4}, "quantity"),
+        ({"skuCode": "pixel_8", "quantity": 1_000_000_001}, "quantity"),
+        ({"skuCode": "pixel_8", "quantity": "5"}, "quantity"),
+        ({"skuCode": "pixel_8", "quantity": 2.5}, "quantity"),
+        ({"skuCode": "pixel_8", "quantity": True}, "quantity"),
+        ({"skuCode": "pixel_8"}, "quantity"),
+        ({"skuCode": "bad sku", "quantity": 1}, "skuCode"),
+        ({"skuCode": "", "quantity": 1}, "skuCode"),
+        ({"quantity": 1}, "skuCode"),
+    ],
+)
+async def test_post_refuses_bad_input_and_changes_nothing(
+    inventory: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    answer = await inventory.post("/api/inventory", json=body, headers=ADMIN)
+    assert field in _assert_problem(answer, 422)["errors"]
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/inventory/pixel_8", {"quantity": -1}, "quantity"),
+        ("/api/inventory/pixel_8", {"quantity": "3"}, "quantity"),
+        ("/api/inventory/pixel_8", {}, "quantity"),
+        ("/api/inventory/bad%20sku", {"quantity": 3}, "skuCode"),
+        ("/api/inventory/" + "x" * 65, {"quantity": 3}, "skuCode"),
+    ],
+)
+async def test_put_refuses_bad_input_and_changes_nothing(
+    inventory: httpx.AsyncClient, path: str, body: dict[str, Any], field: str
+) -> None:
+    answer = await inventory.put(path, json=body, headers=ADMIN)
+    assert field in _assert_problem(answer, 422)["errors"]
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
+
+
+async def test_writing_stock_needs_an_admin(inventory: httpx.AsyncClient) -> None:
+    post = {"skuCode": "pixel_8", "quantity": 5}
+    _assert_problem(await inventory.post("/api/inventory", json=post), 401)
+    _assert_problem(await inventory.post("/api/inventory", json=post, headers=CUSTOMER), 403)
+    put = {"quantity": 1}
+    _assert_problem(await inventory.put("/api/inventory/pixel_8", json=put), 401)
+    _assert_problem(await inventory.put("/api/inventory/pixel_8", json=put, headers=CUSTOMER), 403)
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
+
+
+# --- internal API ---------------------------------------------------------------------
+
+
+async def test_reserve_then_release(inventory: httpx.AsyncClient) -> None:
+    order = str(uuid.uuid4())
+    body = _reservation(order, pixel_8=2, iphone_15=1)
+    answer = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    assert answer.status_code == 201, answer.text
+    assert answer.json() == {**body, "status": "RESERVED"}
+    assert await _levels(inventory, "pixel_8", "iphone_15") == {"pixel_8": 48, "iphone_15": 99}
+
+    released = await inventory.delete(f"/internal/reservations/{order}", headers=CUSTOMER)
+    assert released.status_code == 204
+    assert released.content == b""
+    assert await _levels(inventory, "pixel_8", "iphone_15") == {"pixel_8": 50, "iphone_15": 100}
+    again = await inventory.delete(f"/internal/reservations/{order}", headers=CUSTOMER)
+    assert again.status_code == 204
+    assert await _levels(inventory, "pixel_8", "iphone_15") == {"pixel_8": 50, "iphone_15": 100}
+
+
+async def test_a_repeated_reservation_answers_the_same_and_takes_nothing_more(
+    inventory: httpx.AsyncClient,
+) -> None:
+    order = str(uuid.uuid4())
+    body = _reservation(order, galaxy_s24=3)
+    first = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    again = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    assert (first.status_code, again.status_code) == (201, 201)
+    assert again.json() == first.json()
+    assert await _levels(inventory, "galaxy_s24") == {"galaxy_s24": 27}
+
+    other = _reservation(order, galaxy_s24=4)
+    conflict = await inventory.post("/internal/reservations", json=other, headers=CUSTOMER)
+    assert "other lines" in _assert_problem(conflict, 409)["detail"]
+    assert await _levels(inventory, "galaxy_s24") == {"galaxy_s24": 27}
+
+
+async def test_an_order_number_is_one_reservation_however_it_is_spelled(
+    inventory: httpx.AsyncClient,
+) -> None:
+    order = str(uuid.uuid4())
+    upper = await inventory.post(
+        "/internal/reservations", json=_reservation(order.upper(), pixel_8=1), headers=CUSTOMER
+    )
+    assert upper.json()["orderNumber"] == order
+    await inventory.post(
+        "/internal/reservations", json=_reservation(order, pixel_8=1), headers=CUSTOMER
+    )
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 49}
+    await inventory.delete(f"/internal/reservations/{order.upper()}", headers=CUSTOMER)
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
+
+
+async def test_a_short_line_reserves_nothing_and_names_each_shortage(
+    inventory: httpx.AsyncClient,
+) -> None:
+    order = str(uuid.uuid4())
+    body = _reservation(order, iphone_15=5, kindle_paperwhite=1, galaxy_s24=31, unknown_sku=2)
+    answer = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    problem = _assert_problem(answer, 409)
+    assert problem["title"] == "Out of stock"
+    assert sorted(problem["shortages"], key=lambda s: s["skuCode"]) == [
+        {"skuCode": "galaxy_s24", "requested": 31, "available": 30},
+        {"skuCode": "kindle_paperwhite", "requested": 1, "available": 0},
+        {"skuCode": "unknown_sku", "requested": 2, "available": 0},
+    ]
+    assert await _levels(inventory, "iphone_15", "galaxy_s24") == {
+        "iphone_15": 100,
+        "galaxy_s24": 30,
+    }
+    # The failed attempt was not remembered: once restocked, the same order goes through.
+    await inventory.put("/api/inventory/kindle_paperwhite", json={"quantity": 1}, headers=ADMIN)
+    await inventory.put("/api/inventory/unknown_sku", json={"quantity": 2}, headers=ADMIN)
+    await inventory.post(
+        "/api/inventory", json={"skuCode": "galaxy_s24", "quantity": 1}, headers=ADMIN
+    )
+    retry = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    assert retry.status_code == 201
+    assert await _levels(inventory, "galaxy_s24", "kindle_paperwhite") == {
+        "galaxy_s24": 0,
+        "kindle_paperwhite": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (
+            {"orderNumber": "ORDER-1", "lines": [{"skuCode": "pixel_8", "quantity": 1}]},
+            "orderNumber",
+        ),
+        ({"lines": [{"skuCode": "pixel_8", "quantity": 1}]}, "orderNumber"),
+        ({"orderNumber": FRESH, "lines": []}, "lines"),
+        ({"orderNumber": FRESH}, "lines"),
+        (
+            {"orderNumber": FRESH, "lines": [{"skuCode": "pixel_8", "quantity": 0}]},
+            "lines.0.quantity",
+        ),
+        (
+            {"orderNumber": FRESH, "lines": [{"skuCode": "pixel_8", "quantity": -1}]},
+            "lines.0.quantity",
+        ),
+        (
+            {"orderNumber": FRESH, "lines": [{"skuCode": "no way", "quantity": 1}]},
+            "lines.0.skuCode",
+        ),
+        (
+            {
+                "orderNumber": FRESH,
+                "lines": [
+                    {"skuCode": "pixel_8", "quantity": 1},
+                    {"skuCode": "pixel_8", "quantity": 2},
+                ],
+            },
+            "lines.1.skuCode",
+        ),
+    ],
+)
+async def test_reserve_refuses_bad_input_and_changes_nothing(
+    inventory: httpx.AsyncClient, body: dict[str, Any], field: str
+) -> None:
+    order = str(uuid.uuid4())
+    if body.get("orderNumber") == FRESH:
+        body = {**body, "orderNumber": order}
+    answer = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    assert field in _assert_problem(answer, 422)["errors"]
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
+    # Nothing was stored under the order number: a valid request for it still reserves.
+    valid = await inventory.post(
+        "/internal/reservations", json=_reservation(order, pixel_8=1), headers=CUSTOMER
+    )
+    assert valid.status_code == 201
+
+
+async def test_release_of_an_unknown_or_malformed_order(inventory: httpx.AsyncClient) -> None:
+    unknown = await inventory.delete(f"/internal/reservations/{uuid.uuid4()}", headers=CUSTOMER)
+    assert unknown.status_code == 204
+    assert await _levels(inventory, *DEMO) == DEMO
+    malformed = await inventory.delete("/internal/reservations/not-a-uuid", headers=CUSTOMER)
+    assert "orderNumber" in _assert_problem(malformed, 422)["errors"]
+
+
+async def test_internal_calls_need_a_token(inventory: httpx.AsyncClient) -> None:
+    order = str(uuid.uuid4())
+    body = _reservation(order, pixel_8=1)
+    _assert_problem(await inventory.post("/internal/reservations", json=body), 401)
+    tampered = _bearer(_token("customer")[:-4] + "AAAA")
+    _assert_problem(
+        await inventory.post("/internal/reservations", json=body, headers=tampered), 401
+    )
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
+    ok = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    assert ok.status_code == 201
+    _assert_problem(await inventory.delete(f"/internal/reservations/{order}"), 401)
+    assert await _levels(inventory, "pixel_8") == {"pixel_8": 49}
+
+
+async def test_ready_checks_the_database(inventory: httpx.AsyncClient) -> None:
+    answer = await inventory.get("/health/ready")
+    assert answer.status_code == 200
+    assert answer.json()["checks"] == {"database": "UP"}
