@@ -59,12 +59,15 @@ def test_exits_are_described_for_people() -> None:
     assert describe_exit(None) == "still running"
 
 
-def test_the_table_starts_the_registry_gateway_and_auth_on_their_ports() -> None:
-    assert [(s.name, s.module, s.port, s.port_env, s.role) for s in SERVICES] == [
+def test_the_table_starts_the_registry_gateway_and_services_on_their_ports() -> None:
+    assert [(s.name, s.module, s.port, s.port_env, s.role) for s in SERVICES[:3]] == [
         ("registry", "shop.registry", 8761, "REGISTRY_PORT", "registry"),
         ("gateway", "shop.gateway", 8765, "GATEWAY_PORT", "gateway"),
         ("auth", "shop.auth", 0, None, "service"),
     ]
+    services = SERVICES[2:]
+    assert all(s.role == "service" and s.port == 0 for s in services)
+    assert all(s.module == f"shop.{s.name}" for s in services)
     assert SERVICES[2].argv() == (sys.executable, "-m", "shop.auth")
 
 
@@ -79,7 +82,7 @@ def test_a_service_whose_package_is_not_written_yet_is_left_out() -> None:
 
 def test_ports_are_overridden_by_role() -> None:
     table = with_ports(SERVICES, registry=0, gateway=18765)
-    assert [s.port for s in table] == [0, 18765, 0]
+    assert [s.port for s in table] == [0, 18765] + [0] * (len(SERVICES) - 2)
     assert with_ports(SERVICES) == list(SERVICES)
 
 
