@@ -1,0 +1,1 @@
+"""The notification service: tells buyers about their orders, once per order event."""

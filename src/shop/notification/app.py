@@ -1,0 +1,102 @@
+"""Wiring of the notification service: the only place that picks implementations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shop.notification import events
+from shop.notification.api import router
+from shop.notification.couriers import Courier, EmailCourier, LogCourier
+from shop.notification.service import NotificationService, Sweeper
+from shop.notification.settings import NotificationSettings
+from shop.notification.store import SqlNotificationStore
+from shop.platform.app import Runtime, create_app
+from shop.platform.db import create_engine, migrate, ping
+from shop.platform.events import EventBus, open_event_bus
+from shop.platform.settings import PlatformSettings
+
+__all__ = ["SERVICE_NAME", "build_app", "couriers_for"]
+
+SERVICE_NAME = "notification-service"
+
+
+def couriers_for(settings: NotificationSettings) -> list[Courier]:
+    """E-mail first when an SMTP server is configured; the log always (LOG records)."""
+    couriers: list[Courier] = []
+    if settings.smtp_host is not None:
+        couriers.append(
+            EmailCourier(
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                sender=settings.smtp_from,
+                username=settings.smtp_username,
+                password=(
+                    settings.smtp_password.get_secret_value() if settings.smtp_password else None
+                ),
+                starttls=settings.smtp_starttls,
+                timeout_s=settings.smtp_timeout_s,
+            )
+        )
+    couriers.append(LogCourier())
+    return couriers
+
+
+def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
+        engine = create_engine(
+            settings.resolved_database_url(platform=platform, service="notification")
+        )
+        try:
+            await migrate(engine, package="shop.notification", service="notification")
+            service = NotificationService(
+                store=SqlNotificationStore(engine),
+                couriers=couriers_for(settings),
+                claim_s=settings.claim_s,
+                retry_base_s=settings.retry_base_s,
+                retry_max_s=settings.retry_max_s,
+                max_attempts=settings.max_attempts,
+            )
+            app.state.notifications = service
+            async with open_event_bus(
+                platform.resolved_event_bus_url, client_id=SERVICE_NAME
+            ) as bus:
+                events.subscribe(bus, service)
+                await bus.start()
+                sweeper = Sweeper(service, interval_s=settings.sweep_interval_s)
+                sweeper.start()
+                runtime.readiness["database"] = _database_check(engine)
+                runtime.readiness["events"] = _bus_check(bus)
+                try:
+                    yield
+                finally:
+                    await sweeper.stop()
+        finally:
+            await engine.dispose()
+
+    return create_app(
+        name=SERVICE_NAME,
+        title="Shop notification service",
+        description="Tells buyers about their orders, once per order event; lists what was sent.",
+        platform=platform,
+        routers=[router],
+        lifespan=lifespan,
+    )
+
+
+def _database_check(engine: AsyncEngine) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        await ping(engine)
+
+    return check
+
+
+def _bus_check(bus: EventBus) -> Callable[[], Awaitable[None]]:
+    async def check() -> None:
+        await bus.ping()
+
+    return check

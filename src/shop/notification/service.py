@@ -1,0 +1,190 @@
+"""Use cases of the notification service: tell the buyer about an order event (once), send
+again what could not be sent, list a user's notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from shop.notification.couriers import Courier
+from shop.notification.domain import (
+    MalformedOrder,
+    Notification,
+    Status,
+    compose_message,
+    notification_type,
+    read_order,
+    retry_delay,
+)
+from shop.notification.store import NotificationStore
+from shop.platform.events import Event
+
+__all__ = ["NotificationService", "Sweeper"]
+
+log = logging.getLogger("shop.notification")
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class NotificationService:
+    def __init__(
+        self,
+        *,
+        store: NotificationStore,
+        couriers: Sequence[Courier],
+        claim_s: float = 60.0,
+        retry_base_s: float = 5.0,
+        retry_max_s: float = 600.0,
+        max_attempts: int = 10,
+        sweep_batch: int = 50,
+        clock: Clock = _utc_now,
+    ) -> None:
+        """``couriers[0]`` carries new notifications; the others finish older ones that
+        were recorded for their channel (e.g. LOG ones after SMTP was configured)."""
+        if not couriers:
+            raise ValueError("at least one courier is needed")
+        self._store = store
+        self._couriers = {c.channel: c for c in reversed(couriers)}
+        self._channel = couriers[0].channel
+        self._claim = timedelta(seconds=claim_s)
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        self._max_attempts = max_attempts
+        self._sweep_batch = sweep_batch
+        self._clock = clock
+
+    async def on_order_event(self, event: Event) -> None:
+        """Handler of the ``orders`` topic. Raises only when nothing was recorded, so the
+        bus delivers the event again; once recorded, a failed send is the sweeper's job."""
+        kind = notification_type(event.type)
+        if kind is None:
+            await self._store.record_event(event.id, None)
+            return
+        try:
+            order = read_order(event.data)
+        except MalformedOrder as exc:
+            # Redelivering cannot repair the data; the producer has to. Log and move on.
+            log.error(
+                "ignoring %s event %s from %s (subject %s): %s",
+                event.type,
+                event.id,
+                event.source,
+                event.subject,
+                exc,
+            )
+            return
+        message = compose_message(order, kind)
+        now = self._clock()
+        notification = Notification(
+            id=str(uuid.uuid4()),
+            event_id=event.id,
+            user_id=order.user_id,
+            email=order.email,
+            order_number=order.order_number,
+            type=kind,
+            channel=self._channel,
+            status="PENDING",
+            subject=message.subject,
+            body=message.body,
+            created_at=now,
+            # Recorded as already claimed by this first attempt: the sweeper sends it only
+            # if this process dies before it is marked.
+            attempts=1,
+            next_attempt_at=now + self._claim,
+        )
+        if not await self._store.record_event(event.id, notification):
+            log.info("event %s was already processed; nothing to do", event.id)
+            return
+        try:
+            await self._deliver(notification)
+        except Exception:
+            log.exception("could not settle notification %s; the sweeper will", notification.id)
+
+    async def retry_due(self) -> int:
+        """Send what is due again (PENDING left by a crash, FAILED after its back-off)."""
+        now = self._clock()
+        due = await self._store.claim_due(
+            now=now,
+            hold_until=now + self._claim,
+            channels=list(self._couriers),
+            limit=self._sweep_batch,
+        )
+        for notification in due:
+            await self._deliver(notification)
+        return len(due)
+
+    async def notifications_of(
+        self, user_id: str, *, order_number: str | None = None, limit: int = 100, offset: int = 0
+    ) -> list[Notification]:
+        return await self._store.of_user(
+            user_id, order_number=order_number, limit=limit, offset=offset
+        )
+
+    async def _deliver(self, notification: Notification) -> None:
+        courier = self._couriers[notification.channel]
+        try:
+            await courier.deliver(notification)
+        except Exception as exc:
+            attempts = notification.attempts
+            retry = attempts < self._max_attempts
+            next_attempt = (
+                self._clock()
+                + timedelta(
+                    seconds=retry_delay(
+                        attempts, base_s=self._retry_base_s, max_s=self._retry_max_s
+                    )
+                )
+                if retry
+                else None
+            )
+            log.warning(
+                "notification %s for order %s failed (attempt %d%s): %r",
+                notification.id,
+                notification.order_number,
+                attempts,
+                "" if retry else ", giving up",
+                exc,
+            )
+            await self._store.mark_failed(
+                notification.id, error=f"{type(exc).__name__}: {exc}", next_attempt_at=next_attempt
+            )
+            return
+        status: Status = "SENT" if notification.channel == "EMAIL" else "LOGGED"
+        await self._store.mark_done(notification.id, status=status, now=self._clock())
+
+
+class Sweeper:
+    """Runs ``retry_due`` every ``interval_s`` in the background."""
+
+    def __init__(self, service: NotificationService, *, interval_s: float) -> None:
+        self._service = service
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="notification-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                while await self._service.retry_due():
+                    pass
+            except Exception:
+                log.exception("notification sweep failed; trying again later")
+            await asyncio.sleep(self._interval_s)

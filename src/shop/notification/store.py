@@ -1,0 +1,230 @@
+"""Persistence of notifications: a small protocol and its SQLAlchemy (Core) backend.
+
+The same code runs on SQLite and MySQL/MariaDB; times are stored as naive UTC. A
+notification and the inbox row of the event that caused it commit together, so a
+redelivered event finds the inbox row and adds nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from shop.notification.domain import Channel, Notification, Status
+from shop.platform.inbox import first_delivery
+
+__all__ = ["CONSUMER", "NotificationStore", "SqlNotificationStore", "metadata", "notifications"]
+
+CONSUMER = "notification-service"
+
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+metadata = MetaData()
+
+notifications = Table(
+    "notifications",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("event_id", String(64), nullable=False, unique=True),
+    Column("user_id", String(64), nullable=False),
+    Column("email", String(320), nullable=False),
+    Column("order_number", String(64), nullable=False),
+    Column("type", String(32), nullable=False),
+    Column("channel", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("subject", String(400), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", String(2000), nullable=True),
+    Column("next_attempt_at", Timestamp, nullable=True),
+    Column("created_at", Timestamp, nullable=False),
+    Column("sent_at", Timestamp, nullable=True),
+    Index("ix_notifications_user_created", "user_id", "created_at"),
+    Index("ix_notifications_next_attempt", "next_attempt_at"),
+)
+
+
+class NotificationStore(Protocol):
+    async def record_event(self, event_id: str, notification: Notification | None) -> bool:
+        """Mark the event processed and store its notification (if any), atomically.
+
+        False, and nothing stored, when the event was processed before.
+        """
+
+    async def claim_due(
+        self, *, now: datetime, hold_until: datetime, channels: Collection[Channel], limit: int
+    ) -> list[Notification]:
+        """Notifications whose next attempt is due, each now held by the caller until
+        ``hold_until`` (no other sweeper takes it meanwhile), their attempts counted."""
+
+    async def mark_done(self, notification_id: str, *, status: Status, now: datetime) -> None: ...
+
+    async def mark_failed(
+        self, notification_id: str, *, error: str, next_attempt_at: datetime | None
+    ) -> None: ...
+
+    async def of_user(
+        self, user_id: str, *, order_number: str | None, limit: int, offset: int
+    ) -> list[Notification]:
+        """The user's notifications, newest first."""
+
+    async def by_event(self, event_id: str) -> Notification | None: ...
+
+
+def _db_time(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    return None if moment is None else moment.replace(tzinfo=UTC)
+
+
+def _notification(row: Any) -> Notification:
+    return Notification(
+        id=row.id,
+        event_id=row.event_id,
+        user_id=row.user_id,
+        email=row.email,
+        order_number=row.order_number,
+        type=row.type,
+        channel=row.channel,
+        status=row.status,
+        subject=row.subject,
+        body=row.body,
+        attempts=row.attempts,
+        last_error=row.last_error,
+        next_attempt_at=_aware(row.next_attempt_at),
+        created_at=row.created_at.replace(tzinfo=UTC),
+        sent_at=_aware(row.sent_at),
+    )
+
+
+class SqlNotificationStore:
+    def __init__(self, engine: AsyncEngine, *, consumer: str = CONSUMER) -> None:
+        self._engine = engine
+        self._consumer = consumer
+
+    async def record_event(self, event_id: str, notification: Notification | None) -> bool:
+        async with self._engine.begin() as conn:
+            if not await first_delivery(conn, consumer=self._consumer, event_id=event_id):
+                return False
+            if notification is not None:
+                n = notification
+                await conn.execute(
+                    insert(notifications).values(
+                        id=n.id,
+                        event_id=n.event_id,
+                        user_id=n.user_id,
+                        email=n.email,
+                        order_number=n.order_number,
+                        type=n.type,
+                        channel=n.channel,
+                        status=n.status,
+                        subject=n.subject,
+                        body=n.body,
+                        attempts=n.attempts,
+                        last_error=n.last_error,
+                        next_attempt_at=_db_time(n.next_attempt_at),
+                        created_at=_db_time(n.created_at),
+                        sent_at=_db_time(n.sent_at),
+                    )
+                )
+        return True
+
+    async def claim_due(
+        self, *, now: datetime, hold_until: datetime, channels: Collection[Channel], limit: int
+    ) -> list[Notification]:
+        if not channels:
+            return []
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(notifications)
+                    .where(notifications.c.next_attempt_at <= _db_time(now))
+                    .where(notifications.c.channel.in_(list(channels)))
+                    .order_by(notifications.c.next_attempt_at)
+                    .limit(limit)
+                )
+            ).all()
+        claimed: list[Notification] = []
+        for row in rows:
+            # Compare-and-set on the attempt count: of two sweepers, one wins each row.
+            async with self._engine.begin() as conn:
+                won = await conn.execute(
+                    update(notifications)
+                    .where(notifications.c.id == row.id)
+                    .where(notifications.c.attempts == row.attempts)
+                    .where(notifications.c.next_attempt_at <= _db_time(now))
+                    .values(attempts=row.attempts + 1, next_attempt_at=_db_time(hold_until))
+                )
+            if won.rowcount == 1:
+                claimed.append(
+                    replace(
+                        _notification(row), attempts=row.attempts + 1, next_attempt_at=hold_until
+                    )
+                )
+        return claimed
+
+    async def mark_done(self, notification_id: str, *, status: Status, now: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(notifications)
+                .where(notifications.c.id == notification_id)
+                .values(status=status, sent_at=_db_time(now), next_attempt_at=None, last_error=None)
+            )
+
+    async def mark_failed(
+        self, notification_id: str, *, error: str, next_attempt_at: datetime | None
+    ) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(notifications)
+                .where(notifications.c.id == notification_id)
+                .values(
+                    status="FAILED",
+                    last_error=error[:2000],
+                    next_attempt_at=_db_time(next_attempt_at),
+                )
+            )
+
+    async def of_user(
+        self, user_id: str, *, order_number: str | None, limit: int, offset: int
+    ) -> list[Notification]:
+        query = select(notifications).where(notifications.c.user_id == user_id)
+        if order_number is not None:
+            query = query.where(notifications.c.order_number == order_number)
+        query = (
+            query.order_by(notifications.c.created_at.desc(), notifications.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_notification(row) for row in rows]
+
+    async def by_event(self, event_id: str) -> Notification | None:
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(notifications).where(notifications.c.event_id == event_id)
+                )
+            ).first()
+        return None if row is None else _notification(row)
