@@ -69,6 +69,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
     ),
     ServiceSpec(name="auth", module="shop.auth"),
     ServiceSpec(name="inventory", module="shop.inventory"),
+    ServiceSpec(name="order", module="shop.order"),
     ServiceSpec(name="notification", module="shop.notification"),
 )
 

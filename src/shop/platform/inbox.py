@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import Column, Float, MetaData, String, Table, insert
+from sqlalchemy import Column, Double, MetaData, String, Table, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -22,7 +22,7 @@ inbox = Table(
     _metadata,
     Column("consumer", String(100), primary_key=True),
     Column("event_id", String(64), primary_key=True),
-    Column("processed_at", Float, nullable=False),
+    Column("processed_at", Double, nullable=False),
 )
 
 

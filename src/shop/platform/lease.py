@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Column, Float, MetaData, String, Table, insert, select, update
+from sqlalchemy import Column, Double, MetaData, String, Table, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -20,7 +20,7 @@ leases = Table(
     _metadata,
     Column("name", String(200), primary_key=True),
     Column("owner", String(200), nullable=False),
-    Column("until", Float, nullable=False),
+    Column("until", Double, nullable=False),
 )
 
 # Safe when several processes run it at once (metadata.create_all is not).

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
-    Float,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -55,8 +55,8 @@ outbox = Table(
     Column("topic", String(100), nullable=False),
     Column("event_key", String(200), nullable=False),
     Column("payload", Text().with_variant(mysql.MEDIUMTEXT(), "mysql"), nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("published_at", Float, nullable=True),
+    Column("created_at", Double, nullable=False),
+    Column("published_at", Double, nullable=True),
     Index("outbox_unpublished", "published_at", "seq"),
 )
 
@@ -166,6 +166,8 @@ class OutboxRelay:
                     await self._purge()
             except Exception:
                 log.exception("outbox relay failed; retrying")
+            # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), self._poll)
+                async with asyncio.timeout(self._poll):
+                    await self._wakeup.wait()
             self._wakeup.clear()

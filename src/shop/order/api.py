@@ -1,0 +1,185 @@
+"""Routes of the order service (SPEC §3 Order): parse, call a use case, shape the answer."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt
+
+from shop.order.domain import (
+    LINES_FIELD,
+    AlreadyCancelled,
+    IdempotencyKeyReused,
+    InvalidOrder,
+    OrderError,
+    OrderNotFound,
+    OutOfStock,
+    RequestedLine,
+    RequestInProgress,
+    Unavailable,
+    UpstreamRefused,
+    idempotency_key_problem,
+    order_document,
+    request_fingerprint,
+)
+from shop.order.service import Answer, Buyer, OrderService
+from shop.platform.problems import Problem, from_problem
+from shop.platform.security import CurrentUser
+
+__all__ = ["install_error_answers", "router"]
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+class LineItem(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    sku_code: str = Field(alias="skuCode", max_length=200)
+    quantity: StrictInt
+    price: Any = Field(
+        default=None, description="Ignored: every line is priced from the catalogue."
+    )
+
+
+class PlaceOrderRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    lines: list[LineItem] = Field(
+        validation_alias=AliasChoices(LINES_FIELD, "items"),
+        description=f"The lines to order (``{LINES_FIELD}``, or ``items``).",
+    )
+
+
+class OrderLineView(BaseModel):
+    skuCode: str
+    quantity: int
+    unitPrice: str = Field(examples=["1299.00"])
+    lineTotal: str = Field(examples=["2598.00"])
+
+
+class OrderView(BaseModel):
+    orderNumber: str
+    status: str = Field(examples=["PLACED"])
+    userId: str
+    lines: list[OrderLineView]
+    total: str = Field(examples=["2598.00"])
+    createdAt: str
+
+
+def _service(request: Request) -> OrderService:
+    service: OrderService = request.app.state.orders
+    return service
+
+
+Orders = Annotated[OrderService, Depends(_service)]
+
+router = APIRouter(prefix="/api/order", tags=["order"])
+
+
+def _buyer(request: Request, principal: CurrentUser) -> Buyer:
+    return Buyer(principal=principal, authorization=request.headers.get("authorization"))
+
+
+BuyerDep = Annotated[Buyer, Depends(_buyer)]
+
+
+def _order_answer(answer: Answer) -> Response:
+    headers = {"Location": f"/api/order/{answer.body['orderNumber']}"}
+    if answer.replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(answer.body, status_code=answer.status_code, headers=headers)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=OrderView,
+    responses={409: {"description": "Out of stock, or the Idempotency-Key was used otherwise"}},
+)
+async def place_order(
+    request: Request,
+    placed: PlaceOrderRequest,
+    buyer: BuyerDep,
+    orders: Orders,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=IDEMPOTENCY_KEY,
+            description="Repeat a request safely: the same key and body get the first answer.",
+        ),
+    ] = None,
+) -> Response:
+    if idempotency_key is not None and (problem := idempotency_key_problem(idempotency_key)):
+        raise InvalidOrder({IDEMPOTENCY_KEY: problem})
+    answer = await orders.place_order(
+        buyer,
+        [RequestedLine(line.sku_code, line.quantity) for line in placed.lines],
+        idempotency_key=idempotency_key,
+        fingerprint=request_fingerprint(await request.json()) if idempotency_key else "",
+    )
+    return _order_answer(answer)
+
+
+@router.get("", response_model=list[OrderView])
+async def list_orders(
+    buyer: BuyerDep,
+    orders: Orders,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
+) -> Response:
+    page, total = await orders.orders_of(buyer.principal, limit=limit, offset=offset)
+    return JSONResponse(
+        [order_document(order) for order in page], headers={"X-Total-Count": str(total)}
+    )
+
+
+OrderNumber = Annotated[str, Path(alias="orderNumber")]
+
+
+@router.get("/{orderNumber}", response_model=OrderView, responses={404: {}})
+async def get_order(buyer: BuyerDep, orders: Orders, order_number: OrderNumber) -> Response:
+    order = await orders.order(buyer.principal, order_number)
+    return JSONResponse(order_document(order))
+
+
+@router.post(
+    "/{orderNumber}/cancel",
+    response_model=OrderView,
+    responses={404: {}, 409: {"description": "Already cancelled"}, 503: {}},
+)
+async def cancel_order(buyer: BuyerDep, orders: Orders, order_number: OrderNumber) -> Response:
+    order = await orders.cancel_order(buyer, order_number)
+    return JSONResponse(order_document(order))
+
+
+def _problem_for(exc: Exception) -> Problem:
+    if isinstance(exc, InvalidOrder):
+        return Problem(422, exc.detail or "The order is not valid; see errors.", errors=exc.errors)
+    if isinstance(exc, OutOfStock):
+        shortages = [
+            {"skuCode": s.sku_code, "requested": s.requested, "available": s.available}
+            for s in exc.shortages
+        ]
+        return Problem(409, str(exc), title="Out of stock", extra={"shortages": shortages})
+    if isinstance(exc, OrderNotFound):
+        return Problem(404, str(exc))
+    if isinstance(exc, AlreadyCancelled | IdempotencyKeyReused):
+        return Problem(409, str(exc))
+    if isinstance(exc, RequestInProgress):
+        return Problem(409, str(exc), headers={"Retry-After": "1"})
+    if isinstance(exc, Unavailable):
+        retry_after = str(max(1, math.ceil(exc.retry_after_s)))
+        return Problem(503, str(exc), headers={"Retry-After": retry_after})
+    if isinstance(exc, UpstreamRefused):
+        return Problem(502, "A service this order depends on answered unexpectedly.")
+    return Problem(500)
+
+
+def install_error_answers(app: FastAPI) -> None:
+    async def on_order_error(request: Request, exc: Exception) -> Response:
+        return from_problem(_problem_for(exc), instance=request.url.path)
+
+    app.add_exception_handler(OrderError, on_order_error)

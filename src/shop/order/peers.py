@@ -1,0 +1,323 @@
+"""The services the order service calls: the catalogue (prices) and the inventory (stock).
+
+Both are found through the registry and called with the one pooled HTTP session, the
+caller's ``Authorization`` and this request's identity (``X-Request-ID``, ``traceparent``).
+Calls to the inventory go through a circuit breaker: an inventory that fails is left
+alone for a while instead of making every order wait for its timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, Protocol
+
+import aiohttp
+
+from shop.order.breaker import CircuitBreaker, CircuitOpen
+from shop.order.domain import (
+    OutOfStock,
+    RequestedLine,
+    Shortage,
+    Unavailable,
+    UpstreamRefused,
+    parse_price,
+)
+from shop.platform.context import outgoing_headers
+from shop.platform.discovery import RegistryClient, RegistryUnavailable
+
+__all__ = [
+    "CIRCUIT_OPEN",
+    "INVENTORY_SERVICE",
+    "PRODUCT_SERVICE",
+    "Catalogue",
+    "HttpCatalogue",
+    "HttpInventory",
+    "Inventory",
+]
+
+log = logging.getLogger("shop.order.peers")
+
+PRODUCT_SERVICE = "product-service"
+INVENTORY_SERVICE = "inventory-service"
+# A catalogue outage has no breaker to say when it ends; a short, honest guess.
+CATALOGUE_RETRY_AFTER_S = 2.0
+CIRCUIT_OPEN = "The inventory is unavailable (circuit open); try again later."
+# One inventory failure that did not open the breaker: worth trying again soon.
+INVENTORY_RETRY_AFTER_S = 1.0
+
+
+class Catalogue(Protocol):
+    async def prices(
+        self, sku_codes: Sequence[str], *, authorization: str | None
+    ) -> dict[str, Decimal]:
+        """The current price of each known SKU; unknown SKUs are left out."""
+
+
+class Inventory(Protocol):
+    async def reserve(
+        self, order_number: str, lines: Sequence[RequestedLine], *, authorization: str | None
+    ) -> None:
+        """Reserve every line or none: OutOfStock, Unavailable or UpstreamRefused if not."""
+
+    async def release(self, order_number: str, *, authorization: str | None) -> None:
+        """Give the order's stock back (idempotent): Unavailable if it cannot be done now."""
+
+    def release_later(self, order_number: str, *, authorization: str | None) -> None:
+        """Best effort, in the background: for a reservation that may or may not exist."""
+
+    def unavailable_for_s(self) -> float:
+        """Seconds the inventory is known to be unavailable for (0: worth a call)."""
+
+
+def _headers(authorization: str | None) -> dict[str, str]:
+    headers = {"Accept": "application/json", **outgoing_headers()}
+    if authorization:
+        headers["Authorization"] = authorization
+    return headers
+
+
+async def _json(resp: aiohttp.ClientResponse) -> Any:
+    try:
+        return await resp.json(content_type=None)
+    except ValueError:
+        return None
+
+
+class HttpCatalogue:
+    def __init__(
+        self, *, registry: RegistryClient, http: aiohttp.ClientSession, timeout_s: float
+    ) -> None:
+        self._registry = registry
+        self._http = http
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def prices(
+        self, sku_codes: Sequence[str], *, authorization: str | None
+    ) -> dict[str, Decimal]:
+        unavailable = "The catalogue cannot be reached to price the order; try again shortly."
+        try:
+            instance = await self._registry.choose(PRODUCT_SERVICE)
+        except RegistryUnavailable as exc:
+            log.warning("no catalogue: %s", exc)
+            raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S) from exc
+        if instance is None:
+            log.warning("no %s instance is UP", PRODUCT_SERVICE)
+            raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S)
+        try:
+            async with self._http.get(
+                instance.base_url + "/internal/products",
+                params=[("skuCode", code) for code in sku_codes],
+                headers=_headers(authorization),
+                timeout=self._timeout,
+            ) as resp:
+                if resp.status >= 500:
+                    raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S)
+                if resp.status != 200:
+                    raise UpstreamRefused(f"{PRODUCT_SERVICE} answered {resp.status}")
+                body = await _json(resp)
+        except aiohttp.ClientConnectorError as exc:
+            self._registry.forget(PRODUCT_SERVICE)
+            log.warning("%s refused the connection: %s", PRODUCT_SERVICE, exc)
+            raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("%s failed: %r", PRODUCT_SERVICE, exc)
+            raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S) from exc
+        return _prices_from(body, sku_codes)
+
+
+def _prices_from(body: Any, asked: Sequence[str]) -> dict[str, Decimal]:
+    if not isinstance(body, list):
+        raise UpstreamRefused(f"{PRODUCT_SERVICE} sent a price list that is not a list")
+    wanted = set(asked)
+    prices: dict[str, Decimal] = {}
+    for item in body:
+        sku = item.get("skuCode") if isinstance(item, Mapping) else None
+        if sku not in wanted:
+            continue
+        price = parse_price(item.get("price"))
+        if price is None:
+            raise UpstreamRefused(f"{PRODUCT_SERVICE} sent an unreadable price for {sku}")
+        prices[sku] = price
+    return prices
+
+
+class _CallFailed(Exception):
+    def __init__(self, reason: str, *, maybe_done: bool) -> None:
+        super().__init__(reason)
+        # The request may have reached the inventory and been applied before we gave up.
+        self.maybe_done = maybe_done
+
+
+class HttpInventory:
+    def __init__(
+        self,
+        *,
+        registry: RegistryClient,
+        http: aiohttp.ClientSession,
+        breaker: CircuitBreaker,
+        timeout_s: float,
+        release_retry_delays_s: Sequence[float] = (0.5, 2.0, 5.0),
+    ) -> None:
+        self._registry = registry
+        self._http = http
+        self._breaker = breaker
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._release_delays = tuple(release_retry_delays_s)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def reserve(
+        self, order_number: str, lines: Sequence[RequestedLine], *, authorization: str | None
+    ) -> None:
+        body = {
+            "orderNumber": order_number,
+            "lines": [{"skuCode": line.sku_code, "quantity": line.quantity} for line in lines],
+        }
+        try:
+            status, answer = await self._guarded(
+                "POST", "/internal/reservations", json=body, authorization=authorization
+            )
+        except _CallFailed as exc:
+            if exc.maybe_done:
+                self.release_later(order_number, authorization=authorization)
+            raise self._unavailable(exc) from exc
+        if status in (200, 201):
+            return
+        if status == 409:
+            shortages = _shortages_from(answer)
+            if shortages:
+                raise OutOfStock(shortages)
+        raise UpstreamRefused(f"{INVENTORY_SERVICE} answered {status} to a reservation")
+
+    async def release(self, order_number: str, *, authorization: str | None) -> None:
+        try:
+            status, _ = await self._guarded(
+                "DELETE", f"/internal/reservations/{order_number}", authorization=authorization
+            )
+        except _CallFailed as exc:
+            raise self._unavailable(exc) from exc
+        if status not in (200, 202, 204, 404):
+            raise UpstreamRefused(f"{INVENTORY_SERVICE} answered {status} to a release")
+
+    def unavailable_for_s(self) -> float:
+        return self._breaker.retry_after_s()
+
+    def release_later(self, order_number: str, *, authorization: str | None) -> None:
+        task = asyncio.create_task(
+            self._release_with_retries(order_number, authorization),
+            name=f"release-{order_number}",
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        """Stop background releases (at shutdown); the ones still pending are logged."""
+        for task in list(self._background):
+            log.warning("shutting down before %s was released", task.get_name())
+            task.cancel()
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _release_with_retries(self, order_number: str, authorization: str | None) -> None:
+        # Not through the breaker: an open breaker must not make it give up, and its
+        # retries must not count against an inventory that is already struggling.
+        for delay in (0.0, *self._release_delays):
+            await asyncio.sleep(delay)
+            try:
+                status, _ = await self._send(
+                    "DELETE", f"/internal/reservations/{order_number}", None, authorization
+                )
+            except _CallFailed as exc:
+                log.info("release of %s failed (%s); will retry", order_number, exc)
+                continue
+            if status in (200, 202, 204, 404):
+                log.info("released the reservation of order %s", order_number)
+                return
+            log.error("release of %s answered %s; giving up", order_number, status)
+            return
+        log.error("could not release the reservation of order %s; stock stays held", order_number)
+
+    def _unavailable(self, failure: _CallFailed) -> Unavailable:
+        wait = self._breaker.retry_after_s() or INVENTORY_RETRY_AFTER_S
+        return Unavailable(
+            f"The inventory cannot be reached ({failure}); try again shortly.",
+            retry_after_s=wait,
+        )
+
+    async def _guarded(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Mapping[str, Any] | None = None,
+        authorization: str | None,
+    ) -> tuple[int, Any]:
+        try:
+            self._breaker.acquire()
+        except CircuitOpen as exc:
+            raise Unavailable(CIRCUIT_OPEN, retry_after_s=exc.retry_after_s) from exc
+        try:
+            outcome = await self._send(method, path, json, authorization)
+        except _CallFailed:
+            self._breaker.failed()
+            raise
+        except BaseException:
+            self._breaker.abandon()
+            raise
+        # A 4xx, 409 above all, is the inventory answering: it is up.
+        self._breaker.succeeded()
+        return outcome
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        json: Mapping[str, Any] | None,
+        authorization: str | None,
+    ) -> tuple[int, Any]:
+        try:
+            instance = await self._registry.choose(INVENTORY_SERVICE)
+        except RegistryUnavailable as exc:
+            raise _CallFailed(f"registry: {exc}", maybe_done=False) from exc
+        if instance is None:
+            raise _CallFailed(f"no {INVENTORY_SERVICE} instance is UP", maybe_done=False)
+        try:
+            async with self._http.request(
+                method,
+                instance.base_url + path,
+                json=json,
+                headers=_headers(authorization),
+                timeout=self._timeout,
+            ) as resp:
+                if resp.status >= 500:
+                    raise _CallFailed(f"answered {resp.status}", maybe_done=True)
+                return resp.status, await _json(resp)
+        except aiohttp.ClientConnectorError as exc:
+            self._registry.forget(INVENTORY_SERVICE)
+            raise _CallFailed("connection refused", maybe_done=False) from exc
+        except TimeoutError as exc:
+            raise _CallFailed("timed out", maybe_done=True) from exc
+        except aiohttp.ClientError as exc:
+            raise _CallFailed(type(exc).__name__, maybe_done=True) from exc
+
+
+def _shortages_from(answer: Any) -> list[Shortage]:
+    raw = answer.get("shortages") if isinstance(answer, Mapping) else None
+    if not isinstance(raw, list):
+        return []
+    found = []
+    for item in raw:
+        if not isinstance(item, Mapping):
+            continue
+        sku, requested, available = (
+            item.get("skuCode"),
+            item.get("requested"),
+            item.get("available"),
+        )
+        if isinstance(sku, str) and isinstance(requested, int) and isinstance(available, int):
+            found.append(Shortage(sku, requested, available))
+    return found
