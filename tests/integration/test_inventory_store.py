@@ -58,6 +58,12 @@ async def test_add_creates_then_adds(store: SqlInventoryStore) -> None:
     assert await store.quantities([]) == {}
 
 
+async def test_sku_codes_differing_in_case_are_different_skus(store: SqlInventoryStore) -> None:
+    await store.add_stock("pixel_8", 5, now=NOW)
+    await store.add_stock("PIXEL_8", 2, now=NOW)
+    assert await store.quantities(["pixel_8", "PIXEL_8"]) == {"pixel_8": 5, "PIXEL_8": 2}
+
+
 async def test_set_is_absolute_and_creates(store: SqlInventoryStore) -> None:
     assert await store.set_stock("kindle", 3, now=NOW) == 3
     await store.add_stock("kindle", 10, now=NOW)

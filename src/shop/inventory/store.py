@@ -50,10 +50,17 @@ Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 metadata = MetaData()
 
+
+# SKU codes compare byte for byte on every backend, as the product service's do (MySQL's
+# default collation would make PIXEL_8 and pixel_8 one SKU).
+SKU_CODE = String(64).with_variant(
+    mysql.VARCHAR(64, charset="ascii", collation="ascii_bin"), "mysql", "mariadb"
+)
+
 stock = Table(
     "stock",
     metadata,
-    Column("sku_code", String(64), primary_key=True),
+    Column("sku_code", SKU_CODE, primary_key=True),
     Column("quantity", BigInteger, nullable=False),
     Column("updated_at", Timestamp, nullable=False),
     CheckConstraint("quantity >= 0", name="ck_stock_quantity_not_negative"),
@@ -77,7 +84,7 @@ reservation_lines = Table(
         ForeignKey("reservations.order_number", ondelete="CASCADE"),
         primary_key=True,
     ),
-    Column("sku_code", String(64), primary_key=True),
+    Column("sku_code", SKU_CODE, primary_key=True),
     Column("quantity", BigInteger, nullable=False),
 )
 

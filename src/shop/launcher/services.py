@@ -68,6 +68,7 @@ SERVICES: tuple[ServiceSpec, ...] = (
         name="gateway", module="shop.gateway", port=8765, port_env="GATEWAY_PORT", role="gateway"
     ),
     ServiceSpec(name="auth", module="shop.auth"),
+    ServiceSpec(name="product", module="shop.product"),
     ServiceSpec(name="inventory", module="shop.inventory"),
     ServiceSpec(name="order", module="shop.order"),
     ServiceSpec(name="notification", module="shop.notification"),

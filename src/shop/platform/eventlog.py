@@ -81,6 +81,7 @@ class SqliteEventLog:
         self._subscriptions: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Lock()
+        self._stopping = asyncio.Event()
 
     async def _open(self) -> AsyncEngine:
         async with self._ready:
@@ -130,12 +131,20 @@ class SqliteEventLog:
         async with engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def close(self, *, grace_s: float = 5.0) -> None:
+        """Let consumers finish the event in hand, then stop; cancel only the ones that hang.
+
+        A consumer cancelled mid-step could abandon a half-opened connection, and its event
+        would come again anyway.
+        """
+        self._stopping.set()
+        if self._tasks:
+            _, hanging = await asyncio.wait(self._tasks, timeout=grace_s)
+            for task in hanging:
+                task.cancel()
+            for task in hanging:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         self._tasks.clear()
         if self._engine is not None:
             await self._engine.dispose()
@@ -168,23 +177,29 @@ class SqliteEventLog:
                 {"g": sub.group, "t": sub.topic},
             )
         renewed_at = 0.0
-        while True:
-            try:
-                if time.monotonic() - renewed_at > self._lease_s / 3:
-                    if not await lease.hold():
-                        await asyncio.sleep(self._poll * 4)
-                        continue
-                    renewed_at = time.monotonic()
-                renew_by = renewed_at + self._lease_s / 3
-                if not await self._consume_batch(engine, sub, renew_by=renew_by):
-                    await asyncio.sleep(self._poll)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(lease.release())
-                raise
-            except Exception:
-                log.exception("consumer %s on %s failed; retrying", sub.group, sub.topic)
-                await asyncio.sleep(self._backoff)
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if time.monotonic() - renewed_at > self._lease_s / 3:
+                        if not await lease.hold():
+                            await self._pause(self._poll * 4)
+                            continue
+                        renewed_at = time.monotonic()
+                    renew_by = renewed_at + self._lease_s / 3
+                    if not await self._consume_batch(engine, sub, renew_by=renew_by):
+                        await self._pause(self._poll)
+                except Exception:
+                    log.exception("consumer %s on %s failed; retrying", sub.group, sub.topic)
+                    await self._pause(self._backoff)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(lease.release())
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the log is closing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     async def _consume_batch(
         self, engine: AsyncEngine, sub: _Subscription, *, renew_by: float
@@ -205,9 +220,10 @@ class SqliteEventLog:
                 )
             ).all()
         for seq, payload in rows:
-            if time.monotonic() > renew_by:
+            if time.monotonic() > renew_by or self._stopping.is_set():
                 break  # renew first: a lapsed lease would let another process in
-            await self._deliver(engine, sub, seq=seq, payload=payload)
+            if not await self._deliver(engine, sub, seq=seq, payload=payload):
+                break  # closing while the event was failing: it comes again, uncommitted
             async with engine.begin() as conn:
                 await conn.execute(
                     text(
@@ -219,18 +235,19 @@ class SqliteEventLog:
 
     async def _deliver(
         self, engine: AsyncEngine, sub: _Subscription, *, seq: int, payload: str
-    ) -> None:
+    ) -> bool:
+        """Hand the event over; False if the log closed before the handler succeeded."""
         try:
             event = Event.from_json(payload)
         except MalformedEvent as exc:
             await self._dead_letter(engine, sub, seq=seq, payload=payload, error=str(exc))
-            return
+            return True
         trace = context.parse_traceparent(event.traceparent) or context.TraceContext.new()
         context.bind(request_id=event.id, trace=trace)
         for attempt in range(1, self._max_attempts + 1):
             try:
                 await sub.handler(event)
-                return
+                return True
             except Exception as exc:
                 if attempt == self._max_attempts:
                     log.exception(
@@ -241,11 +258,14 @@ class SqliteEventLog:
                         attempt,
                     )
                     await self._dead_letter(engine, sub, seq=seq, payload=payload, error=repr(exc))
-                    return
+                    return True
                 log.warning(
                     "%s failed on event %s (attempt %d): %r", sub.group, event.id, attempt, exc
                 )
-                await asyncio.sleep(min(self._backoff * 2 ** (attempt - 1), 5.0))
+                await self._pause(min(self._backoff * 2 ** (attempt - 1), 5.0))
+                if self._stopping.is_set():
+                    return False
+        return True
 
     async def _dead_letter(
         self, engine: AsyncEngine, sub: _Subscription, *, seq: int, payload: str, error: str

@@ -102,6 +102,7 @@ class OutboxRelay:
         self._lease = Lease(engine, name=f"outbox:{service}", owner=owner, duration_s=lease_s)
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self._purged_at = 0.0
 
     def wake(self) -> None:
@@ -111,11 +112,22 @@ class OutboxRelay:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
-    async def stop(self) -> None:
+    async def stop(self, *, grace_s: float = 5.0) -> None:
+        """Let the relay finish the step it is in, then stop; cancel only if it hangs.
+
+        Cancelling it mid-step (while it opens a database connection, say) would abandon the
+        connection half made.
+        """
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping.set()
+            self._wakeup.set()
+            try:
+                async with asyncio.timeout(grace_s):
+                    await asyncio.shield(self._task)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
             self._task = None
             with contextlib.suppress(Exception):
                 await self._lease.release()
@@ -158,14 +170,16 @@ class OutboxRelay:
             )
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 if await self._lease.hold():
-                    if await self.relay_once() == self._batch:
+                    if await self.relay_once() == self._batch and not self._stopping.is_set():
                         continue
                     await self._purge()
             except Exception:
                 log.exception("outbox relay failed; retrying")
+            if self._stopping.is_set():
+                break
             # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll):

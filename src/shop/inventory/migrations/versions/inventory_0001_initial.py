@@ -19,10 +19,15 @@ depends_on = None
 Timestamp = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
+SKU_CODE = sa.String(64).with_variant(
+    mysql.VARCHAR(64, charset="ascii", collation="ascii_bin"), "mysql", "mariadb"
+)
+
+
 def upgrade() -> None:
     op.create_table(
         "stock",
-        sa.Column("sku_code", sa.String(64), primary_key=True),
+        sa.Column("sku_code", SKU_CODE, primary_key=True),
         sa.Column("quantity", sa.BigInteger(), nullable=False),
         sa.Column("updated_at", Timestamp, nullable=False),
         sa.CheckConstraint("quantity >= 0", name="ck_stock_quantity_not_negative"),
@@ -46,7 +51,7 @@ def upgrade() -> None:
             ),
             primary_key=True,
         ),
-        sa.Column("sku_code", sa.String(64), primary_key=True),
+        sa.Column("sku_code", SKU_CODE, primary_key=True),
         sa.Column("quantity", sa.BigInteger(), nullable=False),
     )
 

@@ -1,0 +1,1 @@
+"""The product service: the catalogue, its search, and the events announcing its changes."""
