@@ -36,6 +36,9 @@ def _wait_until_serving(system: System, proc: subprocess.Popen[bytes]) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 pytest.fail(f"`shop up` exited with {proc.returncode}:\n{system.output()[-4000:]}")
+            if "Press Ctrl-C to stop." not in system.output():
+                time.sleep(0.2)  # the launcher says so once every service is ready
+                continue
             try:
                 jwks = client.get(f"{system.gateway}/auth/.well-known/jwks.json")
                 if jwks.status_code == 200 and jwks.json()["keys"]:
@@ -61,6 +64,10 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         "SHOP_HEARTBEAT_INTERVAL_S": "1",
         "SHOP_REGISTRY_CACHE_TTL_S": "1",
         "REGISTRY_EVICTION_INTERVAL_S": "1",
+        # A hung inventory must open the order service's breaker within a test's patience.
+        "ORDER_INVENTORY_TIMEOUT_S": "0.5",
+        "ORDER_BREAKER_FAILURE_THRESHOLD": "3",
+        "ORDER_BREAKER_OPEN_S": "2",
     }
     command = [
         sys.executable,

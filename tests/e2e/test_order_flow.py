@@ -1,0 +1,306 @@
+"""The reference's whole flow, done right, through the gateway with every real process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import System
+
+PROBLEM_JSON = "application/problem+json"
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _token(gateway: httpx.Client, email: str, password: str) -> str:
+    resp = gateway.get("/auth/getToken", auth=(email, password))  # the reference's way in
+    assert resp.status_code == 200, resp.text
+    token: str = resp.json()["access_token"]
+    return token
+
+
+@pytest.fixture(scope="module")
+def admin(system: System) -> str:
+    with httpx.Client(base_url=system.gateway) as gateway:
+        return _token(gateway, "admin@example.com", "admin-password")
+
+
+@pytest.fixture
+def customer(gateway: httpx.Client) -> str:
+    email = f"buyer-{uuid.uuid4().hex[:10]}@example.com"
+    resp = gateway.post(
+        "/auth/register", json={"name": "Grace", "email": email, "password": "compiler-1952"}
+    )
+    assert resp.status_code == 201, resp.text
+    return _token(gateway, email, "compiler-1952")
+
+
+@pytest.fixture
+def new_product(gateway: httpx.Client, admin: str) -> Callable[..., dict[str, Any]]:
+    def make(*, price: str = "19.99", stock: int = 10) -> dict[str, Any]:
+        sku = f"sku_{uuid.uuid4().hex[:10]}"
+        created = gateway.post(
+            "/api/product",
+            headers=_bearer(admin),
+            json={
+                "name": f"Widget {sku}",
+                "description": "A thing to buy",
+                "price": price,
+                "skuCode": sku,
+                "category": "widgets",
+            },
+        )
+        assert created.status_code == 201, created.text
+        stocked = gateway.post(
+            "/api/inventory", headers=_bearer(admin), json={"skuCode": sku, "quantity": stock}
+        )
+        assert stocked.status_code == 200, stocked.text
+        product: dict[str, Any] = created.json()
+        return product
+
+    return make
+
+
+def _stock(gateway: httpx.Client, token: str, sku: str) -> int:
+    resp = gateway.get("/api/inventory", params={"skuCode": sku}, headers=_bearer(token))
+    assert resp.status_code == 200, resp.text
+    quantity: int = resp.json()[0]["quantity"]
+    return quantity
+
+
+def _order(
+    gateway: httpx.Client,
+    token: str,
+    lines: list[dict[str, Any]],
+    *,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
+    return gateway.post(
+        "/api/order",
+        headers={**_bearer(token), **(headers or {})},
+        json={"orderLineItemDtoList": lines},
+    )
+
+
+def _eventually(check: Callable[[], Any], *, within_s: float = 15.0) -> Any:
+    deadline = time.monotonic() + within_s
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_newcomer_finds_a_demo_catalogue_with_stock(gateway: httpx.Client, customer: str) -> None:
+    products = gateway.get("/api/product", params={"limit": 100})
+    skus = {p["skuCode"] for p in products.json()}
+    assert products.status_code == 200 and int(products.headers["x-total-count"]) >= 5
+    assert {"iphone_15", "pixel_8"} <= skus
+    assert _stock(gateway, customer, "iphone_15") > 0
+
+
+def test_the_reference_flow_order_then_notification_then_cancel(
+    gateway: httpx.Client, customer: str, new_product: Callable[..., dict[str, Any]]
+) -> None:
+    product = new_product(price="1299.00", stock=5)
+    sku = product["skuCode"]
+    placed = _order(gateway, customer, [{"skuCode": sku, "quantity": 2, "price": "0.01"}])
+    assert placed.status_code == 201, placed.text
+    order = placed.json()
+    assert order["status"] == "PLACED"
+    assert order["total"] == "2598.00", "priced from the catalogue, not from the client"
+    assert order["lines"] == [
+        {"skuCode": sku, "quantity": 2, "unitPrice": "1299.00", "lineTotal": "2598.00"}
+    ]
+    assert _stock(gateway, customer, sku) == 3
+
+    number = order["orderNumber"]
+    mine = gateway.get(f"/api/order/{number}", headers=_bearer(customer))
+    assert mine.status_code == 200 and mine.json()["orderNumber"] == number
+
+    def notified(kind: str) -> list[dict[str, Any]]:
+        resp = gateway.get(
+            "/api/notifications", params={"orderNumber": number}, headers=_bearer(customer)
+        )
+        assert resp.status_code == 200
+        return [n for n in resp.json() if n["type"] == kind]
+
+    [placed_note] = _eventually(lambda: notified("ORDER_PLACED"))
+    assert placed_note["orderNumber"] == number
+
+    cancelled = gateway.post(f"/api/order/{number}/cancel", headers=_bearer(customer))
+    again = gateway.post(f"/api/order/{number}/cancel", headers=_bearer(customer))
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "CANCELLED"
+    assert again.status_code == 409 and again.headers["content-type"] == PROBLEM_JSON
+    assert _stock(gateway, customer, sku) == 5
+    _eventually(lambda: notified("ORDER_CANCELLED"))
+    time.sleep(0.5)
+    assert len(notified("ORDER_PLACED")) == 1, "exactly one notification per event"
+
+
+def test_someone_elses_order_is_not_found(
+    gateway: httpx.Client, customer: str, new_product: Callable[..., dict[str, Any]]
+) -> None:
+    product = new_product()
+    order = _order(gateway, customer, [{"skuCode": product["skuCode"], "quantity": 1}]).json()
+    stranger_email = f"stranger-{uuid.uuid4().hex[:8]}@example.com"
+    gateway.post(
+        "/auth/register", json={"name": "S", "email": stranger_email, "password": "not-yours-1"}
+    )
+    stranger = _token(gateway, stranger_email, "not-yours-1")
+    peek = gateway.get(f"/api/order/{order['orderNumber']}", headers=_bearer(stranger))
+    cancel = gateway.post(f"/api/order/{order['orderNumber']}/cancel", headers=_bearer(stranger))
+    assert peek.status_code == 404 and cancel.status_code == 404
+    assert gateway.get("/api/order", headers=_bearer(stranger)).json() == []
+
+
+def test_concurrent_orders_on_the_last_units_never_oversell(
+    system: System, customer: str, new_product: Callable[..., dict[str, Any]]
+) -> None:
+    product = new_product(stock=5)
+    sku = product["skuCode"]
+
+    async def storm() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=system.gateway, timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        "/api/order",
+                        headers=_bearer(customer),
+                        json={"orderLineItemDtoList": [{"skuCode": sku, "quantity": 1}]},
+                    )
+                    for _ in range(20)
+                )
+            )
+
+    answers = asyncio.run(storm())
+    statuses = sorted(r.status_code for r in answers)
+    assert statuses == [201] * 5 + [409] * 15, statuses
+    short = next(r for r in answers if r.status_code == 409).json()
+    assert short["shortages"] == [{"skuCode": sku, "requested": 1, "available": 0}]
+    with httpx.Client(base_url=system.gateway) as gateway:
+        assert _stock(gateway, customer, sku) == 0
+
+
+def test_out_of_stock_names_each_short_line(
+    gateway: httpx.Client, customer: str, new_product: Callable[..., dict[str, Any]]
+) -> None:
+    plenty, scarce = new_product(stock=10), new_product(stock=1)
+    resp = _order(
+        gateway,
+        customer,
+        [
+            {"skuCode": plenty["skuCode"], "quantity": 2},
+            {"skuCode": scarce["skuCode"], "quantity": 3},
+        ],
+    )
+    assert resp.status_code == 409 and resp.headers["content-type"] == PROBLEM_JSON
+    assert resp.json()["shortages"] == [
+        {"skuCode": scarce["skuCode"], "requested": 3, "available": 1}
+    ]
+    assert _stock(gateway, customer, plenty["skuCode"]) == 10, "all lines or none"
+
+
+def test_idempotency_key_replays_the_first_answer(
+    gateway: httpx.Client, customer: str, new_product: Callable[..., dict[str, Any]]
+) -> None:
+    sku = new_product(stock=10)["skuCode"]
+    key = {"Idempotency-Key": uuid.uuid4().hex}
+    first = _order(gateway, customer, [{"skuCode": sku, "quantity": 1}], headers=key)
+    second = _order(gateway, customer, [{"skuCode": sku, "quantity": 1}], headers=key)
+    other = _order(gateway, customer, [{"skuCode": sku, "quantity": 2}], headers=key)
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json()
+    assert other.status_code == 409
+    assert _stock(gateway, customer, sku) == 9
+    orders = gateway.get("/api/order", headers=_bearer(customer)).json()
+    assert [o["orderNumber"] for o in orders].count(first.json()["orderNumber"]) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"orderLineItemDtoList": []},
+        {"orderLineItemDtoList": [{"skuCode": "no_such_sku_anywhere", "quantity": 1}]},
+        {"orderLineItemDtoList": [{"skuCode": "iphone_15", "quantity": 0}]},
+        {"orderLineItemDtoList": [{"skuCode": "iphone_15", "quantity": -3}]},
+        {"orderLineItemDtoList": [{"skuCode": "iphone_15", "quantity": 1}] * 2},
+        {"items": "not a list"},
+        {},
+    ],
+    ids=["empty", "unknown-sku", "zero", "negative", "duplicate-lines", "wrong-type", "missing"],
+)
+def test_bad_orders_are_422_and_change_nothing(
+    gateway: httpx.Client, customer: str, body: dict[str, Any]
+) -> None:
+    before = _stock(gateway, customer, "iphone_15")
+    resp = gateway.post("/api/order", headers=_bearer(customer), json=body)
+    assert resp.status_code == 422, resp.text
+    assert resp.headers["content-type"] == PROBLEM_JSON and resp.json()["errors"]
+    assert _stock(gateway, customer, "iphone_15") == before
+    assert gateway.get("/api/order", headers=_bearer(customer)).json() == []
+
+
+def _inventory_pid(system: System) -> int:
+    match = re.search(r"^inventory\s+\|.*Started server process \[(\d+)\]", system.output(), re.M)
+    assert match, "the launcher's output names the inventory process"
+    return int(match.group(1))
+
+
+@pytest.fixture
+def frozen_inventory(system: System) -> Iterator[Callable[[], None]]:
+    pid = _inventory_pid(system)
+    thawed = False
+
+    def thaw() -> None:
+        nonlocal thawed
+        if not thawed:
+            os.kill(pid, signal.SIGCONT)
+            thawed = True
+
+    os.kill(pid, signal.SIGSTOP)  # the process is there but answers nothing: a hung service
+    try:
+        yield thaw
+    finally:
+        thaw()
+
+
+def test_the_breaker_fails_fast_while_inventory_is_down_and_recovers(
+    gateway: httpx.Client,
+    customer: str,
+    frozen_inventory: Callable[[], None],
+) -> None:
+    line = [{"skuCode": "iphone_15", "quantity": 1}]
+    for _ in range(10):
+        started = time.monotonic()
+        resp = _order(gateway, customer, line)
+        elapsed = time.monotonic() - started
+        assert resp.status_code == 503, resp.text
+        assert resp.headers["content-type"] == PROBLEM_JSON and "retry-after" in resp.headers
+        if elapsed < 0.1:
+            break
+    else:
+        pytest.fail("the breaker never opened: every 503 waited for the timeout")
+    started = time.monotonic()
+    resp = _order(gateway, customer, line)
+    assert resp.status_code == 503 and time.monotonic() - started < 0.1
+
+    frozen_inventory()
+    recovered = _eventually(
+        lambda: (r := _order(gateway, customer, line)).status_code == 201 and r, within_s=30
+    )
+    assert recovered.json()["status"] == "PLACED"
+    assert Decimal(recovered.json()["total"]) > 0
