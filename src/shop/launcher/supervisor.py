@@ -183,7 +183,8 @@ class _Child:
 
 
 class Supervisor:
-    """Runs a table of services: registry first, then the rest at once; stops in reverse.
+    """Runs a table of services: registry and gateway first, then the rest at once; stops in
+    reverse.
 
     ``start()`` returns when every service answered 200 on ``/health/ready``, or raises
     ``ServiceFailed`` after stopping whatever it had started. ``wait()`` returns the
@@ -252,18 +253,28 @@ class Supervisor:
     async def start(self) -> None:
         if self._stages:
             raise RuntimeError("a Supervisor starts once")
-        first = [s for s in self._services if s.role == "registry"]
-        rest = [s for s in self._services if s.role != "registry"]
+        registry = [s for s in self._services if s.role == "registry"]
+        gateway = [s for s in self._services if s.role == "gateway"]
+        rest = [s for s in self._services if s.role == "service"]
+        # The gateway comes up before the services, not among them: on two cores six Python
+        # processes importing at once would keep the front door shut for seconds. With the
+        # registry's port known in advance, the gateway starts alongside it.
+        if registry and registry[0].port:
+            self._registry_url = f"http://127.0.0.1:{registry[0].port}/eureka"
+            stages = [registry + gateway, rest]
+        else:
+            stages = [registry, gateway, rest]
         try:
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=2.0),
                 cookie_jar=aiohttp.DummyCookieJar(),
             ) as http:
-                if first:
-                    await self._start_stage(first, http)
-                    self._registry_url = f"{self._stages[0][0].url}/eureka"
-                if rest:
-                    await self._start_stage(rest, http)
+                for stage in stages:
+                    if not stage:
+                        continue
+                    await self._start_stage(stage, http)
+                    if stage is registry:
+                        self._registry_url = f"{self._stages[-1][0].url}/eureka"
         except ServiceFailed as failure:
             self._report(failure)
             await self.stop()
