@@ -7,7 +7,8 @@ import sys
 from shop.auth.app import SERVICE_NAME, build_app
 from shop.auth.keys import add_key_file, keyring_from_dir
 from shop.auth.settings import AuthSettings, UnsafeSettings
-from shop.platform.serve import bind_socket, configure_logging, serve
+from shop.platform import serve as platform_serve
+from shop.platform.serve import configure_logging
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["main"]
@@ -37,9 +38,9 @@ def run(platform: PlatformSettings, settings: AuthSettings) -> int:
     except UnsafeSettings as exc:
         print(f"{SERVICE_NAME} refuses to start: {exc}", file=sys.stderr)
         return 2
-    sock = bind_socket(settings.host, settings.port)
-    app.state.bound_port = sock.getsockname()[1]
-    serve(app, name=SERVICE_NAME, sock=sock, log_level=platform.log_level)
+    platform_serve.run(
+        app, name=SERVICE_NAME, host=settings.host, port=settings.port, log_level=platform.log_level
+    )
     return 0
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.auth.api import install_error_answers, router
 from shop.auth.domain import password_problem
@@ -19,8 +18,7 @@ from shop.auth.service import AuthService
 from shop.auth.settings import AuthSettings, UnsafeSettings
 from shop.auth.store import SqlAuthStore
 from shop.auth.throttle import LoginThrottle
-from shop.platform.app import Runtime, create_app
-from shop.platform.db import create_engine, migrate, ping
+from shop.platform.app import Runtime, create_app, service_database
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app", "configured_keyring"]
@@ -72,9 +70,8 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                 key_size=settings.key_size,
                 keep_previous=settings.published_previous_keys,
             )
-        engine = create_engine(settings.resolved_database_url(platform=platform, service="auth"))
-        try:
-            await migrate(engine, package="shop.auth", service="auth")
+        url = settings.resolved_database_url(platform=platform, service="auth")
+        async with service_database(runtime, url=url, package="shop.auth") as engine:
             passwords = Passwords(
                 time_cost=settings.argon2_time_cost,
                 memory_cost_kib=settings.argon2_memory_cost_kib,
@@ -101,10 +98,7 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                     email=settings.admin_email, name=settings.admin_name, password=admin_password
                 )
             app.state.auth = auth
-            runtime.readiness["database"] = _database_check(engine)
             yield
-        finally:
-            await engine.dispose()
 
     app = create_app(
         name=SERVICE_NAME,
@@ -117,10 +111,3 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
     app.state.trusted_proxies = frozenset(settings.trusted_proxies)
     install_error_answers(app)
     return app
-
-
-def _database_check(engine: AsyncEngine) -> Callable[[], Awaitable[None]]:
-    async def check() -> None:
-        await ping(engine)
-
-    return check

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 from shop.gateway.app import NAME, build_app
 from shop.gateway.settings import GatewaySettings
-from shop.platform.serve import bind_socket, configure_logging, serve
+from shop.platform.serve import configure_logging, run
 from shop.platform.settings import PlatformSettings
 
 
 def main() -> None:
-    platform = PlatformSettings()
-    settings = GatewaySettings()
+    platform, settings = PlatformSettings(), GatewaySettings()
     configure_logging(platform.log_level)
-    sock = bind_socket(settings.host, settings.port)
     app = build_app(platform=platform, settings=settings)
-    app.state.bound_port = sock.getsockname()[1]
-    serve(app, name=NAME, sock=sock, log_level=platform.log_level, proxy_headers=False)
+    run(
+        app,
+        name=NAME,
+        host=settings.host,
+        port=settings.port,
+        log_level=platform.log_level,
+        proxy_headers=False,
+    )
 
 
 if __name__ == "__main__":

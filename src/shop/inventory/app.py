@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.inventory.api import install_error_answers, internal_router, router
 from shop.inventory.domain import DEMO_STOCK
 from shop.inventory.service import InventoryService
 from shop.inventory.settings import InventorySettings
 from shop.inventory.store import SqlInventoryStore
-from shop.platform.app import Runtime, create_app
-from shop.platform.db import create_engine, migrate, ping
+from shop.platform.app import Runtime, create_app, service_database
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app"]
@@ -25,21 +23,15 @@ SERVICE_NAME = "inventory-service"
 def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
-        engine = create_engine(
-            settings.resolved_database_url(platform=platform, service="inventory")
-        )
-        try:
-            await migrate(engine, package="shop.inventory", service="inventory")
+        url = settings.resolved_database_url(platform=platform, service="inventory")
+        async with service_database(runtime, url=url, package="shop.inventory") as engine:
             inventory = InventoryService(
                 store=SqlInventoryStore(engine, attempts=settings.reserve_attempts)
             )
             if settings.seeds_demo_stock(platform):
                 await inventory.seed_demo_stock(DEMO_STOCK)
             app.state.inventory = inventory
-            runtime.readiness["database"] = _database_check(engine)
             yield
-        finally:
-            await engine.dispose()
 
     app = create_app(
         name=SERVICE_NAME,
@@ -51,10 +43,3 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
     )
     install_error_answers(app)
     return app
-
-
-def _database_check(engine: AsyncEngine) -> Callable[[], Awaitable[None]]:
-    async def check() -> None:
-        await ping(engine)
-
-    return check

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 from shop.notification.app import SERVICE_NAME, build_app
 from shop.notification.settings import NotificationSettings
-from shop.platform.serve import bind_socket, configure_logging, serve
+from shop.platform.serve import configure_logging, run
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["main"]
 
 
 def main() -> None:
-    platform = PlatformSettings()
-    settings = NotificationSettings()
+    platform, settings = PlatformSettings(), NotificationSettings()
     configure_logging(platform.log_level)
-    sock = bind_socket(settings.host, settings.port)
     app = build_app(platform=platform, settings=settings)
-    app.state.bound_port = sock.getsockname()[1]
-    serve(app, name=SERVICE_NAME, sock=sock, log_level=platform.log_level)
+    run(
+        app, name=SERVICE_NAME, host=settings.host, port=settings.port, log_level=platform.log_level
+    )
 
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.notification import events
 from shop.notification.api import router
@@ -14,9 +13,7 @@ from shop.notification.couriers import Courier, EmailCourier, LogCourier
 from shop.notification.service import NotificationService, Sweeper
 from shop.notification.settings import NotificationSettings
 from shop.notification.store import SqlNotificationStore
-from shop.platform.app import Runtime, create_app
-from shop.platform.db import create_engine, migrate, ping
-from shop.platform.events import EventBus, open_event_bus
+from shop.platform.app import Runtime, create_app, service_database, service_events
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app", "couriers_for"]
@@ -48,11 +45,11 @@ def couriers_for(settings: NotificationSettings) -> list[Courier]:
 def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
-        engine = create_engine(
-            settings.resolved_database_url(platform=platform, service="notification")
-        )
-        try:
-            await migrate(engine, package="shop.notification", service="notification")
+        url = settings.resolved_database_url(platform=platform, service="notification")
+        async with (
+            service_database(runtime, url=url, package="shop.notification") as engine,
+            service_events(runtime) as bus,
+        ):
             service = NotificationService(
                 store=SqlNotificationStore(engine),
                 couriers=couriers_for(settings),
@@ -62,21 +59,14 @@ def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> 
                 max_attempts=settings.max_attempts,
             )
             app.state.notifications = service
-            async with open_event_bus(
-                platform.resolved_event_bus_url, client_id=SERVICE_NAME
-            ) as bus:
-                events.subscribe(bus, service)
-                await bus.start()
-                sweeper = Sweeper(service, interval_s=settings.sweep_interval_s)
-                sweeper.start()
-                runtime.readiness["database"] = _database_check(engine)
-                runtime.readiness["events"] = _bus_check(bus)
-                try:
-                    yield
-                finally:
-                    await sweeper.stop()
-        finally:
-            await engine.dispose()
+            events.subscribe(bus, service)
+            await bus.start()
+            sweeper = Sweeper(service, interval_s=settings.sweep_interval_s)
+            sweeper.start()
+            try:
+                yield
+            finally:
+                await sweeper.stop()
 
     return create_app(
         name=SERVICE_NAME,
@@ -86,17 +76,3 @@ def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> 
         routers=[router],
         lifespan=lifespan,
     )
-
-
-def _database_check(engine: AsyncEngine) -> Callable[[], Awaitable[None]]:
-    async def check() -> None:
-        await ping(engine)
-
-    return check
-
-
-def _bus_check(bus: EventBus) -> Callable[[], Awaitable[None]]:
-    async def check() -> None:
-        await bus.ping()
-
-    return check

@@ -15,9 +15,7 @@ from shop.order.peers import INVENTORY_SERVICE, HttpCatalogue, HttpInventory
 from shop.order.service import OrderService
 from shop.order.settings import OrderSettings
 from shop.order.store import SqlOrderStore
-from shop.platform.app import Runtime, create_app
-from shop.platform.db import create_engine, migrate, ping
-from shop.platform.events import open_event_bus
+from shop.platform.app import Runtime, create_app, service_database, service_events
 from shop.platform.outbox import OutboxRelay
 from shop.platform.settings import PlatformSettings
 
@@ -31,51 +29,43 @@ log = logging.getLogger("shop.order")
 def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
-        engine = create_engine(settings.resolved_database_url(platform=platform, service="order"))
-        try:
-            await migrate(engine, package="shop.order", service="order")
-            async with open_event_bus(
-                platform.resolved_event_bus_url, client_id=SERVICE_NAME
-            ) as bus:
-                relay = OutboxRelay(
-                    engine, bus, service="order", poll_interval_s=settings.outbox_poll_interval_s
-                )
-                breaker = CircuitBreaker(
-                    name=INVENTORY_SERVICE,
-                    failure_threshold=settings.breaker_failure_threshold,
-                    open_for_s=settings.breaker_open_s,
-                )
-                inventory = HttpInventory(
+        url = settings.resolved_database_url(platform=platform, service="order")
+        breaker = CircuitBreaker(
+            name=INVENTORY_SERVICE,
+            failure_threshold=settings.breaker_failure_threshold,
+            open_for_s=settings.breaker_open_s,
+        )
+        inventory = HttpInventory(
+            registry=runtime.registry,
+            http=runtime.http,
+            breaker=breaker,
+            timeout_s=settings.inventory_timeout_s,
+            release_retry_delays_s=settings.release_retry_delays_s,
+        )
+        async with (
+            service_database(runtime, url=url, package="shop.order") as engine,
+            service_events(runtime) as bus,
+            OutboxRelay(
+                engine, bus, service="order", poll_interval_s=settings.outbox_poll_interval_s
+            ) as relay,
+        ):
+            app.state.orders = OrderService(
+                store=SqlOrderStore(engine),
+                catalogue=HttpCatalogue(
                     registry=runtime.registry,
                     http=runtime.http,
-                    breaker=breaker,
-                    timeout_s=settings.inventory_timeout_s,
-                    release_retry_delays_s=settings.release_retry_delays_s,
-                )
-                app.state.orders = OrderService(
-                    store=SqlOrderStore(engine),
-                    catalogue=HttpCatalogue(
-                        registry=runtime.registry,
-                        http=runtime.http,
-                        timeout_s=settings.catalogue_timeout_s,
-                    ),
-                    inventory=inventory,
-                    events_added=relay.wake,
-                    idempotency_stale_after=timedelta(seconds=settings.idempotency_stale_s),
-                )
-                app.state.inventory_breaker = breaker
-                app.state.outbox_relay = relay
-                runtime.readiness["database"] = lambda: ping(engine)
-                runtime.readiness["events"] = bus.ping
-                await bus.start()
-                relay.start()
-                try:
-                    yield
-                finally:
-                    await relay.stop()
-                    await inventory.aclose()
-        finally:
-            await engine.dispose()
+                    timeout_s=settings.catalogue_timeout_s,
+                ),
+                inventory=inventory,
+                events_added=relay.wake,
+                idempotency_stale_after=timedelta(seconds=settings.idempotency_stale_s),
+            )
+            app.state.inventory_breaker = breaker
+            app.state.outbox_relay = relay
+            try:
+                yield
+            finally:
+                await inventory.aclose()
 
     app = create_app(
         name=SERVICE_NAME,

@@ -8,19 +8,24 @@ limit, one pooled HTTP client and its registration with the discovery server.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Annotated, Any
 
 import aiohttp
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from shop.platform.db import create_engine, migrate, ping
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
+from shop.platform.events import EventBus, open_event_bus
 from shop.platform.http import http_session
 from shop.platform.middleware import (
     BodyLimitMiddleware,
@@ -33,7 +38,17 @@ from shop.platform.security import jwks_from_registry
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
-__all__ = ["Runtime", "RuntimeDep", "ServiceLifespan", "create_app", "get_runtime"]
+__all__ = [
+    "Runtime",
+    "RuntimeDep",
+    "ServiceLifespan",
+    "create_app",
+    "get_runtime",
+    "service_database",
+    "service_events",
+]
+
+log = logging.getLogger("shop.platform")
 
 ReadinessCheck = Callable[[], Awaitable[None]]
 _FASTAPI_UNPARSEABLE_BODY = "There was an error parsing the body"
@@ -205,6 +220,34 @@ def create_app(
     app.add_middleware(BodyLimitMiddleware, max_bytes=platform.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)
     return app
+
+
+@asynccontextmanager
+async def service_database(
+    runtime: Runtime, *, url: str, package: str
+) -> AsyncIterator[AsyncEngine]:
+    """A service's own database: engine opened, ``<package>/migrations`` applied, readiness
+    checked; disposed on the way out."""
+    engine = create_engine(url)
+    try:
+        await migrate(engine, package=package, service=package.rsplit(".", 1)[-1])
+        runtime.readiness["database"] = partial(ping, engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@asynccontextmanager
+async def service_events(runtime: Runtime) -> AsyncIterator[EventBus]:
+    """The event bus the settings name, with its readiness check."""
+    url = runtime.platform.resolved_event_bus_url
+    async with open_event_bus(url, client_id=runtime.name) as bus:
+        runtime.readiness["events"] = bus.ping
+        try:
+            await bus.ping()  # connect now, not in the middle of the first publish
+        except Exception as exc:  # readiness reports it; publishers and consumers retry
+            log.warning("the event bus is not reachable yet: %r", exc)
+        yield bus
 
 
 def _registered(heartbeat: Heartbeat) -> ReadinessCheck:

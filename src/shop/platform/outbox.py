@@ -105,6 +105,13 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._purged_at = 0.0
 
+    async def __aenter__(self) -> OutboxRelay:
+        self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.stop()
+
     def wake(self) -> None:
         """Publish now rather than at the next poll (call after a commit that added events)."""
         self._wakeup.set()

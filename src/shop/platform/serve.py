@@ -7,9 +7,10 @@ import socket
 import sys
 
 import uvicorn
+from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-__all__ = ["bind_socket", "configure_logging", "serve"]
+__all__ = ["bind_socket", "configure_logging", "run", "serve"]
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -59,3 +60,18 @@ def serve(
     server = uvicorn.Server(config)
     logging.getLogger("shop").info("%s listening on http://%s:%d", name, host, port)
     server.run(sockets=[sock])
+
+
+def run(
+    app: Starlette,
+    *,
+    name: str,
+    host: str,
+    port: int,
+    log_level: str = "INFO",
+    proxy_headers: bool = True,
+) -> None:
+    """Bind ``host:port`` (0 = any free port), tell the app the port it got, serve it."""
+    sock = bind_socket(host, port)
+    app.state.bound_port = sock.getsockname()[1]
+    serve(app, name=name, sock=sock, log_level=log_level, proxy_headers=proxy_headers)
