@@ -6,7 +6,7 @@ import base64
 import json
 import stat
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,11 +33,18 @@ def _settings(**overrides: Any) -> AuthSettings:
     return AuthSettings(_env_file=None, **overrides)
 
 
+SERVICE_SECRET = "a-shared-service-secret"
+
+
 @asynccontextmanager
 async def running(
-    data_dir: Path, *, profile: str = "embedded", **overrides: Any
+    data_dir: Path,
+    *,
+    profile: str = "embedded",
+    service_secret: str | None = SERVICE_SECRET,
+    **overrides: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    platform = PlatformSettings(data_dir=data_dir, profile=profile)
+    platform = PlatformSettings(data_dir=data_dir, profile=profile, service_secret=service_secret)
     app = build_app(platform=platform, settings=_settings(**overrides))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -511,11 +518,72 @@ async def test_login_upgrades_a_hash_made_with_weaker_parameters(tmp_path: Path)
     assert "m=19456,t=2,p=1" in stored
 
 
-def _production(tmp_path: Path, **overrides: Any) -> None:
+def _production(
+    tmp_path: Path, *, service_secret: str | None = SERVICE_SECRET, **overrides: Any
+) -> None:
     build_app(
-        platform=PlatformSettings(data_dir=tmp_path, profile="production"),
+        platform=PlatformSettings(
+            data_dir=tmp_path, profile="production", service_secret=service_secret
+        ),
         settings=_settings(**overrides),
     )
+
+
+def test_production_refuses_to_start_without_the_service_secret(tmp_path: Path) -> None:
+    pem = private_pem(new_private_key()).decode()
+    with pytest.raises(UnsafeSettings, match="SHOP_SERVICE_SECRET"):
+        _production(
+            tmp_path, service_secret=None, signing_key=pem, admin_password="a-strong-secret"
+        )
+
+
+async def test_a_service_with_the_shared_secret_gets_a_service_token(
+    auth: httpx.AsyncClient,
+) -> None:
+    answer = await auth.post(
+        "/internal/service-token", json={"service": "order-service", "secret": SERVICE_SECRET}
+    )
+    assert answer.status_code == 200, answer.text
+    token = answer.json()["access_token"]
+    jwks = (await auth.get("/auth/.well-known/jwks.json")).json()
+    verifier = JwksVerifier(fetch_jwks=_constant(jwks), issuer="shop-auth", audience="shop")
+    principal = await verifier.verify(token)
+    assert principal.user_id == "service:order-service"
+    assert principal.roles == {"service"}
+    me = await auth.get("/auth/me", headers=_bearer(token))
+    assert me.status_code in (401, 404), "a service token is no user"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"service": "order-service", "secret": "wrong"}, 401),
+        ({"service": "order-service"}, 422),
+        ({"service": "Order Service!", "secret": SERVICE_SECRET}, 422),
+        ({"service": "order-service", "secret": ""}, 422),
+    ],
+)
+async def test_service_tokens_need_the_secret_and_a_sane_name(
+    auth: httpx.AsyncClient, body: dict[str, str], status: int
+) -> None:
+    answer = await auth.post("/internal/service-token", json=body)
+    assert answer.status_code == status
+    assert answer.headers["content-type"] == "application/problem+json"
+
+
+async def test_without_a_configured_secret_no_service_token_is_issued(tmp_path: Path) -> None:
+    async with running(tmp_path, service_secret=None) as auth:
+        answer = await auth.post(
+            "/internal/service-token", json={"service": "order-service", "secret": "anything"}
+        )
+    assert answer.status_code == 401
+
+
+def _constant(jwks: dict[str, Any]) -> Callable[[], Awaitable[Mapping[str, Any]]]:
+    async def fetch() -> Mapping[str, Any]:
+        return jwks
+
+    return fetch
 
 
 def test_production_refuses_to_start_without_a_signing_key(tmp_path: Path) -> None:

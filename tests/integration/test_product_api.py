@@ -62,6 +62,7 @@ def _token(*roles: str, user_id: str = "42") -> dict[str, str]:
 
 ADMIN = _token("customer", "admin")
 CUSTOMER = _token("customer")
+ORDER_SERVICE = _token("service", user_id="service:order-service")
 
 
 async def _jwks() -> dict[str, Any]:
@@ -371,9 +372,15 @@ async def test_changes_are_published_on_the_products_topic(shop: Shop) -> None:
     assert events[0].traceparent is not None and trace_id in events[0].traceparent
 
 
-async def test_internal_lookup_needs_a_token(shop: Shop) -> None:
+async def test_internal_lookup_is_for_services_only(shop: Shop) -> None:
     await shop.add()
     _is_problem(await shop.client.get("/internal/products", params={"skuCode": "pixel_8"}), 401)
+    _is_problem(
+        await shop.client.get(
+            "/internal/products", params={"skuCode": "pixel_8"}, headers=CUSTOMER
+        ),
+        403,
+    )
     _is_problem(
         await shop.client.get(
             "/internal/products",
@@ -389,7 +396,7 @@ async def test_internal_lookup_returns_the_known_skus_in_the_order_asked(shop: S
     kindle = await shop.add(name="Kindle", skuCode="kindle", price=139.99)
     answer = await shop.client.get(
         "/internal/products?skuCode=kindle&skuCode=unknown&skuCode=pixel_8&skuCodes=kindle",
-        headers=CUSTOMER,
+        headers=ORDER_SERVICE,
     )
     assert answer.status_code == 200
     assert answer.json() == [
@@ -403,7 +410,7 @@ async def test_internal_lookup_returns_the_known_skus_in_the_order_asked(shop: S
     ["", "?skuCode=", "?skuCode=bad%20sku", "?" + "&".join(f"skuCode=s{i}" for i in range(101))],
 )
 async def test_internal_lookup_refuses_bad_sku_lists(shop: Shop, query: str) -> None:
-    answer = await shop.client.get(f"/internal/products{query}", headers=CUSTOMER)
+    answer = await shop.client.get(f"/internal/products{query}", headers=ORDER_SERVICE)
     assert "skuCode" in _is_problem(answer, 422)["errors"]
 
 

@@ -147,6 +147,17 @@ def test_children_get_the_embedded_profile_and_an_absolute_data_dir(
     assert base == {"PATH": "/bin", "SHOP_DATA_DIR": "elsewhere"}
 
 
+def test_each_run_shares_one_service_secret_unless_one_is_given() -> None:
+    first = child_environment({}, data_dir=Path(".data"), profile="embedded")
+    second = child_environment({}, data_dir=Path(".data"), profile="embedded")
+    given = child_environment(
+        {"SHOP_SERVICE_SECRET": "from-vault"}, data_dir=Path(".data"), profile="embedded"
+    )
+    assert len(first["SHOP_SERVICE_SECRET"]) >= 32
+    assert first["SHOP_SERVICE_SECRET"] != second["SHOP_SERVICE_SECRET"]
+    assert given["SHOP_SERVICE_SECRET"] == "from-vault"
+
+
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REGISTRY_PORT", "18761")
     monkeypatch.setenv("GATEWAY_PORT", "0")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
+from aiohttp import web
+from pydantic import SecretStr
 
-from shop.platform.security import bearer_token
+from shop.platform.discovery import RegistryClient
+from shop.platform.security import ServiceTokens, ServiceTokenUnavailable, bearer_token
 
 
 @pytest.mark.parametrize(
@@ -20,3 +24,53 @@ from shop.platform.security import bearer_token
 )
 def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
+
+
+async def test_a_service_token_is_fetched_once_and_refreshed_before_it_expires() -> None:
+    issued: list[dict[str, str]] = []
+    bound: dict[str, int] = {}
+
+    async def service_token(request: web.Request) -> web.Response:
+        issued.append(await request.json())
+        return web.json_response({"access_token": f"t{len(issued)}", "expires_in": 90})
+
+    async def apps(request: web.Request) -> web.Response:
+        instance = {"app": "AUTH-SERVICE", "ipAddr": "127.0.0.1", "status": "UP"}
+        return web.json_response(
+            {"application": {"instance": [{**instance, "port": {"$": bound["port"]}}]}}
+        )
+
+    app = web.Application()
+    app.router.add_post("/internal/service-token", service_token)
+    app.router.add_get("/eureka/apps/AUTH-SERVICE", apps)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    bound["port"] = port
+    try:
+        async with aiohttp.ClientSession() as http:
+            registry = RegistryClient(base_url=f"http://127.0.0.1:{port}/eureka", session=http)
+            tokens = ServiceTokens(
+                name="order-service",
+                secret=SecretStr("s3cret"),
+                registry=registry,
+                session=http,
+                refresh_margin_s=60,
+            )
+            first, again = await tokens.bearer(), await tokens.bearer()
+            tokens._expires_at = 0.0  # as if 90 s had passed
+            later = await tokens.bearer()
+    finally:
+        await runner.cleanup()
+    assert (first, again, later) == ("Bearer t1", "Bearer t1", "Bearer t2")
+    assert issued[0] == {"service": "order-service", "secret": "s3cret"}
+
+
+async def test_without_a_secret_there_is_no_service_token() -> None:
+    async with aiohttp.ClientSession() as http:
+        registry = RegistryClient(base_url="http://127.0.0.1:9/eureka", session=http)
+        tokens = ServiceTokens(name="x", secret=None, registry=registry, session=http)
+        with pytest.raises(ServiceTokenUnavailable):
+            await tokens.bearer()

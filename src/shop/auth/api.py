@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 
 from shop.auth.domain import (
     MAX_PASSWORD_LENGTH,
+    SERVICE_NAME_RE,
     AuthError,
     BadCredentials,
     EmailTaken,
@@ -265,6 +266,31 @@ async def logout(body: RefreshRequest, principal: CurrentPrincipal, auth: AuthDe
 @router.get("/me", response_model=UserView, responses={401: {"description": "No valid token"}})
 async def me(principal: CurrentPrincipal, auth: AuthDep) -> UserView:
     return UserView.of(await auth.me(principal))
+
+
+class ServiceTokenRequest(BaseModel):
+    service: str = Field(pattern=SERVICE_NAME_RE, description="The caller's registered name.")
+    secret: str = Field(min_length=1, max_length=512)
+
+
+class ServiceTokenView(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 - the OAuth2 token type
+    expires_in: int
+
+
+internal = APIRouter(prefix="/internal", tags=["internal"])
+
+
+@internal.post(
+    "/service-token",
+    response_model=ServiceTokenView,
+    responses={401: {"description": "Unknown service credentials"}},
+)
+async def service_token(body: ServiceTokenRequest, auth: AuthDep) -> ServiceTokenView:
+    """A service's own token for internal calls (SPEC §4); never routed by the gateway."""
+    token, expires_in = auth.service_token(service=body.service, secret=body.secret)
+    return ServiceTokenView(access_token=token, expires_in=expires_in)
 
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens")

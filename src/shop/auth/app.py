@@ -10,7 +10,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 
-from shop.auth.api import install_error_answers, router
+from shop.auth.api import install_error_answers, internal, router
 from shop.auth.domain import password_problem
 from shop.auth.keys import KeyProblem, Keyring, keyring_from_pems, load_or_create_keyring
 from shop.auth.passwords import Passwords
@@ -59,6 +59,8 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
     if admin_password and (problem := password_problem(admin_password)):
         raise UnsafeSettings(f"AUTH_ADMIN_PASSWORD {problem}")
     keyring = configured_keyring(settings)
+    if platform.is_production and platform.service_secret is None:
+        raise UnsafeSettings("SHOP_SERVICE_SECRET is required: services need it for internal calls")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
@@ -92,6 +94,9 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                 audience=platform.auth_audience,
                 access_ttl=timedelta(seconds=settings.access_token_ttl_s),
                 refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
+                service_secret=(
+                    platform.service_secret.get_secret_value() if platform.service_secret else None
+                ),
             )
             if admin_password:
                 await auth.ensure_admin(
@@ -105,7 +110,7 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
         title="Shop auth service",
         description="Users, log-in, refresh tokens and the JWKS that verifies access tokens.",
         platform=platform,
-        routers=[router],
+        routers=[router, internal],
         lifespan=lifespan,
     )
     app.state.trusted_proxies = frozenset(settings.trusted_proxies)

@@ -134,6 +134,31 @@ def access_claims(
     }
 
 
+SERVICE_NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
+
+
+def service_claims(
+    service: str,
+    *,
+    issuer: str,
+    audience: str,
+    issued_at: datetime,
+    ttl: timedelta,
+    token_id: str,
+) -> dict[str, Any]:
+    """A service's own identity for internal calls: role ``service``, never a user's roles."""
+    return {
+        "sub": f"service:{service}",
+        "email": "",
+        "roles": ["service"],
+        "iss": issuer,
+        "aud": audience,
+        "iat": int(issued_at.timestamp()),
+        "exp": int((issued_at + ttl).timestamp()),
+        "jti": token_id,
+    }
+
+
 def hash_refresh_token(secret: str) -> str:
     """Only this digest is stored: a leaked table holds no usable token.
 

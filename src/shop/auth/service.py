@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from shop.auth.domain import (
     judge_refresh,
     new_user_id,
     normalise_email,
+    service_claims,
     with_role,
 )
 from shop.auth.keys import Keyring
@@ -59,8 +61,10 @@ class AuthService:
         audience: str,
         access_ttl: timedelta,
         refresh_ttl: timedelta,
+        service_secret: str | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
+        self.service_secret = service_secret
         self.store = store
         self.passwords = passwords
         self.keyring = keyring
@@ -161,6 +165,21 @@ class AuthService:
             return
         if ADMIN not in found.user.roles:
             await self.store.set_roles(found.user.id, with_role(found.user.roles, ADMIN))
+
+    def service_token(self, *, service: str, secret: str) -> tuple[str, int]:
+        """An access token for an internal caller that knows the shared service secret."""
+        expected = self.service_secret
+        if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
+            raise BadCredentials
+        claims = service_claims(
+            service,
+            issuer=self.issuer,
+            audience=self.audience,
+            issued_at=self.clock(),
+            ttl=self.access_ttl,
+            token_id=uuid.uuid4().hex,
+        )
+        return self.keyring.sign(claims), int(self.access_ttl.total_seconds())
 
     def _pair(self, user: User, *, refresh_secret: str, now: datetime) -> TokenPair:
         claims = access_claims(

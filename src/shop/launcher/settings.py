@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -40,4 +41,7 @@ def child_environment(base: Mapping[str, str], *, data_dir: Path, profile: str) 
     # Absolute, so a service that changes directory still finds the same files.
     env["SHOP_DATA_DIR"] = str(data_dir.expanduser().resolve())
     env["PYTHONUNBUFFERED"] = "1"
+    # Services prove who they are to each other with tokens auth issues against this
+    # secret; one run of `shop up` is one deployment, so a fresh one per run will do.
+    env.setdefault("SHOP_SERVICE_SECRET", secrets.token_urlsafe(32))
     return env

@@ -34,7 +34,7 @@ from shop.platform.middleware import (
     RequestContextMiddleware,
 )
 from shop.platform.problems import Problem, from_problem, problem_response, validation_errors
-from shop.platform.security import jwks_from_registry
+from shop.platform.security import ServiceTokens, jwks_from_registry
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
@@ -63,6 +63,7 @@ class Runtime:
     http: aiohttp.ClientSession
     registry: RegistryClient
     tokens: JwksVerifier
+    service_tokens: ServiceTokens
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     heartbeat: Heartbeat | None = None
 
@@ -183,8 +184,16 @@ def create_app(
                 issuer=platform.auth_issuer,
                 audience=platform.auth_audience,
             )
+            service_tokens = ServiceTokens(
+                name=name, secret=platform.service_secret, registry=registry, session=http
+            )
             runtime = Runtime(
-                name=name, platform=platform, http=http, registry=registry, tokens=tokens
+                name=name,
+                platform=platform,
+                http=http,
+                registry=registry,
+                tokens=tokens,
+                service_tokens=service_tokens,
             )
             app.state.runtime = runtime
             async with lifespan(app, runtime):

@@ -2,13 +2,28 @@
 
 Used so that one process, of several, runs a job that must not run twice at once: the
 outbox relay of a service, the consumer of a group on the embedded event log.
+
+A holder that must not act after losing the lease (a consumer committing its offset)
+renews with ``renew`` — which never takes a lapsed lease back, since someone else may have
+held it meanwhile — and puts ``is_held()`` in the WHERE clause of the write it fences.
 """
 
 from __future__ import annotations
 
 import time
 
-from sqlalchemy import Column, Double, MetaData, String, Table, insert, select, update
+from sqlalchemy import (
+    Column,
+    ColumnElement,
+    Double,
+    MetaData,
+    String,
+    Table,
+    exists,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -62,6 +77,26 @@ class Lease:
             except IntegrityError:
                 return False  # another process created it first
             return True
+
+    async def renew(self) -> bool:
+        """Extend the lease this owner holds without a break; False once it lapsed or moved."""
+        now = time.time()
+        async with self._engine.begin() as conn:
+            renewed = await conn.execute(
+                update(leases)
+                .where(leases.c.name == self.name)
+                .where(leases.c.owner == self.owner, leases.c.until > now)
+                .values(until=now + self.duration_s)
+            )
+        return renewed.rowcount == 1
+
+    def is_held(self) -> ColumnElement[bool]:
+        """A condition true while this owner holds the lease: fences a write in one statement."""
+        return exists().where(
+            leases.c.name == self.name,
+            leases.c.owner == self.owner,
+            leases.c.until > time.time(),
+        )
 
     async def release(self) -> None:
         async with self._engine.begin() as conn:

@@ -6,22 +6,30 @@ The gateway is the first gate; every service checks the token again with these h
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any
 
 import aiohttp
 from fastapi import Depends, Request
+from pydantic import SecretStr
 
-from shop.platform.discovery import RegistryClient, RegistryUnavailable
+from shop.platform.discovery import Instance, RegistryClient, RegistryUnavailable
 from shop.platform.problems import Problem
 from shop.platform.tokens import InvalidToken, JwksVerifier, KeysUnavailable, Principal
 
 __all__ = [
     "AUTH_SERVICE",
     "JWKS_PATH",
+    "SERVICE_ROLE",
+    "SERVICE_TOKEN_PATH",
     "AdminUser",
     "CurrentUser",
+    "ServiceCaller",
+    "ServiceTokenUnavailable",
+    "ServiceTokens",
     "authenticate",
     "bearer_token",
     "jwks_from_registry",
@@ -29,6 +37,8 @@ __all__ = [
 
 AUTH_SERVICE = "auth-service"
 JWKS_PATH = "/auth/.well-known/jwks.json"
+SERVICE_TOKEN_PATH = "/internal/service-token"  # noqa: S105 - a path, not a secret
+SERVICE_ROLE = "service"
 _BEARER = re.compile(r"^\s*bearer\s+([A-Za-z0-9._~+/=-]+)\s*$", re.IGNORECASE)
 # The gateway's session does not decompress, so its own JSON reads ask for plain answers.
 _PLAIN_JSON = {"Accept": "application/json", "Accept-Encoding": "identity"}
@@ -102,3 +112,76 @@ async def _admin_user(principal: CurrentUser) -> Principal:
 
 
 AdminUser = Annotated[Principal, Depends(_admin_user)]
+
+
+async def _service_caller(principal: CurrentUser) -> Principal:
+    if SERVICE_ROLE not in principal.roles:
+        raise Problem(403, "This is an internal API: only services may call it.")
+    return principal
+
+
+ServiceCaller = Annotated[Principal, Depends(_service_caller)]
+"""For ``/internal/*`` routes: a token auth issued to a service, never a user's."""
+
+
+class ServiceTokenUnavailable(Exception):
+    """No service token could be had (auth unreachable, or no shared secret configured)."""
+
+
+class ServiceTokens:
+    """This service's own access token for internal calls, from auth, kept until near expiry."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        secret: SecretStr | None,
+        registry: RegistryClient,
+        session: aiohttp.ClientSession,
+        refresh_margin_s: float = 60.0,
+    ) -> None:
+        self._name = name
+        self._secret = secret
+        self._registry = registry
+        self._session = session
+        self._margin = refresh_margin_s
+        self._token: str | None = None
+        self._expires_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def bearer(self) -> str:
+        """An ``Authorization`` header value carrying this service's identity."""
+        if self._token is None or time.monotonic() > self._expires_at - self._margin:
+            async with self._lock:
+                if self._token is None or time.monotonic() > self._expires_at - self._margin:
+                    await self._fetch()
+        return f"Bearer {self._token}"
+
+    async def _fetch(self) -> None:
+        if self._secret is None:
+            raise ServiceTokenUnavailable("SHOP_SERVICE_SECRET is not set")
+        instance = await self._lookup()
+        body = {"service": self._name, "secret": self._secret.get_secret_value()}
+        try:
+            async with self._session.post(
+                instance.base_url + SERVICE_TOKEN_PATH,
+                json=body,
+                headers=_PLAIN_JSON,
+                timeout=aiohttp.ClientTimeout(total=3.0),
+            ) as resp:
+                if resp.status != 200:
+                    raise ServiceTokenUnavailable(f"auth answered {resp.status}")
+                answer = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ServiceTokenUnavailable(str(exc) or type(exc).__name__) from exc
+        self._token = str(answer["access_token"])
+        self._expires_at = time.monotonic() + float(answer["expires_in"])
+
+    async def _lookup(self) -> Instance:
+        try:
+            instance = await self._registry.choose(AUTH_SERVICE)
+        except RegistryUnavailable as exc:
+            raise ServiceTokenUnavailable(str(exc)) from exc
+        if instance is None:
+            raise ServiceTokenUnavailable("no auth-service instance is UP")
+        return instance

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["PlatformSettings", "ServiceSettings", "Profile"]
@@ -28,6 +28,9 @@ class PlatformSettings(BaseSettings):
     heartbeat_interval_s: float = 30.0
     lease_duration_s: int = 90
     registry_cache_ttl_s: float = 5.0
+    # Shared by the services to obtain service tokens from auth (SPEC §4 internal calls).
+    # `shop up` makes one per run; production sets it from a secret store.
+    service_secret: SecretStr | None = None
     auth_issuer: str = "shop-auth"
     auth_audience: str = "shop"
     log_level: str = "INFO"

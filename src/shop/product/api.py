@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from shop.platform.problems import Problem, from_problem
-from shop.platform.security import AdminUser, CurrentUser
+from shop.platform.security import AdminUser, ServiceCaller
 from shop.product.domain import (
     MAX_CATEGORY,
     MAX_OFFSET,
@@ -228,7 +228,7 @@ async def remove_product(_admin: AdminUser, product_id: str, products: Products)
     responses={401: {"description": "No valid token"}},
 )
 async def products_by_sku(
-    _caller: CurrentUser,
+    _caller: ServiceCaller,
     products: Products,
     sku_code: Annotated[list[str] | None, Query(alias="skuCode")] = None,
     sku_codes: Annotated[list[str] | None, Query(alias="skuCodes")] = None,
