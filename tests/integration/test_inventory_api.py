@@ -42,12 +42,13 @@ def _jwks() -> dict[str, Any]:
     return {"keys": [{**jwk, "kid": KID, "use": "sig", "alg": "RS256"}]}
 
 
-def _token(*roles: str, key: Any = KEY) -> str:
+def _token(*roles: str, key: Any = KEY, sub: str | None = None) -> str:
     platform = PlatformSettings()
     now = int(time.time())
+    service = sub is not None
     claims = {
-        "sub": str(uuid.uuid4()),
-        "email": "ada@example.com",
+        "sub": sub or str(uuid.uuid4()),
+        "email": "" if service else "ada@example.com",
         "roles": list(roles),
         "iss": platform.auth_issuer,
         "aud": platform.auth_audience,
@@ -64,6 +65,8 @@ def _bearer(token: str) -> dict[str, str]:
 
 CUSTOMER = _bearer(_token("customer"))
 ADMIN = _bearer(_token("customer", "admin"))
+# What auth-service issues to order-service for internal calls.
+SERVICE = _bearer(_token("service", sub="service:order-service"))
 
 
 @asynccontextmanager
@@ -249,16 +252,16 @@ async def test_writing_stock_needs_an_admin(inventory: httpx.AsyncClient) -> Non
 async def test_reserve_then_release(inventory: httpx.AsyncClient) -> None:
     order = str(uuid.uuid4())
     body = _reservation(order, pixel_8=2, iphone_15=1)
-    answer = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    answer = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert answer.status_code == 201, answer.text
     assert answer.json() == {**body, "status": "RESERVED"}
     assert await _levels(inventory, "pixel_8", "iphone_15") == {"pixel_8": 48, "iphone_15": 99}
 
-    released = await inventory.delete(f"/internal/reservations/{order}", headers=CUSTOMER)
+    released = await inventory.delete(f"/internal/reservations/{order}", headers=SERVICE)
     assert released.status_code == 204
     assert released.content == b""
     assert await _levels(inventory, "pixel_8", "iphone_15") == {"pixel_8": 50, "iphone_15": 100}
-    again = await inventory.delete(f"/internal/reservations/{order}", headers=CUSTOMER)
+    again = await inventory.delete(f"/internal/reservations/{order}", headers=SERVICE)
     assert again.status_code == 204
     assert await _levels(inventory, "pixel_8", "iphone_15") == {"pixel_8": 50, "iphone_15": 100}
 
@@ -268,14 +271,14 @@ async def test_a_repeated_reservation_answers_the_same_and_takes_nothing_more(
 ) -> None:
     order = str(uuid.uuid4())
     body = _reservation(order, galaxy_s24=3)
-    first = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
-    again = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    first = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
+    again = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert (first.status_code, again.status_code) == (201, 201)
     assert again.json() == first.json()
     assert await _levels(inventory, "galaxy_s24") == {"galaxy_s24": 27}
 
     other = _reservation(order, galaxy_s24=4)
-    conflict = await inventory.post("/internal/reservations", json=other, headers=CUSTOMER)
+    conflict = await inventory.post("/internal/reservations", json=other, headers=SERVICE)
     assert "other lines" in _assert_problem(conflict, 409)["detail"]
     assert await _levels(inventory, "galaxy_s24") == {"galaxy_s24": 27}
 
@@ -285,14 +288,14 @@ async def test_an_order_number_is_one_reservation_however_it_is_spelled(
 ) -> None:
     order = str(uuid.uuid4())
     upper = await inventory.post(
-        "/internal/reservations", json=_reservation(order.upper(), pixel_8=1), headers=CUSTOMER
+        "/internal/reservations", json=_reservation(order.upper(), pixel_8=1), headers=SERVICE
     )
     assert upper.json()["orderNumber"] == order
     await inventory.post(
-        "/internal/reservations", json=_reservation(order, pixel_8=1), headers=CUSTOMER
+        "/internal/reservations", json=_reservation(order, pixel_8=1), headers=SERVICE
     )
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 49}
-    await inventory.delete(f"/internal/reservations/{order.upper()}", headers=CUSTOMER)
+    await inventory.delete(f"/internal/reservations/{order.upper()}", headers=SERVICE)
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
 
 
@@ -301,7 +304,7 @@ async def test_a_short_line_reserves_nothing_and_names_each_shortage(
 ) -> None:
     order = str(uuid.uuid4())
     body = _reservation(order, iphone_15=5, kindle_paperwhite=1, galaxy_s24=31, unknown_sku=2)
-    answer = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    answer = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     problem = _assert_problem(answer, 409)
     assert problem["title"] == "Out of stock"
     assert sorted(problem["shortages"], key=lambda s: s["skuCode"]) == [
@@ -319,7 +322,7 @@ async def test_a_short_line_reserves_nothing_and_names_each_shortage(
     await inventory.post(
         "/api/inventory", json={"skuCode": "galaxy_s24", "quantity": 1}, headers=ADMIN
     )
-    retry = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    retry = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert retry.status_code == 201
     assert await _levels(inventory, "galaxy_s24", "kindle_paperwhite") == {
         "galaxy_s24": 0,
@@ -367,36 +370,50 @@ async def test_reserve_refuses_bad_input_and_changes_nothing(
     order = str(uuid.uuid4())
     if body.get("orderNumber") == FRESH:
         body = {**body, "orderNumber": order}
-    answer = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    answer = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert field in _assert_problem(answer, 422)["errors"]
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
     # Nothing was stored under the order number: a valid request for it still reserves.
     valid = await inventory.post(
-        "/internal/reservations", json=_reservation(order, pixel_8=1), headers=CUSTOMER
+        "/internal/reservations", json=_reservation(order, pixel_8=1), headers=SERVICE
     )
     assert valid.status_code == 201
 
 
 async def test_release_of_an_unknown_or_malformed_order(inventory: httpx.AsyncClient) -> None:
-    unknown = await inventory.delete(f"/internal/reservations/{uuid.uuid4()}", headers=CUSTOMER)
+    order = str(uuid.uuid4())
+    unknown = await inventory.delete(f"/internal/reservations/{order}", headers=SERVICE)
     assert unknown.status_code == 204
     assert await _levels(inventory, *DEMO) == DEMO
-    malformed = await inventory.delete("/internal/reservations/not-a-uuid", headers=CUSTOMER)
+    # The reservation the order service gave up on arrives late: it must take nothing.
+    late = await inventory.post(
+        "/internal/reservations", json=_reservation(order, pixel_8=2), headers=SERVICE
+    )
+    assert "released" in _assert_problem(late, 409)["detail"]
+    assert await _levels(inventory, *DEMO) == DEMO
+    malformed = await inventory.delete("/internal/reservations/not-a-uuid", headers=SERVICE)
     assert "orderNumber" in _assert_problem(malformed, 422)["errors"]
 
 
-async def test_internal_calls_need_a_token(inventory: httpx.AsyncClient) -> None:
+async def test_internal_calls_need_a_service_token(inventory: httpx.AsyncClient) -> None:
     order = str(uuid.uuid4())
     body = _reservation(order, pixel_8=1)
     _assert_problem(await inventory.post("/internal/reservations", json=body), 401)
-    tampered = _bearer(_token("customer")[:-4] + "AAAA")
+    tampered = _bearer(_token("service", sub="service:order-service")[:-4] + "AAAA")
     _assert_problem(
         await inventory.post("/internal/reservations", json=body, headers=tampered), 401
     )
+    # A user's token, even an admin's, is not a service's: internal routes refuse it.
+    for user in (CUSTOMER, ADMIN):
+        refused = await inventory.post("/internal/reservations", json=body, headers=user)
+        assert "only services" in _assert_problem(refused, 403)["detail"]
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
-    ok = await inventory.post("/internal/reservations", json=body, headers=CUSTOMER)
+    ok = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert ok.status_code == 201
     _assert_problem(await inventory.delete(f"/internal/reservations/{order}"), 401)
+    _assert_problem(
+        await inventory.delete(f"/internal/reservations/{order}", headers=CUSTOMER), 403
+    )
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 49}
 
 

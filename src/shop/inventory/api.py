@@ -23,7 +23,7 @@ from shop.inventory.domain import (
 )
 from shop.inventory.service import InvalidRequest, InventoryService
 from shop.platform.problems import Problem, from_problem
-from shop.platform.security import AdminUser, CurrentUser
+from shop.platform.security import AdminUser, CurrentUser, ServiceCaller
 
 __all__ = ["install_error_answers", "internal_router", "router"]
 
@@ -123,6 +123,10 @@ internal_router = APIRouter(prefix="/internal", tags=["internal"])
 _SKUS = "Repeatable, or comma-separated; up to 100 SKU codes in all."
 _AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "No valid access token"}}
 _ADMIN: dict[int | str, dict[str, Any]] = {**_AUTH, 403: {"description": "Not an admin"}}
+_SERVICE: dict[int | str, dict[str, Any]] = {
+    **_AUTH,
+    403: {"description": "Not a service token (a user's token is refused)"},
+}
 
 
 @router.get("", response_model=list[StockLevelView], responses=_AUTH)
@@ -164,20 +168,20 @@ async def set_stock(
     "/reservations",
     status_code=201,
     response_model=ReservationView,
-    responses={**_AUTH, 409: {"description": "Short lines, or the order holds another one"}},
+    responses={**_SERVICE, 409: {"description": "Short lines, or the order holds another one"}},
 )
 async def reserve(
-    body: ReservationRequest, _caller: CurrentUser, inventory: InventoryDep
+    body: ReservationRequest, _caller: ServiceCaller, inventory: InventoryDep
 ) -> ReservationView:
     """Reserve every line or none; a repeat with the same order number answers the same."""
     lines = [ReservationLine(line.skuCode, line.quantity) for line in body.lines]
     return ReservationView.of(await inventory.reserve(body.orderNumber, lines))
 
 
-@internal_router.delete("/reservations/{orderNumber}", status_code=204, responses=_AUTH)
+@internal_router.delete("/reservations/{orderNumber}", status_code=204, responses=_SERVICE)
 async def release(
     order_number: Annotated[OrderNumber, Path(alias="orderNumber")],
-    _caller: CurrentUser,
+    _caller: ServiceCaller,
     inventory: InventoryDep,
 ) -> Response:
     """Return the reserved units to stock; releasing twice, or an unknown order, is a no-op."""

@@ -23,15 +23,22 @@ from shop.order.domain import (
     UpstreamRefused,
     idempotency_key_problem,
     order_document,
-    request_fingerprint,
 )
-from shop.order.service import Answer, Buyer, OrderService
+from shop.order.service import Answer, OrderService
 from shop.platform.problems import Problem, from_problem
 from shop.platform.security import CurrentUser
 
-__all__ = ["install_error_answers", "router"]
+__all__ = [
+    "IDEMPOTENCY_IN_PROGRESS",
+    "IDEMPOTENCY_MISMATCH",
+    "install_error_answers",
+    "router",
+]
 
 IDEMPOTENCY_KEY = "Idempotency-Key"
+# Two 409s a client must tell apart: wait and retry, or stop and use a new key.
+IDEMPOTENCY_IN_PROGRESS = "https://shop.dev/problems/idempotency-in-progress"
+IDEMPOTENCY_MISMATCH = "https://shop.dev/problems/idempotency-mismatch"
 
 
 class LineItem(BaseModel):
@@ -79,13 +86,6 @@ Orders = Annotated[OrderService, Depends(_service)]
 router = APIRouter(prefix="/api/order", tags=["order"])
 
 
-def _buyer(request: Request, principal: CurrentUser) -> Buyer:
-    return Buyer(principal=principal, authorization=request.headers.get("authorization"))
-
-
-BuyerDep = Annotated[Buyer, Depends(_buyer)]
-
-
 def _order_answer(answer: Answer) -> Response:
     headers = {"Location": f"/api/order/{answer.body['orderNumber']}"}
     if answer.replayed:
@@ -100,9 +100,8 @@ def _order_answer(answer: Answer) -> Response:
     responses={409: {"description": "Out of stock, or the Idempotency-Key was used otherwise"}},
 )
 async def place_order(
-    request: Request,
     placed: PlaceOrderRequest,
-    buyer: BuyerDep,
+    buyer: CurrentUser,
     orders: Orders,
     idempotency_key: Annotated[
         str | None,
@@ -118,19 +117,18 @@ async def place_order(
         buyer,
         [RequestedLine(line.sku_code, line.quantity) for line in placed.lines],
         idempotency_key=idempotency_key,
-        fingerprint=request_fingerprint(await request.json()) if idempotency_key else "",
     )
     return _order_answer(answer)
 
 
 @router.get("", response_model=list[OrderView])
 async def list_orders(
-    buyer: BuyerDep,
+    buyer: CurrentUser,
     orders: Orders,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> Response:
-    page, total = await orders.orders_of(buyer.principal, limit=limit, offset=offset)
+    page, total = await orders.orders_of(buyer, limit=limit, offset=offset)
     return JSONResponse(
         [order_document(order) for order in page], headers={"X-Total-Count": str(total)}
     )
@@ -140,17 +138,19 @@ OrderNumber = Annotated[str, Path(alias="orderNumber")]
 
 
 @router.get("/{orderNumber}", response_model=OrderView, responses={404: {}})
-async def get_order(buyer: BuyerDep, orders: Orders, order_number: OrderNumber) -> Response:
-    order = await orders.order(buyer.principal, order_number)
+async def get_order(buyer: CurrentUser, orders: Orders, order_number: OrderNumber) -> Response:
+    order = await orders.order(buyer, order_number)
     return JSONResponse(order_document(order))
 
 
 @router.post(
     "/{orderNumber}/cancel",
     response_model=OrderView,
-    responses={404: {}, 409: {"description": "Already cancelled"}, 503: {}},
+    responses={404: {}, 409: {"description": "Already cancelled"}},
 )
-async def cancel_order(buyer: BuyerDep, orders: Orders, order_number: OrderNumber) -> Response:
+async def cancel_order(buyer: CurrentUser, orders: Orders, order_number: OrderNumber) -> Response:
+    """Cancel a placed order. Its stock goes back to the inventory: at once, or (if the
+    inventory cannot be reached) as soon as it can; the answer is 200 either way."""
     order = await orders.cancel_order(buyer, order_number)
     return JSONResponse(order_document(order))
 
@@ -166,10 +166,18 @@ def _problem_for(exc: Exception) -> Problem:
         return Problem(409, str(exc), title="Out of stock", extra={"shortages": shortages})
     if isinstance(exc, OrderNotFound):
         return Problem(404, str(exc))
-    if isinstance(exc, AlreadyCancelled | IdempotencyKeyReused):
+    if isinstance(exc, AlreadyCancelled):
         return Problem(409, str(exc))
+    if isinstance(exc, IdempotencyKeyReused):
+        return Problem(409, str(exc), title="Idempotency-Key reused", type_=IDEMPOTENCY_MISMATCH)
     if isinstance(exc, RequestInProgress):
-        return Problem(409, str(exc), headers={"Retry-After": "1"})
+        return Problem(
+            409,
+            str(exc),
+            title="Request in progress",
+            type_=IDEMPOTENCY_IN_PROGRESS,
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, Unavailable):
         retry_after = str(max(1, math.ceil(exc.retry_after_s)))
         return Problem(503, str(exc), headers={"Retry-After": retry_after})

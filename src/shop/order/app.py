@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -12,10 +15,12 @@ from fastapi import FastAPI
 from shop.order.api import install_error_answers, router
 from shop.order.breaker import CircuitBreaker
 from shop.order.peers import INVENTORY_SERVICE, HttpCatalogue, HttpInventory
+from shop.order.releases import ReleaseReconciler
 from shop.order.service import OrderService
 from shop.order.settings import OrderSettings
 from shop.order.store import SqlOrderStore
 from shop.platform.app import Runtime, create_app, service_database, service_events
+from shop.platform.lease import Lease
 from shop.platform.outbox import OutboxRelay
 from shop.platform.settings import PlatformSettings
 
@@ -30,6 +35,12 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         url = settings.resolved_database_url(platform=platform, service="order")
+
+        async def credentials() -> str:
+            # Looked up at each call, not bound once: the runtime's token source may be
+            # replaced while the app runs (tests do).
+            return await runtime.service_tokens.bearer()
+
         breaker = CircuitBreaker(
             name=INVENTORY_SERVICE,
             failure_threshold=settings.breaker_failure_threshold,
@@ -39,8 +50,8 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
             registry=runtime.registry,
             http=runtime.http,
             breaker=breaker,
+            credentials=credentials,
             timeout_s=settings.inventory_timeout_s,
-            release_retry_delays_s=settings.release_retry_delays_s,
         )
         async with (
             service_database(runtime, url=url, package="shop.order") as engine,
@@ -49,23 +60,34 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
                 engine, bus, service="order", poll_interval_s=settings.outbox_poll_interval_s
             ) as relay,
         ):
-            app.state.orders = OrderService(
-                store=SqlOrderStore(engine),
-                catalogue=HttpCatalogue(
-                    registry=runtime.registry,
-                    http=runtime.http,
-                    timeout_s=settings.catalogue_timeout_s,
-                ),
+            store = SqlOrderStore(engine)
+            owner = f"order@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+            async with ReleaseReconciler(
+                store=store,
                 inventory=inventory,
-                events_added=relay.wake,
-                idempotency_stale_after=timedelta(seconds=settings.idempotency_stale_s),
-            )
-            app.state.inventory_breaker = breaker
-            app.state.outbox_relay = relay
-            try:
+                lease=Lease(engine, name="releases:order", owner=owner, duration_s=10.0),
+                interval_s=settings.release_interval_s,
+                backoff_s=settings.release_backoff_s,
+                backoff_max_s=settings.release_backoff_max_s,
+            ) as releases:
+                app.state.orders = OrderService(
+                    store=store,
+                    catalogue=HttpCatalogue(
+                        registry=runtime.registry,
+                        http=runtime.http,
+                        credentials=credentials,
+                        timeout_s=settings.catalogue_timeout_s,
+                    ),
+                    inventory=inventory,
+                    releases=releases,
+                    events_added=relay.wake,
+                    idempotency_stale_after=timedelta(seconds=settings.idempotency_stale_s),
+                    release_hold=timedelta(seconds=settings.release_hold_s),
+                )
+                app.state.inventory_breaker = breaker
+                app.state.outbox_relay = relay
+                app.state.release_reconciler = releases
                 yield
-            finally:
-                await inventory.aclose()
 
     app = create_app(
         name=SERVICE_NAME,

@@ -21,6 +21,7 @@ __all__ = [
     "LINES_FIELD",
     "MAX_LINES",
     "MAX_QUANTITY",
+    "PRICE_LIMIT",
     "AlreadyCancelled",
     "IdempotencyKeyReused",
     "InvalidOrder",
@@ -55,8 +56,9 @@ MAX_LINES = 100
 # Far above any basket, low enough that a typo (10000 for 10) is refused, not reserved.
 MAX_QUANTITY = 1000
 CENT = Decimal("0.01")
-# The most a price can be: totals must fit a BIGINT of cents with room for 100 x 1000 units.
-MAX_PRICE = Decimal("1000000000.00")
+# The catalogue's own bound (product-service accepts prices < 10^10). Totals still fit a
+# BIGINT of cents: 100 lines x 1000 units x 10^12 cents = 10^17 < 9.2 x 10^18.
+PRICE_LIMIT = Decimal(10) ** 10
 _SKU_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # RFC 9110 visible ASCII, no spaces: what a header value can carry unambiguously.
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -149,11 +151,16 @@ class RequestInProgress(OrderError):
 
 
 class Unavailable(OrderError):
-    """A peer (or our database) cannot answer now; the caller may retry after a while."""
+    """A peer (or our database) cannot answer now; the caller may retry after a while.
 
-    def __init__(self, detail: str, *, retry_after_s: float) -> None:
+    ``maybe_applied``: the request may have reached the peer and been carried out before
+    we gave up on it (a timeout, a 5xx), so a reservation may exist.
+    """
+
+    def __init__(self, detail: str, *, retry_after_s: float, maybe_applied: bool = False) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+        self.maybe_applied = maybe_applied
 
 
 class UpstreamRefused(OrderError):
@@ -180,9 +187,10 @@ def parse_price(raw: object) -> Decimal | None:
         price = Decimal(str(raw))
     except InvalidOperation:
         return None
-    if not price.is_finite() or price < 0 or price > MAX_PRICE:
+    if not price.is_finite() or price < 0 or price >= PRICE_LIMIT:
         return None
-    return price.quantize(CENT, ROUND_HALF_UP)
+    price = price.quantize(CENT, ROUND_HALF_UP)
+    return price if price < PRICE_LIMIT else None
 
 
 def line_problems(lines: Sequence[RequestedLine]) -> dict[str, str]:
@@ -246,9 +254,14 @@ def idempotency_key_problem(key: str) -> str | None:
     return None
 
 
-def request_fingerprint(body: Any) -> str:
-    """SHA-256 of the body's canonical JSON: key order and whitespace do not matter."""
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def request_fingerprint(lines: Sequence[RequestedLine]) -> str:
+    """SHA-256 of what the request asks for: its lines as (SKU, quantity), sorted by SKU.
+
+    Not of the raw body: ``items`` or ``orderLineItemDtoList``, line order, spacing and the
+    ignored client ``price`` do not make another request; a different SKU or quantity does.
+    """
+    asked = sorted([line.sku_code, line.quantity] for line in lines)
+    canonical = json.dumps({"lines": asked}, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

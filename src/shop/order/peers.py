@@ -1,17 +1,17 @@
 """The services the order service calls: the catalogue (prices) and the inventory (stock).
 
-Both are found through the registry and called with the one pooled HTTP session, the
-caller's ``Authorization`` and this request's identity (``X-Request-ID``, ``traceparent``).
-Calls to the inventory go through a circuit breaker: an inventory that fails is left
-alone for a while instead of making every order wait for its timeout.
+Both are found through the registry and called with the one pooled HTTP session, this
+service's own token (``Authorization``: a service token from auth-service, not the
+caller's; the release reconciler has no caller) and this request's identity
+(``X-Request-ID``, ``traceparent``). Calls to the inventory go through a circuit breaker
+(unless asked not to): an inventory that fails is left alone for a while instead of
+making every order wait for its timeout.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -28,12 +28,14 @@ from shop.order.domain import (
 )
 from shop.platform.context import outgoing_headers
 from shop.platform.discovery import RegistryClient, RegistryUnavailable
+from shop.platform.security import ServiceTokenUnavailable
 
 __all__ = [
     "CIRCUIT_OPEN",
     "INVENTORY_SERVICE",
     "PRODUCT_SERVICE",
     "Catalogue",
+    "Credentials",
     "HttpCatalogue",
     "HttpInventory",
     "Inventory",
@@ -48,36 +50,45 @@ CATALOGUE_RETRY_AFTER_S = 2.0
 CIRCUIT_OPEN = "The inventory is unavailable (circuit open); try again later."
 # One inventory failure that did not open the breaker: worth trying again soon.
 INVENTORY_RETRY_AFTER_S = 1.0
+# auth-service could not issue our service token; it caches tokens, so this is an outage.
+AUTH_RETRY_AFTER_S = 2.0
+
+# The ``Authorization`` header value to call peers with (``runtime.service_tokens.bearer``).
+Credentials = Callable[[], Awaitable[str]]
 
 
 class Catalogue(Protocol):
-    async def prices(
-        self, sku_codes: Sequence[str], *, authorization: str | None
-    ) -> dict[str, Decimal]:
+    async def prices(self, sku_codes: Sequence[str]) -> dict[str, Decimal]:
         """The current price of each known SKU; unknown SKUs are left out."""
 
 
 class Inventory(Protocol):
-    async def reserve(
-        self, order_number: str, lines: Sequence[RequestedLine], *, authorization: str | None
-    ) -> None:
-        """Reserve every line or none: OutOfStock, Unavailable or UpstreamRefused if not."""
+    async def reserve(self, order_number: str, lines: Sequence[RequestedLine]) -> None:
+        """Reserve every line or none: OutOfStock, Unavailable or UpstreamRefused if not.
 
-    async def release(self, order_number: str, *, authorization: str | None) -> None:
-        """Give the order's stock back (idempotent): Unavailable if it cannot be done now."""
+        ``Unavailable.maybe_applied`` says whether the reservation may exist nonetheless.
+        """
 
-    def release_later(self, order_number: str, *, authorization: str | None) -> None:
-        """Best effort, in the background: for a reservation that may or may not exist."""
+    async def release(self, order_number: str, *, guarded: bool = True) -> None:
+        """Give the order's stock back (idempotent): Unavailable if it cannot be done now.
+
+        ``guarded=False`` bypasses the breaker (background retries, see docs/order.md).
+        """
 
     def unavailable_for_s(self) -> float:
         """Seconds the inventory is known to be unavailable for (0: worth a call)."""
 
 
-def _headers(authorization: str | None) -> dict[str, str]:
-    headers = {"Accept": "application/json", **outgoing_headers()}
-    if authorization:
-        headers["Authorization"] = authorization
-    return headers
+async def _headers(credentials: Credentials, *, peer: str) -> dict[str, str]:
+    try:
+        authorization = await credentials()
+    except ServiceTokenUnavailable as exc:
+        log.warning("no service token to call %s: %s", peer, exc)
+        raise Unavailable(
+            "This service cannot authenticate to its peers right now; try again shortly.",
+            retry_after_s=AUTH_RETRY_AFTER_S,
+        ) from exc
+    return {"Accept": "application/json", "Authorization": authorization, **outgoing_headers()}
 
 
 async def _json(resp: aiohttp.ClientResponse) -> Any:
@@ -89,15 +100,20 @@ async def _json(resp: aiohttp.ClientResponse) -> Any:
 
 class HttpCatalogue:
     def __init__(
-        self, *, registry: RegistryClient, http: aiohttp.ClientSession, timeout_s: float
+        self,
+        *,
+        registry: RegistryClient,
+        http: aiohttp.ClientSession,
+        credentials: Credentials,
+        timeout_s: float,
     ) -> None:
         self._registry = registry
         self._http = http
+        self._credentials = credentials
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
-    async def prices(
-        self, sku_codes: Sequence[str], *, authorization: str | None
-    ) -> dict[str, Decimal]:
+    async def prices(self, sku_codes: Sequence[str]) -> dict[str, Decimal]:
+        headers = await _headers(self._credentials, peer=PRODUCT_SERVICE)
         unavailable = "The catalogue cannot be reached to price the order; try again shortly."
         try:
             instance = await self._registry.choose(PRODUCT_SERVICE)
@@ -111,7 +127,7 @@ class HttpCatalogue:
             async with self._http.get(
                 instance.base_url + "/internal/products",
                 params=[("skuCode", code) for code in sku_codes],
-                headers=_headers(authorization),
+                headers=headers,
                 timeout=self._timeout,
             ) as resp:
                 if resp.status >= 500:
@@ -159,31 +175,24 @@ class HttpInventory:
         registry: RegistryClient,
         http: aiohttp.ClientSession,
         breaker: CircuitBreaker,
+        credentials: Credentials,
         timeout_s: float,
-        release_retry_delays_s: Sequence[float] = (0.5, 2.0, 5.0),
     ) -> None:
         self._registry = registry
         self._http = http
         self._breaker = breaker
+        self._credentials = credentials
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._release_delays = tuple(release_retry_delays_s)
-        self._background: set[asyncio.Task[None]] = set()
 
-    async def reserve(
-        self, order_number: str, lines: Sequence[RequestedLine], *, authorization: str | None
-    ) -> None:
+    async def reserve(self, order_number: str, lines: Sequence[RequestedLine]) -> None:
         body = {
             "orderNumber": order_number,
             "lines": [{"skuCode": line.sku_code, "quantity": line.quantity} for line in lines],
         }
         try:
-            status, answer = await self._guarded(
-                "POST", "/internal/reservations", json=body, authorization=authorization
-            )
+            status, answer = await self._call("POST", "/internal/reservations", json=body)
         except _CallFailed as exc:
-            if exc.maybe_done:
-                self.release_later(order_number, authorization=authorization)
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc, maybe_applied=exc.maybe_done) from exc
         if status in (200, 201):
             return
         if status == 409:
@@ -192,76 +201,44 @@ class HttpInventory:
                 raise OutOfStock(shortages)
         raise UpstreamRefused(f"{INVENTORY_SERVICE} answered {status} to a reservation")
 
-    async def release(self, order_number: str, *, authorization: str | None) -> None:
+    async def release(self, order_number: str, *, guarded: bool = True) -> None:
+        path = f"/internal/reservations/{order_number}"
         try:
-            status, _ = await self._guarded(
-                "DELETE", f"/internal/reservations/{order_number}", authorization=authorization
-            )
+            status, _ = await self._call("DELETE", path, guarded=guarded)
         except _CallFailed as exc:
-            raise self._unavailable(exc) from exc
+            raise self._unavailable(exc, maybe_applied=exc.maybe_done) from exc
         if status not in (200, 202, 204, 404):
             raise UpstreamRefused(f"{INVENTORY_SERVICE} answered {status} to a release")
 
     def unavailable_for_s(self) -> float:
         return self._breaker.retry_after_s()
 
-    def release_later(self, order_number: str, *, authorization: str | None) -> None:
-        task = asyncio.create_task(
-            self._release_with_retries(order_number, authorization),
-            name=f"release-{order_number}",
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def aclose(self) -> None:
-        """Stop background releases (at shutdown); the ones still pending are logged."""
-        for task in list(self._background):
-            log.warning("shutting down before %s was released", task.get_name())
-            task.cancel()
-        for task in list(self._background):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _release_with_retries(self, order_number: str, authorization: str | None) -> None:
-        # Not through the breaker: an open breaker must not make it give up, and its
-        # retries must not count against an inventory that is already struggling.
-        for delay in (0.0, *self._release_delays):
-            await asyncio.sleep(delay)
-            try:
-                status, _ = await self._send(
-                    "DELETE", f"/internal/reservations/{order_number}", None, authorization
-                )
-            except _CallFailed as exc:
-                log.info("release of %s failed (%s); will retry", order_number, exc)
-                continue
-            if status in (200, 202, 204, 404):
-                log.info("released the reservation of order %s", order_number)
-                return
-            log.error("release of %s answered %s; giving up", order_number, status)
-            return
-        log.error("could not release the reservation of order %s; stock stays held", order_number)
-
-    def _unavailable(self, failure: _CallFailed) -> Unavailable:
+    def _unavailable(self, failure: _CallFailed, *, maybe_applied: bool) -> Unavailable:
         wait = self._breaker.retry_after_s() or INVENTORY_RETRY_AFTER_S
         return Unavailable(
             f"The inventory cannot be reached ({failure}); try again shortly.",
             retry_after_s=wait,
+            maybe_applied=maybe_applied,
         )
 
-    async def _guarded(
+    async def _call(
         self,
         method: str,
         path: str,
         *,
         json: Mapping[str, Any] | None = None,
-        authorization: str | None,
+        guarded: bool = True,
     ) -> tuple[int, Any]:
+        # The token first: auth being down says nothing about the inventory's health.
+        headers = await _headers(self._credentials, peer=INVENTORY_SERVICE)
+        if not guarded:
+            return await self._send(method, path, json, headers)
         try:
             self._breaker.acquire()
         except CircuitOpen as exc:
             raise Unavailable(CIRCUIT_OPEN, retry_after_s=exc.retry_after_s) from exc
         try:
-            outcome = await self._send(method, path, json, authorization)
+            outcome = await self._send(method, path, json, headers)
         except _CallFailed:
             self._breaker.failed()
             raise
@@ -277,7 +254,7 @@ class HttpInventory:
         method: str,
         path: str,
         json: Mapping[str, Any] | None,
-        authorization: str | None,
+        headers: Mapping[str, str],
     ) -> tuple[int, Any]:
         try:
             instance = await self._registry.choose(INVENTORY_SERVICE)
@@ -290,7 +267,7 @@ class HttpInventory:
                 method,
                 instance.base_url + path,
                 json=json,
-                headers=_headers(authorization),
+                headers=dict(headers),
                 timeout=self._timeout,
             ) as resp:
                 if resp.status >= 500:

@@ -30,8 +30,26 @@ class OrderSettings(ServiceSettings):
         gt=0,
         description="An Idempotency-Key still in flight after this long is taken as abandoned.",
     )
-    release_retry_delays_s: list[float] = Field(
-        default=[0.5, 2.0, 5.0],
-        description="Pauses between background releases of a reservation that may exist.",
+    release_hold_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "A reservation whose order is not saved within this long (the process died "
+            "mid-request) is released by the reconciler."
+        ),
+    )
+    release_interval_s: float = Field(
+        default=1.0, gt=0, description="How often the reconciler looks for due releases."
+    )
+    release_backoff_s: float = Field(
+        default=3.0,
+        gt=0,
+        description=(
+            "Wait after a release's first failed attempt, doubled after each further one; "
+            "more than INVENTORY_TIMEOUT_S, so an attempt is over before the next starts."
+        ),
+    )
+    release_backoff_max_s: float = Field(
+        default=60.0, gt=0, description="The longest wait between two attempts of a release."
     )
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)

@@ -1,4 +1,5 @@
-"""Persistence of orders and Idempotency-Keys: a small protocol and its SQLAlchemy (Core) backend.
+"""Persistence of orders, Idempotency-Keys and pending releases: a small protocol and its
+SQLAlchemy (Core) backend.
 
 The same code runs on SQLite and MySQL/MariaDB. Times are stored as naive UTC, money as
 whole cents. Every change that others must hear about writes its event to the outbox in
@@ -42,15 +43,19 @@ from shop.platform.outbox import add_event
 __all__ = [
     "ORDERS_TOPIC",
     "ClaimOutcome",
+    "DueRelease",
     "KeyClaim",
     "KeyLost",
     "OrderStore",
+    "PendingReleases",
+    "ReservationLapsed",
     "SavedAnswer",
     "SqlOrderStore",
     "idempotency_keys",
     "metadata",
     "order_lines",
     "orders",
+    "pending_releases",
 ]
 
 ORDERS_TOPIC = "orders"
@@ -99,6 +104,19 @@ idempotency_keys = Table(
     Column("order_number", String(36), nullable=True),
 )
 
+# A reservation to give back to the inventory. Written before a reservation is asked for
+# (due once the request has surely ended) and deleted by the transaction that saves the
+# order; written due at once by a cancel. ``attempts`` > 0: a release has been started.
+pending_releases = Table(
+    "pending_releases",
+    metadata,
+    Column("order_number", String(36), primary_key=True),
+    Column("due_at", Timestamp, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("last_error", String(500), nullable=True),
+    Index("ix_pending_releases_due", "due_at"),
+)
+
 
 class ClaimOutcome(enum.Enum):
     CLAIMED = "claimed"  # the key is ours: go ahead
@@ -128,7 +146,44 @@ class KeyLost(Exception):
     """The Idempotency-Key row this request claimed is gone (taken over as abandoned)."""
 
 
-class OrderStore(Protocol):
+class ReservationLapsed(Exception):
+    """The order's pending release is gone or started: its stock is (being) given back."""
+
+
+@dataclass(frozen=True, slots=True)
+class DueRelease:
+    order_number: str
+    attempts: int
+
+
+class PendingReleases(Protocol):
+    """Reservations to give back to the inventory, kept until the inventory confirms."""
+
+    async def hold_release(self, order_number: str, *, due_at: datetime) -> None:
+        """Before reserving: release this order's stock at ``due_at`` unless it is saved."""
+
+    async def drop_release(self, order_number: str) -> None:
+        """Nothing was reserved after all: forget a release no one has started."""
+
+    async def release_due_now(self, order_number: str, *, now: datetime) -> None:
+        """The order will not be saved: release its stock as soon as possible."""
+
+    async def due_releases(self, *, now: datetime, limit: int) -> list[DueRelease]: ...
+
+    async def claim_release(
+        self, order_number: str, *, attempts: int, now: datetime, retry_at: datetime
+    ) -> bool:
+        """Start a release: one more attempt, and not due again before ``retry_at``.
+
+        False when it is not due or another caller started it since ``attempts`` was read.
+        """
+
+    async def release_done(self, order_number: str) -> None: ...
+
+    async def release_failed(self, order_number: str, *, error: str) -> None: ...
+
+
+class OrderStore(PendingReleases, Protocol):
     async def claim_key(
         self, *, user_id: str, key: str, fingerprint: str, now: datetime, stale_after: timedelta
     ) -> KeyClaim: ...
@@ -139,15 +194,24 @@ class OrderStore(Protocol):
     async def save_placed(
         self, order: Order, *, event: Event, answer: SavedAnswer | None = None
     ) -> None:
-        """The order, its lines, its event and the key's answer: all in one transaction."""
+        """The order, its lines, its event and the key's answer: all in one transaction,
+        which also drops the order's pending release (ReservationLapsed if it is gone or
+        already started: then nothing is saved)."""
 
     async def order(self, order_number: str) -> Order | None: ...
 
     async def orders_of(self, user_id: str, *, limit: int, offset: int) -> tuple[list[Order], int]:
         """One page of the user's orders, newest first, and how many there are in all."""
 
-    async def cancel(self, order_number: str, *, event: Event, now: datetime) -> bool:
-        """PLACED → CANCELLED with its event; False if it was not PLACED (nothing changes)."""
+    async def cancel(
+        self, order_number: str, *, event: Event, now: datetime, release_retry_at: datetime
+    ) -> bool:
+        """PLACED → CANCELLED with its event and its stock release, in one transaction;
+        False if it was not PLACED (nothing changes).
+
+        The release is written as started by the caller (one attempt), due again at
+        ``release_retry_at`` should the caller not confirm it by then.
+        """
 
 
 def _naive_utc(moment: datetime) -> datetime:
@@ -231,6 +295,16 @@ class SqlOrderStore:
         self, order: Order, *, event: Event, answer: SavedAnswer | None = None
     ) -> None:
         async with self._engine.begin() as conn:
+            # First: a release the reconciler started (or finished) means the stock is on
+            # its way back, and an order without its stock must not be saved.
+            kept = await conn.execute(
+                delete(pending_releases).where(
+                    pending_releases.c.order_number == order.order_number,
+                    pending_releases.c.attempts == 0,
+                )
+            )
+            if kept.rowcount != 1:
+                raise ReservationLapsed(order.order_number)
             await conn.execute(
                 insert(orders).values(
                     order_number=order.order_number,
@@ -302,7 +376,9 @@ class SqlOrderStore:
             ).all()
             return await self._with_lines(conn, rows), total
 
-    async def cancel(self, order_number: str, *, event: Event, now: datetime) -> bool:
+    async def cancel(
+        self, order_number: str, *, event: Event, now: datetime, release_retry_at: datetime
+    ) -> bool:
         async with self._engine.begin() as conn:
             changed = await conn.execute(
                 update(orders)
@@ -315,7 +391,79 @@ class SqlOrderStore:
             if changed.rowcount != 1:
                 return False
             await add_event(conn, topic=ORDERS_TOPIC, event=event)
+            await conn.execute(
+                delete(pending_releases).where(pending_releases.c.order_number == order_number)
+            )
+            await conn.execute(
+                insert(pending_releases).values(
+                    order_number=order_number, due_at=_naive_utc(release_retry_at), attempts=1
+                )
+            )
         return True
+
+    async def hold_release(self, order_number: str, *, due_at: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                insert(pending_releases).values(
+                    order_number=order_number, due_at=_naive_utc(due_at), attempts=0
+                )
+            )
+
+    async def drop_release(self, order_number: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(pending_releases).where(
+                    pending_releases.c.order_number == order_number,
+                    pending_releases.c.attempts == 0,
+                )
+            )
+
+    async def release_due_now(self, order_number: str, *, now: datetime) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(pending_releases)
+                .where(pending_releases.c.order_number == order_number)
+                .values(due_at=_naive_utc(now))
+            )
+
+    async def due_releases(self, *, now: datetime, limit: int) -> list[DueRelease]:
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(
+                select(pending_releases.c.order_number, pending_releases.c.attempts)
+                .where(pending_releases.c.due_at <= _naive_utc(now))
+                .order_by(pending_releases.c.due_at, pending_releases.c.order_number)
+                .limit(limit)
+            )
+            return [DueRelease(row.order_number, int(row.attempts)) for row in rows]
+
+    async def claim_release(
+        self, order_number: str, *, attempts: int, now: datetime, retry_at: datetime
+    ) -> bool:
+        async with self._engine.begin() as conn:
+            claimed = await conn.execute(
+                update(pending_releases)
+                .where(
+                    pending_releases.c.order_number == order_number,
+                    pending_releases.c.attempts == attempts,
+                    pending_releases.c.due_at <= _naive_utc(now),
+                )
+                .values(attempts=attempts + 1, due_at=_naive_utc(retry_at))
+            )
+        return bool(claimed.rowcount == 1)
+
+    async def release_done(self, order_number: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                delete(pending_releases).where(pending_releases.c.order_number == order_number)
+            )
+
+    async def release_failed(self, order_number: str, *, error: str) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(pending_releases)
+                .where(pending_releases.c.order_number == order_number)
+                .values(last_error=error[:500])
+            )
 
     async def _with_lines(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Order]:
         if not rows:
