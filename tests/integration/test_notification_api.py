@@ -281,6 +281,8 @@ async def test_the_list_needs_a_valid_token(
         {"limit": "0"},
         {"limit": "101"},
         {"offset": "-1"},
+        {"offset": "9223372036854775808"},  # past SQLite's integers: was a 500
+        {"offset": "1000000001"},
     ],
 )
 async def test_bad_query_parameters_are_422(

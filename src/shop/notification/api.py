@@ -55,7 +55,7 @@ async def list_notifications(
         str | None, Query(alias="orderNumber", min_length=1, max_length=64)
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=1_000_000_000)] = 0,
 ) -> list[NotificationView]:
     """The caller's own notifications, newest first (admins too see only their own)."""
     found = await service.notifications_of(

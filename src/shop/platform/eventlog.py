@@ -4,27 +4,32 @@
   writers, so the order of ``seq`` is the order of commits: no reader sees a gap fill in
   later, and order per key follows.
 - A consumer group keeps its committed offset per topic. One process at a time consumes for
-  a group (a lease it renews); if it dies, another takes over after the lease lapses and
-  starts from the last committed offset: at-least-once.
+  a group, holding a lease that a heartbeat renews while handlers run; if it dies, another
+  takes over after the lease lapses and starts from the last committed offset:
+  at-least-once. The commit is fenced by the lease and never moves the offset back, so a
+  process that stalled past its lease cannot undo its successor's work.
 - A handler that raises gets the same event again after a back-off (order is kept, so the
-  key's later events wait). After ``max_attempts`` the event goes to ``dead_letters`` and the
-  group moves on, so one poisoned event cannot stop a topic forever.
+  key's later events wait), doubling up to a cap, for about a quarter of an hour by default;
+  then the event goes to ``dead_letters`` and the group moves on, so one poisoned event
+  cannot stop a topic forever. ``python -m shop.platform.eventlog replay`` puts them back.
 WAL mode lets readers and one writer work at once across processes.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
 import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import text
+from sqlalchemy import column, table, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.platform import context
@@ -32,7 +37,7 @@ from shop.platform.db import create_engine
 from shop.platform.events import Event, Handler, MalformedEvent
 from shop.platform.lease import LEASES_DDL, Lease
 
-__all__ = ["SqliteEventLog"]
+__all__ = ["SqliteEventLog", "main"]
 
 log = logging.getLogger("shop.events")
 
@@ -49,6 +54,7 @@ _SCHEMA = (
     " error TEXT NOT NULL, failed_at REAL NOT NULL, PRIMARY KEY (grp, topic, seq))",
     LEASES_DDL,
 )
+_offsets = table("consumer_offsets", column("grp"), column("topic"), column("committed"))
 
 
 @dataclass(slots=True)
@@ -67,8 +73,9 @@ class SqliteEventLog:
         poll_interval_s: float = 0.05,
         batch_size: int = 100,
         lease_s: float = 5.0,
-        max_attempts: int = 8,
+        max_attempts: int = 40,
         retry_backoff_s: float = 0.2,
+        retry_backoff_max_s: float = 30.0,
     ) -> None:
         self._url = url
         self._engine: AsyncEngine | None = None
@@ -78,6 +85,7 @@ class SqliteEventLog:
         self._lease_s = lease_s
         self._max_attempts = max_attempts
         self._backoff = retry_backoff_s
+        self._backoff_max = retry_backoff_max_s
         self._subscriptions: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Lock()
@@ -160,6 +168,42 @@ class SqliteEventLog:
             )
         return int(value or 0)
 
+    async def replay_dead_letters(self, *, group: str, topic: str | None = None) -> int:
+        """Append the group's dead letters to their topics again and forget them; how many.
+
+        Each comes back at a fresh ``seq`` with its event id unchanged, so the other groups
+        of the topic see a duplicate and drop it through their inbox.
+        """
+        engine = await self._open()
+        chosen = {"g": group, "t": topic}
+        async with engine.begin() as conn:
+            replayed = await conn.execute(
+                text(
+                    "INSERT INTO events (topic, key, event_id, payload, appended_at)"
+                    " SELECT d.topic, e.key, e.event_id, d.payload, :now"
+                    " FROM dead_letters AS d JOIN events AS e ON e.seq = d.seq"
+                    " WHERE d.grp = :g AND (:t IS NULL OR d.topic = :t)"
+                    " ORDER BY d.topic, d.seq"
+                ),
+                {**chosen, "now": time.time()},
+            )
+            await conn.execute(
+                text(
+                    "DELETE FROM dead_letters WHERE grp = :g AND (:t IS NULL OR topic = :t)"
+                    " AND EXISTS (SELECT 1 FROM events AS e WHERE e.seq = dead_letters.seq)"
+                ),
+                chosen,
+            )
+        return int(replayed.rowcount)
+
+    @property
+    def patience_s(self) -> float:
+        """How long an event whose handler keeps failing is retried before it is set aside."""
+        return sum(self._retry_delay(attempt) for attempt in range(1, self._max_attempts))
+
+    def _retry_delay(self, attempt: int) -> float:
+        return float(min(self._backoff * 2 ** min(attempt - 1, 32), self._backoff_max))
+
     async def _consume(self, sub: _Subscription) -> None:
         engine = await self._open()
         lease = Lease(
@@ -176,18 +220,13 @@ class SqliteEventLog:
                 ),
                 {"g": sub.group, "t": sub.topic},
             )
-        renewed_at = 0.0
         try:
             while not self._stopping.is_set():
                 try:
-                    if time.monotonic() - renewed_at > self._lease_s / 3:
-                        if not await lease.hold():
-                            await self._pause(self._poll * 4)
-                            continue
-                        renewed_at = time.monotonic()
-                    renew_by = renewed_at + self._lease_s / 3
-                    if not await self._consume_batch(engine, sub, renew_by=renew_by):
-                        await self._pause(self._poll)
+                    if await lease.hold():
+                        await self._consume_while_held(engine, sub, lease)
+                    else:
+                        await self._pause(self._poll * 4)
                 except Exception:
                     log.exception("consumer %s on %s failed; retrying", sub.group, sub.topic)
                     await self._pause(self._backoff)
@@ -201,10 +240,49 @@ class SqliteEventLog:
             async with asyncio.timeout(seconds):
                 await self._stopping.wait()
 
+    async def _consume_while_held(
+        self, engine: AsyncEngine, sub: _Subscription, lease: Lease
+    ) -> None:
+        """Consume until the lease is lost or the log closes, renewing it all the while.
+
+        The heartbeat runs beside the handler, so a handler slower than the lease does not
+        let another process in; the heartbeat keeps going while ``close`` waits for it.
+        """
+        held, done = asyncio.Event(), asyncio.Event()
+        held.set()
+        heartbeat = asyncio.create_task(
+            self._keep(lease, held=held, done=done), name=f"lease-{lease.name}"
+        )
+        try:
+            while held.is_set() and not self._stopping.is_set():
+                if not await self._consume_batch(engine, sub, lease=lease, held=held):
+                    await self._pause(self._poll)
+        finally:
+            done.set()
+            await heartbeat
+
+    async def _keep(self, lease: Lease, *, held: asyncio.Event, done: asyncio.Event) -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._lease_s / 3):
+                    await done.wait()
+            if done.is_set():
+                return
+            try:
+                if await lease.renew():
+                    continue
+            except Exception as exc:
+                # The lease lasts two more beats: a later renewal may still make it.
+                log.warning("could not renew %s: %r", lease.name, exc)
+                continue
+            log.warning("%s lost lease %s; stops delivering", self._owner, lease.name)
+            held.clear()
+            return
+
     async def _consume_batch(
-        self, engine: AsyncEngine, sub: _Subscription, *, renew_by: float
+        self, engine: AsyncEngine, sub: _Subscription, *, lease: Lease, held: asyncio.Event
     ) -> bool:
-        """Handle the next events, stopping when the lease wants renewing; False if idle."""
+        """Handle the next events while the lease is held; False if there were none."""
         async with engine.connect() as conn:
             committed = await conn.scalar(
                 text("SELECT committed FROM consumer_offsets WHERE grp = :g AND topic = :t"),
@@ -220,34 +298,41 @@ class SqliteEventLog:
                 )
             ).all()
         for seq, payload in rows:
-            if time.monotonic() > renew_by or self._stopping.is_set():
-                break  # renew first: a lapsed lease would let another process in
-            if not await self._deliver(engine, sub, seq=seq, payload=payload):
-                break  # closing while the event was failing: it comes again, uncommitted
-            async with engine.begin() as conn:
-                await conn.execute(
-                    text(
-                        "UPDATE consumer_offsets SET committed = :s WHERE grp = :g AND topic = :t"
-                    ),
-                    {"s": seq, "g": sub.group, "t": sub.topic},
+            if self._stopping.is_set() or not held.is_set():
+                break
+            finished, error = await self._deliver(sub, payload=payload, held=held)
+            if not finished:
+                break  # closing, or the lease lost, while the event failed: it comes again
+            if not await self._commit(
+                engine, sub, lease=lease, seq=seq, payload=payload, error=error
+            ):
+                log.warning(
+                    "%s lost lease %s before committing %s; another consumer has it",
+                    self._owner,
+                    lease.name,
+                    seq,
                 )
+                held.clear()
+                break
         return bool(rows)
 
     async def _deliver(
-        self, engine: AsyncEngine, sub: _Subscription, *, seq: int, payload: str
-    ) -> bool:
-        """Hand the event over; False if the log closed before the handler succeeded."""
+        self, sub: _Subscription, *, payload: str, held: asyncio.Event
+    ) -> tuple[bool, str | None]:
+        """Hand the event over: (finished, why it goes to dead letters if it does).
+
+        Not finished if the log closed or the lease was lost before the handler succeeded.
+        """
         try:
             event = Event.from_json(payload)
         except MalformedEvent as exc:
-            await self._dead_letter(engine, sub, seq=seq, payload=payload, error=str(exc))
-            return True
+            return True, str(exc)  # no retry can make it readable
         trace = context.parse_traceparent(event.traceparent) or context.TraceContext.new()
         context.bind(request_id=event.id, trace=trace)
         for attempt in range(1, self._max_attempts + 1):
             try:
                 await sub.handler(event)
-                return True
+                return True, None
             except Exception as exc:
                 if attempt == self._max_attempts:
                     log.exception(
@@ -257,32 +342,91 @@ class SqliteEventLog:
                         event.type,
                         attempt,
                     )
-                    await self._dead_letter(engine, sub, seq=seq, payload=payload, error=repr(exc))
-                    return True
+                    return True, repr(exc)
                 log.warning(
                     "%s failed on event %s (attempt %d): %r", sub.group, event.id, attempt, exc
                 )
-                await self._pause(min(self._backoff * 2 ** (attempt - 1), 5.0))
-                if self._stopping.is_set():
-                    return False
+                await self._pause(self._retry_delay(attempt))
+                if self._stopping.is_set() or not held.is_set():
+                    return False, None
+        return True, None
+
+    async def _commit(
+        self,
+        engine: AsyncEngine,
+        sub: _Subscription,
+        *,
+        lease: Lease,
+        seq: int,
+        payload: str,
+        error: str | None,
+    ) -> bool:
+        """Move the offset to ``seq`` (setting the event aside if it failed); False if the
+        lease is no longer ours.
+
+        Fenced in one statement: a consumer that stalled past its lease must not commit, and
+        an offset never moves back.
+        """
+        async with engine.begin() as conn:
+            moved = await conn.execute(
+                update(_offsets)
+                .where(
+                    _offsets.c.grp == sub.group,
+                    _offsets.c.topic == sub.topic,
+                    _offsets.c.committed < seq,
+                    lease.is_held(),
+                )
+                .values(committed=seq)
+            )
+            if moved.rowcount != 1:
+                return False
+            if error is not None:
+                await conn.execute(
+                    text(
+                        "INSERT OR REPLACE INTO dead_letters"
+                        " (grp, topic, seq, payload, error, failed_at)"
+                        " VALUES (:g, :t, :s, :p, :e, :now)"
+                    ),
+                    {
+                        "g": sub.group,
+                        "t": sub.topic,
+                        "s": seq,
+                        "p": payload,
+                        "e": error[:2000],
+                        "now": time.time(),
+                    },
+                )
         return True
 
-    async def _dead_letter(
-        self, engine: AsyncEngine, sub: _Subscription, *, seq: int, payload: str, error: str
-    ) -> None:
-        async with engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "INSERT OR REPLACE INTO dead_letters"
-                    " (grp, topic, seq, payload, error, failed_at)"
-                    " VALUES (:g, :t, :s, :p, :e, :now)"
-                ),
-                {
-                    "g": sub.group,
-                    "t": sub.topic,
-                    "s": seq,
-                    "p": payload,
-                    "e": error[:2000],
-                    "now": time.time(),
-                },
-            )
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shop.platform.eventlog replay --url sqlite:///… --group G [--topic T]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m shop.platform.eventlog", description="Tend the embedded event log."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay = commands.add_parser(
+        "replay", help="append a consumer group's dead letters to their topics again"
+    )
+    replay.add_argument("--url", required=True, help="the log, e.g. sqlite:///.data/events.db")
+    replay.add_argument("--group", required=True, help="the consumer group that gave up")
+    replay.add_argument("--topic", help="only this topic's dead letters")
+    args = parser.parse_args(argv)
+    if not str(args.url).startswith("sqlite"):
+        parser.error("--url must name the embedded log (sqlite:///…)")
+
+    async def run() -> int:
+        log_ = SqliteEventLog(args.url, client_id="replay")
+        try:
+            return await log_.replay_dead_letters(group=args.group, topic=args.topic)
+        finally:
+            await log_.close()
+
+    count = asyncio.run(run())
+    where = f" on {args.topic}" if args.topic else ""
+    print(f"replayed {count} dead letter(s) of group {args.group}{where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
