@@ -68,6 +68,7 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
         "ORDER_INVENTORY_TIMEOUT_S": "0.5",
         "ORDER_BREAKER_FAILURE_THRESHOLD": "3",
         "ORDER_BREAKER_OPEN_S": "2",
+        "ORDER_RELEASE_BACKOFF_MAX_S": "2",
     }
     command = [
         sys.executable,

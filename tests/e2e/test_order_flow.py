@@ -260,30 +260,41 @@ def _inventory_pid(system: System) -> int:
     return int(match.group(1))
 
 
+class InventoryProcess:
+    """The real inventory process, frozen (there, but answering nothing) and thawed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.frozen = False
+
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        if self.frozen:
+            os.kill(self.pid, signal.SIGCONT)
+            self.frozen = False
+
+
 @pytest.fixture
-def frozen_inventory(system: System) -> Iterator[Callable[[], None]]:
-    pid = _inventory_pid(system)
-    thawed = False
-
-    def thaw() -> None:
-        nonlocal thawed
-        if not thawed:
-            os.kill(pid, signal.SIGCONT)
-            thawed = True
-
-    os.kill(pid, signal.SIGSTOP)  # the process is there but answers nothing: a hung service
+def inventory_process(system: System) -> Iterator[InventoryProcess]:
+    process = InventoryProcess(_inventory_pid(system))
     try:
-        yield thaw
+        yield process
     finally:
-        thaw()
+        process.thaw()
 
 
 def test_the_breaker_fails_fast_while_inventory_is_down_and_recovers(
     gateway: httpx.Client,
     customer: str,
-    frozen_inventory: Callable[[], None],
+    new_product: Callable[..., dict[str, Any]],
+    inventory_process: InventoryProcess,
 ) -> None:
-    line = [{"skuCode": "iphone_15", "quantity": 1}]
+    sku = new_product(stock=10)["skuCode"]
+    line = [{"skuCode": sku, "quantity": 1}]
+    inventory_process.freeze()
     for _ in range(10):
         started = time.monotonic()
         resp = _order(gateway, customer, line)
@@ -298,9 +309,14 @@ def test_the_breaker_fails_fast_while_inventory_is_down_and_recovers(
     resp = _order(gateway, customer, line)
     assert resp.status_code == 503 and time.monotonic() - started < 0.1
 
-    frozen_inventory()
+    inventory_process.thaw()
     recovered = _eventually(
         lambda: (r := _order(gateway, customer, line)).status_code == 201 and r, within_s=30
     )
     assert recovered.json()["status"] == "PLACED"
     assert Decimal(recovered.json()["total"]) > 0
+    # Reservations that timed out may have landed once inventory woke: the order service
+    # releases them, so in the end only the one placed order holds stock.
+    _eventually(lambda: _stock(gateway, customer, sku) == 9, within_s=30)
+    placed = gateway.get("/api/order", headers=_bearer(customer)).json()
+    assert [o["status"] for o in placed] == ["PLACED"]
