@@ -11,7 +11,6 @@ order database); each row backs off on its own after a failed attempt.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import logging
@@ -22,6 +21,7 @@ from shop.order.domain import Unavailable, UpstreamRefused
 from shop.order.peers import Inventory
 from shop.order.store import PendingReleases
 from shop.platform.lease import Lease
+from shop.platform.worker import LeasedLoop
 
 __all__ = ["ReleaseOutcome", "ReleaseReconciler"]
 
@@ -54,16 +54,14 @@ class ReleaseReconciler:
     ) -> None:
         self._store = store
         self._inventory = inventory
-        # None: this process is the only one (tests); otherwise one holder per service.
-        self._lease = lease
-        self._interval = interval_s
         self._backoff = backoff_s
         self._backoff_max = backoff_max_s
         self._batch = batch_size
         self._clock = clock
-        self._wakeup = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        # lease None: this process is the only one (tests); otherwise one holder per service.
+        self._loop = LeasedLoop(
+            self._step, name="release-reconciler", lease=lease, interval_s=interval_s
+        )
 
     def retry_delay(self, attempts: int) -> timedelta:
         """How long a release waits after its ``attempts``-th try before the next one."""
@@ -104,7 +102,7 @@ class ReleaseReconciler:
         """Release the due rows, oldest first; how many were released."""
         released = 0
         for due in await self._store.due_releases(now=self._clock(), limit=self._batch):
-            if self._stopping.is_set():
+            if self._loop.stopping:
                 break
             outcome = await self.release(due.order_number, attempts=due.attempts)
             if outcome is ReleaseOutcome.RELEASED:
@@ -115,31 +113,17 @@ class ReleaseReconciler:
 
     def wake(self) -> None:
         """Look for due releases now rather than at the next interval."""
-        self._wakeup.set()
+        self._loop.wake()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="release-reconciler")
+        self._loop.start()
 
     async def stop(self, *, grace_s: float = 5.0) -> None:
         """Let the round in progress end, then stop; cancel only if it hangs.
 
         A release cut short stays claimed until its retry time, then is taken up again.
         """
-        if self._task is None:
-            return
-        self._stopping.set()
-        self._wakeup.set()
-        try:
-            async with asyncio.timeout(grace_s):
-                await asyncio.shield(self._task)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
-        if self._lease is not None:
-            with contextlib.suppress(Exception):
-                await self._lease.release()
+        await self._loop.stop(grace_s=grace_s)
 
     async def __aenter__(self) -> ReleaseReconciler:
         self.start()
@@ -148,17 +132,6 @@ class ReleaseReconciler:
     async def __aexit__(self, *_exc: object) -> None:
         await self.stop()
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if self._lease is None or await self._lease.hold():
-                    await self.reconcile_once()
-            except Exception:
-                log.exception("release reconciler failed; retrying")
-            if self._stopping.is_set():
-                break
-            # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval):
-                    await self._wakeup.wait()
-            self._wakeup.clear()
+    async def _step(self) -> bool:
+        await self.reconcile_once()
+        return False

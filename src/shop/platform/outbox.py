@@ -10,8 +10,6 @@ in the order they were written.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -39,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shop.platform.events import Event, EventBus
 from shop.platform.lease import Lease, leases
+from shop.platform.worker import LeasedLoop
 
 __all__ = ["OutboxRelay", "add_event", "create_outbox_tables", "outbox"]
 
@@ -95,14 +94,13 @@ class OutboxRelay:
     ) -> None:
         self._engine = engine
         self._bus = bus
-        self._poll = poll_interval_s
         self._batch = batch_size
         self._retention_s = retention_s
         owner = f"{service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self._lease = Lease(engine, name=f"outbox:{service}", owner=owner, duration_s=lease_s)
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = asyncio.Event()
+        lease = Lease(engine, name=f"outbox:{service}", owner=owner, duration_s=lease_s)
+        self._loop = LeasedLoop(
+            self._step, name=f"outbox-relay-{service}", lease=lease, interval_s=poll_interval_s
+        )
         self._purged_at = 0.0
 
     async def __aenter__(self) -> OutboxRelay:
@@ -114,30 +112,14 @@ class OutboxRelay:
 
     def wake(self) -> None:
         """Publish now rather than at the next poll (call after a commit that added events)."""
-        self._wakeup.set()
+        self._loop.wake()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        self._loop.start()
 
     async def stop(self, *, grace_s: float = 5.0) -> None:
-        """Let the relay finish the step it is in, then stop; cancel only if it hangs.
-
-        Cancelling it mid-step (while it opens a database connection, say) would abandon the
-        connection half made.
-        """
-        if self._task is not None:
-            self._stopping.set()
-            self._wakeup.set()
-            try:
-                async with asyncio.timeout(grace_s):
-                    await asyncio.shield(self._task)
-            except TimeoutError:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            self._task = None
-            with contextlib.suppress(Exception):
-                await self._lease.release()
+        """Let the relay finish the batch it is publishing, then stop."""
+        await self._loop.stop(grace_s=grace_s)
 
     async def relay_once(self) -> int:
         """Publish the oldest unpublished events; how many were published."""
@@ -176,19 +158,8 @@ class OutboxRelay:
                 delete(outbox).where(outbox.c.published_at < time.time() - self._retention_s)
             )
 
-    async def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                if await self._lease.hold():
-                    if await self.relay_once() == self._batch and not self._stopping.is_set():
-                        continue
-                    await self._purge()
-            except Exception:
-                log.exception("outbox relay failed; retrying")
-            if self._stopping.is_set():
-                break
-            # Not asyncio.wait_for: on 3.11 it swallows a cancel that lands as the event is set.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll):
-                    await self._wakeup.wait()
-            self._wakeup.clear()
+    async def _step(self) -> bool:
+        if await self.relay_once() == self._batch:
+            return True  # more are waiting
+        await self._purge()
+        return False
