@@ -33,7 +33,7 @@ def _settings(**overrides: Any) -> AuthSettings:
     return AuthSettings(_env_file=None, **overrides)
 
 
-SERVICE_SECRET = "a-shared-service-secret"
+SERVICE_SECRET = "a-shared-service-secret-of-32-chars-or-more"
 
 
 @asynccontextmanager
@@ -529,11 +529,14 @@ def _production(
     )
 
 
-def test_production_refuses_to_start_without_the_service_secret(tmp_path: Path) -> None:
+@pytest.mark.parametrize("secret", [None, "too-short"])
+def test_production_refuses_to_start_without_a_strong_service_secret(
+    tmp_path: Path, secret: str | None
+) -> None:
     pem = private_pem(new_private_key()).decode()
     with pytest.raises(UnsafeSettings, match="SHOP_SERVICE_SECRET"):
         _production(
-            tmp_path, service_secret=None, signing_key=pem, admin_password="a-strong-secret"
+            tmp_path, service_secret=secret, signing_key=pem, admin_password="a-strong-secret"
         )
 
 
@@ -569,6 +572,8 @@ async def test_service_tokens_need_the_secret_and_a_sane_name(
     answer = await auth.post("/internal/service-token", json=body)
     assert answer.status_code == status
     assert answer.headers["content-type"] == "application/problem+json"
+    if status == 401:
+        assert answer.json()["detail"] == "Unknown service credentials."
 
 
 async def test_without_a_configured_secret_no_service_token_is_issued(tmp_path: Path) -> None:

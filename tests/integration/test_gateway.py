@@ -535,6 +535,14 @@ async def test_stock_reads_need_a_token_and_writes_an_admin(world: World) -> Non
     assert [r.method for r in world.inventory.received] == ["GET"]
 
 
+async def test_a_service_token_is_no_users_login(world: World) -> None:
+    service = mint(world.keys["k1"], roles=["service"], sub="service:order-service")
+    for method, path in (("GET", "/api/inventory?skuCode=a"), ("POST", "/api/order")):
+        status, headers, body = await call(world, method, path, headers=bearer(service))
+        assert_problem(status, headers, body, 403)
+    assert world.reached() == []
+
+
 async def test_auth_routes_follow_their_own_rules(world: World) -> None:
     status, _, _ = await call(world, "POST", "/auth/token", json={"email": "a", "password": "b"})
     assert status == 200

@@ -421,3 +421,9 @@ async def test_ready_checks_the_database(inventory: httpx.AsyncClient) -> None:
     answer = await inventory.get("/health/ready")
     assert answer.status_code == 200
     assert answer.json()["checks"] == {"database": "UP"}
+
+
+async def test_a_service_token_cannot_act_as_a_user(inventory: httpx.AsyncClient) -> None:
+    answer = await inventory.get("/api/inventory", params={"skuCode": "pixel_8"}, headers=SERVICE)
+    assert answer.status_code == 403
+    assert answer.headers["content-type"] == "application/problem+json"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -74,3 +76,42 @@ async def test_without_a_secret_there_is_no_service_token() -> None:
         tokens = ServiceTokens(name="x", secret=None, registry=registry, session=http)
         with pytest.raises(ServiceTokenUnavailable):
             await tokens.bearer()
+
+
+async def test_callers_queued_behind_a_failed_fetch_fail_at_once() -> None:
+    async def never_answers(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.json_response({})
+
+    async def apps(request: web.Request) -> web.Response:
+        instance = {"app": "AUTH-SERVICE", "ipAddr": "127.0.0.1", "status": "UP"}
+        return web.json_response(
+            {"application": {"instance": [{**instance, "port": {"$": bound["port"]}}]}}
+        )
+
+    bound: dict[str, int] = {}
+    app = web.Application()
+    app.router.add_post("/internal/service-token", never_answers)
+    app.router.add_get("/eureka/apps/AUTH-SERVICE", apps)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    bound["port"] = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as http:
+            registry = RegistryClient(
+                base_url=f"http://127.0.0.1:{bound['port']}/eureka", session=http
+            )
+            tokens = ServiceTokens(
+                name="order-service", secret=SecretStr("s"), registry=registry, session=http
+            )
+            began = asyncio.get_running_loop().time()
+            outcomes = await asyncio.gather(
+                *(tokens.bearer() for _ in range(5)), return_exceptions=True
+            )
+            took = asyncio.get_running_loop().time() - began
+    finally:
+        await runner.cleanup()
+    assert all(isinstance(o, ServiceTokenUnavailable) for o in outcomes)
+    assert took < 3.5, f"five callers waited {took:.1f}s: one timeout each, in turn"

@@ -21,6 +21,7 @@ from shop.auth.domain import (
     EmailTaken,
     InvalidRefreshToken,
     TooManyAttempts,
+    UnknownService,
     User,
     password_problem,
 )
@@ -313,6 +314,8 @@ def _problem_for(exc: Exception) -> Problem:
             )
         case InvalidRefreshToken():
             return Problem(401, "The refresh token is not valid; log in again.")
+        case UnknownService():
+            return Problem(401, "Unknown service credentials.")
         case _:
             return Problem(
                 401,

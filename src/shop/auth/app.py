@@ -24,6 +24,7 @@ from shop.platform.settings import PlatformSettings
 __all__ = ["SERVICE_NAME", "build_app", "configured_keyring"]
 
 SERVICE_NAME = "auth-service"
+MIN_SERVICE_SECRET = 32
 
 
 def configured_keyring(settings: AuthSettings) -> Keyring | None:
@@ -59,8 +60,13 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
     if admin_password and (problem := password_problem(admin_password)):
         raise UnsafeSettings(f"AUTH_ADMIN_PASSWORD {problem}")
     keyring = configured_keyring(settings)
-    if platform.is_production and platform.service_secret is None:
-        raise UnsafeSettings("SHOP_SERVICE_SECRET is required: services need it for internal calls")
+    if platform.is_production:
+        secret = platform.service_secret.get_secret_value() if platform.service_secret else ""
+        if len(secret) < MIN_SERVICE_SECRET:
+            raise UnsafeSettings(
+                f"SHOP_SERVICE_SECRET of at least {MIN_SERVICE_SECRET} characters is required:"
+                " services need it for internal calls"
+            )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:

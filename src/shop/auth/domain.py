@@ -64,6 +64,10 @@ class InvalidRefreshToken(AuthError):
     pass
 
 
+class UnknownService(AuthError):
+    """The shared service secret did not match (or none is configured)."""
+
+
 class TooManyAttempts(AuthError):
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(f"too many failed attempts; retry after {retry_after_s}s")

@@ -17,6 +17,7 @@ from shop.auth.domain import (
     InvalidRefreshToken,
     RefreshVerdict,
     TooManyAttempts,
+    UnknownService,
     User,
     access_claims,
     hash_refresh_token,
@@ -170,7 +171,7 @@ class AuthService:
         """An access token for an internal caller that knows the shared service secret."""
         expected = self.service_secret
         if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
-            raise BadCredentials
+            raise UnknownService
         claims = service_claims(
             service,
             issuer=self.issuer,

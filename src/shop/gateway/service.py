@@ -24,7 +24,7 @@ from shop.gateway.domain import (
 )
 from shop.platform.discovery import RegistryClient, RegistryUnavailable
 from shop.platform.problems import Problem
-from shop.platform.security import authenticate
+from shop.platform.security import authenticate, refuse_service_identity
 from shop.platform.tokens import JwksVerifier, Principal
 
 __all__ = [
@@ -49,7 +49,7 @@ async def admit(
     """Apply a route's rule. The services verify the token again; this is the first gate."""
     if access is Access.PUBLIC:
         return None
-    principal = await authenticate(authorization, verifier=verifier)
+    principal = refuse_service_identity(await authenticate(authorization, verifier=verifier))
     if access is Access.ADMIN and not principal.is_admin:
         raise Problem(403, "This needs the admin role.")
     return principal

@@ -33,6 +33,7 @@ __all__ = [
     "authenticate",
     "bearer_token",
     "jwks_from_registry",
+    "refuse_service_identity",
 ]
 
 AUTH_SERVICE = "auth-service"
@@ -97,9 +98,20 @@ async def authenticate(authorization: str | None, *, verifier: JwksVerifier) -> 
         ) from exc
 
 
-async def _current_user(request: Request) -> Principal:
+def refuse_service_identity(principal: Principal) -> Principal:
+    """A service token is nobody's login: it may call internal APIs, never act as a user."""
+    if SERVICE_ROLE in principal.roles:
+        raise Problem(403, "A service token cannot be used as a user's.")
+    return principal
+
+
+async def _caller(request: Request) -> Principal:
     verifier: JwksVerifier = request.app.state.runtime.tokens
     return await authenticate(request.headers.get("authorization"), verifier=verifier)
+
+
+async def _current_user(request: Request) -> Principal:
+    return refuse_service_identity(await _caller(request))
 
 
 CurrentUser = Annotated[Principal, Depends(_current_user)]
@@ -114,7 +126,8 @@ async def _admin_user(principal: CurrentUser) -> Principal:
 AdminUser = Annotated[Principal, Depends(_admin_user)]
 
 
-async def _service_caller(principal: CurrentUser) -> Principal:
+async def _service_caller(request: Request) -> Principal:
+    principal = await _caller(request)
     if SERVICE_ROLE not in principal.roles:
         raise Problem(403, "This is an internal API: only services may call it.")
     return principal
@@ -139,6 +152,7 @@ class ServiceTokens:
         registry: RegistryClient,
         session: aiohttp.ClientSession,
         refresh_margin_s: float = 60.0,
+        failure_pause_s: float = 2.0,
     ) -> None:
         self._name = name
         self._secret = secret
@@ -147,6 +161,8 @@ class ServiceTokens:
         self._margin = refresh_margin_s
         self._token: str | None = None
         self._expires_at = 0.0
+        self._failed_until = 0.0
+        self._failure_pause_s = failure_pause_s
         self._lock = asyncio.Lock()
 
     async def bearer(self) -> str:
@@ -154,7 +170,15 @@ class ServiceTokens:
         if self._token is None or time.monotonic() > self._expires_at - self._margin:
             async with self._lock:
                 if self._token is None or time.monotonic() > self._expires_at - self._margin:
-                    await self._fetch()
+                    # After a failed fetch, callers queued on the lock fail at once for a
+                    # moment instead of each waiting out its own timeout in turn.
+                    if time.monotonic() < self._failed_until:
+                        raise ServiceTokenUnavailable("auth was unreachable a moment ago")
+                    try:
+                        await self._fetch()
+                    except ServiceTokenUnavailable:
+                        self._failed_until = time.monotonic() + self._failure_pause_s
+                        raise
         return f"Bearer {self._token}"
 
     async def _fetch(self) -> None:
@@ -174,8 +198,12 @@ class ServiceTokens:
                 answer = await resp.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise ServiceTokenUnavailable(str(exc) or type(exc).__name__) from exc
-        self._token = str(answer["access_token"])
-        self._expires_at = time.monotonic() + float(answer["expires_in"])
+        try:
+            token, expires_in = str(answer["access_token"]), float(answer["expires_in"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServiceTokenUnavailable("auth answered without a usable token") from exc
+        self._token = token
+        self._expires_at = time.monotonic() + expires_in
 
     async def _lookup(self) -> Instance:
         try:
