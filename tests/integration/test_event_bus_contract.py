@@ -141,6 +141,47 @@ async def test_a_poisoned_event_is_set_aside_and_the_topic_moves_on(bus_url: str
         await _until(lambda: handled == [0, 2])
 
 
+async def test_a_poisoned_event_reaches_dead_letters_however_often_consumers_restart(
+    bus_url: str,
+) -> None:
+    poisoned_calls = 0
+    handled: list[int] = []
+
+    async def handler(event: Event) -> None:
+        nonlocal poisoned_calls
+        if event.data["n"] == 0:
+            poisoned_calls += 1
+            raise ValueError("cannot handle this one")
+        handled.append(int(event.data["n"]))
+
+    async with open_bus(bus_url) as bus:
+        await bus.publish("orders", [_event("A", 0), _event("A", 1)])
+    for _ in range(8):  # each consumer gets one try at most before it is restarted
+        async with open_bus(bus_url, max_attempts=3, retry_backoff_s=5) as bus:
+            bus.subscribe("orders", group="g", handler=handler)
+            await bus.start()
+            await asyncio.sleep(0.15)
+        if handled:
+            break
+    assert handled == [1]
+    assert poisoned_calls == 3, "attempts count across restarts, not per consumer"
+
+
+async def test_a_handler_that_hangs_is_given_up_on_and_the_topic_moves_on(bus_url: str) -> None:
+    handled: list[int] = []
+
+    async def handler(event: Event) -> None:
+        if event.data["n"] == 0:
+            await asyncio.sleep(3600)
+        handled.append(int(event.data["n"]))
+
+    async with open_bus(bus_url, max_attempts=2, handler_timeout_s=0.1) as bus:
+        bus.subscribe("orders", group="g", handler=handler)
+        await bus.publish("orders", [_event("A", 0), _event("A", 1)])
+        await bus.start()
+        await _until(lambda: handled == [1], within_s=5)
+
+
 CRASHING_CONSUMER = textwrap.dedent(
     """
     import asyncio, os, sys

@@ -52,6 +52,11 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS dead_letters ("
     " grp TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL, payload TEXT NOT NULL,"
     " error TEXT NOT NULL, failed_at REAL NOT NULL, PRIMARY KEY (grp, topic, seq))",
+    # Failed attempts per event survive restarts and take-overs, so a poisoned event does
+    # reach dead_letters however often its consumers restart.
+    "CREATE TABLE IF NOT EXISTS delivery_attempts ("
+    " grp TEXT NOT NULL, topic TEXT NOT NULL, seq INTEGER NOT NULL, attempts INTEGER NOT NULL,"
+    " PRIMARY KEY (grp, topic, seq))",
     LEASES_DDL,
 )
 _offsets = table("consumer_offsets", column("grp"), column("topic"), column("committed"))
@@ -76,7 +81,9 @@ class SqliteEventLog:
         max_attempts: int = 40,
         retry_backoff_s: float = 0.2,
         retry_backoff_max_s: float = 30.0,
+        handler_timeout_s: float = 60.0,
     ) -> None:
+        self._handler_timeout = handler_timeout_s
         self._url = url
         self._engine: AsyncEngine | None = None
         self._owner = f"{client_id}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -300,7 +307,7 @@ class SqliteEventLog:
         for seq, payload in rows:
             if self._stopping.is_set() or not held.is_set():
                 break
-            finished, error = await self._deliver(sub, payload=payload, held=held)
+            finished, error = await self._deliver(engine, sub, seq=seq, payload=payload, held=held)
             if not finished:
                 break  # closing, or the lease lost, while the event failed: it comes again
             if not await self._commit(
@@ -317,7 +324,13 @@ class SqliteEventLog:
         return bool(rows)
 
     async def _deliver(
-        self, sub: _Subscription, *, payload: str, held: asyncio.Event
+        self,
+        engine: AsyncEngine,
+        sub: _Subscription,
+        *,
+        seq: int,
+        payload: str,
+        held: asyncio.Event,
     ) -> tuple[bool, str | None]:
         """Hand the event over: (finished, why it goes to dead letters if it does).
 
@@ -329,11 +342,30 @@ class SqliteEventLog:
             return True, str(exc)  # no retry can make it readable
         trace = context.parse_traceparent(event.traceparent) or context.TraceContext.new()
         context.bind(request_id=event.id, trace=trace)
-        for attempt in range(1, self._max_attempts + 1):
+        key = {"g": sub.group, "t": sub.topic, "s": seq}
+        async with engine.connect() as conn:
+            tried = await conn.scalar(
+                text(
+                    "SELECT attempts FROM delivery_attempts"
+                    " WHERE grp = :g AND topic = :t AND seq = :s"
+                ),
+                key,
+            )
+        for attempt in range(int(tried or 0) + 1, self._max_attempts + 1):
             try:
-                await sub.handler(event)
+                # A handler that hangs would hold the lease (and the topic) for ever.
+                async with asyncio.timeout(self._handler_timeout):
+                    await sub.handler(event)
                 return True, None
             except Exception as exc:
+                async with engine.begin() as conn:
+                    await conn.execute(
+                        text(
+                            "INSERT OR REPLACE INTO delivery_attempts (grp, topic, seq, attempts)"
+                            " VALUES (:g, :t, :s, :n)"
+                        ),
+                        {**key, "n": attempt},
+                    )
                 if attempt == self._max_attempts:
                     log.exception(
                         "%s gave up on event %s (%s) after %d attempts",
@@ -349,7 +381,7 @@ class SqliteEventLog:
                 await self._pause(self._retry_delay(attempt))
                 if self._stopping.is_set() or not held.is_set():
                     return False, None
-        return True, None
+        return True, f"gave up after {self._max_attempts} attempts"
 
     async def _commit(
         self,
@@ -380,6 +412,10 @@ class SqliteEventLog:
             )
             if moved.rowcount != 1:
                 return False
+            await conn.execute(
+                text("DELETE FROM delivery_attempts WHERE grp = :g AND topic = :t AND seq <= :s"),
+                {"g": sub.group, "t": sub.topic, "s": seq},
+            )
             if error is not None:
                 await conn.execute(
                     text(
