@@ -5,7 +5,9 @@ If the transaction rolls back, the event never existed; if the process dies afte
 commit, the relay publishes the row when it comes back. A crash between publishing and
 marking the row means it is published again: consumers de-duplicate (``inbox``).
 One relay per service runs at a time (a lease in the service's database), so events leave
-in the order they were written.
+in the order they were written. The lease is checked before each batch, not during it: a
+relay that stalls for longer than the lease (10 s) can overlap with the next holder, which
+may publish the same rows again — consumers de-duplicate, as for any redelivery.
 """
 
 from __future__ import annotations
