@@ -39,6 +39,7 @@ from shop.platform.outbox import outbox
 from shop.platform.security import ServiceTokenUnavailable
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
+from tests.fakes import FakeRegistry
 from tests.support import free_port
 
 PROBLEM = "application/problem+json"
@@ -267,49 +268,6 @@ class FakeInventory(Peer):
         return web.Response(status=204)
 
 
-class FakeRegistry:
-    """Enough of Eureka: look-ups of the peers; registrations accepted and ignored."""
-
-    def __init__(self, apps: Mapping[str, Peer]) -> None:
-        self.apps = {name.upper(): peer for name, peer in apps.items()}
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def lookup(self, request: web.Request) -> web.Response:
-        app = request.match_info["app"].upper()
-        peer = self.apps.get(app)
-        if peer is None:
-            return web.json_response({"error": "unknown application"}, status=404)
-        instance = {
-            "instanceId": f"127.0.0.1:{app.lower()}:{peer.port}",
-            "app": app,
-            "ipAddr": "127.0.0.1",
-            "hostName": "127.0.0.1",
-            "status": "UP",
-            "port": {"$": peer.port},
-        }
-        return web.json_response({"application": {"name": app, "instance": [instance]}})
-
-    async def accept(self, _request: web.Request) -> web.Response:
-        return web.Response(status=204)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/eureka/apps/{app}", self.lookup)
-        app.router.add_post("/eureka/apps/{app}", self.accept)
-        app.router.add_put("/eureka/apps/{app}/{instance}", self.accept)
-        app.router.add_delete("/eureka/apps/{app}/{instance}", self.accept)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        port = free_port()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
-        self.url = f"http://127.0.0.1:{port}/eureka"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-
 # --- the world ------------------------------------------------------------------------------
 
 
@@ -324,12 +282,15 @@ class Peers:
 @asynccontextmanager
 async def open_peers(key: rsa.RSAPrivateKey) -> AsyncIterator[Peers]:
     catalogue, inventory = FakeCatalogue(PRICES), FakeInventory(STOCK)
-    registry = FakeRegistry({"product-service": catalogue, "inventory-service": inventory})
     token = _service_token(key)
     for peer in (catalogue, inventory):
         peer.service_token = token
-    for thing in (catalogue, inventory, registry):
-        await thing.start()
+    for peer in (catalogue, inventory):
+        await peer.start()
+    registry = FakeRegistry(
+        {"product-service": [catalogue.port], "inventory-service": [inventory.port]}
+    )
+    await registry.start()
     try:
         yield Peers(catalogue, inventory, registry, token)
     finally:
