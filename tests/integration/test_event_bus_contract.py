@@ -527,7 +527,9 @@ async def test_dead_letters_can_be_replayed_to_their_group(
         await bus.start()
         await bus.publish("orders", [_event("A", n) for n in range(3)])
         await bus.publish("products", [_event("P", 99)])
-        await _until(lambda: len(dead_letters(bus_url)) == 2 and len(audit.seen) == 3)
+        await _until(
+            lambda: len(dead_letters(bus_url)) == 2 and len(audit.seen) == 3 and len(mail) == 2
+        )
         assert [int(e.data["n"]) for e in mail] == [0, 2]
 
         broken.clear()
