@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
+import pymysql
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
-from shop.platform.db import create_engine, normalise_url, ping
+from shop.platform.db import create_engine, is_lock_conflict, normalise_url, ping
 
 
 def test_plain_urls_get_the_async_drivers() -> None:
@@ -39,3 +42,11 @@ async def test_same_engine_code_reaches_both_backends(database_url: str) -> None
         assert note == "ünïcode"
     finally:
         await engine.dispose()
+
+
+def test_lost_lock_races_are_told_apart_from_real_errors() -> None:
+    deadlock = OperationalError("UPDATE", {}, pymysql.err.OperationalError(1213, "Deadlock found"))
+    busy = OperationalError("UPDATE", {}, sqlite3.OperationalError("database is locked"))
+    gone = OperationalError("UPDATE", {}, pymysql.err.OperationalError(2013, "Lost connection"))
+    assert is_lock_conflict(deadlock) and is_lock_conflict(busy)
+    assert not is_lock_conflict(gone)

@@ -42,7 +42,7 @@ from shop.inventory.domain import (
     replay,
     shortages,
 )
-from shop.platform.db import is_mysql
+from shop.platform.db import is_lock_conflict, is_mysql
 
 __all__ = ["InventoryStore", "SqlInventoryStore", "metadata"]
 
@@ -88,9 +88,6 @@ reservation_lines = Table(
     Column("quantity", BigInteger, nullable=False),
 )
 
-# InnoDB's "deadlock found" and "lock wait timeout": the transaction was rolled back whole,
-# so running it again is safe.
-_RETRYABLE_MYSQL_ERRORS = {1213, 1205}
 T = TypeVar("T")
 
 
@@ -131,13 +128,6 @@ class _Known(Exception):
 
 def _db_time(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(tzinfo=None)
-
-
-def _retryable(exc: OperationalError) -> bool:
-    code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
-    if code in _RETRYABLE_MYSQL_ERRORS:
-        return True
-    return "database is locked" in str(exc.orig)
 
 
 class SqlInventoryStore:
@@ -220,7 +210,7 @@ class SqlInventoryStore:
             except _TryAgain:
                 pass
             except OperationalError as exc:
-                if not _retryable(exc):
+                if not is_lock_conflict(exc):
                     raise
             await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)  # noqa: S311 - jitter
         raise StockBusy(f"gave up after {self._attempts} attempts")

@@ -26,9 +26,11 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.notification.domain import Channel, Notification, Status
+from shop.platform.db import is_lock_conflict
 from shop.platform.inbox import first_delivery
 
 __all__ = ["CONSUMER", "NotificationStore", "SqlNotificationStore", "metadata", "notifications"]
@@ -167,14 +169,19 @@ class SqlNotificationStore:
         claimed: list[Notification] = []
         for row in rows:
             # Compare-and-set on the attempt count: of two sweepers, one wins each row.
-            async with self._engine.begin() as conn:
-                won = await conn.execute(
-                    update(notifications)
-                    .where(notifications.c.id == row.id)
-                    .where(notifications.c.attempts == row.attempts)
-                    .where(notifications.c.next_attempt_at <= _db_time(now))
-                    .values(attempts=row.attempts + 1, next_attempt_at=_db_time(hold_until))
-                )
+            try:
+                async with self._engine.begin() as conn:
+                    won = await conn.execute(
+                        update(notifications)
+                        .where(notifications.c.id == row.id)
+                        .where(notifications.c.attempts == row.attempts)
+                        .where(notifications.c.next_attempt_at <= _db_time(now))
+                        .values(attempts=row.attempts + 1, next_attempt_at=_db_time(hold_until))
+                    )
+            except OperationalError as exc:
+                if not is_lock_conflict(exc):
+                    raise
+                continue  # InnoDB chose this claim as a deadlock victim: another sweeper has it
             if won.rowcount == 1:
                 claimed.append(
                     replace(

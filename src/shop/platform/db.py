@@ -14,12 +14,14 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, event, make_url, text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
 __all__ = [
     "AsyncSession",
     "create_engine",
+    "is_lock_conflict",
     "is_mysql",
     "migrate",
     "normalise_url",
@@ -39,6 +41,19 @@ def normalise_url(url: str) -> URL:
     if parsed.drivername.startswith("mysql") and "charset" not in parsed.query:
         parsed = parsed.update_query_dict({"charset": "utf8mb4"})
     return parsed
+
+
+# InnoDB's "deadlock found" and "lock wait timeout": the transaction was rolled back whole.
+_MYSQL_LOCK_CONFLICTS = {1213, 1205}
+
+
+def is_lock_conflict(exc: OperationalError) -> bool:
+    """Lost a lock race (a deadlock, a lock wait, SQLite's busy file): the transaction did
+    nothing, and running it again is safe."""
+    code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
+    if code in _MYSQL_LOCK_CONFLICTS:
+        return True
+    return "database is locked" in str(exc.orig)
 
 
 def is_mysql(engine: AsyncEngine) -> bool:
