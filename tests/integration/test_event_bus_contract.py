@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from shop.platform.eventlog import SqliteEventLog, main
-from shop.platform.events import Event, open_event_bus
+from shop.platform.events import Event, RetryPolicy, open_event_bus
 
 LEASE_S = 1.0
 
@@ -554,3 +554,19 @@ def test_replay_refuses_a_log_it_cannot_tend(capsys: pytest.CaptureFixture[str])
             main(args)
         assert exit_.value.code == 2
     assert "sqlite" in capsys.readouterr().err
+
+
+async def test_the_factory_applies_the_configured_retry_policy(bus_url: str) -> None:
+    calls: list[int] = []
+
+    async def handler(event: Event) -> None:
+        calls.append(int(event.data["n"]))
+        if event.data["n"] == 0:
+            raise ValueError("never works")
+
+    policy = RetryPolicy(max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
+    async with open_event_bus(bus_url, client_id="configured", retry=policy) as bus:
+        bus.subscribe("orders", group="g", handler=handler)
+        await bus.publish("orders", [_event("A", 0), _event("A", 1)])
+        await bus.start()
+        await _until(lambda: calls == [0, 0, 1])

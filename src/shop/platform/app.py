@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from shop.platform.db import create_engine, migrate, ping
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
-from shop.platform.events import EventBus, open_event_bus
+from shop.platform.events import EventBus, RetryPolicy, open_event_bus
 from shop.platform.http import http_session
 from shop.platform.middleware import (
     BodyLimitMiddleware,
@@ -250,7 +250,14 @@ async def service_database(
 async def service_events(runtime: Runtime) -> AsyncIterator[EventBus]:
     """The event bus the settings name, with its readiness check."""
     url = runtime.platform.resolved_event_bus_url
-    async with open_event_bus(url, client_id=runtime.name) as bus:
+    settings = runtime.platform
+    retry = RetryPolicy(
+        max_attempts=settings.event_max_attempts,
+        backoff_s=settings.event_retry_backoff_s,
+        backoff_max_s=settings.event_retry_backoff_max_s,
+        handler_timeout_s=settings.event_handler_timeout_s,
+    )
+    async with open_event_bus(url, client_id=runtime.name, retry=retry) as bus:
         runtime.readiness["events"] = bus.ping
         try:
             await bus.ping()  # connect now, not in the middle of the first publish

@@ -23,6 +23,7 @@ __all__ = [
     "EventBus",
     "Handler",
     "MalformedEvent",
+    "RetryPolicy",
     "open_event_bus",
 ]
 
@@ -108,6 +109,16 @@ class Event:
 Handler = Callable[[Event], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a consumer treats a failing handler before the event goes to dead letters."""
+
+    max_attempts: int = 40
+    backoff_s: float = 0.2
+    backoff_max_s: float = 30.0
+    handler_timeout_s: float = 60.0
+
+
 class EventBus(Protocol):
     async def publish(self, topic: str, events: Sequence[Event]) -> None:
         """Append ``events`` to ``topic`` durably, in order; each keyed by its subject."""
@@ -127,12 +138,22 @@ class EventBus(Protocol):
 
 
 @asynccontextmanager
-async def open_event_bus(url: str, *, client_id: str) -> AsyncIterator[EventBus]:
+async def open_event_bus(
+    url: str, *, client_id: str, retry: RetryPolicy | None = None
+) -> AsyncIterator[EventBus]:
     """Open the bus the URL names; start consumers with ``start()`` after subscribing."""
+    retry = retry or RetryPolicy()
     if url.startswith("sqlite"):
         from shop.platform.eventlog import SqliteEventLog
 
-        bus: EventBus = SqliteEventLog(url, client_id=client_id)
+        bus: EventBus = SqliteEventLog(
+            url,
+            client_id=client_id,
+            max_attempts=retry.max_attempts,
+            retry_backoff_s=retry.backoff_s,
+            retry_backoff_max_s=retry.backoff_max_s,
+            handler_timeout_s=retry.handler_timeout_s,
+        )
     else:
         raise ValueError(f"no event bus for {url.split(':', 1)[0]!r} URLs")
     try:

@@ -23,6 +23,11 @@ class PlatformSettings(BaseSettings):
     registry_url: str = "http://127.0.0.1:8761/eureka"
     # Where events travel: unset = the embedded SQLite event log under the data dir.
     event_bus_url: str | None = None
+    # A failing event handler is retried with back-off, then its event is dead-lettered.
+    event_max_attempts: int = Field(default=40, ge=1)
+    event_retry_backoff_s: float = Field(default=0.2, gt=0)
+    event_retry_backoff_max_s: float = Field(default=30.0, gt=0)
+    event_handler_timeout_s: float = Field(default=60.0, gt=0)
     # How this process is reached by others; 127.0.0.1 suits a laptop, a pod sets its own IP.
     advertise_host: str = "127.0.0.1"
     heartbeat_interval_s: float = 30.0
