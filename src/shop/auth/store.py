@@ -11,7 +11,6 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     Column,
-    DateTime,
     ForeignKey,
     Index,
     MetaData,
@@ -22,16 +21,15 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shop.auth.domain import EmailTaken, RefreshToken, User
+from shop.platform.db import Timestamp, from_db_time, to_db_time
 
 __all__ = ["AuthStore", "Credentials", "SqlAuthStore", "metadata"]
 
 # Microseconds on MySQL too: a token's order within a family must survive the round trip.
-Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 metadata = MetaData()
 
@@ -101,14 +99,6 @@ class AuthStore(Protocol):
     async def revoke_family(self, family_id: str, *, now: datetime) -> None: ...
 
 
-def _db_time(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.replace(tzinfo=UTC)
-
-
 def _user(row: Any) -> User:
     return User(
         id=row.id,
@@ -132,7 +122,7 @@ class SqlAuthStore:
                         name=user.name,
                         password_hash=password_hash,
                         roles=",".join(user.roles),
-                        created_at=_db_time(now),
+                        created_at=to_db_time(now),
                     )
                 )
         except IntegrityError as exc:
@@ -164,7 +154,9 @@ class SqlAuthStore:
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(refresh_families).values(
-                    id=first.family_id, user_id=first.user_id, created_at=_db_time(first.issued_at)
+                    id=first.family_id,
+                    user_id=first.user_id,
+                    created_at=to_db_time(first.issued_at),
                 )
             )
             await self._insert_token(conn, first)
@@ -175,8 +167,8 @@ class SqlAuthStore:
             insert(refresh_tokens).values(
                 token_hash=token.token_hash,
                 family_id=token.family_id,
-                issued_at=_db_time(token.issued_at),
-                expires_at=_db_time(token.expires_at),
+                issued_at=to_db_time(token.issued_at),
+                expires_at=to_db_time(token.expires_at),
             )
         )
 
@@ -200,8 +192,8 @@ class SqlAuthStore:
             user_id=row.user_id,
             issued_at=row.issued_at.replace(tzinfo=UTC),
             expires_at=row.expires_at.replace(tzinfo=UTC),
-            spent_at=_aware(row.spent_at),
-            family_revoked_at=_aware(row.revoked_at),
+            spent_at=from_db_time(row.spent_at),
+            family_revoked_at=from_db_time(row.revoked_at),
         )
 
     async def rotate(self, *, spent_hash: str, successor: RefreshToken, now: datetime) -> bool:
@@ -225,7 +217,7 @@ class SqlAuthStore:
                         refresh_tokens.c.token_hash == spent_hash,
                         refresh_tokens.c.family_id == successor.family_id,
                         refresh_tokens.c.spent_at.is_(None),
-                        refresh_tokens.c.expires_at > _db_time(now),
+                        refresh_tokens.c.expires_at > to_db_time(now),
                         refresh_tokens.c.family_id.in_(
                             select(refresh_families.c.id).where(
                                 refresh_families.c.revoked_at.is_(None)
@@ -233,7 +225,7 @@ class SqlAuthStore:
                         ),
                     )
                 )
-                .values(spent_at=_db_time(now))
+                .values(spent_at=to_db_time(now))
             )
             if spent.rowcount != 1:
                 return False
@@ -249,5 +241,5 @@ class SqlAuthStore:
                         refresh_families.c.id == family_id, refresh_families.c.revoked_at.is_(None)
                     )
                 )
-                .values(revoked_at=_db_time(now))
+                .values(revoked_at=to_db_time(now))
             )

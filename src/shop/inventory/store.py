@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     Column,
-    DateTime,
     ForeignKey,
     MetaData,
     String,
@@ -42,11 +41,10 @@ from shop.inventory.domain import (
     replay,
     shortages,
 )
-from shop.platform.db import is_lock_conflict, is_mysql
+from shop.platform.db import Timestamp, is_lock_conflict, is_mysql, to_db_time
 
 __all__ = ["InventoryStore", "SqlInventoryStore", "metadata"]
 
-Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 metadata = MetaData()
 
@@ -126,10 +124,6 @@ class _Known(Exception):
     """The order number already has a reservation row."""
 
 
-def _db_time(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 class SqlInventoryStore:
     def __init__(self, engine: AsyncEngine, *, attempts: int = 3) -> None:
         self._engine = engine
@@ -149,7 +143,7 @@ class SqlInventoryStore:
         return {row.sku_code: int(row.quantity) for row in rows}
 
     def _upsert(self, sku_code: str, quantity: int, *, now: datetime, add: bool) -> Any:
-        values = {"sku_code": sku_code, "quantity": quantity, "updated_at": _db_time(now)}
+        values = {"sku_code": sku_code, "quantity": quantity, "updated_at": to_db_time(now)}
         if is_mysql(self._engine):
             my = mysql.insert(stock).values(**values)
             new = my.inserted.quantity
@@ -194,7 +188,7 @@ class SqlInventoryStore:
                 await conn.execute(
                     insert(stock),
                     [
-                        {"sku_code": sku, "quantity": qty, "updated_at": _db_time(now)}
+                        {"sku_code": sku, "quantity": qty, "updated_at": to_db_time(now)}
                         for sku, qty in levels.items()
                     ],
                 )
@@ -232,7 +226,7 @@ class SqlInventoryStore:
                         insert(reservations).values(
                             order_number=order_number,
                             status=ReservationStatus.RESERVED.value,
-                            created_at=_db_time(now),
+                            created_at=to_db_time(now),
                         )
                     )
                 except IntegrityError as exc:
@@ -265,7 +259,7 @@ class SqlInventoryStore:
             taken = await conn.execute(
                 update(stock)
                 .where(and_(stock.c.sku_code == line.sku_code, stock.c.quantity >= line.quantity))
-                .values(quantity=stock.c.quantity - line.quantity, updated_at=_db_time(now))
+                .values(quantity=stock.c.quantity - line.quantity, updated_at=to_db_time(now))
             )
             if taken.rowcount != 1:
                 # Lines before this one hold our own decrements, so read only the rest.
@@ -289,7 +283,7 @@ class SqlInventoryStore:
                         reservations.c.status == ReservationStatus.RESERVED.value,
                     )
                 )
-                .values(status=ReservationStatus.RELEASED.value, released_at=_db_time(now))
+                .values(status=ReservationStatus.RELEASED.value, released_at=to_db_time(now))
             )
             if released.rowcount != 1:
                 await self._leave_tombstone(conn, order_number, now=now)
@@ -304,7 +298,7 @@ class SqlInventoryStore:
                 await conn.execute(
                     update(stock)
                     .where(stock.c.sku_code == line.sku_code)
-                    .values(quantity=stock.c.quantity + line.quantity, updated_at=_db_time(now))
+                    .values(quantity=stock.c.quantity + line.quantity, updated_at=to_db_time(now))
                 )
         return True
 
@@ -327,8 +321,8 @@ class SqlInventoryStore:
                 insert(reservations).values(
                     order_number=order_number,
                     status=ReservationStatus.RELEASED.value,
-                    created_at=_db_time(now),
-                    released_at=_db_time(now),
+                    created_at=to_db_time(now),
+                    released_at=to_db_time(now),
                 )
             )
         except IntegrityError as exc:

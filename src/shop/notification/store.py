@@ -14,7 +14,6 @@ from typing import Any, Protocol
 
 from sqlalchemy import (
     Column,
-    DateTime,
     Index,
     Integer,
     MetaData,
@@ -25,19 +24,17 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.notification.domain import Channel, Notification, Status
-from shop.platform.db import is_lock_conflict
+from shop.platform.db import Timestamp, from_db_time, is_lock_conflict, to_db_time
 from shop.platform.inbox import first_delivery
 
 __all__ = ["CONSUMER", "NotificationStore", "SqlNotificationStore", "metadata", "notifications"]
 
 CONSUMER = "notification-service"
 
-Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 metadata = MetaData()
 
@@ -91,14 +88,6 @@ class NotificationStore(Protocol):
     async def by_event(self, event_id: str) -> Notification | None: ...
 
 
-def _db_time(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    return None if moment is None else moment.replace(tzinfo=UTC)
-
-
 def _notification(row: Any) -> Notification:
     return Notification(
         id=row.id,
@@ -113,9 +102,9 @@ def _notification(row: Any) -> Notification:
         body=row.body,
         attempts=row.attempts,
         last_error=row.last_error,
-        next_attempt_at=_aware(row.next_attempt_at),
+        next_attempt_at=from_db_time(row.next_attempt_at),
         created_at=row.created_at.replace(tzinfo=UTC),
-        sent_at=_aware(row.sent_at),
+        sent_at=from_db_time(row.sent_at),
     )
 
 
@@ -144,9 +133,9 @@ class SqlNotificationStore:
                         body=n.body,
                         attempts=n.attempts,
                         last_error=n.last_error,
-                        next_attempt_at=_db_time(n.next_attempt_at),
-                        created_at=_db_time(n.created_at),
-                        sent_at=_db_time(n.sent_at),
+                        next_attempt_at=to_db_time(n.next_attempt_at),
+                        created_at=to_db_time(n.created_at),
+                        sent_at=to_db_time(n.sent_at),
                     )
                 )
         return True
@@ -160,7 +149,7 @@ class SqlNotificationStore:
             rows = (
                 await conn.execute(
                     select(notifications)
-                    .where(notifications.c.next_attempt_at <= _db_time(now))
+                    .where(notifications.c.next_attempt_at <= to_db_time(now))
                     .where(notifications.c.channel.in_(list(channels)))
                     .order_by(notifications.c.next_attempt_at)
                     .limit(limit)
@@ -175,8 +164,8 @@ class SqlNotificationStore:
                         update(notifications)
                         .where(notifications.c.id == row.id)
                         .where(notifications.c.attempts == row.attempts)
-                        .where(notifications.c.next_attempt_at <= _db_time(now))
-                        .values(attempts=row.attempts + 1, next_attempt_at=_db_time(hold_until))
+                        .where(notifications.c.next_attempt_at <= to_db_time(now))
+                        .values(attempts=row.attempts + 1, next_attempt_at=to_db_time(hold_until))
                     )
             except OperationalError as exc:
                 if not is_lock_conflict(exc):
@@ -195,7 +184,9 @@ class SqlNotificationStore:
             await conn.execute(
                 update(notifications)
                 .where(notifications.c.id == notification_id)
-                .values(status=status, sent_at=_db_time(now), next_attempt_at=None, last_error=None)
+                .values(
+                    status=status, sent_at=to_db_time(now), next_attempt_at=None, last_error=None
+                )
             )
 
     async def mark_failed(
@@ -208,7 +199,7 @@ class SqlNotificationStore:
                 .values(
                     status="FAILED",
                     last_error=error[:2000],
-                    next_attempt_at=_db_time(next_attempt_at),
+                    next_attempt_at=to_db_time(next_attempt_at),
                 )
             )
 

@@ -18,7 +18,6 @@ from typing import Any, Protocol
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     ForeignKey,
     Index,
     Integer,
@@ -37,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shop.order.domain import Order, OrderLine, OrderStatus, cents, from_cents
+from shop.platform.db import Timestamp, from_db_time
 from shop.platform.events import Event
 from shop.platform.outbox import add_event
 
@@ -60,7 +60,6 @@ __all__ = [
 
 ORDERS_TOPIC = "orders"
 
-Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 metadata = MetaData()
 
@@ -218,10 +217,6 @@ def _naive_utc(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(tzinfo=None)
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 class SqlOrderStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -263,7 +258,7 @@ class SqlOrderStore:
                         status_code=row.status_code,
                         body=json.loads(row.response_body),
                     )
-                if _aware(row.created_at) > now - stale_after:
+                if from_db_time(row.created_at) > now - stale_after:
                     return KeyClaim(ClaimOutcome.IN_PROGRESS)
                 # Its process died mid-request: take the key over, unless another did first.
                 taken = await conn.execute(
@@ -485,7 +480,7 @@ class SqlOrderStore:
                 buyer_email=row.buyer_email,
                 status=OrderStatus(row.status),
                 lines=tuple(lines[row.order_number]),
-                created_at=_aware(row.created_at),
+                created_at=from_db_time(row.created_at),
             )
             for row in rows
         ]

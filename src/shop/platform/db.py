@@ -6,13 +6,15 @@ SQLite (aiosqlite) is the embedded default; MySQL/MariaDB (aiomysql) is chosen b
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, event, make_url, text
+from sqlalchemy import Connection, DateTime, event, make_url, text
+from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
@@ -20,7 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 
 __all__ = [
     "AsyncSession",
+    "Timestamp",
     "create_engine",
+    "from_db_time",
     "is_lock_conflict",
     "is_mysql",
     "migrate",
@@ -28,7 +32,33 @@ __all__ = [
     "ping",
     "run_migrations_env",
     "session_factory",
+    "to_db_time",
 ]
+
+# A moment, stored as naive UTC with microseconds on every backend (MySQL's DATETIME would
+# drop them by default).
+Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+
+@overload
+def to_db_time(moment: datetime) -> datetime: ...
+@overload
+def to_db_time(moment: None) -> None: ...
+def to_db_time(moment: datetime | None) -> datetime | None:
+    """An aware moment as the naive UTC a ``Timestamp`` column holds."""
+    return None if moment is None else moment.astimezone(UTC).replace(tzinfo=None)
+
+
+@overload
+def from_db_time(moment: datetime) -> datetime: ...
+@overload
+def from_db_time(moment: None) -> None: ...
+def from_db_time(moment: datetime | None) -> datetime | None:
+    """What a ``Timestamp`` column gave back, as an aware UTC moment."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
 
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+aiomysql", "mariadb": "mysql+aiomysql"}
 

@@ -14,13 +14,11 @@ whose NUMERIC would turn them into floats.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
 from sqlalchemy import (
     Column,
-    DateTime,
     Dialect,
     Index,
     MetaData,
@@ -42,6 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from shop.platform.db import Timestamp, from_db_time, to_db_time
 from shop.platform.events import Event
 from shop.platform.outbox import add_event
 from shop.product.domain import CataloguePage, CatalogueQuery, Product, SkuTaken
@@ -49,7 +48,6 @@ from shop.product.events import TOPIC
 
 __all__ = ["Money", "ProductStore", "SqlProductStore", "metadata", "products"]
 
-Timestamp = DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 BinaryText = Text().with_variant(mysql.MEDIUMTEXT(collation="utf8mb4_bin"), "mysql", "mariadb")
 _LIKE_ESCAPE = "!"
 
@@ -137,10 +135,6 @@ class ProductStore(Protocol):
     async def is_empty(self) -> bool: ...
 
 
-def _db_time(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 def _search_text(product: Product) -> str:
     return f"{product.name}\n{product.description}".casefold()
 
@@ -165,7 +159,7 @@ def _product(row: Any) -> Product:
         price=row.price,
         sku_code=row.sku_code,
         category=row.category,
-        created_at=row.created_at.replace(tzinfo=UTC),
+        created_at=from_db_time(row.created_at),
     )
 
 
@@ -203,7 +197,7 @@ class SqlProductStore:
                 await conn.execute(
                     insert(products).values(
                         id=product.id,
-                        created_at=_db_time(product.created_at),
+                        created_at=to_db_time(product.created_at),
                         **_row_values(product),
                     )
                 )
