@@ -45,14 +45,6 @@ def _registry_reachable(registry: RegistryClient) -> ReadinessCheck:
     return check
 
 
-def _registered(heartbeat: Heartbeat) -> ReadinessCheck:
-    async def check() -> None:
-        if not heartbeat.registered:
-            raise RuntimeError("not registered with the discovery server")
-
-    return check
-
-
 def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starlette:
     """The gateway. Whoever serves it sets ``app.state.bound_port`` first to have it registered."""
     # The dashboard lists every instance's address: a map of the inside, for admins only
@@ -106,7 +98,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                         renewal_interval_s=platform.heartbeat_interval_s,
                     ),
                 )
-                runtime.readiness["registration"] = _registered(runtime.heartbeat)
+                runtime.readiness["registration"] = runtime.heartbeat.check_registered
                 runtime.heartbeat.start()
             try:
                 yield

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated, Any
+from typing import Annotated
 
 import aiohttp
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -210,7 +210,7 @@ def create_app(
                         ),
                     )
                     runtime.heartbeat = heartbeat
-                    runtime.readiness["registry"] = _registered(heartbeat)
+                    runtime.readiness["registry"] = heartbeat.check_registered
                     heartbeat.start()
                 try:
                     yield
@@ -264,16 +264,3 @@ async def service_events(runtime: Runtime) -> AsyncIterator[EventBus]:
         except Exception as exc:  # readiness reports it; publishers and consumers retry
             log.warning("the event bus is not reachable yet: %r", exc)
         yield bus
-
-
-def _registered(heartbeat: Heartbeat) -> ReadinessCheck:
-    async def check() -> None:
-        if not heartbeat.registered:
-            raise RuntimeError("not registered with the discovery server")
-
-    return check
-
-
-def runtime_of(app: Any) -> Runtime:
-    runtime: Runtime = app.state.runtime
-    return runtime

@@ -204,6 +204,11 @@ class Heartbeat:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.registration.app}")
 
+    async def check_registered(self) -> None:
+        """Readiness: raise unless the registry currently holds this registration."""
+        if not self.registered:
+            raise RuntimeError("not registered with the discovery server")
+
     async def _run(self) -> None:
         retry = 0.2
         while True:
