@@ -6,10 +6,17 @@ import sqlite3
 from pathlib import Path
 
 import pymysql
+import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from shop.platform.db import create_engine, is_lock_conflict, normalise_url, ping
+from shop.platform.db import (
+    create_engine,
+    is_lock_conflict,
+    normalise_url,
+    ping,
+    retry_on_lock_conflict,
+)
 
 
 def test_plain_urls_get_the_async_drivers() -> None:
@@ -50,3 +57,28 @@ def test_lost_lock_races_are_told_apart_from_real_errors() -> None:
     gone = OperationalError("UPDATE", {}, pymysql.err.OperationalError(2013, "Lost connection"))
     assert is_lock_conflict(deadlock) and is_lock_conflict(busy)
     assert not is_lock_conflict(gone)
+
+
+async def test_a_transaction_that_lost_a_lock_race_is_run_again() -> None:
+    deadlock = OperationalError("UPDATE", {}, pymysql.err.OperationalError(1213, "Deadlock found"))
+    gone = OperationalError("UPDATE", {}, pymysql.err.OperationalError(2013, "Lost connection"))
+    outcomes: list[Exception | None] = [deadlock, deadlock, None]
+    calls = 0
+
+    async def update() -> int:
+        nonlocal calls
+        calls += 1
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return calls
+
+    assert await retry_on_lock_conflict(update) == 3
+
+    async def always(error: Exception) -> None:
+        raise error
+
+    with pytest.raises(OperationalError):
+        await retry_on_lock_conflict(lambda: always(deadlock), attempts=2)
+    with pytest.raises(OperationalError, match="Lost connection"):
+        await retry_on_lock_conflict(lambda: always(gone))

@@ -28,7 +28,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.notification.domain import Channel, Notification, Status
-from shop.platform.db import Timestamp, from_db_time, is_lock_conflict, to_db_time
+from shop.platform.db import (
+    Timestamp,
+    execute_retrying,
+    from_db_time,
+    is_lock_conflict,
+    to_db_time,
+)
 from shop.platform.inbox import first_delivery
 
 __all__ = ["CONSUMER", "NotificationStore", "SqlNotificationStore", "metadata", "notifications"]
@@ -180,28 +186,31 @@ class SqlNotificationStore:
         return claimed
 
     async def mark_done(self, notification_id: str, *, status: Status, now: datetime) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(notifications)
-                .where(notifications.c.id == notification_id)
-                .values(
-                    status=status, sent_at=to_db_time(now), next_attempt_at=None, last_error=None
-                )
-            )
+        await self._update(
+            notification_id,
+            status=status,
+            sent_at=to_db_time(now),
+            next_attempt_at=None,
+            last_error=None,
+        )
 
     async def mark_failed(
         self, notification_id: str, *, error: str, next_attempt_at: datetime | None
     ) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(notifications)
-                .where(notifications.c.id == notification_id)
-                .values(
-                    status="FAILED",
-                    last_error=error[:2000],
-                    next_attempt_at=to_db_time(next_attempt_at),
-                )
-            )
+        await self._update(
+            notification_id,
+            status="FAILED",
+            last_error=error[:2000],
+            next_attempt_at=to_db_time(next_attempt_at),
+        )
+
+    async def _update(self, notification_id: str, **values: Any) -> None:
+        # A sweeper's claim on the same row may make InnoDB roll this back as a deadlock
+        # victim; the update is idempotent, so it is simply run again.
+        await execute_retrying(
+            self._engine,
+            update(notifications).where(notifications.c.id == notification_id).values(**values),
+        )
 
     async def of_user(
         self, user_id: str, *, order_number: str | None, limit: int, offset: int

@@ -12,7 +12,7 @@ import enum
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -36,7 +36,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shop.order.domain import Order, OrderLine, OrderStatus, cents, from_cents
-from shop.platform.db import Timestamp, from_db_time
+from shop.platform.db import (
+    Timestamp,
+    execute_retrying,
+    from_db_time,
+    retry_on_lock_conflict,
+    to_db_time,
+)
 from shop.platform.events import Event
 from shop.platform.outbox import add_event
 
@@ -213,10 +219,6 @@ class OrderStore(PendingReleases, Protocol):
         """
 
 
-def _naive_utc(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(tzinfo=None)
-
-
 class SqlOrderStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -233,7 +235,7 @@ class SqlOrderStore:
                             user_id=user_id,
                             idempotency_key=key,
                             request_hash=fingerprint,
-                            created_at=_naive_utc(now),
+                            created_at=to_db_time(now),
                         )
                     )
                 return KeyClaim(ClaimOutcome.CLAIMED)
@@ -269,7 +271,7 @@ class SqlOrderStore:
                         idempotency_keys.c.status_code.is_(None),
                         idempotency_keys.c.created_at == row.created_at,
                     )
-                    .values(created_at=_naive_utc(now))
+                    .values(created_at=to_db_time(now))
                 )
                 if taken.rowcount == 1:
                     return KeyClaim(ClaimOutcome.CLAIMED)
@@ -307,7 +309,7 @@ class SqlOrderStore:
                     buyer_email=order.buyer_email,
                     status=order.status.value,
                     total_cents=cents(order.total),
-                    created_at=_naive_utc(order.created_at),
+                    created_at=to_db_time(order.created_at),
                 )
             )
             await conn.execute(
@@ -381,7 +383,7 @@ class SqlOrderStore:
                     orders.c.order_number == order_number,
                     orders.c.status == OrderStatus.PLACED.value,
                 )
-                .values(status=OrderStatus.CANCELLED.value, cancelled_at=_naive_utc(now))
+                .values(status=OrderStatus.CANCELLED.value, cancelled_at=to_db_time(now))
             )
             if changed.rowcount != 1:
                 return False
@@ -391,7 +393,7 @@ class SqlOrderStore:
             )
             await conn.execute(
                 insert(pending_releases).values(
-                    order_number=order_number, due_at=_naive_utc(release_retry_at), attempts=1
+                    order_number=order_number, due_at=to_db_time(release_retry_at), attempts=1
                 )
             )
         return True
@@ -400,7 +402,7 @@ class SqlOrderStore:
         async with self._engine.begin() as conn:
             await conn.execute(
                 insert(pending_releases).values(
-                    order_number=order_number, due_at=_naive_utc(due_at), attempts=0
+                    order_number=order_number, due_at=to_db_time(due_at), attempts=0
                 )
             )
 
@@ -418,14 +420,14 @@ class SqlOrderStore:
             await conn.execute(
                 update(pending_releases)
                 .where(pending_releases.c.order_number == order_number)
-                .values(due_at=_naive_utc(now))
+                .values(due_at=to_db_time(now))
             )
 
     async def due_releases(self, *, now: datetime, limit: int) -> list[DueRelease]:
         async with self._engine.connect() as conn:
             rows = await conn.execute(
                 select(pending_releases.c.order_number, pending_releases.c.attempts)
-                .where(pending_releases.c.due_at <= _naive_utc(now))
+                .where(pending_releases.c.due_at <= to_db_time(now))
                 .order_by(pending_releases.c.due_at, pending_releases.c.order_number)
                 .limit(limit)
             )
@@ -434,31 +436,36 @@ class SqlOrderStore:
     async def claim_release(
         self, order_number: str, *, attempts: int, now: datetime, retry_at: datetime
     ) -> bool:
-        async with self._engine.begin() as conn:
-            claimed = await conn.execute(
-                update(pending_releases)
-                .where(
-                    pending_releases.c.order_number == order_number,
-                    pending_releases.c.attempts == attempts,
-                    pending_releases.c.due_at <= _naive_utc(now),
+        async def once() -> bool:
+            async with self._engine.begin() as conn:
+                claimed = await conn.execute(
+                    update(pending_releases)
+                    .where(
+                        pending_releases.c.order_number == order_number,
+                        pending_releases.c.attempts == attempts,
+                        pending_releases.c.due_at <= to_db_time(now),
+                    )
+                    .values(attempts=attempts + 1, due_at=to_db_time(retry_at))
                 )
-                .values(attempts=attempts + 1, due_at=_naive_utc(retry_at))
-            )
-        return bool(claimed.rowcount == 1)
+            return bool(claimed.rowcount == 1)
+
+        # Racing claims on one row can end in an InnoDB deadlock; run again, the compare
+        # then tells who won.
+        return await retry_on_lock_conflict(once)
 
     async def release_done(self, order_number: str) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                delete(pending_releases).where(pending_releases.c.order_number == order_number)
-            )
+        await execute_retrying(
+            self._engine,
+            delete(pending_releases).where(pending_releases.c.order_number == order_number),
+        )
 
     async def release_failed(self, order_number: str, *, error: str) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(pending_releases)
-                .where(pending_releases.c.order_number == order_number)
-                .values(last_error=error[:500])
-            )
+        await execute_retrying(
+            self._engine,
+            update(pending_releases)
+            .where(pending_releases.c.order_number == order_number)
+            .values(last_error=error[:500]),
+        )
 
     async def _with_lines(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Order]:
         if not rows:

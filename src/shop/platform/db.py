@@ -5,11 +5,14 @@ SQLite (aiosqlite) is the embedded default; MySQL/MariaDB (aiomysql) is chosen b
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from alembic import command
 from alembic.config import Config
@@ -19,6 +22,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
+from sqlalchemy.sql import Executable
 
 __all__ = [
     "AsyncSession",
@@ -26,6 +30,8 @@ __all__ = [
     "create_engine",
     "from_db_time",
     "is_lock_conflict",
+    "execute_retrying",
+    "retry_on_lock_conflict",
     "is_mysql",
     "migrate",
     "normalise_url",
@@ -60,6 +66,8 @@ def from_db_time(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC)
 
 
+T = TypeVar("T")
+
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "mysql": "mysql+aiomysql", "mariadb": "mysql+aiomysql"}
 
 
@@ -84,6 +92,29 @@ def is_lock_conflict(exc: OperationalError) -> bool:
     if code in _MYSQL_LOCK_CONFLICTS:
         return True
     return "database is locked" in str(exc.orig)
+
+
+async def retry_on_lock_conflict(operation: Callable[[], Awaitable[T]], *, attempts: int = 3) -> T:
+    """Run a whole transaction again when the database rolled it back to break a lock tie
+    (InnoDB picks a deadlock victim even among plain single-row updates)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await operation()
+        except OperationalError as exc:
+            if not is_lock_conflict(exc) or attempt == attempts:
+                raise
+        await asyncio.sleep(random.uniform(0.005, 0.02) * attempt)  # noqa: S311 - jitter
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def execute_retrying(engine: AsyncEngine, statement: Executable) -> None:
+    """One idempotent write in a transaction of its own, run again if it lost a lock race."""
+
+    async def once() -> None:
+        async with engine.begin() as conn:
+            await conn.execute(statement)
+
+    await retry_on_lock_conflict(once)
 
 
 def is_mysql(engine: AsyncEngine) -> bool:
