@@ -1,52 +1,128 @@
-"""What every event bus promises, run against each implementation (the embedded log now).
+"""What every event bus promises, run against each implementation: the embedded SQLite log
+and Kafka (a fresh, empty Kafka-protocol broker per test).
 
 Order per key, at-least-once delivery with redelivery after a failure or a crash, every
-consumer group gets every event, and nothing is lost or repeated across a restart.
+consumer group gets every event, members of one group share it without handling an event
+twice, nothing is lost or repeated across a restart, and an event no handler can take is
+set aside (without holding up other keys longer than the retry policy says) until an
+operator replays it. What only the SQLite log does (its lease, its tables, its CLI) is
+tested in ``test_eventlog.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
+import ssl
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, closing
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaConnectionError
+from aiokafka.partitioner import DefaultPartitioner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from shop.platform.eventlog import SqliteEventLog, main
-from shop.platform.events import Event, RetryPolicy, open_event_bus
+from shop.platform import context
+from shop.platform.buses import main as bus_cli
+from shop.platform.buses import open_event_bus
+from shop.platform.eventlog import SqliteEventLog
+from shop.platform.events import DeadLetterReplay, Event, EventBus, RetryPolicy
+from shop.platform.kafka import (
+    DLQ_ERROR,
+    DLQ_GROUP,
+    DLQ_OFFSET,
+    DLQ_TOPIC,
+    KafkaEventBus,
+    bootstrap_servers,
+    client_options,
+    dead_letter_topic,
+)
+from shop.platform.settings import PlatformSettings
+from tests.servers import Server
+from tests.support import free_port
 
+PARTITIONS = 6
 LEASE_S = 1.0
+# Quick retries: a failing event costs milliseconds, not the production quarter of an hour.
+FAST = RetryPolicy(max_attempts=40, backoff_s=0.01, backoff_max_s=0.05, handler_timeout_s=10.0)
+# A Kafka consumer's first join takes a few seconds on the test broker.
+JOIN_S = 20.0
 
 
-@pytest.fixture(params=["sqlite"])
-def bus_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'events.db'}"
+@dataclass(frozen=True)
+class Backend:
+    """``make_bus(client_id=…, retry=…)`` opens a bus of this backend (closed on exit)."""
+
+    name: str
+    url: str
+
+    def __call__(
+        self, *, client_id: str = "test", retry: RetryPolicy = FAST
+    ) -> AbstractAsyncContextManager[EventBus]:
+        if self.name == "sqlite":
+            return _closing(
+                SqliteEventLog(
+                    self.url,
+                    client_id=client_id,
+                    lease_s=LEASE_S,  # a dead consumer's lease lapses quickly
+                    max_attempts=retry.max_attempts,
+                    retry_backoff_s=retry.backoff_s,
+                    retry_backoff_max_s=retry.backoff_max_s,
+                    handler_timeout_s=retry.handler_timeout_s,
+                )
+            )
+        return open_event_bus(self.url, client_id=client_id, retry=retry, settings=_settings())
+
+
+def _settings() -> PlatformSettings:
+    return PlatformSettings(kafka_partitions=PARTITIONS)
 
 
 @asynccontextmanager
-async def open_bus(url: str, **options: Any) -> AsyncIterator[SqliteEventLog]:
-    """A bus tuned for tests: short leases and back-off, so take-over is quick."""
-    bus = SqliteEventLog(
-        url, client_id="test", **{"lease_s": LEASE_S, "retry_backoff_s": 0.01, **options}
-    )
+async def _closing(bus: SqliteEventLog) -> AsyncIterator[EventBus]:
     try:
         yield bus
     finally:
         await bus.close()
 
 
-def _event(key: str, n: int) -> Event:
-    return Event(type="order.placed", source="/test", subject=key, data={"n": n})
+@pytest.fixture(params=["sqlite", "kafka"])
+def make_bus(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite", f"sqlite:///{tmp_path / 'events.db'}")
+    broker: Server = request.getfixturevalue("fresh_kafka")
+    return Backend("kafka", broker.url)
 
 
-async def _until(check: Callable[[], bool], *, within_s: float = 10.0) -> None:
+def _event(key: str, n: int, **extra: Any) -> Event:
+    return Event(type="order.placed", source="/test", subject=key, data={"n": n}, **extra)
+
+
+def _keys_on_distinct_partitions(count: int) -> list[str]:
+    """Keys Kafka's default partitioner puts on ``count`` different partitions (on the
+    SQLite log every key shares one order anyway)."""
+    chosen: dict[int, str] = {}
+    partitions = list(range(PARTITIONS))
+    for n in range(1000):
+        key = f"K{n}"
+        chosen.setdefault(DefaultPartitioner()(key.encode(), partitions, partitions), key)
+        if len(chosen) == count:
+            return sorted(chosen.values())
+    raise AssertionError("not enough partitions")
+
+
+async def _until(check: Callable[[], bool], *, within_s: float = JOIN_S) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within_s
     while not check():
@@ -54,9 +130,19 @@ async def _until(check: Callable[[], bool], *, within_s: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def _caught_up(bus: EventBus, topic: str, *, group: str) -> None:
+    """Wait until the group committed every event of the topic."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + JOIN_S
+    while await bus.pending(topic, group=group):
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
 class Recorder:
     def __init__(self, fail_first: int = 0) -> None:
         self.seen: list[Event] = []
+        self.traces: list[str | None] = []
         self.fail_first = fail_first
         self.calls = 0
 
@@ -64,29 +150,123 @@ class Recorder:
         self.calls += 1
         if self.calls <= self.fail_first:
             raise RuntimeError("handler failed")
+        trace = context.current_trace()
+        self.traces.append(trace.traceparent if trace else None)
         self.seen.append(event)
 
     def numbers(self, key: str | None = None) -> list[int]:
         return [int(e.data["n"]) for e in self.seen if key is None or e.subject == key]
 
 
-async def test_events_arrive_whole_and_in_order_per_key(bus_url: str) -> None:
+# --- dead letters, wherever the backend keeps them -----------------------------------------
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    topic: str
+    payload: str
+    error: str
+    headers: dict[str, bytes]
+
+
+async def dead_letters(backend: Backend, *, group: str, topics: Sequence[str]) -> list[DeadLetter]:
+    """The group's dead letters not replayed yet, in order per topic."""
+    if backend.name == "sqlite":
+        with closing(sqlite3.connect(backend.url.removeprefix("sqlite:///"))) as db:
+            rows = db.execute(
+                "SELECT topic, payload, error FROM dead_letters WHERE grp = ? ORDER BY topic, seq",
+                (group,),
+            ).fetchall()
+        return [DeadLetter(t, p, e, {}) for t, p, e in rows if t in topics]
+    letters: list[DeadLetter] = []
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap_servers(backend.url),
+        group_id=f"{group}.dlq-replay",  # what replay has consumed is no longer a dead letter
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=50,
+    )
+    await consumer.start()
+    try:
+        for topic in topics:
+            tps = [TopicPartition(dead_letter_topic(topic, group), p) for p in range(PARTITIONS)]
+            consumer.assign(tps)
+            batches: dict[TopicPartition, list[Any]] = {tp: [] for tp in tps}
+            while not await _read_to_end(consumer, tps):
+                for tp, messages in (await consumer.getmany(timeout_ms=100)).items():
+                    batches[tp].extend(messages)
+            for tp in tps:
+                for message in batches[tp]:
+                    headers = dict(message.headers)
+                    letters.append(
+                        DeadLetter(
+                            headers[DLQ_TOPIC].decode(),
+                            message.value.decode(),
+                            headers[DLQ_ERROR].decode(),
+                            headers,
+                        )
+                    )
+    finally:
+        await consumer.stop()
+    return letters
+
+
+async def _read_to_end(consumer: Any, partitions: list[TopicPartition]) -> bool:
+    for tp in partitions:
+        end = consumer.highwater(tp)
+        if end is None or await consumer.position(tp) < end:
+            return False
+    return True
+
+
+async def append_raw(backend: Backend, *, topic: str, key: str, payload: bytes) -> None:
+    """Put a message on the bus that is not a CloudEvents envelope (a foreign producer)."""
+    if backend.name == "sqlite":
+        with closing(sqlite3.connect(backend.url.removeprefix("sqlite:///"))) as db, db:
+            db.execute(
+                "INSERT INTO events (topic, key, event_id, payload, appended_at)"
+                " VALUES (?, ?, 'x', ?, 0)",
+                (topic, key, payload.decode()),
+            )
+        return
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers(backend.url), acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, key=key.encode(), value=payload)
+    finally:
+        await producer.stop()
+
+
+# --- the contract ----------------------------------------------------------------------------
+
+
+async def test_events_arrive_whole_and_in_order_per_key(make_bus: Backend) -> None:
     recorder = Recorder()
-    async with open_bus(bus_url) as bus:
+    trace = context.TraceContext.new()
+    async with make_bus() as bus:
         bus.subscribe("orders", group="g", handler=recorder)
         await bus.start()
-        for n in range(30):
-            await bus.publish("orders", [_event("A" if n % 3 else "B", n)])
+        for n in range(0, 30, 5):
+            await bus.publish(
+                "orders",
+                [
+                    _event("A" if m % 3 else "B", m, traceparent=trace.traceparent)
+                    for m in range(n, n + 5)
+                ],
+            )
         await _until(lambda: len(recorder.seen) == 30)
     assert recorder.numbers("A") == [n for n in range(30) if n % 3]
     assert recorder.numbers("B") == [n for n in range(30) if not n % 3]
-    first = recorder.seen[0]
-    assert first.to_dict()["specversion"] == "1.0" and first.key == "B"
+    zero = recorder.seen[recorder.numbers().index(0)]
+    assert zero.to_dict()["specversion"] == "1.0" and zero.key == "B"
+    assert set(recorder.traces) == {trace.traceparent}, "the handler continues the trace"
 
 
-async def test_a_failing_handler_gets_the_same_event_again_before_later_ones(bus_url: str) -> None:
+async def test_a_failing_handler_gets_the_same_event_again_before_later_ones(
+    make_bus: Backend,
+) -> None:
     recorder = Recorder(fail_first=3)
-    async with open_bus(bus_url) as bus:
+    async with make_bus() as bus:
         bus.subscribe("orders", group="g", handler=recorder)
         await bus.publish("orders", [_event("A", 1), _event("A", 2)])
         await bus.start()
@@ -95,9 +275,9 @@ async def test_a_failing_handler_gets_the_same_event_again_before_later_ones(bus
     assert recorder.calls == 5
 
 
-async def test_every_group_gets_every_event(bus_url: str) -> None:
+async def test_every_group_gets_every_event(make_bus: Backend) -> None:
     mail, audit = Recorder(), Recorder()
-    async with open_bus(bus_url) as bus:
+    async with make_bus() as bus:
         bus.subscribe("orders", group="mail", handler=mail)
         bus.subscribe("orders", group="audit", handler=audit)
         bus.subscribe("products", group="audit", handler=audit)
@@ -109,83 +289,93 @@ async def test_every_group_gets_every_event(bus_url: str) -> None:
     assert sorted(audit.numbers()) == [0, 1, 2, 3, 4, 99]
 
 
-async def test_a_restart_resumes_after_the_last_committed_event(bus_url: str) -> None:
+async def test_a_restart_resumes_after_the_last_committed_event(make_bus: Backend) -> None:
     before, after = Recorder(), Recorder()
-    async with open_bus(bus_url) as bus:
+    async with make_bus() as bus:
         bus.subscribe("orders", group="g", handler=before)
         await bus.start()
         await bus.publish("orders", [_event("A", n) for n in range(3)])
         await _until(lambda: len(before.seen) == 3)
-    async with open_bus(bus_url) as bus:
+        await _caught_up(bus, "orders", group="g")
+    async with make_bus() as bus:
         await bus.publish("orders", [_event("A", n) for n in range(3, 5)])
-    async with open_bus(bus_url) as bus:
+        assert await bus.pending("orders", group="g") == 2
+        assert await bus.pending("orders", group="newcomer") == 5, "a new group starts at 0"
+        assert await bus.pending("returns", group="g") == 0, "a topic nobody wrote to"
+    async with make_bus() as bus:
         bus.subscribe("orders", group="g", handler=after)
         await bus.start()
         await _until(lambda: len(after.seen) == 2)
+        await _caught_up(bus, "orders", group="g")
         await asyncio.sleep(0.3)  # nothing already handled may come back
     assert after.numbers() == [3, 4]
 
 
-async def test_a_poisoned_event_is_set_aside_and_the_topic_moves_on(bus_url: str) -> None:
-    handled: list[int] = []
+async def test_members_of_one_group_handle_each_event_once(make_bus: Backend) -> None:
+    """Two processes of one service, joining and leaving while events flow: Kafka shares
+    the partitions between them, the SQLite log lets one work at a time. Either way each
+    event is handled once and, across the hand-overs, in order per key: a member finishes
+    the events in hand before it gives them up."""
+    timeline: list[tuple[str, Event]] = []  # in the order handlers finished
 
-    async def handler(event: Event) -> None:
-        if event.data["n"] == 1:
-            raise ValueError("cannot handle this one")
-        handled.append(int(event.data["n"]))
+    def handler(member: str) -> Callable[[Event], Any]:
+        async def handle(event: Event) -> None:
+            await asyncio.sleep(0.01)  # so that events are in hand when the group changes
+            timeline.append((member, event))
 
-    async with open_bus(bus_url, max_attempts=3) as bus:
-        bus.subscribe("orders", group="g", handler=handler)
-        await bus.publish("orders", [_event("A", n) for n in range(3)])
-        await bus.start()
-        await _until(lambda: handled == [0, 2])
+        return handle
+
+    def by(member: str) -> int:
+        return sum(1 for m, _ in timeline if m == member)
+
+    keys = _keys_on_distinct_partitions(PARTITIONS)
+    published = 0
+    flowing = asyncio.Event()
+    flowing.set()
+
+    async def publish_steadily(bus: EventBus) -> None:
+        nonlocal published
+        while flowing.is_set():
+            await bus.publish("orders", [_event(key, published + i) for i, key in enumerate(keys)])
+            published += len(keys)
+            await asyncio.sleep(0.05)
+
+    async with make_bus(client_id="first") as first, make_bus(client_id="second") as second:
+        first.subscribe("orders", group="g", handler=handler("first"))
+        second.subscribe("orders", group="g", handler=handler("second"))
+        publisher = asyncio.create_task(publish_steadily(second))
+        try:
+            await first.start()
+            await _until(lambda: by("first") >= 10)
+            await second.start()  # a rebalance while the first member has events in hand
+            if isinstance(first, KafkaEventBus) and isinstance(second, KafkaEventBus):
+                await _until(lambda: _split(first.assigned("g"), second.assigned("g")))
+                await _until(lambda: by("second") >= 10)
+            await first.close()  # leaves with events in hand: they finish and are committed
+            handled_before = len(timeline)
+            await _until(lambda: len(timeline) >= handled_before + 10 and by("second") >= 10)
+        finally:
+            flowing.clear()
+            await publisher
+        await _until(lambda: len(timeline) >= published)
+        await _caught_up(second, "orders", group="g")
+    numbers = [int(e.data["n"]) for _, e in timeline]
+    assert sorted(numbers) == list(range(published)), "each event once"
+    for key in keys:
+        assert [int(e.data["n"]) for _, e in timeline if e.subject == key] == sorted(
+            int(e.data["n"]) for _, e in timeline if e.subject == key
+        ), f"{key} in order across the hand-overs"
 
 
-async def test_a_poisoned_event_reaches_dead_letters_however_often_consumers_restart(
-    bus_url: str,
-) -> None:
-    poisoned_calls = 0
-    handled: list[int] = []
-
-    async def handler(event: Event) -> None:
-        nonlocal poisoned_calls
-        if event.data["n"] == 0:
-            poisoned_calls += 1
-            raise ValueError("cannot handle this one")
-        handled.append(int(event.data["n"]))
-
-    async with open_bus(bus_url) as bus:
-        await bus.publish("orders", [_event("A", 0), _event("A", 1)])
-    for _ in range(8):  # each consumer gets one try at most before it is restarted
-        async with open_bus(bus_url, max_attempts=3, retry_backoff_s=5) as bus:
-            bus.subscribe("orders", group="g", handler=handler)
-            await bus.start()
-            await asyncio.sleep(0.15)
-        if handled:
-            break
-    assert handled == [1]
-    assert poisoned_calls == 3, "attempts count across restarts, not per consumer"
-
-
-async def test_a_handler_that_hangs_is_given_up_on_and_the_topic_moves_on(bus_url: str) -> None:
-    handled: list[int] = []
-
-    async def handler(event: Event) -> None:
-        if event.data["n"] == 0:
-            await asyncio.sleep(3600)
-        handled.append(int(event.data["n"]))
-
-    async with open_bus(bus_url, max_attempts=2, handler_timeout_s=0.1) as bus:
-        bus.subscribe("orders", group="g", handler=handler)
-        await bus.publish("orders", [_event("A", 0), _event("A", 1)])
-        await bus.start()
-        await _until(lambda: handled == [1], within_s=5)
+def _split(one: frozenset[tuple[str, int]], other: frozenset[tuple[str, int]]) -> bool:
+    return bool(one) and bool(other) and not one & other and len(one | other) == PARTITIONS
 
 
 CRASHING_CONSUMER = textwrap.dedent(
     """
     import asyncio, os, sys
     from shop.platform.eventlog import SqliteEventLog
+    from shop.platform.kafka import KafkaEventBus, bootstrap_servers
 
     url, out = sys.argv[1], sys.argv[2]
 
@@ -196,194 +386,10 @@ CRASHING_CONSUMER = textwrap.dedent(
             os._exit(17)  # dies after the work, before the offset is committed
 
     async def main():
-        bus = SqliteEventLog(url, client_id="crashy", lease_s=1.0)
-        bus.subscribe("orders", group="g", handler=handle)
-        await bus.start()
-        await asyncio.sleep(30)
-
-    asyncio.run(main())
-    """
-)
-
-
-async def test_a_consumer_that_dies_mid_event_gets_it_again_elsewhere(
-    bus_url: str, tmp_path: Path
-) -> None:
-    out = tmp_path / "handled.txt"
-    async with open_bus(bus_url) as bus:
-        await bus.publish("orders", [_event("A", n) for n in range(5)])
-    crashed = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CRASHING_CONSUMER, bus_url, str(out)
-    )
-    assert await asyncio.wait_for(crashed.wait(), 30) == 17
-    assert out.read_text().split() == ["0", "1", "2"]
-
-    survivor = Recorder()
-    async with open_bus(bus_url) as bus:
-        bus.subscribe("orders", group="g", handler=survivor)
-        await bus.start()  # takes over once the dead consumer's lease lapses
-        await _until(lambda: len(survivor.seen) == 3)
-    assert survivor.numbers() == [2, 3, 4], "the unfinished event comes again, nothing else"
-
-
-WRITER = textwrap.dedent(
-    """
-    import asyncio, sys
-    from shop.platform.eventlog import SqliteEventLog
-    from shop.platform.events import Event
-
-    url, key = sys.argv[1], sys.argv[2]
-
-    async def main():
-        bus = SqliteEventLog(url, client_id=key)
-        for n in range(100):
-            await bus.publish("orders", [Event(type="t", source="/w", subject=key, data={"n": n})])
-        await bus.close()
-
-    asyncio.run(main())
-    """
-)
-
-
-async def test_processes_writing_at_once_lose_nothing_and_keep_their_order(bus_url: str) -> None:
-    writers = [
-        await asyncio.create_subprocess_exec(sys.executable, "-c", WRITER, bus_url, key)
-        for key in ("W1", "W2", "W3")
-    ]
-    assert [await asyncio.wait_for(w.wait(), 60) for w in writers] == [0, 0, 0]
-    recorder = Recorder()
-    async with open_bus(bus_url) as bus:
-        bus.subscribe("orders", group="g", handler=recorder)
-        await bus.start()
-        await _until(lambda: len(recorder.seen) == 300, within_s=20)
-    for key in ("W1", "W2", "W3"):
-        assert recorder.numbers(key) == list(range(100))
-
-
-async def test_the_factory_opens_the_embedded_log_from_its_url(bus_url: str) -> None:
-    recorder = Recorder()
-    async with open_event_bus(bus_url, client_id="factory") as bus:
-        await bus.ping()
-        bus.subscribe("orders", group="g", handler=recorder)
-        await bus.start()
-        await bus.publish("orders", [_event("A", 7)])
-        await _until(lambda: recorder.numbers() == [7])
-
-
-def test_an_unknown_bus_url_is_refused() -> None:
-    async def open_unknown() -> None:
-        async with open_event_bus("carrier-pigeon://coop", client_id="x"):
-            pass
-
-    with pytest.raises(ValueError, match="carrier-pigeon"):
-        asyncio.run(open_unknown())
-
-
-# --- one group, two consumers: the lease fences them -------------------------------------
-
-
-class Timeline:
-    """Who handled what, when: start and end of every handler call, per consumer."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int, float, float]] = []
-        self.running: dict[str, int] = {}
-
-    def handler(self, consumer: str, *, takes_s: float) -> Callable[[Event], Any]:
-        async def handle(event: Event) -> None:
-            n = int(event.data["n"])
-            others = {c: m for c, m in self.running.items() if c != consumer}
-            assert not others, f"{consumer} got {n} while {others} was being handled"
-            self.running[consumer] = n
-            started = time.monotonic()
-            try:
-                await asyncio.sleep(takes_s)
-            finally:
-                del self.running[consumer]
-            self.calls.append((consumer, n, started, time.monotonic()))
-
-        return handle
-
-    def numbers(self) -> list[int]:
-        return [n for _, n, _, _ in sorted(self.calls, key=lambda c: c[2])]
-
-
-@asynccontextmanager
-async def watch_offset(url: str, *, topic: str, group: str) -> AsyncIterator[list[int]]:
-    """Every committed offset seen while the block runs (sampled every 10 ms)."""
-    seen: list[int] = []
-    watcher = SqliteEventLog(url, client_id="watcher")
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        while not done.is_set():
-            seen.append(await watcher.committed(topic, group=group))
-            await asyncio.sleep(0.01)
-
-    task = asyncio.create_task(sample())
-    try:
-        yield seen
-    finally:
-        done.set()
-        await task
-        await watcher.close()
-
-
-def _never_decreases(offsets: list[int]) -> bool:
-    return all(a <= b for a, b in zip(offsets, offsets[1:], strict=False))
-
-
-async def test_two_consumers_of_a_group_never_handle_events_at_once(bus_url: str) -> None:
-    """A handler slower than the lease: the holder keeps it renewed, the other one waits."""
-    lease_s, takes_s = 0.6, 0.9
-    timeline = Timeline()
-    first = SqliteEventLog(bus_url, client_id="first", lease_s=lease_s)
-    second = SqliteEventLog(bus_url, client_id="second", lease_s=lease_s)
-    await first.publish("orders", [_event("AB"[n % 2], n) for n in range(4)])
-    async with watch_offset(bus_url, topic="orders", group="g") as offsets:
-        try:
-            first.subscribe("orders", group="g", handler=timeline.handler("first", takes_s=takes_s))
-            second.subscribe(
-                "orders", group="g", handler=timeline.handler("second", takes_s=takes_s)
-            )
-            await first.start()
-            await _until(lambda: bool(timeline.running))
-            await second.start()
-            await _until(lambda: len(timeline.calls) == 2)
-            # The holder leaves after the event in hand; the other one takes over from there.
-            await first.close()
-            await _until(lambda: len(timeline.calls) == 4 and offsets[-1] == 4)
-        finally:
-            await first.close()
-            await second.close()
-    assert timeline.numbers() == [0, 1, 2, 3], "every event once, in order"
-    owners = [c for c, _, _, _ in timeline.calls]
-    handed_over = owners.index("second")
-    assert owners == ["first"] * handed_over + ["second"] * (4 - handed_over)
-    assert handed_over >= 2
-    spans = sorted((start, end) for _, _, start, end in timeline.calls)
-    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:], strict=False))
-    assert _never_decreases(offsets) and offsets[-1] == 4
-
-
-STALLING_CONSUMER = textwrap.dedent(
-    """
-    import asyncio, sys
-    from shop.platform.eventlog import SqliteEventLog
-
-    url, out, lease_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
-
-    def note(line):
-        with open(out, "a") as f:
-            f.write(line + "\\n")
-
-    async def handle(event):
-        note(f"start {event.data['n']}")
-        await asyncio.sleep(0.5)
-        note(f"end {event.data['n']}")
-
-    async def main():
-        bus = SqliteEventLog(url, client_id="stalling", lease_s=lease_s)
+        if url.startswith("sqlite"):
+            bus = SqliteEventLog(url, client_id="crashy", lease_s=1.0)
+        else:
+            bus = KafkaEventBus(bootstrap_servers(url), client_id="crashy")
         bus.subscribe("orders", group="g", handler=handle)
         await bus.start()
         await asyncio.sleep(60)
@@ -393,107 +399,109 @@ STALLING_CONSUMER = textwrap.dedent(
 )
 
 
-async def test_a_consumer_that_stalls_past_its_lease_cannot_move_the_offset_back(
-    bus_url: str, tmp_path: Path
+async def test_a_consumer_that_dies_mid_event_gets_it_again_elsewhere(
+    make_bus: Backend, tmp_path: Path
 ) -> None:
-    """A process frozen mid-event (a pause, a swapped-out laptop) wakes up after a take-over:
-    it finishes the event in hand, but its late commit is refused and it delivers no more."""
-    lease_s = 0.6
-    out = tmp_path / "stalling.txt"
-    survivor = Recorder()
-    async with open_bus(bus_url) as bus:
-        await bus.publish("orders", [_event("A", n) for n in range(4)])
-    stalling = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", STALLING_CONSUMER, bus_url, str(out), str(lease_s)
+    out = tmp_path / "handled.txt"
+    async with make_bus() as bus:
+        await bus.publish("orders", [_event("A", n) for n in range(5)])
+    crashed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_CONSUMER, make_bus.url, str(out)
     )
-    try:
-        async with watch_offset(bus_url, topic="orders", group="g") as offsets:
-            await _until(lambda: out.exists() and "start 1" in out.read_text().split("\n"))
-            stalling.send_signal(signal.SIGSTOP)
-            bus = SqliteEventLog(bus_url, client_id="survivor", lease_s=lease_s)
-            try:
-                bus.subscribe("orders", group="g", handler=survivor)
-                await bus.start()  # takes over once the frozen process's lease lapses
-                await _until(lambda: len(survivor.seen) == 3)
-                stalling.send_signal(signal.SIGCONT)
-                await _until(lambda: "end 1" in out.read_text().split("\n"))
-                await asyncio.sleep(0.5)  # its commit, and any further delivery, would be now
-            finally:
-                await bus.close()
-    finally:
-        stalling.send_signal(signal.SIGCONT)
-        stalling.kill()
-        await stalling.wait()
-    assert out.read_text().split("\n")[:-1] == ["start 0", "end 0", "start 1", "end 1"]
-    assert survivor.numbers() == [1, 2, 3], "only the event in hand at the take-over comes twice"
-    assert _never_decreases(offsets) and offsets[-1] == 4
+    assert await asyncio.wait_for(crashed.wait(), 60) == 17
+    assert out.read_text().split() == ["0", "1", "2"]
+
+    survivor = Recorder()
+    async with make_bus() as bus:
+        bus.subscribe("orders", group="g", handler=survivor)
+        # Takes over once the dead consumer's lease lapses, or the broker gave up on it.
+        await bus.start()
+        await _until(lambda: len(survivor.seen) == 3, within_s=40)
+        await _caught_up(bus, "orders", group="g")
+    assert survivor.numbers() == [2, 3, 4], "the unfinished event comes again, nothing else"
 
 
-# --- dead letters: only after a long outage, and replayable --------------------------------
-
-
-def dead_letters(url: str) -> list[tuple[str, str, int]]:
-    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db:
-        rows = db.execute("SELECT grp, topic, seq FROM dead_letters ORDER BY grp, topic, seq")
-        return [(g, t, int(s)) for g, t, s in rows]
-
-
-def test_by_default_a_failing_event_is_retried_for_a_quarter_of_an_hour(bus_url: str) -> None:
-    patience_s = SqliteEventLog(bus_url, client_id="defaults").patience_s
-    assert 15 * 60 <= patience_s <= 20 * 60
-
-
-async def test_an_outage_is_ridden_out_with_capped_back_off_not_dead_lettered(
-    bus_url: str,
+async def test_a_poisoned_event_is_set_aside_without_holding_up_other_keys(
+    make_bus: Backend,
 ) -> None:
-    """The handler's database is down for a while: the event waits, retried at a steady
-    pace once the back-off reaches its cap, and goes through when the outage ends."""
-    outage_ends = time.monotonic() + 0.6
-    attempts: list[float] = []
+    """On Kafka, other keys on other partitions flow while the poisoned one is retried;
+    on the SQLite log they wait, but no longer than the retry policy's patience."""
+    poisoned, other = _keys_on_distinct_partitions(2)
+    policy = RetryPolicy(max_attempts=4, backoff_s=0.1, backoff_max_s=1.0, handler_timeout_s=5)
+    tries: list[float] = []
+    handled: dict[int, float] = {}
+
+    async def handler(event: Event) -> None:
+        if event.data["n"] == 0:
+            tries.append(time.monotonic())
+            raise ValueError("cannot handle this one")
+        handled[int(event.data["n"])] = time.monotonic()
+
+    trace = context.TraceContext.new()
+    async with make_bus(retry=policy) as bus:
+        bus.subscribe("orders", group="g", handler=handler)
+        await bus.publish("orders", [_event(poisoned, 0, traceparent=trace.traceparent)])
+        await bus.publish("orders", [_event(poisoned, 1)] + [_event(other, n) for n in range(2, 6)])
+        await bus.start()
+        await _until(lambda: len(handled) == 5)
+        await _caught_up(bus, "orders", group="g")
+    assert len(tries) == 4, "max_attempts in all"
+    assert handled[1] > tries[-1], "its own key waits for it"
+    others = [handled[n] for n in range(2, 6)]
+    assert max(others) - tries[0] < policy.patience_s + 1.0
+    if make_bus.name == "kafka":
+        assert max(others) < tries[-1], "other partitions went on meanwhile"
+    [letter] = await dead_letters(make_bus, group="g", topics=["orders"])
+    assert letter.topic == "orders" and "cannot handle this one" in letter.error
+    assert Event.from_json(letter.payload).data == {"n": 0}
+    if make_bus.name == "kafka":
+        # The raw message, with where it came from: its trace and its place in the topic.
+        assert letter.headers["traceparent"] == trace.traceparent.encode()
+        assert letter.headers[DLQ_GROUP] == b"g" and letter.headers[DLQ_OFFSET] == b"0"
+
+
+async def test_a_handler_that_hangs_is_given_up_on_and_the_topic_moves_on(
+    make_bus: Backend,
+) -> None:
     handled: list[int] = []
 
     async def handler(event: Event) -> None:
-        attempts.append(time.monotonic())
-        if attempts[-1] < outage_ends:
-            raise ConnectionError("database is down")
+        if event.data["n"] == 0:
+            await asyncio.sleep(3600)
         handled.append(int(event.data["n"]))
 
-    async with open_bus(
-        bus_url, retry_backoff_s=0.01, retry_backoff_max_s=0.05, max_attempts=60
-    ) as bus:
+    policy = RetryPolicy(max_attempts=2, backoff_s=0.01, handler_timeout_s=0.1)
+    async with make_bus(retry=policy) as bus:
         bus.subscribe("orders", group="g", handler=handler)
-        await bus.publish("orders", [_event("A", 1), _event("A", 2)])
+        await bus.publish("orders", [_event("A", 0), _event("A", 1)])
         await bus.start()
-        await _until(lambda: handled == [1, 2])
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
-    assert len(attempts) > 8, "more attempts than the old policy's eight"
-    assert max(gaps) < 0.05 + 0.15, "the back-off stops growing at its cap"
-    assert dead_letters(bus_url) == []
+        await _until(lambda: handled == [1])
+    [letter] = await dead_letters(make_bus, group="g", topics=["orders"])
+    assert "TimeoutError" in letter.error
 
 
-async def test_an_envelope_that_is_not_cloudevents_is_set_aside_at_once(bus_url: str) -> None:
+async def test_an_envelope_that_is_not_cloudevents_is_set_aside_at_once(
+    make_bus: Backend,
+) -> None:
     recorder = Recorder()
-    async with open_bus(bus_url) as bus:
+    patient = RetryPolicy(backoff_s=30.0, backoff_max_s=30.0)  # a retry would time the test out
+    async with make_bus(retry=patient) as bus:
         await bus.publish("orders", [_event("A", 1)])
-    with closing(sqlite3.connect(bus_url.removeprefix("sqlite:///"))) as db, db:
-        db.execute(
-            "INSERT INTO events (topic, key, event_id, payload, appended_at)"
-            " VALUES ('orders', 'A', 'x', '{\"hello\": 1}', 0)"
-        )
-    async with open_bus(bus_url, retry_backoff_s=5.0) as bus:
+        await append_raw(make_bus, topic="orders", key="A", payload=b'{"hello": 1}')
         bus.subscribe("orders", group="g", handler=recorder)
         await bus.publish("orders", [_event("A", 3)])
         await bus.start()
-        await _until(lambda: recorder.numbers() == [1, 3], within_s=2)
-    assert dead_letters(bus_url) == [("g", "orders", 2)]
+        await _until(lambda: recorder.numbers() == [1, 3])
+    [letter] = await dead_letters(make_bus, group="g", topics=["orders"])
+    assert letter.payload == '{"hello": 1}' and "CloudEvents" in letter.error
 
 
-async def _replay(url: str, *args: str) -> tuple[int, str]:
+async def _replay_command(url: str, *args: str) -> tuple[int, str]:
     """The command an operator runs, as a process of its own."""
     cli = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "shop.platform.eventlog",
+        "shop.platform.buses",
         "replay",
         "--url",
         url,
@@ -501,16 +509,13 @@ async def _replay(url: str, *args: str) -> tuple[int, str]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await asyncio.wait_for(cli.communicate(), 30)
+    output, _ = await asyncio.wait_for(cli.communicate(), 60)
     return await cli.wait(), output.decode()
 
 
-async def test_dead_letters_can_be_replayed_to_their_group(
-    bus_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """After the outage is fixed, an operator puts a group's dead letters back on the log:
-    the group handles them; the other groups see the same event id again (their inbox
-    drops it)."""
+async def test_dead_letters_can_be_replayed_to_their_group(make_bus: Backend) -> None:
+    """After the outage is fixed, an operator puts a group's dead letters back: the group
+    handles them; the other groups see the same event id again (their inbox drops it)."""
     broken = {1, 99}
     mail: list[Event] = []
     audit = Recorder()
@@ -520,43 +525,38 @@ async def test_dead_letters_can_be_replayed_to_their_group(
             raise ConnectionError("mail relay refuses us")
         mail.append(event)
 
-    async with open_bus(bus_url, max_attempts=2) as bus:
+    async def dead_mail() -> list[DeadLetter]:
+        return await dead_letters(make_bus, group="mail", topics=["orders", "products"])
+
+    async with make_bus(retry=RetryPolicy(max_attempts=2, backoff_s=0.01)) as bus:
         bus.subscribe("orders", group="mail", handler=send_mail)
         bus.subscribe("products", group="mail", handler=send_mail)
         bus.subscribe("orders", group="audit", handler=audit)
         await bus.start()
         await bus.publish("orders", [_event("A", n) for n in range(3)])
         await bus.publish("products", [_event("P", 99)])
-        await _until(
-            lambda: len(dead_letters(bus_url)) == 2 and len(audit.seen) == 3 and len(mail) == 2
-        )
+        await _until(lambda: len(audit.seen) == 3 and len(mail) == 2)
+        await _caught_up(bus, "products", group="mail")
         assert [int(e.data["n"]) for e in mail] == [0, 2]
+        assert [d.topic for d in await dead_mail()] == ["orders", "products"]
 
         broken.clear()
-        # The same command in-process (saves starting Python twice more).
-        assert await asyncio.to_thread(main, ["replay", "--url", bus_url, "--group", "audit"]) == 0
-        assert capsys.readouterr().out == "replayed 0 dead letter(s) of group audit\n"
-        status, output = await _replay(bus_url, "--group", "mail", "--topic", "orders")
+        assert isinstance(bus, DeadLetterReplay)
+        replay = bus.replay_dead_letters
+        assert await replay(group="audit") == 0
+        status, output = await _replay_command(make_bus.url, "--group", "mail", "--topic", "orders")
         assert (status, output) == (0, "replayed 1 dead letter(s) of group mail on orders\n")
         await _until(lambda: len(mail) == 3 and len(audit.seen) == 4)
         assert [int(e.data["n"]) for e in mail] == [0, 2, 1]
         assert audit.seen[3].id == audit.seen[1].id, "the same event, for the inbox to drop"
-        assert dead_letters(bus_url) == [("mail", "products", 4)]
-        assert await asyncio.to_thread(main, ["replay", "--url", bus_url, "--group", "mail"]) == 0
-        assert capsys.readouterr().out == "replayed 1 dead letter(s) of group mail\n"
+        assert [d.topic for d in await dead_mail()] == ["products"]
+        assert await replay(group="mail") == 1
         await _until(lambda: len(mail) == 4)
-        assert dead_letters(bus_url) == []
+        assert await dead_mail() == []
+        assert await replay(group="mail") == 0, "a dead letter is replayed once"
 
 
-def test_replay_refuses_a_log_it_cannot_tend(capsys: pytest.CaptureFixture[str]) -> None:
-    for args in (["replay", "--url", "mysql://db/x", "--group", "g"], ["replay", "--group", "g"]):
-        with pytest.raises(SystemExit) as exit_:
-            main(args)
-        assert exit_.value.code == 2
-    assert "sqlite" in capsys.readouterr().err
-
-
-async def test_the_factory_applies_the_configured_retry_policy(bus_url: str) -> None:
+async def test_the_factory_applies_the_configured_retry_policy(make_bus: Backend) -> None:
     calls: list[int] = []
 
     async def handler(event: Event) -> None:
@@ -565,8 +565,128 @@ async def test_the_factory_applies_the_configured_retry_policy(bus_url: str) -> 
             raise ValueError("never works")
 
     policy = RetryPolicy(max_attempts=2, backoff_s=0.01, backoff_max_s=0.01)
-    async with open_event_bus(bus_url, client_id="configured", retry=policy) as bus:
+    async with open_event_bus(
+        make_bus.url, client_id="configured", retry=policy, settings=_settings()
+    ) as bus:
+        await bus.ping()
         bus.subscribe("orders", group="g", handler=handler)
         await bus.publish("orders", [_event("A", 0), _event("A", 1)])
         await bus.start()
         await _until(lambda: calls == [0, 0, 1])
+        await _caught_up(bus, "orders", group="g")
+
+
+def test_an_unknown_bus_url_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    async def open_unknown() -> None:
+        async with open_event_bus("carrier-pigeon://coop", client_id="x"):
+            pass
+
+    with pytest.raises(ValueError, match="carrier-pigeon"):
+        asyncio.run(open_unknown())
+    with pytest.raises(SystemExit) as exit_:
+        bus_cli(["replay", "--url", "carrier-pigeon://coop", "--group", "g"])
+    assert exit_.value.code == 2
+    assert "carrier-pigeon" in capsys.readouterr().err
+
+
+# --- Kafka only: connection and security settings ------------------------------------------
+
+
+async def test_an_unreachable_broker_fails_publish_and_readiness() -> None:
+    async with open_event_bus(
+        f"kafka://127.0.0.1:{free_port()}", client_id="lonely", settings=_settings()
+    ) as bus:
+        with pytest.raises(KafkaConnectionError):
+            await bus.publish("orders", [_event("A", 1)])
+        with pytest.raises(KafkaConnectionError):
+            await bus.ping()
+
+
+def _certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate and its key, as a broker's CA and a client's identity."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "shop-test-ca")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "ca.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_kafka_security_settings_reach_every_client(tmp_path: Path) -> None:
+    cert, key = _certificate(tmp_path)
+    settings = PlatformSettings(
+        kafka_security_protocol="SASL_SSL",
+        kafka_sasl_mechanism="SCRAM-SHA-512",
+        kafka_sasl_username="order-service",
+        kafka_sasl_password="s3cret",
+        kafka_ssl_cafile=cert,
+        kafka_ssl_certfile=cert,
+        kafka_ssl_keyfile=key,
+    )
+    bus = KafkaEventBus("broker-1:9093,broker-2:9093", client_id="order-service", settings=settings)
+    options = bus.client_options
+    assert options["security_protocol"] == "SASL_SSL"
+    assert (options["sasl_mechanism"], options["sasl_plain_username"]) == (
+        "SCRAM-SHA-512",
+        "order-service",
+    )
+    assert options["sasl_plain_password"] == "s3cret"
+    context_: ssl.SSLContext = options["ssl_context"]
+    assert context_.verify_mode == ssl.CERT_REQUIRED and context_.check_hostname
+    [ca] = context_.get_ca_certs()
+    assert ca["subject"] == ((("commonName", "shop-test-ca"),),)
+    producer = AIOKafkaProducer(**options)
+    consumer = bus.new_consumer(group="g")
+    try:
+        for client in (producer.client, consumer._client):
+            assert client._security_protocol == "SASL_SSL"
+            assert client._sasl_mechanism == "SCRAM-SHA-512"
+            assert client._sasl_plain_username == "order-service"
+            assert client._ssl_context is context_
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+@pytest.mark.parametrize(
+    ("settings", "complaint"),
+    [
+        ({"kafka_security_protocol": "SASL_PLAINTEXT"}, "SASL_USERNAME"),
+        ({"kafka_sasl_username": "order-service"}, "protocol is PLAINTEXT"),
+        ({"kafka_ssl_cafile": Path("ca.pem")}, "protocol is PLAINTEXT"),
+        (
+            {"kafka_security_protocol": "SSL", "kafka_ssl_keyfile": Path("key.pem")},
+            "needs SHOP_KAFKA_SSL_CERTFILE",
+        ),
+    ],
+)
+def test_kafka_security_settings_that_would_be_ignored_are_refused(
+    settings: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        client_options(PlatformSettings(**settings))
+
+
+def test_a_kafka_url_names_its_brokers() -> None:
+    assert bootstrap_servers("kafka://k1:9092,k2:9092/") == "k1:9092,k2:9092"
+    for url in ("kafka://", "mysql://db:3306"):
+        with pytest.raises(ValueError, match="not a Kafka URL"):
+            bootstrap_servers(url)

@@ -23,9 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from shop.platform.buses import open_event_bus
 from shop.platform.db import create_engine, migrate, ping
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
-from shop.platform.events import EventBus, RetryPolicy, open_event_bus
+from shop.platform.events import EventBus, RetryPolicy
 from shop.platform.http import http_session
 from shop.platform.middleware import (
     BodyLimitMiddleware,
@@ -257,7 +258,9 @@ async def service_events(runtime: Runtime) -> AsyncIterator[EventBus]:
         backoff_max_s=settings.event_retry_backoff_max_s,
         handler_timeout_s=settings.event_handler_timeout_s,
     )
-    async with open_event_bus(url, client_id=runtime.name, retry=retry) as bus:
+    async with open_event_bus(
+        url, client_id=runtime.name, retry=retry, settings=runtime.platform
+    ) as bus:
         runtime.readiness["events"] = bus.ping
         try:
             await bus.ping()  # connect now, not in the middle of the first publish

@@ -11,7 +11,8 @@
 - A handler that raises gets the same event again after a back-off (order is kept, so the
   key's later events wait), doubling up to a cap, for about a quarter of an hour by default;
   then the event goes to ``dead_letters`` and the group moves on, so one poisoned event
-  cannot stop a topic forever. ``python -m shop.platform.eventlog replay`` puts them back.
+  cannot stop a topic forever. ``python -m shop.platform.buses replay`` (or
+  ``python -m shop.platform.eventlog replay``) puts them back.
 WAL mode lets readers and one writer work at once across processes.
 """
 
@@ -28,16 +29,20 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sqlalchemy import column, table, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.platform import context
 from shop.platform.db import create_engine
-from shop.platform.events import Event, Handler, MalformedEvent
+from shop.platform.events import Event, Handler, MalformedEvent, RetryPolicy
 from shop.platform.lease import LEASES_DDL, Lease
 
-__all__ = ["SqliteEventLog", "main"]
+if TYPE_CHECKING:
+    from shop.platform.settings import PlatformSettings
+
+__all__ = ["SqliteEventLog", "from_url", "main"]
 
 log = logging.getLogger("shop.events")
 
@@ -83,16 +88,18 @@ class SqliteEventLog:
         retry_backoff_max_s: float = 30.0,
         handler_timeout_s: float = 60.0,
     ) -> None:
-        self._handler_timeout = handler_timeout_s
         self._url = url
         self._engine: AsyncEngine | None = None
         self._owner = f"{client_id}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._poll = poll_interval_s
         self._batch = batch_size
         self._lease_s = lease_s
-        self._max_attempts = max_attempts
-        self._backoff = retry_backoff_s
-        self._backoff_max = retry_backoff_max_s
+        self._retry = RetryPolicy(
+            max_attempts=max_attempts,
+            backoff_s=retry_backoff_s,
+            backoff_max_s=retry_backoff_max_s,
+            handler_timeout_s=handler_timeout_s,
+        )
         self._subscriptions: list[_Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Lock()
@@ -175,6 +182,19 @@ class SqliteEventLog:
             )
         return int(value or 0)
 
+    async def pending(self, topic: str, *, group: str) -> int:
+        """How many events of ``topic`` come after the group's committed offset."""
+        engine = await self._open()
+        async with engine.connect() as conn:
+            value = await conn.scalar(
+                text(
+                    "SELECT count(*) FROM events WHERE topic = :t AND seq > coalesce("
+                    "(SELECT committed FROM consumer_offsets WHERE grp = :g AND topic = :t), 0)"
+                ),
+                {"g": group, "t": topic},
+            )
+        return int(value or 0)
+
     async def replay_dead_letters(self, *, group: str, topic: str | None = None) -> int:
         """Append the group's dead letters to their topics again and forget them; how many.
 
@@ -206,10 +226,7 @@ class SqliteEventLog:
     @property
     def patience_s(self) -> float:
         """How long an event whose handler keeps failing is retried before it is set aside."""
-        return sum(self._retry_delay(attempt) for attempt in range(1, self._max_attempts))
-
-    def _retry_delay(self, attempt: int) -> float:
-        return float(min(self._backoff * 2 ** min(attempt - 1, 32), self._backoff_max))
+        return self._retry.patience_s
 
     async def _consume(self, sub: _Subscription) -> None:
         engine = await self._open()
@@ -236,7 +253,7 @@ class SqliteEventLog:
                         await self._pause(self._poll * 4)
                 except Exception:
                     log.exception("consumer %s on %s failed; retrying", sub.group, sub.topic)
-                    await self._pause(self._backoff)
+                    await self._pause(self._retry.backoff_s)
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(lease.release())
@@ -351,10 +368,10 @@ class SqliteEventLog:
                 ),
                 key,
             )
-        for attempt in range(int(tried or 0) + 1, self._max_attempts + 1):
+        for attempt in range(int(tried or 0) + 1, self._retry.max_attempts + 1):
             try:
                 # A handler that hangs would hold the lease (and the topic) for ever.
-                async with asyncio.timeout(self._handler_timeout):
+                async with asyncio.timeout(self._retry.handler_timeout_s):
                     await sub.handler(event)
                 return True, None
             except Exception as exc:
@@ -366,7 +383,7 @@ class SqliteEventLog:
                         ),
                         {**key, "n": attempt},
                     )
-                if attempt == self._max_attempts:
+                if attempt == self._retry.max_attempts:
                     log.exception(
                         "%s gave up on event %s (%s) after %d attempts",
                         sub.group,
@@ -378,10 +395,10 @@ class SqliteEventLog:
                 log.warning(
                     "%s failed on event %s (attempt %d): %r", sub.group, event.id, attempt, exc
                 )
-                await self._pause(self._retry_delay(attempt))
+                await self._pause(self._retry.delay_after(attempt))
                 if self._stopping.is_set() or not held.is_set():
                     return False, None
-        return True, f"gave up after {self._max_attempts} attempts"
+        return True, f"gave up after {self._retry.max_attempts} attempts"
 
     async def _commit(
         self,
@@ -433,6 +450,25 @@ class SqliteEventLog:
                     },
                 )
         return True
+
+
+def from_url(
+    url: str,
+    *,
+    client_id: str,
+    retry: RetryPolicy,
+    settings: PlatformSettings | None = None,
+) -> SqliteEventLog:
+    """The factory ``shop.platform.buses`` names for ``sqlite://`` URLs (``settings`` holds
+    nothing the log needs: its file is the URL)."""
+    return SqliteEventLog(
+        url,
+        client_id=client_id,
+        max_attempts=retry.max_attempts,
+        retry_backoff_s=retry.backoff_s,
+        retry_backoff_max_s=retry.backoff_max_s,
+        handler_timeout_s=retry.handler_timeout_s,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,30 +1,30 @@
 """Events: the CloudEvents envelope and the bus interface every service codes against.
 
-One interface, two implementations chosen by URL: the embedded SQLite event log
-(``sqlite:///…/events.db``) and Kafka in production. Publish takes a topic and events; the
-key of each is its ``subject``, and order is kept per key. Subscribe names a consumer
-group; delivery is at least once, so handlers de-duplicate (``shop.platform.inbox``).
+One interface, implemented by the embedded SQLite event log (``shop.platform.eventlog``) and
+by Kafka (``shop.platform.kafka``); ``shop.platform.buses.open_event_bus`` picks one by URL
+scheme, so this module imports no implementation. Publish takes a topic and events; the key
+of each is its ``subject``, and order is kept per key. Subscribe names a consumer group;
+delivery is at least once, so handlers de-duplicate (``shop.platform.inbox``).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from shop.platform import context
 
 __all__ = [
+    "DeadLetterReplay",
     "Event",
     "EventBus",
     "Handler",
     "MalformedEvent",
     "RetryPolicy",
-    "open_event_bus",
 ]
 
 
@@ -118,6 +118,15 @@ class RetryPolicy:
     backoff_max_s: float = 30.0
     handler_timeout_s: float = 60.0
 
+    def delay_after(self, attempt: int) -> float:
+        """The back-off after failed attempt ``attempt`` (1, 2, …): doubling, then capped."""
+        return float(min(self.backoff_s * 2 ** min(attempt - 1, 32), self.backoff_max_s))
+
+    @property
+    def patience_s(self) -> float:
+        """How long an event whose handler keeps failing is retried before it is set aside."""
+        return sum(self.delay_after(attempt) for attempt in range(1, self.max_attempts))
+
 
 class EventBus(Protocol):
     async def publish(self, topic: str, events: Sequence[Event]) -> None:
@@ -136,27 +145,16 @@ class EventBus(Protocol):
     async def ping(self) -> None:
         """Raise if the bus cannot be reached (readiness)."""
 
+    async def pending(self, topic: str, *, group: str) -> int:
+        """How many events of ``topic`` the ``group`` has not committed yet (its lag)."""
 
-@asynccontextmanager
-async def open_event_bus(
-    url: str, *, client_id: str, retry: RetryPolicy | None = None
-) -> AsyncIterator[EventBus]:
-    """Open the bus the URL names; start consumers with ``start()`` after subscribing."""
-    retry = retry or RetryPolicy()
-    if url.startswith("sqlite"):
-        from shop.platform.eventlog import SqliteEventLog
 
-        bus: EventBus = SqliteEventLog(
-            url,
-            client_id=client_id,
-            max_attempts=retry.max_attempts,
-            retry_backoff_s=retry.backoff_s,
-            retry_backoff_max_s=retry.backoff_max_s,
-            handler_timeout_s=retry.handler_timeout_s,
-        )
-    else:
-        raise ValueError(f"no event bus for {url.split(':', 1)[0]!r} URLs")
-    try:
-        yield bus
-    finally:
-        await bus.close()
+@runtime_checkable
+class DeadLetterReplay(Protocol):
+    """A bus whose consumer groups set events aside after too many failures."""
+
+    async def replay_dead_letters(self, *, group: str, topic: str | None = None) -> int:
+        """Put the group's dead letters (of ``topic``, or all) back on their topics; how many.
+
+        Each keeps its event id, so the topic's other groups drop it through their inbox.
+        """
