@@ -1,4 +1,5 @@
-"""The inventory service over HTTP: the app with its real lifespan and a SQLite file in tmp_path.
+"""The inventory service over HTTP: the app with its real lifespan and a SQLite file in
+tmp_path, consuming the catalogue's events from the embedded event log in the same folder.
 
 Access tokens are minted here with a test RSA key; the app's verifier is pointed at that
 key's JWKS, as it would be at the auth service's.
@@ -6,11 +7,13 @@ key's JWKS, as it would be at the auth service's.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from shop.inventory.app import build_app
 from shop.inventory.settings import InventorySettings
+from shop.platform.eventlog import SqliteEventLog
+from shop.platform.events import Event
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
@@ -417,13 +422,126 @@ async def test_internal_calls_need_a_service_token(inventory: httpx.AsyncClient)
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 49}
 
 
-async def test_ready_checks_the_database(inventory: httpx.AsyncClient) -> None:
+async def test_ready_checks_the_database_and_the_event_bus(inventory: httpx.AsyncClient) -> None:
     answer = await inventory.get("/health/ready")
     assert answer.status_code == 200
-    assert answer.json()["checks"] == {"database": "UP"}
+    assert answer.json()["checks"] == {"database": "UP", "events": "UP"}
 
 
 async def test_a_service_token_cannot_act_as_a_user(inventory: httpx.AsyncClient) -> None:
     answer = await inventory.get("/api/inventory", params={"skuCode": "pixel_8"}, headers=SERVICE)
     assert answer.status_code == 403
     assert answer.headers["content-type"] == "application/problem+json"
+
+
+# --- the catalogue's events --------------------------------------------------------------
+
+
+def _product_event(kind: str, sku_code: object, *, event_id: str | None = None) -> Event:
+    """An event as the product service publishes it on ``products``."""
+    product_id = uuid.uuid4().hex[:24]
+    data = {
+        "id": product_id,
+        "name": "Gadget",
+        "description": "",
+        "price": "10.00",
+        "skuCode": sku_code,
+        "category": "general",
+        "createdAt": "2025-03-01T12:00:00.000Z",
+    }
+    event = Event(type=kind, source="/product-service", subject=product_id, data=data)
+    return event if event_id is None else replace(event, id=event_id)
+
+
+async def _publish(data_dir: Path, *events: Event) -> None:
+    log = SqliteEventLog(f"sqlite:///{(data_dir / 'events.db').resolve()}", client_id="catalogue")
+    try:
+        await log.publish("products", events)
+    finally:
+        await log.close()
+
+
+async def _listing(client: httpx.AsyncClient, **params: int) -> tuple[dict[str, int], str]:
+    answer = await client.get("/api/inventory", params=params, headers=ADMIN)
+    assert answer.status_code == 200, answer.text
+    levels = {level["skuCode"]: level["quantity"] for level in answer.json()}
+    return levels, answer.headers["x-total-count"]
+
+
+async def _until_listed(client: httpx.AsyncClient, sku_code: str) -> dict[str, int]:
+    async with asyncio.timeout(10):
+        while True:
+            levels, _ = await _listing(client, limit=1000)
+            if sku_code in levels:
+                return levels
+            await asyncio.sleep(0.02)
+
+
+async def test_without_sku_codes_an_admin_lists_every_known_sku(
+    inventory: httpx.AsyncClient,
+) -> None:
+    assert await _listing(inventory) == (DEMO, "5")
+    assert await _listing(inventory, limit=2, offset=1) == (
+        {"galaxy_s24": 30, "iphone_15": 100},
+        "5",
+    )
+    answer = await inventory.get("/api/inventory", headers=ADMIN)
+    assert [level["skuCode"] for level in answer.json()] == sorted(DEMO)
+    assert answer.json()[3] == {"skuCode": "kindle_paperwhite", "quantity": 0, "isInStock": False}
+    # A customer still has to say which SKUs: the whole stock list is the admin's view.
+    assert (
+        "skuCode"
+        in _assert_problem(await inventory.get("/api/inventory", headers=CUSTOMER), 422)["errors"]
+    )
+    for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}):
+        _assert_problem(await inventory.get("/api/inventory", params=bad, headers=ADMIN), 422)
+
+
+async def test_a_product_the_catalogue_lists_is_known_with_no_stock(tmp_path: Path) -> None:
+    async with running(tmp_path) as client:
+        before, _ = await _listing(client)
+        assert "gadget_1" not in before
+        await _publish(
+            tmp_path,
+            _product_event("product.created", "gadget_1"),
+            # A SKU the inventory stocks already keeps its units.
+            _product_event("product.created", "pixel_8"),
+        )
+        levels = await _until_listed(client, "gadget_1")
+        assert levels == {**DEMO, "gadget_1": 0}
+        assert (await client.get("/api/inventory?skuCode=gadget_1", headers=CUSTOMER)).json() == [
+            {"skuCode": "gadget_1", "quantity": 0, "isInStock": False}
+        ]
+        # Stock then comes in as for any SKU.
+        await client.post(
+            "/api/inventory", json={"skuCode": "gadget_1", "quantity": 4}, headers=ADMIN
+        )
+        assert await _levels(client, "gadget_1") == {"gadget_1": 4}
+
+
+async def test_catalogue_events_never_lower_stock_nor_remove_a_sku(tmp_path: Path) -> None:
+    async with running(tmp_path) as client:
+        created = _product_event("product.created", "gadget_2")
+        await _publish(tmp_path, created)
+        await _until_listed(client, "gadget_2")
+        await client.put("/api/inventory/gadget_2", json={"quantity": 7}, headers=ADMIN)
+        await _publish(
+            tmp_path,
+            created,  # delivered again
+            _product_event("product.created", "gadget_2"),  # another product, the same SKU
+            _product_event("product.deleted", "gadget_2"),
+            _product_event("product.created", "bad sku"),  # malformed: skipped, not retried
+            _product_event("product.updated", "gadget_2_renamed"),
+        )
+        levels = await _until_listed(client, "gadget_2_renamed")
+    assert levels == {**DEMO, "gadget_2": 7, "gadget_2_renamed": 0}
+
+
+async def test_listed_skus_survive_a_restart_and_are_not_listed_twice(tmp_path: Path) -> None:
+    await _publish(tmp_path, _product_event("product.created", "gadget_3"))
+    async with running(tmp_path) as client:
+        await _until_listed(client, "gadget_3")
+        await client.put("/api/inventory/gadget_3", json={"quantity": 2}, headers=ADMIN)
+    async with running(tmp_path) as client:
+        levels, total = await _listing(client)
+    assert (levels["gadget_3"], total) == (2, "6")

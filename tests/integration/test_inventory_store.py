@@ -17,9 +17,11 @@ from shop.inventory.domain import (
     ReservationLine,
     ReservationStatus,
     Shortage,
+    StockLevel,
 )
 from shop.inventory.store import SqlInventoryStore, reservation_lines, reservations
 from shop.platform.db import create_engine, migrate
+from shop.platform.inbox import inbox
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -210,3 +212,34 @@ async def test_stock_released_by_one_order_serves_the_next(store: SqlInventorySt
     await store.release(first, now=NOW)
     await store.reserve(second, _lines(a=1), now=NOW)
     assert await store.quantities(["a"]) == {"a": 2}
+
+
+async def test_a_listed_sku_is_known_with_no_units_once_per_event(
+    store: SqlInventoryStore,
+) -> None:
+    assert await store.register_sku("gadget", event_id="e-1", now=NOW)
+    assert await store.quantities(["gadget"]) == {"gadget": 0}
+    await store.add_stock("gadget", 3, now=NOW)
+    assert not await store.register_sku("gadget", event_id="e-1", now=NOW), "a redelivery"
+    # Another event naming a known SKU never lowers its stock.
+    assert await store.register_sku("gadget", event_id="e-2", now=NOW)
+    assert await store.quantities(["gadget"]) == {"gadget": 3}
+    async with store._engine.connect() as conn:  # what was stored, not what the store says
+        applied = await conn.scalar(select(func.count()).select_from(inbox))
+    assert applied == 2
+
+
+async def test_racing_listings_of_one_sku_make_one_stock_row(store: SqlInventoryStore) -> None:
+    await asyncio.gather(*(store.register_sku("hot", event_id=f"e-{n}", now=NOW) for n in range(5)))
+    assert await store.all_levels(limit=10, offset=0) == ([StockLevel("hot", 0)], 1)
+
+
+async def test_all_levels_page_by_sku_code(store: SqlInventoryStore) -> None:
+    for sku, quantity in {"b": 2, "a": 1, "C": 5, "d": 0}.items():
+        await store.set_stock(sku, quantity, now=NOW)
+    # Byte order: upper case first, as the SKU codes compare on every backend.
+    assert await store.all_levels(limit=2, offset=0) == (
+        [StockLevel("C", 5), StockLevel("a", 1)],
+        4,
+    )
+    assert await store.all_levels(limit=10, offset=3) == ([StockLevel("d", 0)], 4)

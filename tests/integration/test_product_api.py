@@ -1,4 +1,5 @@
-"""The product service over HTTP: the app with its real lifespan, SQLite files in tmp_path."""
+"""The product service over HTTP: the app with its real lifespan, on a SQLite file in
+tmp_path and on a MongoDB database of its own (every test that takes ``shop``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
+from shop.platform.buses import open_event_bus
 from shop.platform.db import create_engine
-from shop.platform.events import Event, open_event_bus
+from shop.platform.events import Event
+from shop.platform.mongo import OUTBOX, mongo_database
 from shop.platform.outbox import outbox
 from shop.platform.settings import PlatformSettings, Profile
 from shop.platform.tokens import JwksVerifier
@@ -74,13 +77,19 @@ class Shop:
     client: httpx.AsyncClient
     app: FastAPI
     data_dir: Path
+    database_url: str | None = None
 
     @property
     def event_log_url(self) -> str:
         return f"sqlite:///{(self.data_dir / 'events.db').resolve()}"
 
     async def outbox_count(self) -> int:
-        engine = create_engine(f"sqlite+aiosqlite:///{self.data_dir / 'product.db'}")
+        if self.database_url is not None and self.database_url.startswith("mongodb"):
+            async with mongo_database(self.database_url) as database:
+                return await database[OUTBOX].count_documents({})
+        engine = create_engine(
+            self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'product.db'}"
+        )
         try:
             async with engine.connect() as conn:
                 return int(await conn.scalar(select(func.count()).select_from(outbox)) or 0)
@@ -102,10 +111,14 @@ class Shop:
 
 @asynccontextmanager
 async def running(
-    data_dir: Path, *, profile: Profile = "embedded", seed: bool = False
+    data_dir: Path,
+    *,
+    profile: Profile = "embedded",
+    seed: bool = False,
+    database_url: str | None = None,
 ) -> AsyncIterator[Shop]:
     platform = PlatformSettings(data_dir=data_dir, profile=profile)
-    settings = ProductSettings(_env_file=None, seed_demo_catalogue=seed)
+    settings = ProductSettings(_env_file=None, seed_demo_catalogue=seed, database_url=database_url)
     app = build_app(platform=platform, settings=settings)
     async with app.router.lifespan_context(app):
         app.state.runtime.tokens = JwksVerifier(
@@ -113,12 +126,25 @@ async def running(
         )
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://product") as client:
-            yield Shop(client, app, data_dir)
+            yield Shop(client, app, data_dir, database_url)
+
+
+@pytest.fixture(params=["sqlite", "mongo"])
+async def catalogue_url(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """None: the embedded default, a SQLite file in the data dir."""
+    if request.param == "sqlite":
+        yield None
+        return
+    make: Callable[[], str] = request.getfixturevalue("make_mongo_url")
+    url: str = make()
+    yield url
+    async with mongo_database(url) as database:
+        await database.client.drop_database(database.name)
 
 
 @pytest.fixture
-async def shop(tmp_path: Path) -> AsyncIterator[Shop]:
-    async with running(tmp_path) as running_shop:
+async def shop(tmp_path: Path, catalogue_url: str | None) -> AsyncIterator[Shop]:
+    async with running(tmp_path, database_url=catalogue_url) as running_shop:
         yield running_shop
 
 
@@ -156,6 +182,34 @@ async def test_an_admin_adds_a_product_anyone_reads_it(shop: Shop) -> None:
     shown = await shop.client.get(f"/api/product/{created['id']}")
     assert shown.status_code == 200 and shown.json() == created
     assert await shop.listing() == [created]
+
+
+async def test_the_references_own_body_gets_a_derived_unique_sku_code(shop: Shop) -> None:
+    # What the Spring Boot reference's clients send: no skuCode, the price a JSON number.
+    body = {"name": "Écran Straße 27″ (4K)", "description": "A screen.", "price": 299.99}
+    first = await shop.client.post("/api/product", json=body, headers=ADMIN)
+    second = await shop.client.post("/api/product", json=body, headers=ADMIN)
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert first.json()["skuCode"] == "ecran_strasse_27_4k"
+    assert second.json()["skuCode"] == "ecran_strasse_27_4k_2"
+    assert first.json()["price"] == "299.99"
+    # The derived code is a SKU code like any other: the internal lookup finds it.
+    found = await shop.client.get(
+        "/internal/products", params={"skuCode": "ecran_strasse_27_4k_2"}, headers=ORDER_SERVICE
+    )
+    assert [p["id"] for p in found.json()] == [second.json()["id"]]
+    # A name with nothing to make a slug of still gets a code.
+    nameless = await shop.add(name="東京", skuCode=None)
+    assert nameless["skuCode"] == "product"
+
+
+async def test_a_put_without_sku_code_keeps_the_products_own(shop: Shop) -> None:
+    product = await shop.add()
+    revised = {"name": "Pixel 8a", "description": "Cheaper.", "price": "499.00"}
+    answer = await shop.client.put(f"/api/product/{product['id']}", json=revised, headers=ADMIN)
+    assert answer.status_code == 200
+    assert answer.json() == {**product, **revised, "category": "general"}
+    assert answer.json()["skuCode"] == "pixel_8"
 
 
 async def test_the_category_defaults_to_general(shop: Shop) -> None:
@@ -333,6 +387,8 @@ async def test_browse_searches_filters_and_pages(shop: Shop) -> None:
         {"offset": 10**12},
         {"q": "q" * 201},
         {"category": "c" * 101},
+        {"q": "pixel\x00"},
+        {"category": "phones\x1b"},
     ],
 )
 async def test_bad_browse_parameters_are_422(shop: Shop, params: dict[str, Any]) -> None:
@@ -414,8 +470,10 @@ async def test_internal_lookup_refuses_bad_sku_lists(shop: Shop, query: str) -> 
     assert "skuCode" in _is_problem(answer, 422)["errors"]
 
 
-async def test_demo_catalogue_is_seeded_once_and_announced(tmp_path: Path) -> None:
-    async with running(tmp_path, seed=True) as shop:
+async def test_demo_catalogue_is_seeded_once_and_announced(
+    tmp_path: Path, catalogue_url: str | None
+) -> None:
+    async with running(tmp_path, seed=True, database_url=catalogue_url) as shop:
         seeded = await shop.listing()
         ready = await shop.client.get("/health/ready")
         schema = (await shop.client.get("/openapi.json")).json()
@@ -431,7 +489,7 @@ async def test_demo_catalogue_is_seeded_once_and_announced(tmp_path: Path) -> No
     assert {"/api/product", "/api/product/{product_id}", "/internal/products"} <= set(
         schema["paths"]
     )
-    async with running(tmp_path, seed=True) as shop:
+    async with running(tmp_path, seed=True, database_url=catalogue_url) as shop:
         assert await shop.listing() == seeded
         assert await shop.outbox_count() == 5
 

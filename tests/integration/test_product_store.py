@@ -1,21 +1,25 @@
-"""The SQL product store: the same tests on SQLite and on MariaDB."""
+"""The product store contract: every test on SQLite, MariaDB and MongoDB.
+
+Each backend's events are read back through its outbox source (what the relay reads), so
+"the change and its event are one transaction" is checked the same way everywhere.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.platform.db import create_engine, migrate
-from shop.platform.outbox import outbox
+from shop.platform.mongo import MongoOutbox, mongo_database
+from shop.platform.outbox import OutboxEntry, OutboxSource, SqlOutbox
 from shop.product.domain import (
     CatalogueQuery,
     Product,
@@ -24,15 +28,17 @@ from shop.product.domain import (
     SkuTaken,
 )
 from shop.product.events import PRODUCT_CREATED, PRODUCT_DELETED, PRODUCT_UPDATED, product_event
-from shop.product.store import SqlProductStore, products
+from shop.product.service import ProductService
+from shop.product.store import ProductStore, SqlProductStore
+from shop.product.store_mongo import MongoProductStore
 
 START = datetime(2025, 3, 1, 12, 0, 0, 123000, tzinfo=UTC)
 
 
 @dataclass
 class Catalogue:
-    store: SqlProductStore
-    engine: AsyncEngine
+    store: ProductStore
+    outbox: OutboxSource
     ids: ProductIds
     made: int = 0
 
@@ -54,23 +60,52 @@ class Catalogue:
         await self.store.add(product, event=product_event(PRODUCT_CREATED, product))
         return product
 
-    async def outbox_rows(self) -> list[Any]:
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(select(outbox).order_by(outbox.c.seq))).all())
+    async def outbox_entries(self) -> list[OutboxEntry]:
+        return list(await self.outbox.unpublished(1000))
 
     async def product_count(self) -> int:
-        async with self.engine.connect() as conn:
-            return int(await conn.scalar(select(func.count()).select_from(products)) or 0)
+        return (await self.store.search(CatalogueQuery(limit=1))).total
 
 
-@pytest.fixture
-async def catalogue(database_url: str) -> AsyncIterator[Catalogue]:
-    engine = create_engine(database_url)
-    await migrate(engine, package="shop.product", service="product")
+@asynccontextmanager
+async def sql_catalogue(url: str) -> AsyncIterator[Catalogue]:
+    engine = create_engine(url)
     try:
-        yield Catalogue(SqlProductStore(engine), engine, ProductIds())
+        await migrate(engine, package="shop.product", service="product")
+        yield Catalogue(SqlProductStore(engine), SqlOutbox(engine), ProductIds())
     finally:
         await engine.dispose()
+
+
+@asynccontextmanager
+async def mongo_catalogue(url: str) -> AsyncIterator[Catalogue]:
+    async with mongo_database(url) as database:
+        store = MongoProductStore(database)
+        try:
+            # Two instances starting at once, then a restart: each a no-op for the others.
+            await asyncio.gather(
+                store.create_indexes(), MongoProductStore(database).create_indexes()
+            )
+            await store.create_indexes()
+            yield Catalogue(store, MongoOutbox(database), ProductIds())
+        finally:
+            await database.client.drop_database(database.name)
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("mysql", marks=pytest.mark.mysql), "mongo"],
+)
+async def catalogue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Catalogue]:
+    if request.param == "sqlite":
+        opened = sql_catalogue(f"sqlite+aiosqlite:///{tmp_path / 'product.db'}")
+    elif request.param == "mysql":
+        make_mysql: Callable[[], str] = request.getfixturevalue("make_mysql_url")
+        opened = sql_catalogue(make_mysql())
+    else:
+        make_mongo: Callable[[], str] = request.getfixturevalue("make_mongo_url")
+        opened = mongo_catalogue(make_mongo())
+    async with opened as catalogue:
+        yield catalogue
 
 
 async def test_a_product_round_trips_exactly(catalogue: Catalogue) -> None:
@@ -92,17 +127,12 @@ async def test_adding_records_its_event_in_the_outbox(catalogue: Catalogue) -> N
     product = catalogue.product("pixel_8", price="899.00")
     event = product_event(PRODUCT_CREATED, product)
     await catalogue.store.add(product, event=event)
-    [row] = await catalogue.outbox_rows()
-    assert (row.event_id, row.topic, row.event_key, row.published_at) == (
-        event.id,
-        "products",
-        product.id,
-        None,
-    )
-    envelope = json.loads(row.payload)
-    assert envelope["type"] == "product.created"
-    assert envelope["data"]["price"] == "899.00"
-    assert envelope["data"] == product.document()
+    [entry] = await catalogue.outbox_entries()
+    assert (entry.event.id, entry.topic, entry.event.key) == (event.id, "products", product.id)
+    assert entry.event.type == "product.created"
+    assert entry.event.data["price"] == "899.00"
+    assert entry.event.data == product.document()
+    assert entry.event.to_json() == event.to_json()
 
 
 async def test_a_taken_sku_code_stores_neither_product_nor_event(catalogue: Catalogue) -> None:
@@ -110,7 +140,7 @@ async def test_a_taken_sku_code_stores_neither_product_nor_event(catalogue: Cata
     with pytest.raises(SkuTaken):
         await catalogue.add("pixel_8", name="Impostor")
     assert await catalogue.product_count() == 1
-    assert len(await catalogue.outbox_rows()) == 1
+    assert len(await catalogue.outbox_entries()) == 1
 
 
 async def test_sku_codes_are_case_sensitive(catalogue: Catalogue) -> None:
@@ -129,7 +159,7 @@ async def test_racing_adds_of_one_sku_code_let_exactly_one_win(catalogue: Catalo
     assert sum(o is None for o in outcomes) == 1
     assert all(isinstance(o, SkuTaken) for o in outcomes if o is not None)
     assert await catalogue.product_count() == 1
-    assert len(await catalogue.outbox_rows()) == 1
+    assert len(await catalogue.outbox_entries()) == 1
 
 
 async def test_update_replaces_fields_and_records_the_event(catalogue: Catalogue) -> None:
@@ -148,19 +178,20 @@ async def test_update_replaces_fields_and_records_the_event(catalogue: Catalogue
     assert await catalogue.store.get(original.id) == revised
     # The same values again still count as found (MySQL reports "matched", not "changed").
     assert await catalogue.store.update(revised, event=product_event(PRODUCT_UPDATED, revised))
-    rows = await catalogue.outbox_rows()
-    assert [json.loads(r.payload)["type"] for r in rows] == [
+    entries = await catalogue.outbox_entries()
+    assert [e.event.type for e in entries] == [
         "product.created",
         "product.updated",
         "product.updated",
     ]
-    assert rows[1].event_id == event.id
+    assert entries[1].event.id == event.id
+    assert entries[0].position < entries[1].position < entries[2].position
 
 
 async def test_updating_a_missing_product_records_nothing(catalogue: Catalogue) -> None:
     ghost = catalogue.product("ghost")
     assert not await catalogue.store.update(ghost, event=product_event(PRODUCT_UPDATED, ghost))
-    assert await catalogue.outbox_rows() == []
+    assert await catalogue.outbox_entries() == []
 
 
 async def test_update_to_another_products_sku_is_refused_and_changes_nothing(
@@ -174,7 +205,7 @@ async def test_update_to_another_products_sku_is_refused_and_changes_nothing(
     with pytest.raises(SkuTaken):
         await catalogue.store.update(clash, event=product_event(PRODUCT_UPDATED, clash))
     assert await catalogue.store.get(galaxy.id) == galaxy
-    assert len(await catalogue.outbox_rows()) == 2
+    assert len(await catalogue.outbox_entries()) == 2
 
 
 async def test_remove_deletes_and_announces_what_was_deleted(catalogue: Catalogue) -> None:
@@ -186,10 +217,10 @@ async def test_remove_deletes_and_announces_what_was_deleted(catalogue: Catalogu
     assert await catalogue.store.remove(product.id, announce=announce) == product
     assert await catalogue.store.get(product.id) is None
     assert await catalogue.store.remove(product.id, announce=announce) is None
-    rows = await catalogue.outbox_rows()
-    assert len(rows) == 2
-    deleted = json.loads(rows[1].payload)
-    assert (deleted["type"], deleted["subject"], deleted["data"]) == (
+    entries = await catalogue.outbox_entries()
+    assert len(entries) == 2
+    deleted = entries[1].event
+    assert (deleted.type, deleted.subject, deleted.data) == (
         "product.deleted",
         product.id,
         product.document(),
@@ -246,3 +277,33 @@ async def test_lookup_by_sku_codes_and_emptiness(catalogue: Catalogue) -> None:
     found = await catalogue.store.with_sku_codes(["b", "a", "missing"])
     assert sorted((p.sku_code, str(p.price)) for p in found) == [("a", "1.50"), ("b", "10.00")]
     assert await catalogue.store.with_sku_codes([]) == []
+
+
+async def test_search_text_is_taken_literally(catalogue: Catalogue) -> None:
+    book = await catalogue.add(
+        "book", name="C++ (2nd ed.) [v1.0]", description="a|b ^start$ back\\slash *?{2}"
+    )
+    await catalogue.add("plain", name="Plain", description="2nd edition, v10 ab")
+
+    async def ids(text: str) -> list[str]:
+        return [p.id for p in (await catalogue.store.search(CatalogueQuery(text=text))).products]
+
+    for text in ["C++", "(2nd ed.)", "[v1.0]", "a|b", "^start$", "back\\slash", "*?{2}", "."]:
+        assert await ids(text) == [book.id], text
+    for text in ["v1.0]x", "a.b", "\\d", "c+"]:
+        assert await ids(text) == ([book.id] if text == "c+" else []), text
+
+
+async def test_racing_creates_of_one_name_each_get_their_own_sku_code(
+    catalogue: Catalogue,
+) -> None:
+    service = ProductService(store=catalogue.store)
+    draft = ProductDraft.of(name="Pixel 8", description="", price="899.00")
+    first = await service.add_product(draft)
+    assert first.sku_code == "pixel_8"
+    racers = await asyncio.gather(*(service.add_product(draft) for _ in range(4)))
+    codes = [first.sku_code, *(p.sku_code for p in racers)]
+    assert len(set(codes)) == 5
+    assert all(code.startswith("pixel_8_") for code in codes[1:])
+    assert await catalogue.product_count() == 5
+    assert len(await catalogue.outbox_entries()) == 5

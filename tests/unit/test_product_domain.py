@@ -15,10 +15,12 @@ from shop.product.domain import (
     Product,
     ProductDraft,
     ProductIds,
+    derive_sku_code,
     format_price,
     format_timestamp,
     is_product_id,
     parse_price,
+    sku_code_candidates,
     sku_codes_from_query,
     truncate_to_millis,
 )
@@ -226,3 +228,58 @@ def test_demo_catalogue_is_valid_and_matches_the_inventory_skus() -> None:
         "airpods_pro": "249.00",
         "kindle_paperwhite": "139.99",
     }
+
+
+@pytest.mark.parametrize(
+    ("name", "sku_code"),
+    [
+        ("iPhone 15", "iphone_15"),
+        ("AirPods Pro (2nd generation)", "airpods_pro_2nd_generation"),
+        ("Écran 4K « pro » 📺", "ecran_4k_pro"),
+        ("Straße", "strasse"),
+        ("Œuvre Ærø Łódź", "oeuvre_aero_lodz"),
+        ("ﬁne ＰＲＩＮＴ １５", "fine_print_15"),
+        ("  --C++/C#--  ", "c_c"),
+        ("東京", "product"),
+        ("!!!", "product"),
+    ],
+)
+def test_a_derived_sku_code_is_the_names_slug(name: str, sku_code: str) -> None:
+    assert derive_sku_code(name, taken=()) == sku_code
+    ProductDraft.of(name=name, description="", price="1.00", sku_code=sku_code)  # valid
+
+
+def test_a_taken_slug_gets_a_number_then_random_characters() -> None:
+    assert sku_code_candidates("Pixel 8")[:3] == ["pixel_8", "pixel_8_2", "pixel_8_3"]
+    assert derive_sku_code("Pixel 8", taken={"pixel_8"}) == "pixel_8_2"
+    assert derive_sku_code("Pixel 8", taken={"pixel_8", "pixel_8_2"}) == "pixel_8_3"
+    every = set(sku_code_candidates("Pixel 8"))
+    assert len(every) == 9
+    assert derive_sku_code("Pixel 8", taken=every, noise="x7k2qa") == "pixel_8_x7k2qa"
+    random = derive_sku_code("Pixel 8", taken=every)
+    assert random.startswith("pixel_8_") and len(random) == len("pixel_8_") + 6
+    with pytest.raises(ValueError, match="noise"):
+        derive_sku_code("Pixel 8", taken=every, noise="Not/OK")
+
+
+def test_a_long_name_leaves_room_for_any_suffix() -> None:
+    name = "Extraordinarily " * 20
+    base = derive_sku_code(name, taken=())
+    assert len(base) <= 57 and not base.endswith("_")
+    for code in [
+        *sku_code_candidates(name),
+        derive_sku_code(name, taken=sku_code_candidates(name)),
+    ]:
+        assert len(code) <= 64
+        ProductDraft.of(name=name[:200], description="", price="1.00", sku_code=code)
+
+
+def test_a_draft_without_sku_code_cannot_become_a_product_but_revises_one() -> None:
+    draft = _draft(sku_code=None)
+    assert draft.sku_code is None
+    with pytest.raises(ValueError, match="SKU code"):
+        Product.new(draft, id="65f1c0ffee0123456789abcd", created_at=MOMENT)
+    product = Product.new(
+        draft.with_sku_code("pixel_8"), id="65f1c0ffee0123456789abcd", created_at=MOMENT
+    )
+    assert product.revised(_draft(sku_code=None, name="Pixel 8a")).sku_code == "pixel_8"

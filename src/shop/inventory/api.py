@@ -121,6 +121,8 @@ router = APIRouter(prefix="/api/inventory", tags=["inventory"])
 internal_router = APIRouter(prefix="/internal", tags=["internal"])
 
 _SKUS = "Repeatable, or comma-separated; up to 100 SKU codes in all."
+_LISTING = "Paging of the admin's list of every SKU (no skuCode given)."
+MAX_LISTED = 1000
 _AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "No valid access token"}}
 _ADMIN: dict[int | str, dict[str, Any]] = {**_AUTH, 403: {"description": "Not an admin"}}
 _SERVICE: dict[int | str, dict[str, Any]] = {
@@ -132,15 +134,26 @@ _SERVICE: dict[int | str, dict[str, Any]] = {
 @router.get("", response_model=list[StockLevelView], responses=_AUTH)
 async def stock_levels(
     request: Request,
-    _caller: CurrentUser,
+    response: Response,
+    caller: CurrentUser,
     inventory: InventoryDep,
     # Declared for the docs; read below from the raw query, which keeps the order asked
     # across both names.
     _sku_code: Annotated[list[str], Query(alias="skuCode", description=_SKUS)] = [],  # noqa: B006
     _sku_codes: Annotated[list[str], Query(alias="skuCodes", description=_SKUS)] = [],  # noqa: B006
+    limit: Annotated[int, Query(ge=1, le=MAX_LISTED, description=_LISTING)] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_QUANTITY, description=_LISTING)] = 0,
 ) -> list[StockLevelView]:
-    """Available units per SKU, in the order asked; a SKU never stocked has 0."""
+    """Available units per SKU, in the order asked; a SKU never stocked has 0.
+
+    Without any SKU code, an admin gets every SKU the inventory knows (stocked, or listed
+    by the catalogue) by SKU code, a page at a time, with `X-Total-Count`.
+    """
     asked = [v for k, v in request.query_params.multi_items() if k in {"skuCode", "skuCodes"}]
+    if not asked and caller.is_admin:
+        page, total = await inventory.all_stock_levels(limit=limit, offset=offset)
+        response.headers["X-Total-Count"] = str(total)
+        return [StockLevelView.of(level) for level in page]
     codes, problems = sku_codes_from_query(asked)
     if problems:
         raise Problem(422, VALIDATION_DETAIL, errors=problems)

@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from shop.inventory import events
 from shop.inventory.api import install_error_answers, internal_router, router
 from shop.inventory.domain import DEMO_STOCK
 from shop.inventory.service import InventoryService
 from shop.inventory.settings import InventorySettings
 from shop.inventory.store import SqlInventoryStore
-from shop.platform.app import Runtime, create_app, service_database
+from shop.platform.app import Runtime, create_app, service_database, service_events
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app"]
@@ -24,13 +25,20 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         url = settings.resolved_database_url(platform=platform, service="inventory")
-        async with service_database(runtime, url=url, package="shop.inventory") as engine:
+        async with (
+            service_database(runtime, url=url, package="shop.inventory") as engine,
+            service_events(runtime) as bus,
+        ):
             inventory = InventoryService(
                 store=SqlInventoryStore(engine, attempts=settings.reserve_attempts)
             )
+            # Seeded before consuming: the demo stock goes into an empty table, and the
+            # catalogue's events for the same SKUs then find them known.
             if settings.seeds_demo_stock(platform):
                 await inventory.seed_demo_stock(DEMO_STOCK)
             app.state.inventory = inventory
+            events.subscribe(bus, inventory)
+            await bus.start()
             yield
 
     app = create_app(

@@ -12,6 +12,7 @@ import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 __all__ = [
     "DEMO_STOCK",
@@ -19,6 +20,7 @@ __all__ = [
     "MAX_QUANTITY",
     "MAX_SKUS_PER_QUERY",
     "InventoryError",
+    "MalformedProductEvent",
     "OutOfStock",
     "Reservation",
     "ReservationConflict",
@@ -29,6 +31,7 @@ __all__ = [
     "StockLevel",
     "in_lock_order",
     "line_problems",
+    "listed_sku_code",
     "normalise_order_number",
     "order_number_problem",
     "quantity_problem",
@@ -103,6 +106,10 @@ class OutOfStock(InventoryError):
         self.shortages = tuple(shortages)
 
 
+class MalformedProductEvent(ValueError):
+    """A catalogue event whose data names no well-formed SKU code."""
+
+
 class StockBusy(InventoryError):
     """The database kept breaking ties against this request; it changed nothing."""
 
@@ -160,6 +167,22 @@ def sku_codes_from_query(values: Iterable[str]) -> tuple[list[str], dict[str, st
 def stock_levels(sku_codes: Sequence[str], known: Mapping[str, int]) -> list[StockLevel]:
     """One level per code asked, in the order asked; a SKU never stocked has none."""
     return [StockLevel(code, known.get(code, 0)) for code in sku_codes]
+
+
+# Catalogue events (topic ``products``) after which the product's SKU is in the catalogue.
+_LISTING_EVENTS = frozenset({"product.created", "product.updated"})
+
+
+def listed_sku_code(event_type: str, data: Mapping[str, Any]) -> str | None:
+    """The SKU code a catalogue event puts in the catalogue: a created product's, or a
+    revised one's (its SKU may have changed); None for an event that lists none (a
+    deletion leaves the stock alone). Raises MalformedProductEvent."""
+    if event_type not in _LISTING_EVENTS:
+        return None
+    sku_code = data.get("skuCode")
+    if not isinstance(sku_code, str) or sku_code_problem(sku_code):
+        raise MalformedProductEvent(f"{event_type} without a valid skuCode: {sku_code!r:.80}")
+    return sku_code
 
 
 def line_problems(lines: Sequence[ReservationLine]) -> dict[str, str]:

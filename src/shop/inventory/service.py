@@ -8,15 +8,18 @@ from datetime import UTC, datetime
 
 from shop.inventory.domain import (
     InventoryError,
+    MalformedProductEvent,
     Reservation,
     ReservationLine,
     StockLevel,
     line_problems,
+    listed_sku_code,
     normalise_order_number,
     order_number_problem,
     stock_levels,
 )
 from shop.inventory.store import InventoryStore
+from shop.platform.events import Event
 
 __all__ = ["InvalidRequest", "InventoryService"]
 
@@ -42,6 +45,26 @@ class InventoryService:
 
     async def stock_levels(self, sku_codes: Sequence[str]) -> list[StockLevel]:
         return stock_levels(sku_codes, await self._store.quantities(sku_codes))
+
+    async def all_stock_levels(self, *, limit: int, offset: int) -> tuple[list[StockLevel], int]:
+        """Every SKU the inventory knows (stocked, or listed by the catalogue), by SKU code,
+        one page of them; and how many there are."""
+        return await self._store.all_levels(limit=limit, offset=offset)
+
+    async def on_product_event(self, event: Event) -> None:
+        """Handler of the ``products`` topic: a product's SKU is known from the moment the
+        catalogue lists it, with 0 units until stock comes in. Raises only when nothing was
+        recorded, so the bus delivers the event again."""
+        try:
+            sku_code = listed_sku_code(event.type, event.data)
+        except MalformedProductEvent as exc:
+            # Redelivering cannot repair the data; the producer has to. Log and move on.
+            log.error("ignoring event %s (subject %s): %s", event.id, event.subject, exc)
+            return
+        if sku_code is None:
+            return
+        if await self._store.register_sku(sku_code, event_id=event.id, now=self._clock()):
+            log.info("SKU %s is in the catalogue (%s)", sku_code, event.type)
 
     async def add_stock(self, sku_code: str, quantity: int) -> StockLevel:
         total = await self._store.add_stock(sku_code, quantity, now=self._clock())

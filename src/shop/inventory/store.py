@@ -37,13 +37,18 @@ from shop.inventory.domain import (
     ReservationLine,
     ReservationStatus,
     StockBusy,
+    StockLevel,
     in_lock_order,
     replay,
     shortages,
 )
 from shop.platform.db import Timestamp, is_lock_conflict, is_mysql, to_db_time
+from shop.platform.inbox import first_delivery
 
-__all__ = ["InventoryStore", "SqlInventoryStore", "metadata"]
+__all__ = ["CONSUMER", "InventoryStore", "SqlInventoryStore", "metadata"]
+
+# The inbox's name for this service's consumer of catalogue events.
+CONSUMER = "inventory-service"
 
 
 metadata = MetaData()
@@ -100,6 +105,14 @@ class InventoryStore(Protocol):
 
     async def seed_if_empty(self, levels: Mapping[str, int], *, now: datetime) -> bool:
         """Stock ``levels`` if no SKU is stocked yet; True if this call did it."""
+
+    async def register_sku(self, sku_code: str, *, event_id: str, now: datetime) -> bool:
+        """Know ``sku_code`` with 0 units if it is not known yet (never touching the stock of
+        a known one), and remember the event, atomically. False, changing nothing, when the
+        event was applied before."""
+
+    async def all_levels(self, *, limit: int, offset: int) -> tuple[list[StockLevel], int]:
+        """A page of every known SKU, by SKU code, and how many there are."""
 
     async def reserve(
         self, order_number: str, lines: Sequence[ReservationLine], *, now: datetime
@@ -195,6 +208,36 @@ class SqlInventoryStore:
         except IntegrityError:
             return False  # another instance seeded at the same moment
         return True
+
+    async def register_sku(self, sku_code: str, *, event_id: str, now: datetime) -> bool:
+        return await self._retrying(lambda: self._register_sku_once(sku_code, event_id, now=now))
+
+    async def _register_sku_once(self, sku_code: str, event_id: str, *, now: datetime) -> bool:
+        async with self._engine.begin() as conn:
+            if not await first_delivery(conn, consumer=CONSUMER, event_id=event_id):
+                return False
+            values = {"sku_code": sku_code, "quantity": 0, "updated_at": to_db_time(now)}
+            if is_mysql(self._engine):
+                my = mysql.insert(stock).values(**values)
+                # A no-op update: MySQL's way to insert only what is missing (INSERT IGNORE
+                # would also swallow other errors).
+                await conn.execute(my.on_duplicate_key_update(sku_code=stock.c.sku_code))
+            else:
+                lite = sqlite.insert(stock).values(**values)
+                await conn.execute(lite.on_conflict_do_nothing(index_elements=[stock.c.sku_code]))
+        return True
+
+    async def all_levels(self, *, limit: int, offset: int) -> tuple[list[StockLevel], int]:
+        async with self._engine.connect() as conn:
+            total = await conn.scalar(select(func.count()).select_from(stock))
+            rows = await conn.execute(
+                select(stock.c.sku_code, stock.c.quantity)
+                .order_by(stock.c.sku_code)
+                .limit(limit)
+                .offset(offset)
+            )
+            page = [StockLevel(row.sku_code, int(row.quantity)) for row in rows]
+        return page, int(total or 0)
 
     async def _retrying(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a whole transaction again when the database rolled it back to break a tie."""

@@ -21,7 +21,7 @@ from shop.order.settings import OrderSettings
 from shop.order.store import SqlOrderStore
 from shop.platform.app import Runtime, create_app, service_database, service_events
 from shop.platform.lease import Lease
-from shop.platform.outbox import OutboxRelay
+from shop.platform.outbox import OutboxRelay, SqlOutbox
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app"]
@@ -57,7 +57,10 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
             service_database(runtime, url=url, package="shop.order") as engine,
             service_events(runtime) as bus,
             OutboxRelay(
-                engine, bus, service="order", poll_interval_s=settings.outbox_poll_interval_s
+                SqlOutbox(engine),
+                bus,
+                service="order",
+                poll_interval_s=settings.outbox_poll_interval_s,
             ) as relay,
         ):
             store = SqlOrderStore(engine)

@@ -6,6 +6,9 @@ outbox relay of a service, the consumer of a group on the embedded event log.
 A holder that must not act after losing the lease (a consumer committing its offset)
 renews with ``renew`` — which never takes a lapsed lease back, since someone else may have
 held it meanwhile — and puts ``is_held()`` in the WHERE clause of the write it fences.
+
+``shop.platform.mongo.MongoLease`` is the same lease in a MongoDB database; a job that only
+needs ``hold``/``renew``/``release`` takes either (``shop.platform.worker.JobLease``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ One relay per service runs at a time (a lease in the service's database), so eve
 in the order they were written. The lease is checked before each batch, not during it: a
 relay that stalls for longer than the lease (10 s) can overlap with the next holder, which
 may publish the same rows again — consumers de-duplicate, as for any redelivery.
+
+The relay reads its outbox through ``OutboxSource``, so one relay serves every database a
+service may keep its outbox in: ``SqlOutbox`` here, ``MongoOutbox`` in ``shop.platform.mongo``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import os
 import socket
 import time
 import uuid
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from sqlalchemy import (
     BigInteger,
@@ -39,9 +44,17 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shop.platform.events import Event, EventBus
 from shop.platform.lease import Lease, leases
-from shop.platform.worker import LeasedLoop
+from shop.platform.worker import JobLease, LeasedLoop
 
-__all__ = ["OutboxRelay", "add_event", "create_outbox_tables", "outbox"]
+__all__ = [
+    "OutboxEntry",
+    "OutboxRelay",
+    "OutboxSource",
+    "SqlOutbox",
+    "add_event",
+    "create_outbox_tables",
+    "outbox",
+]
 
 log = logging.getLogger("shop.outbox")
 
@@ -82,10 +95,68 @@ async def add_event(conn: AsyncConnection, *, topic: str, event: Event) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """An unpublished event; ``position`` orders the outbox (the order events were written)."""
+
+    position: int
+    topic: str
+    event: Event
+
+
+class OutboxSource(Protocol):
+    """Where a service's outbox lives, as its relay sees it."""
+
+    async def unpublished(self, limit: int) -> Sequence[OutboxEntry]:
+        """The oldest ``limit`` events not yet marked published, oldest first."""
+
+    async def mark_published(self, positions: Sequence[int]) -> None: ...
+
+    async def purge(self, before: float) -> None:
+        """Forget events published before ``before`` (epoch seconds)."""
+
+    def lease(self, *, name: str, owner: str, duration_s: float) -> JobLease:
+        """A lease in the same database, so the relays of one outbox take turns."""
+
+
+class SqlOutbox:
+    """The ``outbox`` table of a service's SQL database (SQLite, MySQL/MariaDB)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+
+    async def unpublished(self, limit: int) -> list[OutboxEntry]:
+        async with self._engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    select(outbox.c.seq, outbox.c.topic, outbox.c.payload)
+                    .where(outbox.c.published_at.is_(None))
+                    .order_by(outbox.c.seq)
+                    .limit(limit)
+                )
+            ).all()
+        return [OutboxEntry(row.seq, row.topic, Event.from_json(row.payload)) for row in rows]
+
+    async def mark_published(self, positions: Sequence[int]) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(
+                update(outbox)
+                .where(outbox.c.seq.in_(list(positions)))
+                .values(published_at=time.time())
+            )
+
+    async def purge(self, before: float) -> None:
+        async with self._engine.begin() as conn:
+            await conn.execute(delete(outbox).where(outbox.c.published_at < before))
+
+    def lease(self, *, name: str, owner: str, duration_s: float) -> Lease:
+        return Lease(self._engine, name=name, owner=owner, duration_s=duration_s)
+
+
 class OutboxRelay:
     def __init__(
         self,
-        engine: AsyncEngine,
+        source: OutboxSource,
         bus: EventBus,
         *,
         service: str,
@@ -94,12 +165,12 @@ class OutboxRelay:
         lease_s: float = 10.0,
         retention_s: float = 7 * 24 * 3600.0,
     ) -> None:
-        self._engine = engine
+        self._source = source
         self._bus = bus
         self._batch = batch_size
         self._retention_s = retention_s
         owner = f"{service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        lease = Lease(engine, name=f"outbox:{service}", owner=owner, duration_s=lease_s)
+        lease = source.lease(name=f"outbox:{service}", owner=owner, duration_s=lease_s)
         self._loop = LeasedLoop(
             self._step, name=f"outbox-relay-{service}", lease=lease, interval_s=poll_interval_s
         )
@@ -125,40 +196,24 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish the oldest unpublished events; how many were published."""
-        async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(outbox.c.seq, outbox.c.topic, outbox.c.payload)
-                    .where(outbox.c.published_at.is_(None))
-                    .order_by(outbox.c.seq)
-                    .limit(self._batch)
-                )
-            ).all()
-        if not rows:
+        entries = await self._source.unpublished(self._batch)
+        if not entries:
             return 0
-        # Consecutive rows of one topic go in one append; order is kept within each topic.
+        # Consecutive entries of one topic go in one append; order is kept within each topic.
         start = 0
-        for end in range(1, len(rows) + 1):
-            if end == len(rows) or rows[end].topic != rows[start].topic:
-                events = [Event.from_json(r.payload) for r in rows[start:end]]
-                await self._bus.publish(rows[start].topic, events)
+        for end in range(1, len(entries) + 1):
+            if end == len(entries) or entries[end].topic != entries[start].topic:
+                events = [entry.event for entry in entries[start:end]]
+                await self._bus.publish(entries[start].topic, events)
                 start = end
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(outbox)
-                .where(outbox.c.seq.in_([r.seq for r in rows]))
-                .values(published_at=time.time())
-            )
-        return len(rows)
+        await self._source.mark_published([entry.position for entry in entries])
+        return len(entries)
 
     async def _purge(self) -> None:
         if time.monotonic() - self._purged_at < 3600:
             return
         self._purged_at = time.monotonic()
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                delete(outbox).where(outbox.c.published_at < time.time() - self._retention_s)
-            )
+        await self._source.purge(time.time() - self._retention_s)
 
     async def _step(self) -> bool:
         if await self.relay_once() == self._batch:

@@ -13,12 +13,24 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Protocol
 
-from shop.platform.lease import Lease
-
-__all__ = ["LeasedLoop"]
+__all__ = ["JobLease", "LeasedLoop"]
 
 log = logging.getLogger("shop.worker")
+
+
+class JobLease(Protocol):
+    """A named lease in some database (``shop.platform.lease.Lease`` on SQL,
+    ``shop.platform.mongo.MongoLease`` on MongoDB): at most one holder at a time."""
+
+    async def hold(self) -> bool:
+        """Take or renew the lease; False while another owner holds it."""
+
+    async def renew(self) -> bool:
+        """Extend the lease this owner holds without a break; False once it lapsed or moved."""
+
+    async def release(self) -> None: ...
 
 
 class LeasedLoop:
@@ -27,7 +39,7 @@ class LeasedLoop:
         step: Callable[[], Awaitable[bool]],
         *,
         name: str,
-        lease: Lease | None,
+        lease: JobLease | None,
         interval_s: float,
     ) -> None:
         self._step = step

@@ -6,7 +6,7 @@ from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from shop.platform.problems import Problem, from_problem
@@ -25,6 +25,7 @@ from shop.product.domain import (
     clean_category,
     clean_description,
     clean_name,
+    clean_search_term,
     clean_sku_code,
     parse_price,
     sku_codes_from_query,
@@ -50,6 +51,13 @@ def _checked(clean: Any, value: Any) -> Any:
         raise PydanticCustomError("invalid_product", str(exc)) from None
 
 
+def _search_term(value: str | None) -> str | None:
+    if value is None:
+        return None
+    term: str = _checked(clean_search_term, value)
+    return term
+
+
 class ProductForm(BaseModel):
     """A product as a client sends it (POST and PUT); unknown fields are ignored."""
 
@@ -60,8 +68,11 @@ class ProductForm(BaseModel):
         "more than 0 and less than 10^10.",
         examples=["899.00"],
     )
-    skuCode: str = Field(
-        description="1-64 of letters, digits, '_', '.', '-'; unique, case-sensitive.",
+    skuCode: str | None = Field(
+        default=None,
+        description="1-64 of letters, digits, '_', '.', '-'; unique, case-sensitive. "
+        "Left out (as the reference's own clients do): POST derives a unique one from the "
+        "name, PUT keeps the product's own.",
         examples=["pixel_8"],
     )
     category: str | None = Field(
@@ -88,7 +99,9 @@ class ProductForm(BaseModel):
 
     @field_validator("skuCode")
     @classmethod
-    def _sku_code(cls, value: str) -> str:
+    def _sku_code(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         sku_code: str = _checked(clean_sku_code, value)
         return sku_code
 
@@ -167,16 +180,19 @@ async def browse_catalogue(
             max_length=MAX_QUERY_TEXT,
             description="Text found in the name or description, ignoring case.",
         ),
+        AfterValidator(_search_term),
     ] = None,
     category: Annotated[
-        str | None, Query(max_length=MAX_CATEGORY, description="Exact category, ignoring case.")
+        str | None,
+        Query(max_length=MAX_CATEGORY, description="Exact category, ignoring case."),
+        AfterValidator(_search_term),
     ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[ProductView]:
     query = CatalogueQuery(
-        text=(q or "").strip() or None,
-        category=(category or "").strip() or None,
+        text=q or None,
+        category=category or None,
         limit=limit,
         offset=offset,
     )

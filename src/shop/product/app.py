@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 
 from shop.platform.app import Runtime, create_app, service_database, service_events
-from shop.platform.outbox import OutboxRelay
+from shop.platform.outbox import OutboxRelay, OutboxSource, SqlOutbox
 from shop.platform.settings import PlatformSettings
 from shop.product.api import install_error_answers, internal, router
 from shop.product.service import ProductService
 from shop.product.settings import ProductSettings
-from shop.product.store import SqlProductStore
+from shop.product.store import ProductStore, SqlProductStore
 
 __all__ = ["SERVICE_NAME", "build_app"]
 
@@ -22,17 +23,51 @@ log = logging.getLogger("shop.product")
 
 SERVICE_NAME = "product-service"
 
+Catalogue = tuple[ProductStore, OutboxSource]
+CatalogueBackend = Callable[[Runtime, str], AbstractAsyncContextManager[Catalogue]]
+
+
+@asynccontextmanager
+async def _sql_catalogue(runtime: Runtime, url: str) -> AsyncIterator[Catalogue]:
+    async with service_database(runtime, url=url, package="shop.product") as engine:
+        yield SqlProductStore(engine), SqlOutbox(engine)
+
+
+@asynccontextmanager
+async def _mongo_catalogue(runtime: Runtime, url: str) -> AsyncIterator[Catalogue]:
+    # Imported here: PyMongo is the ``mongo`` extra, which a SQL deployment need not install.
+    from shop.platform.mongo import MongoOutbox, mongo_database, ping
+    from shop.product.store_mongo import MongoProductStore
+
+    async with mongo_database(url) as database:
+        store = MongoProductStore(database)
+        await store.create_indexes()
+        runtime.readiness["database"] = partial(ping, database)
+        yield store, MongoOutbox(database)
+
+
+# URL scheme -> backend; any other scheme is a SQLAlchemy URL.
+_BACKENDS: Mapping[str, CatalogueBackend] = {
+    "mongodb": _mongo_catalogue,
+    "mongodb+srv": _mongo_catalogue,
+}
+
+
+def _catalogue_backend(url: str) -> CatalogueBackend:
+    scheme = url.split("://", 1)[0].lower()
+    return _BACKENDS.get(scheme, _sql_catalogue)
+
 
 def build_app(*, platform: PlatformSettings, settings: ProductSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         url = settings.resolved_database_url(platform=platform, service="product")
         async with (
-            service_database(runtime, url=url, package="shop.product") as engine,
+            _catalogue_backend(url)(runtime, url) as (store, outbox),
             service_events(runtime) as bus,
-            OutboxRelay(engine, bus, service="product") as relay,
+            OutboxRelay(outbox, bus, service="product") as relay,
         ):
-            products = ProductService(store=SqlProductStore(engine), on_change=relay.wake)
+            products = ProductService(store=store, on_change=relay.wake)
             app.state.products = products
             app.state.outbox_relay = relay
             if settings.seeds_demo_catalogue(platform):

@@ -7,7 +7,7 @@ import math
 import re
 import secrets
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -31,11 +31,14 @@ __all__ = [
     "clean_category",
     "clean_description",
     "clean_name",
+    "clean_search_term",
     "clean_sku_code",
+    "derive_sku_code",
     "format_price",
     "format_timestamp",
     "is_product_id",
     "parse_price",
+    "sku_code_candidates",
     "sku_codes_from_query",
     "truncate_to_millis",
 ]
@@ -51,7 +54,18 @@ _PRICE_LIMIT = Decimal(10) ** 10
 _CENT = Decimal("0.01")
 _PRICE_TEXT = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _PRICE_FORMS = 'must be a decimal string like "19.99" or a JSON number'
+MAX_SKU_CODE = 64
 _SKU_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# A derived SKU code: the name's slug, then _2 ... _9, then _ and six random characters.
+_SKU_NUMBERED = range(2, 10)
+_SKU_NOISE = re.compile(r"[a-z0-9]{1,6}")
+_SKU_BASE_MAX = MAX_SKU_CODE - 1 - 6
+_SKU_FALLBACK = "product"
+_SKU_GAP = re.compile(r"_+")
+# Latin letters that Unicode does not decompose into a base letter and an accent.
+_SKU_LETTERS = str.maketrans(
+    {"æ": "ae", "œ": "oe", "ø": "o", "đ": "d", "ð": "d", "ł": "l", "þ": "th", "ħ": "h", "ı": "i"}
+)
 _PRODUCT_ID = re.compile(r"[0-9a-f]{24}")
 
 
@@ -158,6 +172,12 @@ def clean_description(value: str) -> str:
     return _text(value, required=False, high=MAX_DESCRIPTION)
 
 
+def clean_search_term(value: str) -> str:
+    """A search text or category as asked for: trimmed; "" means no filter. Refuses what no
+    product can contain (control characters), which SQLite would otherwise cut short."""
+    return _text(value, required=False, high=MAX_DESCRIPTION)
+
+
 def clean_category(value: str | None) -> str:
     if value is None:
         return DEFAULT_CATEGORY
@@ -168,6 +188,40 @@ def clean_sku_code(value: str) -> str:
     if not _SKU_CODE.fullmatch(value):
         raise InvalidField("must be 1-64 characters of letters, digits, '_', '.' or '-'")
     return value
+
+
+def _sku_code_base(name: str) -> str:
+    folded = unicodedata.normalize("NFKD", name.casefold().translate(_SKU_LETTERS))
+    kept = "".join(
+        "" if unicodedata.combining(c) else c if c.isascii() and c.isalnum() else "_"
+        for c in folded
+    )
+    base = _SKU_GAP.sub("_", kept).strip("_")[:_SKU_BASE_MAX].rstrip("_")
+    return base or _SKU_FALLBACK
+
+
+def sku_code_candidates(name: str) -> list[str]:
+    """The SKU codes a product called ``name`` may get, in order of preference.
+
+    The name's slug: case folded, accents dropped (``Écran`` → ``ecran``, ``Straße`` →
+    ``strasse``), every run of other characters one ``_``, at most 57 characters (room for
+    a suffix), ``product`` when nothing is left; then the slug with ``_2`` ... ``_9``.
+    """
+    base = _sku_code_base(name)
+    return [base, *(f"{base}_{n}" for n in _SKU_NUMBERED)]
+
+
+def derive_sku_code(name: str, *, taken: Collection[str], noise: str | None = None) -> str:
+    """The first of ``sku_code_candidates(name)`` not in ``taken``; when all are, the slug
+    with ``_`` and ``noise`` (default: six random letters and digits)."""
+    candidates = sku_code_candidates(name)
+    for candidate in candidates:
+        if candidate not in taken:
+            return candidate
+    noise = noise if noise is not None else secrets.token_hex(3)
+    if not _SKU_NOISE.fullmatch(noise):
+        raise ValueError("noise must be 1-6 lowercase letters or digits")
+    return f"{candidates[0]}_{noise}"
 
 
 def is_product_id(value: str) -> bool:
@@ -214,12 +268,16 @@ class ProductIds:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProductDraft:
-    """What a client gives for a product: validated, ready to store."""
+    """What a client gives for a product: validated, ready to store.
+
+    ``sku_code`` None: the client gave none — a new product gets one derived from its name
+    (``derive_sku_code``), a revised one keeps its own.
+    """
 
     name: str
     description: str
     price: Decimal
-    sku_code: str
+    sku_code: str | None
     category: str = DEFAULT_CATEGORY
 
     @classmethod
@@ -229,7 +287,7 @@ class ProductDraft:
         name: str,
         description: str,
         price: object,
-        sku_code: str,
+        sku_code: str | None = None,
         category: str | None = None,
     ) -> ProductDraft:
         """Validate every field; raises InvalidProduct naming each field that is wrong."""
@@ -237,7 +295,7 @@ class ProductDraft:
             "name": (clean_name, name),
             "description": (clean_description, description),
             "price": (parse_price, price),
-            "skuCode": (clean_sku_code, sku_code),
+            "skuCode": (_optional_sku_code, sku_code),
             "category": (clean_category, category),
         }
         values: dict[str, Any] = {}
@@ -257,6 +315,13 @@ class ProductDraft:
             category=values["category"],
         )
 
+    def with_sku_code(self, sku_code: str) -> ProductDraft:
+        return replace(self, sku_code=clean_sku_code(sku_code))
+
+
+def _optional_sku_code(value: str | None) -> str | None:
+    return None if value is None else clean_sku_code(value)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Product:
@@ -270,6 +335,8 @@ class Product:
 
     @classmethod
     def new(cls, draft: ProductDraft, *, id: str, created_at: datetime) -> Product:
+        if draft.sku_code is None:
+            raise ValueError("a new product needs a SKU code: derive one from its name first")
         return cls(
             id=id,
             name=draft.name,
@@ -281,15 +348,26 @@ class Product:
         )
 
     def revised(self, draft: ProductDraft) -> Product:
-        """Everything a client may change replaced; id and creation time kept."""
+        """Everything a client may change replaced; id and creation time kept, and the SKU
+        code too when the draft has none."""
         return replace(
             self,
             name=draft.name,
             description=draft.description,
             price=draft.price,
-            sku_code=draft.sku_code,
+            sku_code=draft.sku_code if draft.sku_code is not None else self.sku_code,
             category=draft.category,
         )
+
+    @property
+    def search_text(self) -> str:
+        """What a search text is looked for in, by every backend: name and description,
+        case folded (``Straße`` → ``strasse``, so ``STRASSE`` finds it)."""
+        return f"{self.name}\n{self.description}".casefold()
+
+    @property
+    def category_key(self) -> str:
+        return self.category.casefold()
 
     def document(self) -> dict[str, str]:
         """The product as clients and event consumers see it."""
@@ -312,6 +390,16 @@ class CatalogueQuery:
     category: str | None = None
     limit: int = 20
     offset: int = 0
+
+    @property
+    def text_key(self) -> str | None:
+        """A substring of ``Product.search_text`` for a match."""
+        return self.text.casefold() if self.text else None
+
+    @property
+    def category_key(self) -> str | None:
+        """Equal to ``Product.category_key`` for a match."""
+        return self.category.casefold() if self.category else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,9 @@ from shop.product.domain import (
     ProductIds,
     ProductNotFound,
     SkuTaken,
+    derive_sku_code,
     is_product_id,
+    sku_code_candidates,
     truncate_to_millis,
 )
 from shop.product.events import PRODUCT_CREATED, PRODUCT_DELETED, PRODUCT_UPDATED, product_event
@@ -24,6 +26,9 @@ from shop.product.store import ProductStore
 __all__ = ["ProductService"]
 
 log = logging.getLogger("shop.product")
+
+# Tries at a derived SKU code; after the first clash each is random, so racers part at once.
+SKU_CODE_ATTEMPTS = 5
 
 
 def _utcnow() -> datetime:
@@ -51,7 +56,26 @@ class ProductService:
         self._on_change = on_change
 
     async def add_product(self, draft: ProductDraft) -> Product:
-        """Raises SkuTaken."""
+        """Raises SkuTaken (for a SKU code the client chose; a derived one is made unique)."""
+        if draft.sku_code is not None:
+            return await self._add(draft)
+        for attempt in range(1, SKU_CODE_ATTEMPTS + 1):
+            candidates = sku_code_candidates(draft.name)
+            if attempt == 1:
+                taken = {p.sku_code for p in await self._store.with_sku_codes(candidates)}
+            else:
+                # Another create of the same name took ours between our read and our write:
+                # whoever races us reads the same, so only a random suffix parts us.
+                taken = set(candidates)
+            code = derive_sku_code(draft.name, taken=taken)
+            try:
+                return await self._add(draft.with_sku_code(code))
+            except SkuTaken:
+                if attempt == SKU_CODE_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _add(self, draft: ProductDraft) -> Product:
         now = truncate_to_millis(self._clock())
         product = Product.new(draft, id=self._ids.new(now), created_at=now)
         await self._store.add(product, event=product_event(PRODUCT_CREATED, product))

@@ -1,6 +1,6 @@
 """Persistence of the catalogue: a small protocol and its SQLAlchemy (Core) backend.
 
-The protocol speaks products and events only, so a MongoDB backend can implement it too.
+The protocol speaks products and events only; ``store_mongo`` implements it on MongoDB.
 Every change is stored together with the event announcing it (the outbox), atomically.
 
 SQL details: the same code runs on SQLite and MySQL/MariaDB. Search matches a casefolded
@@ -135,10 +135,6 @@ class ProductStore(Protocol):
     async def is_empty(self) -> bool: ...
 
 
-def _search_text(product: Product) -> str:
-    return f"{product.name}\n{product.description}".casefold()
-
-
 def _row_values(product: Product) -> dict[str, Any]:
     return {
         "sku_code": product.sku_code,
@@ -146,8 +142,8 @@ def _row_values(product: Product) -> dict[str, Any]:
         "description": product.description,
         "price": product.price,
         "category": product.category,
-        "category_key": product.category.casefold(),
-        "search_text": _search_text(product),
+        "category_key": product.category_key,
+        "search_text": product.search_text,
     }
 
 
@@ -179,11 +175,11 @@ def _like_contains(text: str) -> str:
 
 def _matching(query: CatalogueQuery) -> ColumnElement[bool]:
     conditions: list[ColumnElement[bool]] = []
-    if query.text:
-        pattern = _like_contains(query.text.casefold())
+    if query.text_key:
+        pattern = _like_contains(query.text_key)
         conditions.append(products.c.search_text.like(pattern, escape=_LIKE_ESCAPE))
-    if query.category:
-        conditions.append(products.c.category_key == query.category.casefold())
+    if query.category_key:
+        conditions.append(products.c.category_key == query.category_key)
     return and_(true(), *conditions)
 
 
