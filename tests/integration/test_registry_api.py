@@ -390,5 +390,5 @@ async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
     ready = await client.get("/health/ready")
     metrics = await client.get("/metrics")
 
-    assert ready.json() == {"status": "UP", "checks": {}}
+    assert ready.json() == {"status": "UP", "checks": {"store": "UP"}}
     assert 'route="/eureka/apps/{app}"' in metrics.text

@@ -7,12 +7,13 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
 import uvicorn
 
-from shop.platform.discovery import Heartbeat, Registration, RegistryClient
+from shop.platform.discovery import Heartbeat, Registration, RegistryClient, RegistryUnavailable
 from shop.platform.http import http_session
 from shop.platform.serve import bind_socket
 from shop.platform.settings import PlatformSettings
@@ -35,6 +36,7 @@ class Running:
     url: str
     clock: ShiftedClock
     http: aiohttp.ClientSession
+    stop: Callable[[], Awaitable[None]]
 
     def client(self) -> RegistryClient:
         return RegistryClient(base_url=self.url, session=self.http, cache_ttl_s=0.0)
@@ -57,15 +59,18 @@ async def registry() -> AsyncIterator[Running]:
     async def started() -> bool:
         return server.started
 
+    async def stop() -> None:
+        server.should_exit = True
+        await serving
+        sock.close()
+
     await eventually(started)
     port = sock.getsockname()[1]
     try:
         async with http_session() as http:
-            yield Running(url=f"http://127.0.0.1:{port}/eureka", clock=clock, http=http)
+            yield Running(url=f"http://127.0.0.1:{port}/eureka", clock=clock, http=http, stop=stop)
     finally:
-        server.should_exit = True
-        await serving
-        sock.close()
+        await stop()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], *, within_s: float = 3.0) -> None:
@@ -152,6 +157,71 @@ async def test_an_evicted_instance_registers_again(
         await eventually(lambda: _listed(client))
     finally:
         await heartbeat.stop()
+
+
+@pytest.mark.parametrize("cache_ttl_s", [0.0, 5.0])
+async def test_choose_spreads_calls_over_every_up_instance(
+    registry: Running, cache_ttl_s: float
+) -> None:
+    client = RegistryClient(base_url=registry.url, session=registry.http, cache_ttl_s=cache_ttl_s)
+    heartbeats = [Heartbeat(client, registration(port)) for port in (8081, 8082)]
+    for heartbeat in heartbeats:
+        heartbeat.start()
+    try:
+        await eventually(lambda: _listed(client, count=2))
+
+        chosen = [await client.choose("order-service") for _ in range(6)]
+
+        assert sorted(i.port for i in chosen if i is not None) == [8081] * 3 + [8082] * 3
+    finally:
+        for heartbeat in heartbeats:
+            await heartbeat.stop()
+
+
+async def test_a_comma_separated_list_is_kept_in_order(registry: Running) -> None:
+    dead = "http://127.0.0.1:9/eureka"
+
+    client = RegistryClient(
+        base_url=f" {registry.url}/ ,{dead},", session=registry.http, cache_ttl_s=0.0
+    )
+
+    assert client.base_urls == [registry.url, dead]
+    await client.register(registration())
+    assert [i.port for i in await client.fetch("order-service")] == [8081]
+    assert client.base_url == registry.url  # the first answered: no reason to move
+
+
+async def test_lookups_are_cached_single_flight_and_served_stale_when_no_registry_answers(
+    registry: Running,
+) -> None:
+    requests: list[str] = []
+
+    async def count(_session: object, _context: object, params: Any) -> None:
+        requests.append(str(params.url))
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_request_start.append(count)
+    dead = "http://127.0.0.1:9/eureka"
+    async with aiohttp.ClientSession(trace_configs=[tracing]) as http:
+        client = RegistryClient(base_url=[registry.url, dead], session=http, cache_ttl_s=0.2)
+        await client.register(registration())
+        requests.clear()
+
+        found = await asyncio.gather(*(client.instances("order-service") for _ in range(10)))
+        again = await client.instances("order-service")
+
+        assert [[i.port for i in each] for each in [*found, again]] == [[8081]] * 11
+        assert len(requests) == 1  # one lookup for eleven callers
+        await registry.stop()
+        await asyncio.sleep(0.25)
+
+        assert [i.port for i in await client.instances("order-service")] == [8081]
+        assert len(requests) == 3  # the stopped registry, then the dead one, then the cache
+        with pytest.raises(RegistryUnavailable):
+            await client.fetch("order-service")
+        client.forget("order-service")
+        with pytest.raises(RegistryUnavailable):
+            await client.instances("order-service")
 
 
 async def _listed(client: RegistryClient, count: int = 1) -> bool:

@@ -1,7 +1,8 @@
 """Client of the discovery server (the Eureka REST protocol): register, heartbeat, look up.
 
 Lookups are cached per application for a few seconds and served stale if the registry
-is briefly unreachable, so no request pays a registry round trip.
+is briefly unreachable, so no request pays a registry round trip. Given several registries,
+the client uses whichever answers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,54 +106,97 @@ class Registration:
 class _Cached:
     instances: list[Instance]
     fetched_at: float
-    cursor: itertools.count[int] = field(default_factory=itertools.count)
 
 
 class RegistryClient:
+    """Talks to one registry out of several (``base_url``: a list, or URLs separated by
+    commas): it keeps to the one that answered last and moves on to the next, in the given
+    order, when one refuses, times out or answers 5xx. Registries sharing one store (etcd)
+    serve the same view, so any of them will do."""
+
     def __init__(
-        self, *, base_url: str, session: aiohttp.ClientSession, cache_ttl_s: float = 5.0
+        self,
+        *,
+        base_url: str | Sequence[str],
+        session: aiohttp.ClientSession,
+        cache_ttl_s: float = 5.0,
+        timeout_s: float = 2.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        urls = base_url.split(",") if isinstance(base_url, str) else base_url
+        self.base_urls = [url.strip().rstrip("/") for url in urls if url.strip()]
+        if not self.base_urls:
+            raise ValueError("the registry client needs at least one registry URL")
+        self._current = 0
         self._session = session
         self._ttl = cache_ttl_s
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._cache: dict[str, _Cached] = {}
+        # Outlives each refresh of the cache: a fresh cursor would pick the first one again.
+        self._cursors: dict[str, itertools.count[int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
+    @property
+    def base_url(self) -> str:
+        """The registry that answered last (the first one until then)."""
+        return self.base_urls[self._current]
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> tuple[int, Any]:
+        """The status of the first registry to answer below 500 and, on a 200, its JSON."""
+        failures: list[str] = []
+        for step in range(len(self.base_urls)):
+            index = (self._current + step) % len(self.base_urls)
+            url = self.base_urls[index] + path
+            try:
+                async with self._session.request(
+                    method, url, params=params, json=body, headers=_JSON, timeout=self._timeout
+                ) as resp:
+                    if resp.status >= 500:
+                        failures.append(f"{url} answered {resp.status}")
+                        continue
+                    answer = await resp.json() if resp.status == 200 and method == "GET" else None
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                # ValueError: a 200 whose body is not JSON; that registry is not well either.
+                failures.append(f"{url}: {str(exc) or type(exc).__name__}")
+                continue
+            if index != self._current:
+                log.warning("registry %s answers; moving to it (%s)", url, "; ".join(failures))
+                self._current = index
+            return resp.status, answer
+        raise RegistryUnavailable("; ".join(failures))
+
     async def register(self, registration: Registration) -> None:
-        url = f"{self.base_url}/apps/{registration.app.upper()}"
-        async with self._session.post(url, json=registration.to_eureka(), headers=_JSON) as resp:
-            if resp.status not in (200, 204):
-                raise RegistryUnavailable(f"register answered {resp.status}")
+        path = f"/apps/{registration.app.upper()}"
+        status, _ = await self._call("POST", path, body=registration.to_eureka())
+        if status not in (200, 204):
+            raise RegistryUnavailable(f"register answered {status}")
 
     async def renew(self, registration: Registration) -> bool:
         """False when the registry no longer knows the instance (it must register again)."""
-        url = f"{self.base_url}/apps/{registration.app.upper()}/{registration.instance_id}"
-        async with self._session.put(url, params={"status": "UP"}, headers=_JSON) as resp:
-            if resp.status == 404:
-                return False
-            if resp.status != 200:
-                raise RegistryUnavailable(f"renew answered {resp.status}")
-            return True
+        path = f"/apps/{registration.app.upper()}/{registration.instance_id}"
+        status, _ = await self._call("PUT", path, params={"status": "UP"})
+        if status == 404:
+            return False
+        if status != 200:
+            raise RegistryUnavailable(f"renew answered {status}")
+        return True
 
     async def cancel(self, registration: Registration) -> None:
-        url = f"{self.base_url}/apps/{registration.app.upper()}/{registration.instance_id}"
-        async with self._session.delete(url, headers=_JSON):
-            pass
+        await self._call("DELETE", f"/apps/{registration.app.upper()}/{registration.instance_id}")
 
     async def fetch(self, app: str) -> list[Instance]:
         """Ask the registry now: every instance of ``app`` whatever its status."""
-        url = f"{self.base_url}/apps/{app.upper()}"
-        try:
-            async with self._session.get(
-                url, headers=_JSON, timeout=aiohttp.ClientTimeout(total=2.0)
-            ) as resp:
-                if resp.status == 404:
-                    return []
-                if resp.status != 200:
-                    raise RegistryUnavailable(f"registry answered {resp.status}")
-                body = await resp.json()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RegistryUnavailable(str(exc) or type(exc).__name__) from exc
+        status, body = await self._call("GET", f"/apps/{app.upper()}")
+        if status == 404:
+            return []
+        if status != 200 or not isinstance(body, dict):
+            raise RegistryUnavailable(f"registry answered {status}")
         raw = body.get("application", {}).get("instance", [])
         if isinstance(raw, dict):
             raw = [raw]
@@ -184,8 +229,8 @@ class RegistryClient:
         instances = await self.instances(app)
         if not instances:
             return None
-        cached = self._cache[app.lower()]
-        return instances[next(cached.cursor) % len(instances)]
+        cursor = self._cursors.setdefault(app.lower(), itertools.count())
+        return instances[next(cursor) % len(instances)]
 
     def forget(self, app: str) -> None:
         """Drop the cached lookup, e.g. after an instance refused a connection."""
@@ -241,6 +286,6 @@ class Heartbeat:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self.registered:
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, RegistryUnavailable):
                 await self.client.cancel(self.registration)
             self.registered = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
@@ -24,9 +25,12 @@ from shop.registry.eureka import (
     prefers_xml,
     to_xml,
 )
-from shop.registry.service import Registry
+from shop.registry.service import Registry, TooContended
+from shop.registry.store import StoreUnavailable
 
 __all__ = ["dashboard_router", "eureka_router", "install_error_answers"]
+
+log = logging.getLogger("shop.registry")
 
 
 def get_registry(request: Request) -> Registry:
@@ -120,14 +124,16 @@ async def remove_override(app: str, instance_id: str, registry: RegistryDep) -> 
 # Eureka clients (Spring's, py-eureka-client) ask for "apps/": answer rather than redirect.
 @eureka_router.get("/apps/", response_model=None, include_in_schema=False)
 async def applications(request: Request, registry: RegistryDep) -> Response:
-    document = applications_document(await registry.leases(), version=registry.version)
+    listing = await registry.listing()
+    document = applications_document(listing.leases, version=listing.version)
     return _negotiated(request, document)
 
 
 @eureka_router.get("/apps/delta", response_model=None)
 async def delta(request: Request, registry: RegistryDep) -> Response:
     """The full registry: a valid delta, as every client merges it and checks the hashcode."""
-    document = applications_document(await registry.leases(), version=registry.version)
+    listing = await registry.listing()
+    document = applications_document(listing.leases, version=listing.version)
     return _negotiated(request, document)
 
 
@@ -166,7 +172,8 @@ async def home() -> RedirectResponse:
 
 
 def install_error_answers(app: FastAPI) -> None:
-    """Domain errors become problem+json: unknown → 404, invalid → 422, unreadable → 400."""
+    """Domain errors become problem+json: unknown → 404, invalid → 422, unreadable → 400;
+    a store that cannot be reached (or an instance changed by others at every try) → 503."""
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return problem_response(404, instance=request.url.path, detail=str(exc))
@@ -183,7 +190,20 @@ def install_error_answers(app: FastAPI) -> None:
     async def unreadable(request: Request, exc: Exception) -> Response:
         return problem_response(400, instance=request.url.path, detail=str(exc))
 
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        log.warning("%s %s answered 503: %s", request.method, request.url.path, exc)
+        detail = (
+            "The registry's store cannot be reached; try again shortly."
+            if isinstance(exc, StoreUnavailable)
+            else str(exc)
+        )
+        return problem_response(
+            503, instance=request.url.path, detail=detail, headers={"Retry-After": "1"}
+        )
+
     app.add_exception_handler(UnknownInstance, not_found)
     app.add_exception_handler(UnknownApplication, not_found)
     app.add_exception_handler(InvalidInstance, invalid)
     app.add_exception_handler(UnreadableBody, unreadable)
+    app.add_exception_handler(StoreUnavailable, unavailable)
+    app.add_exception_handler(TooContended, unavailable)

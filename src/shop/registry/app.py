@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -20,6 +21,42 @@ from shop.registry.store import InMemoryLeaseStore, LeaseStore
 
 __all__ = ["build_app"]
 
+log = logging.getLogger("shop.registry")
+
+StoreOpener = Callable[[RegistrySettings], AbstractAsyncContextManager[LeaseStore]]
+
+
+@asynccontextmanager
+async def _in_memory(_settings: RegistrySettings) -> AsyncIterator[LeaseStore]:
+    yield InMemoryLeaseStore()
+
+
+@asynccontextmanager
+async def _etcd(settings: RegistrySettings) -> AsyncIterator[LeaseStore]:
+    # Imported here: aetcd comes with the `etcd` extra, and an in-memory registry needs none.
+    from shop.registry.store_etcd import EtcdLeaseStore
+
+    target = settings.etcd
+    store = EtcdLeaseStore(
+        endpoints=target.endpoints, prefix=target.prefix, timeout_s=settings.store_timeout_s
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+# REGISTRY_STORE_URL's scheme -> the store it names ("" = unset).
+_STORES: Mapping[str, StoreOpener] = {"": _in_memory, "etcd": _etcd}
+
+
+def _given(store: LeaseStore) -> StoreOpener:
+    @asynccontextmanager
+    async def opener(_settings: RegistrySettings) -> AsyncIterator[LeaseStore]:
+        yield store  # the caller's to close
+
+    return opener
+
 
 def build_app(
     *,
@@ -28,24 +65,31 @@ def build_app(
     store: LeaseStore | None = None,
     clock: Clock = time.time,
 ) -> FastAPI:
-    registry = Registry(
-        store=store if store is not None else InMemoryLeaseStore(),
-        clock=clock,
-        default_lease_duration_s=settings.lease_duration_s,
-    )
+    """The registry; ``store`` replaces the one ``REGISTRY_STORE_URL`` names."""
+    open_store = _given(store) if store is not None else _STORES[settings.store_scheme]
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI, _runtime: Runtime) -> AsyncIterator[None]:
-        sweeper = asyncio.create_task(
-            evict_periodically(registry, interval_s=settings.eviction_interval_s),
-            name="registry-eviction",
-        )
-        try:
-            yield
-        finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+    async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
+        async with open_store(settings) as opened:
+            registry = Registry(
+                store=opened, clock=clock, default_lease_duration_s=settings.lease_duration_s
+            )
+            app.state.registry = registry
+            runtime.readiness["store"] = registry.ping
+            try:
+                await registry.ping()
+            except Exception as exc:  # readiness reports it; requests answer 503 meanwhile
+                log.warning("the registry's store is not reachable yet: %s", exc)
+            sweeper = asyncio.create_task(
+                evict_periodically(registry, interval_s=settings.eviction_interval_s),
+                name="registry-eviction",
+            )
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
 
     app = create_app(
         name="registry",
@@ -57,7 +101,6 @@ def build_app(
         # The registry is what others register with; it never registers itself.
         register=False,
     )
-    app.state.registry = registry
     app.state.eviction_interval_s = settings.eviction_interval_s
     install_error_answers(app)
     return app

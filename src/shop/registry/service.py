@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from shop.registry.domain import (
     Clock,
@@ -13,11 +16,30 @@ from shop.registry.domain import (
     new_lease,
     normalise_app,
 )
-from shop.registry.store import LeaseStore
+from shop.registry.store import LeaseConflict, LeaseStore, StoredLease, StoreUnavailable
 
-__all__ = ["Registry", "evict_periodically"]
+__all__ = ["Listing", "Registry", "TooContended", "evict_periodically"]
 
 log = logging.getLogger("shop.registry")
+
+MAX_ATTEMPTS = 10
+
+
+class TooContended(Exception):
+    """An instance kept changing under every attempt to change it; the caller may retry."""
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Every live lease, by application then instance id, and the version they are at."""
+
+    leases: list[Lease]
+    version: int
+
+
+async def _back_off(attempt: int) -> None:
+    # Full jitter: writers that lost to each other must not meet again at the same instant.
+    await asyncio.sleep(random.uniform(0, min(0.1, 0.005 * 2**attempt)))  # noqa: S311
 
 
 class Registry:
@@ -25,86 +47,145 @@ class Registry:
 
     A lease past its expiry is gone for every read and renewal at once; the eviction sweep
     only reclaims it (and says so in the log), so answers never depend on its timing.
+
+    Each change reads the lease, applies a rule of ``domain`` and writes it back only if no
+    one wrote it meanwhile; a change that lost that race (another registry node, sharing the
+    store, got there first) is read and applied again, up to ``max_attempts`` times.
     """
 
-    def __init__(self, *, store: LeaseStore, clock: Clock, default_lease_duration_s: int) -> None:
+    def __init__(
+        self,
+        *,
+        store: LeaseStore,
+        clock: Clock,
+        default_lease_duration_s: int,
+        max_attempts: int = MAX_ATTEMPTS,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._default_duration_s = default_lease_duration_s
-        # Discovery clients compare it to decide whether their cached copy is stale.
-        self.version = 1
+        self._max_attempts = max_attempts
         self.started_at = clock()
 
     def now(self) -> float:
         return self._clock()
 
-    async def _live(self, app: str, instance_id: str) -> Lease:
+    async def ping(self) -> None:
+        await self._store.ping()
+
+    async def version(self) -> int:
+        """Discovery clients compare it to decide whether their cached copy is stale."""
+        return (await self._store.snapshot()).version
+
+    def _live(self, stored: StoredLease | None, now: float) -> Lease | None:
+        if stored is None or stored.lease.is_expired(now):
+            return None
+        return stored.lease
+
+    async def _change(
+        self,
+        app: str,
+        instance_id: str,
+        change: Callable[[Lease, float], Lease],
+        *,
+        moves_version: bool,
+    ) -> Lease:
         name = normalise_app(app)
-        lease = await self._store.get(name, instance_id)
-        if lease is None or lease.is_expired(self._clock()):
-            raise UnknownInstance(name, instance_id)
-        return lease
+        for attempt in range(self._max_attempts):
+            stored = await self._store.get(name, instance_id)
+            now = self._clock()
+            live = self._live(stored, now)
+            if stored is None or live is None:
+                raise UnknownInstance(name, instance_id)
+            lease = change(live, now)
+            try:
+                await self._store.put(lease, expected=stored.revision, moves_version=moves_version)
+            except LeaseConflict:
+                await _back_off(attempt)
+                continue
+            return lease
+        raise TooContended(f"{name}/{instance_id} kept changing; try again")
 
     async def register(self, app: str, document: object) -> Lease:
-        now = self._clock()
         name = normalise_app(app)
-        previous = None
-        if isinstance(document, dict):
-            raw_id = document.get("instanceId") or document.get("hostName")
-            if isinstance(raw_id, str):
-                found = await self._store.get(name, raw_id.strip())
-                previous = found if found and not found.is_expired(now) else None
-        lease = new_lease(
-            app=name,
-            document=document,
-            now=now,
-            default_duration_s=self._default_duration_s,
-            previous=previous,
-        )
-        await self._store.put(lease)
-        self.version += 1
-        log.info(
-            "registered %s/%s at %s:%d (%s, lease %d s)",
-            lease.app,
-            lease.instance_id,
-            lease.host,
-            lease.port,
-            lease.status,
-            lease.duration_s,
-        )
-        return lease
+        # Validates before any store call, and says which key the lease goes to.
+        instance_id = new_lease(
+            app=name, document=document, now=self._clock(), default_duration_s=1
+        ).instance_id
+        for attempt in range(self._max_attempts):
+            stored = await self._store.get(name, instance_id)
+            now = self._clock()
+            lease = new_lease(
+                app=name,
+                document=document,
+                now=now,
+                default_duration_s=self._default_duration_s,
+                previous=self._live(stored, now),
+            )
+            expected = stored.revision if stored is not None else None
+            try:
+                await self._store.put(lease, expected=expected, moves_version=True)
+            except LeaseConflict:
+                await _back_off(attempt)
+                continue
+            log.info(
+                "registered %s/%s at %s:%d (%s, lease %d s)",
+                lease.app,
+                lease.instance_id,
+                lease.host,
+                lease.port,
+                lease.status,
+                lease.duration_s,
+            )
+            return lease
+        raise TooContended(f"{name}/{instance_id} kept changing; try again")
 
     async def renew(self, app: str, instance_id: str) -> Lease:
-        lease = (await self._live(app, instance_id)).renewed(self._clock())
-        await self._store.put(lease)
-        return lease
+        return await self._change(
+            app, instance_id, lambda lease, now: lease.renewed(now), moves_version=False
+        )
 
     async def cancel(self, app: str, instance_id: str) -> Lease:
-        lease = await self._live(app, instance_id)
-        await self._store.remove(lease.app, lease.instance_id)
-        self.version += 1
-        log.info("cancelled %s/%s", lease.app, lease.instance_id)
-        return lease
+        name = normalise_app(app)
+        for attempt in range(self._max_attempts):
+            stored = await self._store.get(name, instance_id)
+            live = self._live(stored, self._clock())
+            if stored is None or live is None:
+                raise UnknownInstance(name, instance_id)
+            try:
+                await self._store.remove(name, instance_id, expected=stored.revision)
+            except LeaseConflict:
+                await _back_off(attempt)
+                continue
+            log.info("cancelled %s/%s", name, instance_id)
+            return live
+        raise TooContended(f"{name}/{instance_id} kept changing; try again")
 
     async def override_status(self, app: str, instance_id: str, status: str) -> Lease:
-        lease = (await self._live(app, instance_id)).overridden(status, self._clock())
-        await self._store.put(lease)
-        self.version += 1
+        lease = await self._change(
+            app, instance_id, lambda lease, now: lease.overridden(status, now), moves_version=True
+        )
         log.info("status of %s/%s overridden to %s", lease.app, lease.instance_id, status)
         return lease
 
     async def remove_override(self, app: str, instance_id: str) -> Lease:
-        lease = (await self._live(app, instance_id)).without_override(self._clock())
-        await self._store.put(lease)
-        self.version += 1
+        lease = await self._change(
+            app, instance_id, lambda lease, now: lease.without_override(now), moves_version=True
+        )
         log.info("status override of %s/%s removed", lease.app, lease.instance_id)
         return lease
 
+    async def listing(self) -> Listing:
+        """Every live lease and the version, read together so the two always agree."""
+        snapshot = await self._store.snapshot()
+        now = self._clock()
+        live = [s.lease for s in snapshot.leases if not s.lease.is_expired(now)]
+        live.sort(key=lambda lease: (lease.app, lease.instance_id))
+        return Listing(leases=live, version=snapshot.version)
+
     async def leases(self) -> list[Lease]:
         """Every live lease, by application then instance id."""
-        now = self._clock()
-        live = [lease for lease in await self._store.all() if not lease.is_expired(now)]
-        return sorted(live, key=lambda lease: (lease.app, lease.instance_id))
+        return (await self.listing()).leases
 
     async def application(self, app: str) -> list[Lease]:
         name = normalise_app(app)
@@ -114,7 +195,11 @@ class Registry:
         return found
 
     async def instance(self, app: str, instance_id: str) -> Lease:
-        return await self._live(app, instance_id)
+        name = normalise_app(app)
+        lease = self._live(await self._store.get(name, instance_id), self._clock())
+        if lease is None:
+            raise UnknownInstance(name, instance_id)
+        return lease
 
     async def find_instance(self, instance_id: str) -> Lease:
         """An instance by id alone, whatever its application (Eureka's ``/instances/{id}``)."""
@@ -124,10 +209,18 @@ class Registry:
         raise UnknownInstance("any application", instance_id)
 
     async def evict_expired(self) -> list[Lease]:
+        """Remove expired leases. Several nodes may sweep the same store: a lease another node
+        evicted, or that was renewed since the read, is left alone (the removal is guarded)."""
         now = self._clock()
-        expired = [lease for lease in await self._store.all() if lease.is_expired(now)]
-        for lease in expired:
-            await self._store.remove(lease.app, lease.instance_id)
+        evicted = []
+        for stored in (await self._store.snapshot()).leases:
+            lease = stored.lease
+            if not lease.is_expired(now):
+                continue
+            try:
+                await self._store.remove(lease.app, lease.instance_id, expected=stored.revision)
+            except LeaseConflict:
+                continue
             log.warning(
                 "evicted %s/%s: no heartbeat for %.0f s (lease %d s)",
                 lease.app,
@@ -135,9 +228,8 @@ class Registry:
                 now - lease.renewed_at,
                 lease.duration_s,
             )
-        if expired:
-            self.version += 1
-        return expired
+            evicted.append(lease)
+        return evicted
 
 
 async def evict_periodically(registry: Registry, *, interval_s: float) -> None:
@@ -146,5 +238,7 @@ async def evict_periodically(registry: Registry, *, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await registry.evict_expired()
+        except StoreUnavailable as exc:
+            log.warning("eviction sweep skipped: %s", exc)
         except Exception:
             log.exception("eviction sweep failed")
