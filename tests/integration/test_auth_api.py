@@ -22,7 +22,7 @@ from shop.auth.keys import new_private_key, private_pem
 from shop.auth.settings import AuthSettings, UnsafeSettings
 from shop.auth.store import users
 from shop.platform.db import create_engine
-from shop.platform.settings import PlatformSettings
+from shop.platform.settings import PlatformSettings, SettingsRefused
 from shop.platform.tokens import JwksVerifier
 
 PASSWORD = "correct horse"
@@ -534,7 +534,7 @@ def test_production_refuses_to_start_without_a_strong_service_secret(
     tmp_path: Path, secret: str | None
 ) -> None:
     pem = private_pem(new_private_key()).decode()
-    with pytest.raises(UnsafeSettings, match="SHOP_SERVICE_SECRET"):
+    with pytest.raises(SettingsRefused, match="SHOP_SERVICE_SECRET"):
         _production(
             tmp_path, service_secret=secret, signing_key=pem, admin_password="a-strong-secret"
         )

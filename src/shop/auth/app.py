@@ -11,20 +11,25 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from shop.auth.api import install_error_answers, internal, router
-from shop.auth.domain import password_problem
+from shop.auth.domain import normalise_email
 from shop.auth.keys import KeyProblem, Keyring, keyring_from_pems, load_or_create_keyring
 from shop.auth.passwords import Passwords
 from shop.auth.service import AuthService
-from shop.auth.settings import AuthSettings, UnsafeSettings
+from shop.auth.settings import DEV_ADMIN_PASSWORD, AuthSettings, UnsafeSettings
 from shop.auth.store import SqlAuthStore
 from shop.auth.throttle import LoginThrottle
 from shop.platform.app import Runtime, create_app, service_database
 from shop.platform.settings import PlatformSettings
 
-__all__ = ["SERVICE_NAME", "build_app", "configured_keyring"]
+__all__ = [
+    "SERVICE_NAME",
+    "build_app",
+    "configured_keyring",
+    "passwords_from",
+    "refuse_dev_admin",
+]
 
 SERVICE_NAME = "auth-service"
-MIN_SERVICE_SECRET = 32
 
 
 def configured_keyring(settings: AuthSettings) -> Keyring | None:
@@ -53,20 +58,31 @@ def _read(file: Path) -> bytes:
         raise UnsafeSettings(f"cannot read key file {file}: {exc.strerror}") from exc
 
 
+def passwords_from(settings: AuthSettings) -> Passwords:
+    return Passwords(
+        time_cost=settings.argon2_time_cost,
+        memory_cost_kib=settings.argon2_memory_cost_kib,
+        parallelism=settings.argon2_parallelism,
+        max_concurrent=settings.max_concurrent_hashes,
+    )
+
+
+async def refuse_dev_admin(store: SqlAuthStore, passwords: Passwords, *, email: str) -> None:
+    """Raises UnsafeSettings when the admin account still opens with the dev password: a
+    database first used on the embedded profile keeps its admin whatever the settings say."""
+    found = await store.credentials(normalise_email(email))
+    if found is not None and await passwords.verify(found.password_hash, DEV_ADMIN_PASSWORD):
+        raise UnsafeSettings(
+            f"the admin account {found.user.email} still has the dev password; give it the "
+            "one in AUTH_ADMIN_PASSWORD with `python -m shop.auth set-admin-password`"
+        )
+
+
 def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
     """Raises UnsafeSettings before anything starts when the settings are not safe to run."""
-    settings.check_safe_for(platform)
+    settings.check_secrets(platform)
     admin_password = settings.admin_password.get_secret_value()
-    if admin_password and (problem := password_problem(admin_password)):
-        raise UnsafeSettings(f"AUTH_ADMIN_PASSWORD {problem}")
     keyring = configured_keyring(settings)
-    if platform.is_production:
-        secret = platform.service_secret.get_secret_value() if platform.service_secret else ""
-        if len(secret) < MIN_SERVICE_SECRET:
-            raise UnsafeSettings(
-                f"SHOP_SERVICE_SECRET of at least {MIN_SERVICE_SECRET} characters is required:"
-                " services need it for internal calls"
-            )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
@@ -80,15 +96,14 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
             )
         url = settings.resolved_database_url(platform=platform, service="auth")
         async with service_database(runtime, url=url, package="shop.auth") as engine:
-            passwords = Passwords(
-                time_cost=settings.argon2_time_cost,
-                memory_cost_kib=settings.argon2_memory_cost_kib,
-                parallelism=settings.argon2_parallelism,
-                max_concurrent=settings.max_concurrent_hashes,
-            )
+            passwords = passwords_from(settings)
             await passwords.prepare()
+            store = SqlAuthStore(engine)
+            if platform.is_production:
+                # Checked before the port is bound too (preflight); this one closes the race.
+                await refuse_dev_admin(store, passwords, email=settings.admin_email)
             auth = AuthService(
-                store=SqlAuthStore(engine),
+                store=store,
                 passwords=passwords,
                 keyring=keys,
                 throttle=LoginThrottle(

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from shop.platform.settings import PlatformSettings, ServiceSettings
+from shop.auth.domain import password_problem
+from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused
 
 __all__ = ["DEV_ADMIN_PASSWORD", "AuthSettings", "UnsafeSettings"]
 
 DEV_ADMIN_PASSWORD = "admin-password"  # noqa: S105 - the published dev default, refused in production
 
 
-class UnsafeSettings(ValueError):
+class UnsafeSettings(SettingsRefused):
     """The settings would run the service insecurely; it refuses to start."""
 
 
 class AuthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore")
+    # It checks the secret services present for their tokens.
+    uses_service_secret: ClassVar[bool] = True
 
     access_token_ttl_s: int = Field(default=900, ge=30, le=86_400)
     refresh_token_ttl_s: int = Field(default=14 * 86_400, ge=60)
@@ -66,17 +70,21 @@ class AuthSettings(ServiceSettings):
     def has_configured_key(self) -> bool:
         return self.signing_key is not None or self.signing_key_file is not None
 
-    def check_safe_for(self, platform: PlatformSettings) -> None:
-        """Refuse, with a message an operator can act on, what production must not run with."""
-        if not platform.is_production:
-            return
-        if not self.has_configured_key():
-            raise UnsafeSettings(
-                "the production profile needs a signing key: set AUTH_SIGNING_KEY (PEM) "
-                "or AUTH_SIGNING_KEY_FILE"
-            )
-        if self.admin_password.get_secret_value() == DEV_ADMIN_PASSWORD:
-            raise UnsafeSettings(
-                "the production profile refuses the default admin password: set "
-                "AUTH_ADMIN_PASSWORD to a strong secret, or to an empty value to create no admin"
-            )
+    def check_secrets(self, platform: PlatformSettings) -> None:
+        """Refuse, with a message an operator can act on, what auth must not run with."""
+        password = self.admin_password.get_secret_value()
+        if password and (problem := password_problem(password)):
+            raise UnsafeSettings(f"AUTH_ADMIN_PASSWORD {problem}")
+        if platform.is_production:
+            if not self.has_configured_key():
+                raise UnsafeSettings(
+                    "the production profile needs a signing key: set AUTH_SIGNING_KEY (PEM) "
+                    "or AUTH_SIGNING_KEY_FILE"
+                )
+            if password == DEV_ADMIN_PASSWORD:
+                raise UnsafeSettings(
+                    "the production profile refuses the default admin password: set "
+                    "AUTH_ADMIN_PASSWORD to a strong secret, or to an empty value to create no "
+                    "admin"
+                )
+        super().check_secrets(platform)

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 from shop.gateway.app import NAME, build_app
 from shop.gateway.settings import GatewaySettings
-from shop.platform.serve import configure_logging, run
-from shop.platform.settings import PlatformSettings
-
-
-def main() -> None:
-    platform, settings = PlatformSettings(), GatewaySettings()
-    configure_logging(platform.log_level)
-    app = build_app(platform=platform, settings=settings)
-    run(
-        app,
-        name=NAME,
-        host=settings.host,
-        port=settings.port,
-        log_level=platform.log_level,
-        proxy_headers=False,
-    )
-
+from shop.platform.serve import main
 
 if __name__ == "__main__":
-    main()
+    # At the edge, X-Forwarded-For comes from the caller: it must not become the client address.
+    sys.exit(main(name=NAME, settings=GatewaySettings, build_app=build_app, proxy_headers=False))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -12,6 +14,7 @@ __all__ = ["GatewaySettings"]
 
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+    uses_database: ClassVar[bool] = False
 
     port: int = 8765
     upstream_timeout_s: float = Field(
@@ -37,5 +40,6 @@ class GatewaySettings(ServiceSettings):
     def dashboard_url(self, platform: PlatformSettings) -> str:
         if self.registry_dashboard_url:
             return self.registry_dashboard_url.rstrip("/")
-        base = platform.registry_url.rstrip("/")
+        # Any registry serves the dashboard; the first one listed is the one operators expect.
+        base = platform.registry_urls[0].rstrip("/")
         return base.removesuffix("/eureka")

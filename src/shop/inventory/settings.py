@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -12,6 +14,8 @@ __all__ = ["InventorySettings"]
 
 class InventorySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="INVENTORY_", extra="ignore")
+    # It learns new SKUs from the catalogue's product events.
+    uses_event_bus: ClassVar[bool] = True
 
     seed_demo_stock: bool = Field(
         default=True,

@@ -42,6 +42,8 @@ def child_environment(base: Mapping[str, str], *, data_dir: Path, profile: str) 
     env["SHOP_DATA_DIR"] = str(data_dir.expanduser().resolve())
     env["PYTHONUNBUFFERED"] = "1"
     # Services prove who they are to each other with tokens auth issues against this
-    # secret; one run of `shop up` is one deployment, so a fresh one per run will do.
-    env.setdefault("SHOP_SERVICE_SECRET", secrets.token_urlsafe(32))
+    # secret; one embedded run of `shop up` is one deployment, so a fresh one per run will
+    # do. Production secrets come from the operator: the services refuse to start without.
+    if profile == "embedded":
+        env.setdefault("SHOP_SERVICE_SECRET", secrets.token_urlsafe(32))
     return env

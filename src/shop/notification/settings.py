@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -14,6 +14,7 @@ __all__ = ["NotificationSettings"]
 
 class NotificationSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="NOTIFICATION_", extra="ignore")
+    uses_event_bus: ClassVar[bool] = True
 
     smtp_host: str | None = Field(
         default=None, description="SMTP server; unset = no e-mail, notifications go to the log."

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -12,6 +14,9 @@ __all__ = ["OrderSettings"]
 
 class OrderSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ORDER_", extra="ignore")
+    uses_event_bus: ClassVar[bool] = True
+    # It asks auth for a service token to reserve and release stock.
+    uses_service_secret: ClassVar[bool] = True
 
     inventory_timeout_s: float = Field(
         default=2.0, gt=0, description="How long a reservation or release may take."

@@ -1,16 +1,31 @@
-"""Run one service process: bind the port (0 = any free one), then serve and register it."""
+"""Run one service process: check its settings, bind the port (0 = any free one), then serve
+and register it."""
 
 from __future__ import annotations
 
 import logging
 import socket
 import sys
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-__all__ = ["bind_socket", "configure_logging", "run", "serve"]
+from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused, load_settings
+
+__all__ = ["EXIT_REFUSED", "bind_socket", "configure_logging", "main", "run", "serve"]
+
+# What a process that refuses its settings exits with (before it binds a port).
+EXIT_REFUSED = 2
+
+S = TypeVar("S", bound=ServiceSettings)
+S_contra = TypeVar("S_contra", bound=ServiceSettings, contravariant=True)
+
+
+class AppBuilder(Protocol[S_contra]):
+    def __call__(self, *, platform: PlatformSettings, settings: S_contra) -> Starlette: ...
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -75,3 +90,36 @@ def run(
     sock = bind_socket(host, port)
     app.state.bound_port = sock.getsockname()[1]
     serve(app, name=name, sock=sock, log_level=log_level, proxy_headers=proxy_headers)
+
+
+def main(
+    *,
+    name: str,
+    settings: type[S],
+    build_app: AppBuilder[S],
+    proxy_headers: bool = True,
+    preflight: Callable[[PlatformSettings, S], None] | None = None,
+) -> int:
+    """A service process from start to end: every setting checked before anything is opened or
+    bound — a refusal is one line on stderr and exit code 2 — then serve until SIGTERM.
+
+    ``preflight`` is for refusals that need a look outside the settings (auth's stored admin).
+    """
+    try:
+        platform, loaded = load_settings(settings)
+        if preflight is not None:
+            preflight(platform, loaded)
+        configure_logging(platform.log_level)
+        app = build_app(platform=platform, settings=loaded)
+    except SettingsRefused as exc:
+        print(f"{name} refuses to start: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    run(
+        app,
+        name=name,
+        host=loaded.host,
+        port=loaded.port,
+        log_level=platform.log_level,
+        proxy_headers=proxy_headers,
+    )
+    return 0

@@ -1,0 +1,212 @@
+"""Settings that make no sense, or that the production profile forbids, stop a process at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shop.auth.settings import AuthSettings
+from shop.gateway.settings import GatewaySettings
+from shop.notification.settings import NotificationSettings
+from shop.order.settings import OrderSettings
+from shop.platform.settings import (
+    PlatformSettings,
+    SettingsRefused,
+    check_url,
+    load_settings,
+)
+from shop.product.settings import ProductSettings
+
+SECRET = "s" * 32
+KAFKA = "kafka://127.0.0.1:9092"
+MYSQL = "mysql://shop:secret@db:3306/shop"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Only what a test sets: the developer's own SHOP_* variables must not leak in."""
+    import os
+
+    for name in list(os.environ):
+        if name.split("_", 1)[0] in {"SHOP", "AUTH", "ORDER", "PRODUCT", "GATEWAY", "NOTIFICATION"}:
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SHOP_DATA_DIR", str(tmp_path))
+
+
+def _refusal(model: type[OrderSettings] | type[ProductSettings] | type[GatewaySettings]) -> str:
+    with pytest.raises(SettingsRefused) as refused:
+        load_settings(model)
+    line = str(refused.value)
+    assert "\n" not in line, "one line an operator can act on"
+    return line
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("SHOP_HEARTBEAT_INTERVAL_S", "0", "SHOP_HEARTBEAT_INTERVAL_S"),
+        ("SHOP_HEARTBEAT_INTERVAL_S", "120", "shorter than SHOP_LEASE_DURATION_S"),
+        ("SHOP_LEASE_DURATION_S", "0", "SHOP_LEASE_DURATION_S"),
+        ("SHOP_REGISTRY_CACHE_TTL_S", "-1", "SHOP_REGISTRY_CACHE_TTL_S"),
+        ("SHOP_MAX_BODY_BYTES", "0", "SHOP_MAX_BODY_BYTES"),
+        ("SHOP_LOG_LEVEL", "LOUD", "SHOP_LOG_LEVEL"),
+        ("SHOP_REGISTRY_URL", "registry:8761", "not an http(s) URL"),
+        ("SHOP_EVENT_RETRY_BACKOFF_MAX_S", "0.01", "at least SHOP_EVENT_RETRY_BACKOFF_S"),
+        ("SHOP_KAFKA_SASL_USERNAME", "order-service", "but the protocol is PLAINTEXT"),
+        ("ORDER_PORT", "70000", "ORDER_PORT"),
+        ("ORDER_BREAKER_OPEN_S", "0", "ORDER_BREAKER_OPEN_S"),
+    ],
+)
+def test_nonsense_is_refused_on_every_profile(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, expected: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    line = _refusal(OrderSettings)
+    assert expected in line
+    if name != expected:  # a rule between two settings names both
+        assert "SHOP_" in line
+    else:
+        assert repr(value) in line, "the value given is shown"
+
+
+def test_a_sane_embedded_environment_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOP_LOG_LEVEL", "debug")
+    monkeypatch.setenv("SHOP_REGISTRY_URL", "http://r1:8761/eureka, http://r2:8761/eureka")
+    platform, settings = load_settings(OrderSettings)
+    assert platform.log_level == "DEBUG" and settings.database_url is None
+    assert platform.registry_urls == ["http://r1:8761/eureka", "http://r2:8761/eureka"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgres://db/shop", "ORDER_DATABASE_URL names 'postgres', which Shop cannot use"),
+        ("postgresql+asyncpg://db/shop", "names 'postgresql+asyncpg'"),
+        ("db.example.com/shop", "ORDER_DATABASE_URL is not a URL"),
+        ("mongodb://db/shop", "names 'mongodb'"),  # only the catalogue lives in MongoDB
+    ],
+)
+def test_a_database_shop_cannot_use_is_refused_on_any_profile(
+    monkeypatch: pytest.MonkeyPatch, url: str, expected: str
+) -> None:
+    monkeypatch.setenv("ORDER_DATABASE_URL", url)
+    assert expected in _refusal(OrderSettings)
+
+
+def test_a_driver_that_is_not_installed_is_named_with_its_install_command() -> None:
+    with pytest.raises(SettingsRefused) as refused:
+        check_url(
+            "cockroach://db/shop",
+            setting="ORDER_DATABASE_URL",
+            schemes={"cockroach": ("shop_no_such_driver", "shop[cockroach]")},
+            production=False,
+        )
+    assert str(refused.value) == (
+        "ORDER_DATABASE_URL needs the shop_no_such_driver driver, which is not installed:"
+        " pip install 'shop[cockroach]'"
+    )
+
+
+def test_the_catalogue_may_live_in_mongodb(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRODUCT_DATABASE_URL", "mongodb://db:27017/catalogue")
+    assert load_settings(ProductSettings)[1].database_url == "mongodb://db:27017/catalogue"
+
+
+def _production(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
+    settings = {
+        "SHOP_PROFILE": "production",
+        "SHOP_EVENT_BUS_URL": KAFKA,
+        "SHOP_SERVICE_SECRET": SECRET,
+        "ORDER_DATABASE_URL": MYSQL,
+        "NOTIFICATION_DATABASE_URL": MYSQL,
+        "PRODUCT_DATABASE_URL": "mongodb://db:27017/catalogue",
+        "AUTH_DATABASE_URL": MYSQL,
+        **env,
+    }
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_production_with_real_engines_and_secrets_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    _production(monkeypatch)
+    for model in (OrderSettings, ProductSettings, NotificationSettings, GatewaySettings):
+        platform, _ = load_settings(model)
+        assert platform.is_production
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"ORDER_DATABASE_URL": ""}, "the production profile needs ORDER_DATABASE_URL"),
+        ({"ORDER_DATABASE_URL": "sqlite:///orders.db"}, "ORDER_DATABASE_URL points at SQLite"),
+        ({"SHOP_EVENT_BUS_URL": ""}, "the production profile needs SHOP_EVENT_BUS_URL"),
+        ({"SHOP_EVENT_BUS_URL": "sqlite:///events.db"}, "SHOP_EVENT_BUS_URL points at SQLite"),
+        ({"SHOP_EVENT_BUS_URL": "amqp://mq"}, "SHOP_EVENT_BUS_URL names 'amqp'"),
+        ({"SHOP_SERVICE_SECRET": ""}, "SHOP_SERVICE_SECRET of at least 32 characters"),
+        ({"SHOP_SERVICE_SECRET": "short"}, "SHOP_SERVICE_SECRET of at least 32 characters"),
+    ],
+)
+def test_production_fails_closed(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    _production(monkeypatch, **env)
+    assert expected in _refusal(OrderSettings)
+
+
+def test_production_asks_each_process_only_for_what_it_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway has no database or bus; notification holds no service secret."""
+    _production(monkeypatch, SHOP_SERVICE_SECRET="", SHOP_EVENT_BUS_URL="")
+    load_settings(GatewaySettings)
+    _production(monkeypatch, SHOP_SERVICE_SECRET="")
+    load_settings(NotificationSettings)
+    _production(monkeypatch, PRODUCT_DATABASE_URL="sqlite:///catalogue.db")
+    assert "PRODUCT_DATABASE_URL points at SQLite" in _refusal(ProductSettings)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "needs a signing key"),
+        ({"AUTH_SIGNING_KEY": "-----BEGIN…"}, "refuses the default admin password"),
+        (
+            {"AUTH_SIGNING_KEY": "-----BEGIN…", "AUTH_ADMIN_PASSWORD": "short"},
+            "AUTH_ADMIN_PASSWORD must be at least 8 characters",
+        ),
+        (
+            {
+                "AUTH_SIGNING_KEY": "-----BEGIN…",
+                "AUTH_ADMIN_PASSWORD": "a-strong-secret",
+                "SHOP_SERVICE_SECRET": "short",
+            },
+            "SHOP_SERVICE_SECRET",
+        ),
+        (
+            {
+                "AUTH_SIGNING_KEY": "-----BEGIN…",
+                "AUTH_ADMIN_PASSWORD": "a-strong-secret",
+                "AUTH_DATABASE_URL": "",
+            },
+            "the production profile needs AUTH_DATABASE_URL",
+        ),
+    ],
+)
+def test_production_auth_refuses_missing_or_default_secrets(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    _production(monkeypatch, **env)
+    with pytest.raises(SettingsRefused, match=expected):
+        load_settings(AuthSettings)
+
+
+def test_the_platform_alone_reads_its_own_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOP_EVENT_BUS_URL", " ")
+    assert PlatformSettings().event_bus_url is None, "an empty variable is an unset one"
+
+
+def test_a_refused_url_never_shows_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOP_REGISTRY_URL", "ftp://admin:hunter2@registry:21/eureka")
+    line = _refusal(OrderSettings)
+    assert "hunter2" not in line and "//***@registry" in line
