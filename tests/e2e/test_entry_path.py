@@ -20,6 +20,9 @@ from tests.integration.test_registry_eureka_client import DRIVER
 
 PROBLEM_JSON = "application/problem+json"
 
+# The edge is the same code on either profile: once, on the quicker one, is enough.
+pytestmark = pytest.mark.parametrize("system", ["embedded"], indirect=True)
+
 
 def _new_user(gateway: httpx.Client) -> dict[str, str]:
     email = f"user-{uuid.uuid4().hex[:10]}@example.com"

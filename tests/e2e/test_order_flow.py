@@ -31,10 +31,10 @@ def _token(gateway: httpx.Client, email: str, password: str) -> str:
     return token
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def admin(system: System) -> str:
     with httpx.Client(base_url=system.gateway) as gateway:
-        return _token(gateway, "admin@example.com", "admin-password")
+        return _token(gateway, "admin@example.com", system.admin_password)
 
 
 @pytest.fixture
@@ -254,32 +254,30 @@ def test_bad_orders_are_422_and_change_nothing(
     assert gateway.get("/api/order", headers=_bearer(customer)).json() == []
 
 
-def _inventory_pid(system: System) -> int:
-    match = re.search(r"^inventory\s+\|.*Started server process \[(\d+)\]", system.output(), re.M)
-    assert match, "the launcher's output names the inventory process"
-    return int(match.group(1))
-
-
 class InventoryProcess:
-    """The real inventory process, frozen (there, but answering nothing) and thawed."""
+    """Every real inventory process, frozen (there, but answering nothing) and thawed."""
 
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
         self.frozen = False
 
     def freeze(self) -> None:
-        os.kill(self.pid, signal.SIGSTOP)
+        for pid in self.pids:
+            os.kill(pid, signal.SIGSTOP)
         self.frozen = True
 
     def thaw(self) -> None:
         if self.frozen:
-            os.kill(self.pid, signal.SIGCONT)
+            for pid in self.pids:
+                os.kill(pid, signal.SIGCONT)
             self.frozen = False
 
 
 @pytest.fixture
 def inventory_process(system: System) -> Iterator[InventoryProcess]:
-    process = InventoryProcess(_inventory_pid(system))
+    pids = system.pids("inventory")
+    assert len(pids) == (2 if system.profile == "production" else 1), system.output()[-3000:]
+    process = InventoryProcess(pids)
     try:
         yield process
     finally:
@@ -287,6 +285,7 @@ def inventory_process(system: System) -> Iterator[InventoryProcess]:
 
 
 def test_the_breaker_fails_fast_while_inventory_is_down_and_recovers(
+    system: System,
     gateway: httpx.Client,
     customer: str,
     new_product: Callable[..., dict[str, Any]],
@@ -310,13 +309,63 @@ def test_the_breaker_fails_fast_while_inventory_is_down_and_recovers(
     assert resp.status_code == 503 and time.monotonic() - started < 0.1
 
     inventory_process.thaw()
-    recovered = _eventually(
-        lambda: (r := _order(gateway, customer, line)).status_code == 201 and r, within_s=30
-    )
-    assert recovered.json()["status"] == "PLACED"
-    assert Decimal(recovered.json()["total"]) > 0
+    # Recovered once every order instance (each has its own breaker) has placed an order in
+    # a row, so the tests after this one meet a healthy system.
+    in_a_row = len(system.pids("order"))
+    placed_now: list[httpx.Response] = []
+    streak = 0
+
+    def every_instance_recovered() -> bool:
+        nonlocal streak
+        answer = _order(gateway, customer, line)
+        if answer.status_code == 201:
+            placed_now.append(answer)
+            streak += 1
+        else:
+            streak = 0
+        return streak >= in_a_row
+
+    _eventually(every_instance_recovered, within_s=30)
+    assert all(r.json()["status"] == "PLACED" for r in placed_now)
+    assert all(Decimal(r.json()["total"]) > 0 for r in placed_now)
     # Reservations that timed out may have landed once inventory woke: the order service
-    # releases them, so in the end only the one placed order holds stock.
-    _eventually(lambda: _stock(gateway, customer, sku) == 9, within_s=30)
+    # releases them, so in the end only the placed orders hold stock.
+    _eventually(lambda: _stock(gateway, customer, sku) == 10 - len(placed_now), within_s=30)
     placed = gateway.get("/api/order", headers=_bearer(customer)).json()
-    assert [o["status"] for o in placed] == ["PLACED"]
+    assert [o["status"] for o in placed] == ["PLACED"] * len(placed_now)
+
+
+@pytest.mark.parametrize("system", ["production"], indirect=True)
+def test_every_instance_takes_its_share_and_each_order_is_notified_once(
+    system: System, customer: str, new_product: Callable[..., dict[str, Any]]
+) -> None:
+    """Production runs two of order, inventory and notification: calls are spread over the
+    instances, the consumer group shares the topic, and no notification is sent twice."""
+    sku = new_product(stock=50)["skuCode"]
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        numbers = []
+        for _ in range(12):
+            placed = _order(gateway, customer, [{"skuCode": sku, "quantity": 1}])
+            assert placed.status_code == 201, placed.text
+            numbers.append(placed.json()["orderNumber"])
+
+        def all_notified() -> bool:
+            notes = gateway.get("/api/notifications", headers=_bearer(customer)).json()
+            return {n["orderNumber"] for n in notes} >= set(numbers)
+
+        _eventually(all_notified, within_s=30)
+        time.sleep(0.5)  # a duplicate would be recorded by now
+        notes = gateway.get("/api/notifications", headers=_bearer(customer)).json()
+    placed_notes = [n["orderNumber"] for n in notes if n["type"] == "ORDER_PLACED"]
+    assert sorted(placed_notes) == sorted(numbers), "exactly one notification per order"
+    output = system.output()
+    mentioned = re.compile("|".join(numbers))
+
+    def instances_mentioning_an_order(service: str) -> set[str]:
+        lines = re.finditer(rf"^({service}-\d)\s+\|(.*)$", output, re.M)
+        return {line.group(1) for line in lines if mentioned.search(line.group(2))}
+
+    for number in numbers:
+        assert len(re.findall(rf"^order-\d\s+\|.*order {number} placed", output, re.M)) == 1
+    for service in ("order", "notification"):
+        assert instances_mentioning_an_order(service) == {f"{service}-1", f"{service}-2"}

@@ -16,7 +16,9 @@ from shop.launcher.services import (
     ServicesFileError,
     ServiceSpec,
     load_services_file,
+    parse_scale,
     runnable,
+    scaled,
     with_ports,
 )
 from shop.launcher.settings import LauncherSettings, child_environment
@@ -238,3 +240,67 @@ def test_nothing_to_start_is_a_failure(tmp_path: Path, capsys: pytest.CaptureFix
     out = capsys.readouterr().out
     assert "skipping product: shop.no_such_service has no __main__ yet" in out
     assert "no service to start" in out
+
+
+def test_production_secrets_come_from_the_operator_never_from_the_launcher() -> None:
+    env = child_environment({}, data_dir=Path(".data"), profile="production")
+    assert env["SHOP_PROFILE"] == "production"
+    assert "SHOP_SERVICE_SECRET" not in env, "the services refuse to start without one"
+
+
+def test_scale_names_each_instance_and_keeps_the_table_order() -> None:
+    table = scaled(SERVICES, parse_scale("order=2, notification=3,inventory=1"))
+    names = [s.name for s in table]
+    assert names == [
+        "registry",
+        "gateway",
+        "auth",
+        "product",
+        "inventory",
+        "order-1",
+        "order-2",
+        "notification-1",
+        "notification-2",
+        "notification-3",
+    ]
+    assert {s.module for s in table if s.name.startswith("order")} == {"shop.order"}
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("order", "not NAME=COUNT"),
+        ("order=two", "not NAME=COUNT"),
+        ("order=0", "give 1 to 16"),
+        ("order=17", "give 1 to 16"),
+        ("order=2,order=3", "given twice"),
+    ],
+)
+def test_a_bad_scale_is_refused(text: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        parse_scale(text)
+
+
+@pytest.mark.parametrize(
+    ("counts", "problem"),
+    [({"gateway": 2}, "runs once"), ({"basket": 2}, "there is no service 'basket'")],
+)
+def test_only_known_services_scale(counts: dict[str, int], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        scaled(SERVICES, counts)
+
+
+def test_shop_up_refuses_a_bad_scale_before_starting_anything(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["up", "--scale", "gateway=2"]) == 2
+    assert "bad --scale: gateway runs once" in capsys.readouterr().err
+
+
+def test_shop_up_refuses_a_bad_environment_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SHOP_HEARTBEAT_INTERVAL_S", "0")
+    assert cli.main(["up"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shop: SHOP_HEARTBEAT_INTERVAL_S: ") and err.count("\n") == 1

@@ -24,12 +24,14 @@ from shop.launcher.services import (
     ServicesFileError,
     ServiceSpec,
     load_services_file,
+    parse_scale,
     runnable,
+    scaled,
     with_ports,
 )
 from shop.launcher.settings import LauncherSettings, child_environment
 from shop.launcher.supervisor import ServiceFailed, Supervisor
-from shop.platform.settings import PlatformSettings
+from shop.platform.settings import PlatformSettings, Profile, describe_invalid
 
 __all__ = ["main"]
 
@@ -61,7 +63,14 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _parser(settings: LauncherSettings) -> argparse.ArgumentParser:
+def _scale(text: str) -> dict[str, int]:
+    try:
+        return parse_scale(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser(settings: LauncherSettings, platform: PlatformSettings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shop", description="Run the Shop on this machine.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up = commands.add_parser(
@@ -69,6 +78,21 @@ def _parser(settings: LauncherSettings) -> argparse.ArgumentParser:
         help="start every service, wait until each is ready, stop them all on Ctrl-C",
         description="Start every service on the embedded profile (unless SHOP_PROFILE says "
         "otherwise), wait until each is ready, and stop them all on Ctrl-C or SIGTERM.",
+    )
+    up.add_argument(
+        "--profile",
+        choices=("embedded", "production"),
+        default=platform.profile,
+        help="embedded: SQLite files and the embedded event log under --data-dir; production: "
+        "the databases, bus and secrets the environment names (env SHOP_PROFILE, default "
+        "embedded)",
+    )
+    up.add_argument(
+        "--scale",
+        type=_scale,
+        default={},
+        metavar="NAME=N[,NAME=N]",
+        help="run N instances of a service, e.g. order=2,inventory=2,notification=2",
     )
     up.add_argument(
         "--registry-port",
@@ -121,9 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = LauncherSettings()
         platform = PlatformSettings()
     except ValidationError as exc:
-        print(f"shop: invalid setting in the environment:\n{exc}", file=sys.stderr)
+        model = PlatformSettings if exc.title == PlatformSettings.__name__ else LauncherSettings
+        print(f"shop: {describe_invalid(exc, model)}", file=sys.stderr)
         return EXIT_USAGE
-    args = _parser(settings).parse_args(argv)
+    args = _parser(settings, platform).parse_args(argv)
     try:
         return _up(args, settings=settings, platform=platform)
     except KeyboardInterrupt:
@@ -140,6 +165,11 @@ def _up(args: argparse.Namespace, *, settings: LauncherSettings, platform: Platf
         print(f"shop up: bad --services-file: {exc}", file=sys.stderr)
         return EXIT_USAGE
     present, missing = runnable(table)
+    try:
+        present = scaled(present, args.scale)
+    except ValueError as exc:
+        print(f"shop up: bad --scale: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     services = with_ports(present, registry=args.registry_port, gateway=args.gateway_port)
     console = Console(sys.stdout, names=[LAUNCHER, *(s.name for s in services)])
     for spec in missing:
@@ -151,7 +181,7 @@ def _up(args: argparse.Namespace, *, settings: LauncherSettings, platform: Platf
     data_dir.mkdir(parents=True, exist_ok=True)
     supervisor = Supervisor(
         services,
-        environment=child_environment(os.environ, data_dir=data_dir, profile=platform.profile),
+        environment=child_environment(os.environ, data_dir=data_dir, profile=args.profile),
         console=console,
         ready_timeout_s=args.ready_timeout,
         stop_timeout_s=args.stop_timeout,
@@ -161,7 +191,7 @@ def _up(args: argparse.Namespace, *, settings: LauncherSettings, platform: Platf
             supervisor,
             console=console,
             settings=settings,
-            platform=platform,
+            profile=args.profile,
             data_dir=data_dir,
         )
     )
@@ -172,7 +202,7 @@ async def _supervise(
     *,
     console: Console,
     settings: LauncherSettings,
-    platform: PlatformSettings,
+    profile: Profile,
     data_dir: Path,
 ) -> int:
     began = time.monotonic()
@@ -210,7 +240,7 @@ async def _supervise(
             supervisor,
             console=console,
             settings=settings,
-            platform=platform,
+            profile=profile,
             data_dir=data_dir,
             took_s=time.monotonic() - began,
         )
@@ -235,7 +265,7 @@ def _print_summary(
     *,
     console: Console,
     settings: LauncherSettings,
-    platform: PlatformSettings,
+    profile: Profile,
     data_dir: Path,
     took_s: float,
 ) -> None:
@@ -246,15 +276,15 @@ def _print_summary(
         rows += [("gateway", gateway), ("API docs", f"{gateway}/docs")]
     if registry:
         rows.append(("registry", f"{registry}/eureka/web"))
-    if platform.is_production:
+    if profile == "production":
         rows.append(("admin login", f"{settings.admin_email} (password from AUTH_ADMIN_PASSWORD)"))
     else:
         rows.append(("admin login", f"{settings.admin_email} / {settings.admin_password}"))
-    rows.append(("data", str(data_dir)))
+        rows.append(("data", str(data_dir)))
     shown = {gateway, registry}
     rows += [(name, url) for name, url in supervisor.urls.items() if url not in shown]
     console.summary(
-        f"Shop is up in {took_s:.1f} s ({platform.profile} profile)",
+        f"Shop is up in {took_s:.1f} s ({profile} profile)",
         rows,
         "Press Ctrl-C to stop.",
     )

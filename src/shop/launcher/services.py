@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -19,9 +19,14 @@ __all__ = [
     "check_table",
     "has_main",
     "load_services_file",
+    "parse_scale",
     "runnable",
+    "scaled",
     "with_ports",
 ]
+
+# A laptop's worth: more instances than this of one service is a typo, not a topology.
+MAX_INSTANCES = 16
 
 # The registry starts alone and first (the others register with it); the gateway's
 # URL is the one the summary leads with.
@@ -104,6 +109,46 @@ def with_ports(
     for spec in specs:
         port = ports.get(spec.role)
         out.append(spec if port is None else replace(spec, port=port))
+    return out
+
+
+def parse_scale(text: str) -> dict[str, int]:
+    """``order=2,inventory=2`` as {name: instances}; raises ValueError saying what is wrong."""
+    counts: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, number = part.partition("=")
+        name = name.strip()
+        if not sep or not name or not number.strip().isdigit():
+            raise ValueError(f"{part!r} is not NAME=COUNT")
+        count = int(number)
+        if not 1 <= count <= MAX_INSTANCES:
+            raise ValueError(f"{name}: {count} instances; give 1 to {MAX_INSTANCES}")
+        if name in counts:
+            raise ValueError(f"{name} is given twice")
+        counts[name] = count
+    return counts
+
+
+def scaled(specs: Iterable[ServiceSpec], counts: Mapping[str, int]) -> list[ServiceSpec]:
+    """The table with ``counts[name]`` instances of each named service: ``order-1``,
+    ``order-2``... Only services scale: the registry and the gateway own fixed ports."""
+    table = list(specs)
+    by_name = {s.name: s for s in table}
+    for name in counts:
+        spec = by_name.get(name)
+        if spec is None:
+            raise ValueError(f"there is no service {name!r} (services: {', '.join(by_name)})")
+        if spec.role != "service" and counts[name] != 1:
+            raise ValueError(f"{name} runs once: it listens on a fixed port")
+    out: list[ServiceSpec] = []
+    for spec in table:
+        count = counts.get(spec.name, 1)
+        if count == 1:
+            out.append(spec)
+        else:
+            out += [replace(spec, name=f"{spec.name}-{n}") for n in range(1, count + 1)]
     return out
 
 
