@@ -112,6 +112,36 @@ def test_a_newcomer_finds_a_demo_catalogue_with_stock(gateway: httpx.Client, cus
     assert _stock(gateway, customer, "iphone_15") > 0
 
 
+def test_the_reference_product_body_gets_a_sku_and_appears_in_inventory(
+    gateway: httpx.Client, admin: str
+) -> None:
+    """The reference's own request has no skuCode: one is derived from the name, and the
+    inventory learns of the product (through its event) with no stock yet."""
+    name = f"Reference Widget {uuid.uuid4().hex[:6]}"
+    created = gateway.post(
+        "/api/product",
+        headers=_bearer(admin),
+        json={"name": name, "description": "as in the reference", "price": 1200},
+    )
+    assert created.status_code == 201, created.text
+    sku = created.json()["skuCode"]
+    assert sku == name.lower().replace(" ", "_")
+
+    def listed() -> list[dict[str, Any]]:
+        found, offset, total = [], 0, 1
+        while offset < total:
+            page = gateway.get(
+                "/api/inventory", params={"limit": 100, "offset": offset}, headers=_bearer(admin)
+            )
+            assert page.status_code == 200, page.text
+            total, offset = int(page.headers["x-total-count"]), offset + 100
+            found += [level for level in page.json() if level["skuCode"] == sku]
+        return found
+
+    [level] = _eventually(listed)
+    assert level["quantity"] == 0 and level["isInStock"] is False
+
+
 def test_the_reference_flow_order_then_notification_then_cancel(
     gateway: httpx.Client, customer: str, new_product: Callable[..., dict[str, Any]]
 ) -> None:
