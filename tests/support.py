@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-__all__ = ["free_port", "require_or_skip", "REQUIRE_ALL"]
+__all__ = ["ManualClock", "free_port", "require_or_skip", "REQUIRE_ALL"]
 
 # CI sets SHOP_REQUIRE_ALL=1: a missing server is then a failure, never a skip.
 REQUIRE_ALL = os.environ.get("SHOP_REQUIRE_ALL") == "1"
@@ -25,3 +25,16 @@ def require_or_skip(reason: str) -> None:
     if REQUIRE_ALL:
         pytest.fail(f"required test server missing: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+class ManualClock:
+    """A clock a test moves by hand (epoch seconds), instead of sleeping."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -16,27 +16,20 @@ from py_eureka_client.eureka_basic import _build_applications
 from shop.platform.settings import PlatformSettings
 from shop.registry.app import build_app
 from shop.registry.settings import RegistrySettings
+from tests.support import ManualClock
 
 T0 = 1_700_000_000.0
 JSON = {"Accept": "application/json"}
 ORDER_ID = "10.0.0.5:order-service:8081"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def client(clock: FakeClock) -> AsyncIterator[httpx.AsyncClient]:
+async def client(clock: ManualClock) -> AsyncIterator[httpx.AsyncClient]:
     app = build_app(
         platform=PlatformSettings(),
         settings=RegistrySettings(eviction_interval_s=0.02),
@@ -173,7 +166,7 @@ async def test_unknown_names_are_404(client: httpx.AsyncClient) -> None:
     assert_problem(await client.put("/eureka/apps/nobody/x/status?value=DOWN"), 404)
 
 
-async def test_heartbeat_renews_the_lease(client: httpx.AsyncClient, clock: FakeClock) -> None:
+async def test_heartbeat_renews_the_lease(client: httpx.AsyncClient, clock: ManualClock) -> None:
     await register(client)
     clock.now += 25
 
@@ -189,7 +182,7 @@ async def test_heartbeat_renews_the_lease(client: httpx.AsyncClient, clock: Fake
 
 
 async def test_expired_lease_is_gone_and_its_heartbeat_is_404(
-    client: httpx.AsyncClient, clock: FakeClock
+    client: httpx.AsyncClient, clock: ManualClock
 ) -> None:
     await register(client)
     clock.now += 30
@@ -201,7 +194,7 @@ async def test_expired_lease_is_gone_and_its_heartbeat_is_404(
 
 
 async def test_sweeper_evicts_and_logs(
-    client: httpx.AsyncClient, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    client: httpx.AsyncClient, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="shop.registry")
     await register(client)
@@ -360,7 +353,9 @@ async def test_xml_registration_is_accepted(client: httpx.AsyncClient) -> None:
     assert registered["dataCenterInfo"]["name"] == "MyOwn"
 
 
-async def test_dashboard_lists_every_instance(client: httpx.AsyncClient, clock: FakeClock) -> None:
+async def test_dashboard_lists_every_instance(
+    client: httpx.AsyncClient, clock: ManualClock
+) -> None:
     await register(client)
     await register(client, "inventory-service", instanceId="inv-1", ipAddr="10.0.0.6")
     await client.put("/eureka/apps/INVENTORY-SERVICE/inv-1/status?value=OUT_OF_SERVICE")

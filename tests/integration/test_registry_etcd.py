@@ -24,7 +24,7 @@ from shop.platform.serve import bind_socket
 from shop.platform.settings import PlatformSettings
 from shop.registry.app import build_app
 from shop.registry.settings import RegistrySettings
-from tests.support import free_port
+from tests.support import ManualClock, free_port
 
 T0 = 1_700_000_000.0
 JSON = {"Accept": "application/json"}
@@ -32,19 +32,9 @@ ID = "10.0.0.5:order-service:8081"
 INSTANCE = f"/eureka/apps/ORDER-SERVICE/{ID}"
 
 
-class FakeClock:
-    """One clock for both nodes: registry nodes are expected to keep their clocks in sync."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
@@ -104,7 +94,7 @@ async def served(app: FastAPI) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def nodes(
-    store_url: str, clock: FakeClock
+    store_url: str, clock: ManualClock
 ) -> AsyncIterator[tuple[httpx.AsyncClient, httpx.AsyncClient]]:
     async with (
         node(registry_app(store_url, clock)) as one,
@@ -174,7 +164,7 @@ async def test_a_registration_on_one_node_is_listed_by_both(
 
 
 async def test_a_heartbeat_on_the_other_node_renews_the_lease(
-    nodes: tuple[httpx.AsyncClient, httpx.AsyncClient], clock: FakeClock
+    nodes: tuple[httpx.AsyncClient, httpx.AsyncClient], clock: ManualClock
 ) -> None:
     one, two = nodes
     await register(one)
@@ -225,7 +215,7 @@ async def test_a_status_override_on_one_node_holds_on_both(
 
 
 async def test_an_expired_lease_is_evicted_once_whichever_node_sweeps(
-    store_url: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    store_url: str, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="shop.registry")
     async with (
@@ -249,7 +239,7 @@ async def test_an_expired_lease_is_evicted_once_whichever_node_sweeps(
         assert (on_two["application"], int(on_two["versions__delta"]) > version) == ([], True)
 
 
-async def test_a_node_that_restarts_forgets_nothing(store_url: str, clock: FakeClock) -> None:
+async def test_a_node_that_restarts_forgets_nothing(store_url: str, clock: ManualClock) -> None:
     async with node(registry_app(store_url, clock)) as one:
         await register(one)
         await one.put(f"{INSTANCE}/status", params={"value": "DOWN"})
@@ -263,7 +253,7 @@ async def test_a_node_that_restarts_forgets_nothing(store_url: str, clock: FakeC
 
 
 async def test_an_override_racing_heartbeats_on_both_nodes_survives(
-    nodes: tuple[httpx.AsyncClient, httpx.AsyncClient], clock: FakeClock
+    nodes: tuple[httpx.AsyncClient, httpx.AsyncClient], clock: ManualClock
 ) -> None:
     one, two = nodes
     await register(one)
@@ -414,7 +404,7 @@ async def test_without_etcd_the_registry_answers_503_and_is_not_ready() -> None:
     assert live.status_code == 200
 
 
-async def test_a_dead_etcd_member_is_passed_over(etcd_server_url: str, clock: FakeClock) -> None:
+async def test_a_dead_etcd_member_is_passed_over(etcd_server_url: str, clock: ManualClock) -> None:
     live = etcd_server_url.removeprefix("etcd://")
     url = f"etcd://127.0.0.1:{free_port()},{live}/test/{uuid.uuid4().hex}"
     async with node(registry_app(url, clock)) as http:

@@ -28,17 +28,10 @@ from shop.registry.store import (
     StoreUnavailable,
 )
 from shop.registry.store_etcd import EtcdLeaseStore
+from tests.support import ManualClock
 
 T0 = 1_700_000_000.0
 ID = "10.0.0.5:order-service:8081"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["memory", "etcd"])
@@ -207,7 +200,7 @@ class Interleaved:
         await self.store.ping()
 
 
-def nodes(store: LeaseStore, clock: FakeClock) -> tuple[Registry, Registry, Interleaved]:
+def nodes(store: LeaseStore, clock: ManualClock) -> tuple[Registry, Registry, Interleaved]:
     """Two registry nodes on one store; the first one's writes can be made to lose."""
     slow = Interleaved(store)
     first = Registry(store=slow, clock=clock, default_lease_duration_s=90)
@@ -219,7 +212,7 @@ def document(**fields: Any) -> dict[str, Any]:
 
 
 async def test_an_override_survives_a_heartbeat_that_read_before_it(store: LeaseStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     node1, node2, slow = nodes(store, clock)
     await node2.register("order-service", document())
     # node1 reads the lease for a heartbeat; node2's override lands before node1 writes.
@@ -236,7 +229,7 @@ async def test_an_override_survives_a_heartbeat_that_read_before_it(store: Lease
 async def test_a_registration_keeps_an_override_made_while_it_was_written(
     store: LeaseStore,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     node1, node2, slow = nodes(store, clock)
     await node2.register("order-service", document(metadata={"v": "1"}))
     slow.before_write.append(lambda: node2.override_status("order-service", ID, "OUT_OF_SERVICE"))
@@ -248,7 +241,7 @@ async def test_a_registration_keeps_an_override_made_while_it_was_written(
 
 
 async def test_two_first_registrations_at_once_both_land_in_turn(store: LeaseStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     node1, node2, slow = nodes(store, clock)
     slow.before_write.append(lambda: node2.register("order-service", document(status="STARTING")))
 
@@ -259,7 +252,7 @@ async def test_two_first_registrations_at_once_both_land_in_turn(store: LeaseSto
 
 
 async def test_eviction_leaves_a_lease_renewed_since_it_was_read(store: LeaseStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     node1, node2, slow = nodes(store, clock)
     await node2.register("order-service", document(leaseInfo={"durationInSecs": 30}))
     clock.now += 30
@@ -276,7 +269,7 @@ async def test_eviction_leaves_a_lease_renewed_since_it_was_read(store: LeaseSto
 
 
 async def test_an_instance_evicted_by_two_nodes_is_evicted_once(store: LeaseStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     node1, node2, slow = nodes(store, clock)
     await node2.register("order-service", document(leaseInfo={"durationInSecs": 30}))
     version = await node2.version()
@@ -295,7 +288,7 @@ async def test_an_instance_evicted_by_two_nodes_is_evicted_once(store: LeaseStor
 
 
 async def test_a_cancel_racing_a_heartbeat_still_cancels(store: LeaseStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     node1, node2, slow = nodes(store, clock)
     await node2.register("order-service", document())
     slow.before_write.append(lambda: node2.renew("order-service", ID))
@@ -306,7 +299,7 @@ async def test_a_cancel_racing_a_heartbeat_still_cancels(store: LeaseStore) -> N
 
 
 async def test_a_change_that_always_loses_gives_up(store: LeaseStore) -> None:
-    clock = FakeClock()
+    clock = ManualClock(T0)
     slow = Interleaved(store)
     node1 = Registry(store=slow, clock=clock, default_lease_duration_s=90, max_attempts=3)
     node2 = Registry(store=store, clock=clock, default_lease_duration_s=90)

@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 
 from shop.order.breaker import BreakerState, CircuitBreaker, CircuitOpen
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import ManualClock
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock(1000.0)
 
 
 @pytest.fixture
-def breaker(clock: FakeClock) -> CircuitBreaker:
+def breaker(clock: ManualClock) -> CircuitBreaker:
     return CircuitBreaker(
         name="inventory-service", failure_threshold=3, open_for_s=10.0, clock=clock
     )
@@ -56,7 +49,7 @@ def test_a_success_resets_the_count(breaker: CircuitBreaker) -> None:
     assert _state(breaker) is BreakerState.CLOSED
 
 
-def test_retry_after_counts_down(breaker: CircuitBreaker, clock: FakeClock) -> None:
+def test_retry_after_counts_down(breaker: CircuitBreaker, clock: ManualClock) -> None:
     _fail(breaker, 3)
     clock.now += 7.5
     with pytest.raises(CircuitOpen) as refused:
@@ -66,7 +59,7 @@ def test_retry_after_counts_down(breaker: CircuitBreaker, clock: FakeClock) -> N
 
 
 def test_after_the_open_time_one_probe_goes_through_and_its_success_closes(
-    breaker: CircuitBreaker, clock: FakeClock
+    breaker: CircuitBreaker, clock: ManualClock
 ) -> None:
     _fail(breaker, 3)
     clock.now += 10.0
@@ -81,7 +74,7 @@ def test_after_the_open_time_one_probe_goes_through_and_its_success_closes(
 
 
 def test_a_failed_probe_opens_it_for_another_full_period(
-    breaker: CircuitBreaker, clock: FakeClock
+    breaker: CircuitBreaker, clock: ManualClock
 ) -> None:
     _fail(breaker, 3)
     clock.now += 11.0
@@ -98,7 +91,7 @@ def test_a_failed_probe_opens_it_for_another_full_period(
 
 
 def test_an_abandoned_probe_lets_the_next_call_probe(
-    breaker: CircuitBreaker, clock: FakeClock
+    breaker: CircuitBreaker, clock: ManualClock
 ) -> None:
     _fail(breaker, 3)
     clock.now += 10.0

@@ -9,28 +9,18 @@ import pytest
 from shop.registry.domain import InvalidInstance, UnknownApplication, UnknownInstance
 from shop.registry.service import Registry
 from shop.registry.store import InMemoryLeaseStore
+from tests.support import ManualClock
 
 T0 = 1_700_000_000.0
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(T0)
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def registry(clock: FakeClock) -> Registry:
+def registry(clock: ManualClock) -> Registry:
     return Registry(store=InMemoryLeaseStore(), clock=clock, default_lease_duration_s=90)
 
 
@@ -48,7 +38,7 @@ def instance(instance_id: str = "10.0.0.5:order-service:8081", **fields: Any) ->
 
 
 async def test_registration_is_listed_with_the_servers_timestamps(
-    registry: Registry, clock: FakeClock
+    registry: Registry, clock: ManualClock
 ) -> None:
     await registry.register("order-service", instance())
 
@@ -82,7 +72,7 @@ async def test_host_name_is_the_id_when_there_is_no_instance_id(registry: Regist
 
 
 async def test_a_lease_lasts_the_duration_the_instance_asked_for(
-    registry: Registry, clock: FakeClock
+    registry: Registry, clock: ManualClock
 ) -> None:
     await registry.register("app", instance(leaseInfo={"durationInSecs": 10}))
 
@@ -95,7 +85,7 @@ async def test_a_lease_lasts_the_duration_the_instance_asked_for(
 
 
 async def test_without_a_stated_duration_the_default_lease_applies(
-    registry: Registry, clock: FakeClock
+    registry: Registry, clock: ManualClock
 ) -> None:
     await registry.register("app", instance())
 
@@ -105,7 +95,7 @@ async def test_without_a_stated_duration_the_default_lease_applies(
     assert await registry.leases() == []
 
 
-async def test_each_heartbeat_extends_the_lease(registry: Registry, clock: FakeClock) -> None:
+async def test_each_heartbeat_extends_the_lease(registry: Registry, clock: ManualClock) -> None:
     await registry.register("app", instance(leaseInfo={"durationInSecs": 10}))
 
     for _ in range(5):
@@ -117,7 +107,7 @@ async def test_each_heartbeat_extends_the_lease(registry: Registry, clock: FakeC
     assert len(await registry.leases()) == 1
 
 
-async def test_eviction_removes_only_expired_leases(registry: Registry, clock: FakeClock) -> None:
+async def test_eviction_removes_only_expired_leases(registry: Registry, clock: ManualClock) -> None:
     await registry.register("app", instance("short", leaseInfo={"durationInSecs": 5}))
     await registry.register("app", instance("long", leaseInfo={"durationInSecs": 60}))
     clock.advance(6)
@@ -141,7 +131,7 @@ async def test_cancel_removes_the_instance(registry: Registry) -> None:
 
 
 async def test_override_beats_heartbeats_and_reregistration(
-    registry: Registry, clock: FakeClock
+    registry: Registry, clock: ManualClock
 ) -> None:
     await registry.register("app", instance())
     await registry.override_status("app", "10.0.0.5:order-service:8081", "OUT_OF_SERVICE")
@@ -175,7 +165,7 @@ async def test_cancel_forgets_the_override(registry: Registry) -> None:
     assert (await registry.instance("app", "10.0.0.5:order-service:8081")).status == "UP"
 
 
-async def test_client_cannot_set_server_fields(registry: Registry, clock: FakeClock) -> None:
+async def test_client_cannot_set_server_fields(registry: Registry, clock: ManualClock) -> None:
     await registry.register(
         "app",
         instance(
@@ -283,7 +273,7 @@ async def test_sub_second_heartbeats_may_say_zero_interval(registry: Registry) -
 
 
 async def test_version_moves_on_changes_not_on_heartbeats(
-    registry: Registry, clock: FakeClock
+    registry: Registry, clock: ManualClock
 ) -> None:
     await registry.register("app", instance())
     after_register = await registry.version()

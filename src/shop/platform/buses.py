@@ -83,11 +83,17 @@ async def _replay(url: str, *, group: str, topic: str | None) -> int:
         return await bus.replay_dead_letters(group=group, topic=topic)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shop.platform.buses replay --url URL --group G [--topic T]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m shop.platform.buses", description="Tend the event bus."
-    )
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "python -m shop.platform.buses",
+    only: str | None = None,
+) -> int:
+    """``python -m shop.platform.buses replay --url URL --group G [--topic T]``.
+
+    ``only`` restricts it to one backend's scheme (the embedded log's own command).
+    """
+    parser = argparse.ArgumentParser(prog=prog, description="Tend the event bus.")
     commands = parser.add_subparsers(dest="command", required=True)
     replay = commands.add_parser(
         "replay", help="put a consumer group's dead letters back on their topics"
@@ -98,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_argument("--group", required=True, help="the consumer group that gave up")
     replay.add_argument("--topic", help="only this topic's dead letters")
     args = parser.parse_args(argv)
+    if only is not None and not str(args.url).startswith(only):
+        parser.error(f"--url must name the embedded log ({only}:///…)")
     try:
         _factory(args.url)
     except ValueError as exc:

@@ -18,7 +18,6 @@ WAL mode lets readers and one writer work at once across processes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -472,32 +471,11 @@ def from_url(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m shop.platform.eventlog replay --url sqlite:///… --group G [--topic T]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m shop.platform.eventlog", description="Tend the embedded event log."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    replay = commands.add_parser(
-        "replay", help="append a consumer group's dead letters to their topics again"
-    )
-    replay.add_argument("--url", required=True, help="the log, e.g. sqlite:///.data/events.db")
-    replay.add_argument("--group", required=True, help="the consumer group that gave up")
-    replay.add_argument("--topic", help="only this topic's dead letters")
-    args = parser.parse_args(argv)
-    if not str(args.url).startswith("sqlite"):
-        parser.error("--url must name the embedded log (sqlite:///…)")
+    """``python -m shop.platform.eventlog replay --url sqlite:///… --group G [--topic T]``:
+    ``python -m shop.platform.buses replay`` for the embedded log only."""
+    from shop.platform.buses import main as bus_main  # the composition side picks the bus
 
-    async def run() -> int:
-        log_ = SqliteEventLog(args.url, client_id="replay")
-        try:
-            return await log_.replay_dead_letters(group=args.group, topic=args.topic)
-        finally:
-            await log_.close()
-
-    count = asyncio.run(run())
-    where = f" on {args.topic}" if args.topic else ""
-    print(f"replayed {count} dead letter(s) of group {args.group}{where}")
-    return 0
+    return bus_main(argv, prog="python -m shop.platform.eventlog", only="sqlite")
 
 
 if __name__ == "__main__":
