@@ -183,12 +183,15 @@ def test_registry_lists_every_service_and_shows_the_dashboard(system: System) ->
 def test_a_third_party_eureka_client_registers_renews_and_leaves(
     system: System, tmp_path: Path
 ) -> None:
-    app_name = f"legacy-{uuid.uuid4().hex[:6]}"
+    app_name = "legacy-client"
     url = f"{system.registry}/eureka/apps/{app_name.upper()}"
     report = tmp_path / "client.jsonl"
+    # Its credential in the URL, as Eureka deployments give one to Spring's clients.
+    secret = system.registry_clients[app_name]
+    server = system.registry.replace("http://", f"http://{app_name}:{secret}@") + "/eureka"
     # py-eureka-client runs in a process of its own: its heartbeat thread outlives stop().
     client = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, f"{system.registry}/eureka", app_name, "9999", str(report)],
+        [sys.executable, "-c", DRIVER, server, app_name, "9999", str(report)],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -216,6 +219,28 @@ def test_a_third_party_eureka_client_registers_renews_and_leaves(
             client.wait()
         if client.stdin is not None:
             client.stdin.close()
+
+
+def test_the_registry_refuses_a_rogue_auth_service_and_anonymous_changes(system: System) -> None:
+    eureka = f"{system.registry}/eureka/apps/AUTH-SERVICE"
+    listed = httpx.get(eureka, headers={"Accept": "application/json"})
+    (real,) = listed.json()["application"]["instance"]
+    rogue = {"instance": {**real, "instanceId": "10.6.6.6:auth-service:1", "ipAddr": "10.6.6.6"}}
+    order = ("order-service", system.registry_clients["order-service"])
+
+    anonymous = httpx.post(eureka, json=rogue)
+    as_order = httpx.post(eureka, json=rogue, auth=order)
+    cancel = httpx.delete(f"{eureka}/{real['instanceId']}")
+    override = httpx.put(
+        f"{eureka}/{real['instanceId']}/status", params={"value": "OUT_OF_SERVICE"}, auth=order
+    )
+
+    assert (anonymous.status_code, as_order.status_code) == (401, 403)
+    assert (cancel.status_code, override.status_code) == (401, 403)
+    after = httpx.get(eureka, headers={"Accept": "application/json"}).json()
+    assert [(i["instanceId"], i["status"]) for i in after["application"]["instance"]] == [
+        (real["instanceId"], "UP")
+    ]
 
 
 def _wait(check: Callable[[], bool], *, what: str, within_s: float = 10.0) -> None:

@@ -27,7 +27,7 @@ from shop.launcher.settings import child_environment
 from tests.support import free_port
 
 STAND_IN = r"""
-import http.server, os, signal, subprocess, sys, threading, time, urllib.request
+import http.server, os, re, signal, subprocess, sys, threading, time, urllib.request
 
 name, mode = sys.argv[1], sys.argv[2]
 port_env = sys.argv[3] if len(sys.argv) > 3 else ""
@@ -36,12 +36,15 @@ data_dir = os.environ["SHOP_DATA_DIR"]
 
 print(f"{name} starting: profile={os.environ.get('SHOP_PROFILE')} data={data_dir}")
 print(f"{name} registry url: {os.environ.get('SHOP_REGISTRY_URL', '-')}")
+print(f"{name} registry clients: {os.environ.get('REGISTRY_CLIENTS', '-')}")
 with open(os.path.join(data_dir, name + ".starts"), "a") as starts:
     starts.write("started\n")
 
 registry = os.environ.get("SHOP_REGISTRY_URL")
 if registry and name != "registry":
-    with urllib.request.urlopen(registry.removesuffix("/eureka") + "/health/ready") as answer:
+    # urllib takes no credentials in a URL: the health check needs none.
+    health = re.sub(r"//[^/@]*@", "//", registry.removesuffix("/eureka")) + "/health/ready"
+    with urllib.request.urlopen(health) as answer:
         print(f"{name} found the registry ready: {answer.status}")
 
 if mode == "crash-at-start":
@@ -104,7 +107,12 @@ def stand_in(tmp_path: Path) -> Path:
 
 
 def table(
-    stand_in: Path, *, auth: str = "ok", gateway: str = "ok", registry: str = "ok"
+    stand_in: Path,
+    *,
+    auth: str = "ok",
+    gateway: str = "ok",
+    registry: str = "ok",
+    registers: bool = False,
 ) -> list[ServiceSpec]:
     """The real table's shape (registry, gateway, auth) with stand-ins in place of services."""
 
@@ -123,8 +131,13 @@ def table(
             command=command("gateway", gateway, "GATEWAY_PORT"),
             port_env="GATEWAY_PORT",
             role="gateway",
+            registers_as="api-gateway" if registers else None,
         ),
-        ServiceSpec(name="auth", command=command("auth", auth)),
+        ServiceSpec(
+            name="auth",
+            command=command("auth", auth),
+            registers_as="auth-service" if registers else None,
+        ),
     ]
 
 
@@ -154,9 +167,15 @@ def supervisor(
     stop_timeout_s: float = 5.0,
 ) -> Supervisor:
     data_dir.mkdir(parents=True, exist_ok=True)
+    environment = child_environment(
+        {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_CLIENTS")},
+        data_dir=data_dir,
+        profile="embedded",
+        registrants=[s.registers_as for s in services if s.registers_as],
+    )
     return Supervisor(
         services,
-        environment=child_environment(os.environ, data_dir=data_dir, profile="embedded"),
+        environment=environment,
         console=Console(output, names=[s.name for s in services], colour=False),
         ready_timeout_s=ready_timeout_s,
         stop_timeout_s=stop_timeout_s,
@@ -199,6 +218,45 @@ async def test_starts_registry_first_then_the_rest_and_learns_their_ports(
     stops = [line for line in text.splitlines() if re.search(r"\| \w+ stopped cleanly", line)]
     assert [line.split()[2] for line in stops][-1] == "registry"
     assert len(stops) == 3
+
+
+async def test_each_service_gets_its_own_registry_credential_and_the_registry_all(
+    stand_in: Path, tmp_path: Path
+) -> None:
+    output = io.StringIO()
+    services = with_ports(table(stand_in, registers=True), gateway=free_port())
+    async with supervisor(services, data_dir=tmp_path / "data", output=output) as shop:
+        registry_url = f"{shop.url('registry')}/eureka"
+    text = output.getvalue()
+
+    given_to_registry = re.search(r"registry registry clients: (.*)", text)
+    assert given_to_registry is not None
+    clients = json.loads(given_to_registry[1])
+    assert set(clients) == {"api-gateway", "auth-service"}
+    assert len(set(clients.values())) == 2 and all(len(s) >= 32 for s in clients.values())
+    for name, app in (("gateway", "api-gateway"), ("auth", "auth-service")):
+        given = registry_url.replace("http://", f"http://{app}:{clients[app]}@")
+        assert f"| {name} registry url: {given}" in text
+        assert f"| {name} registry clients: -" in text, "a service sees no other's secret"
+    assert "auth found the registry ready: 200" in text
+
+
+async def test_an_operators_clients_without_a_services_entry_start_nothing(
+    stand_in: Path, tmp_path: Path
+) -> None:
+    environment = child_environment(
+        {"REGISTRY_CLIENTS": json.dumps({"api-gateway": "g" * 32})},
+        data_dir=tmp_path,
+        profile="embedded",
+        registrants=["api-gateway", "auth-service"],
+    )
+    with pytest.raises(ValueError, match="no credential for auth-service") as refused:
+        Supervisor(
+            table(stand_in, registers=True),
+            environment=environment,
+            console=Console(io.StringIO(), names=["auth"], colour=False),
+        )
+    assert "g" * 32 not in str(refused.value)
 
 
 async def test_data_survives_a_restart(stand_in: Path, tmp_path: Path) -> None:

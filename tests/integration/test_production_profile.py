@@ -60,6 +60,8 @@ def _production(**env: str) -> dict[str, str]:
         "SHOP_PROFILE": "production",
         "SHOP_EVENT_BUS_URL": "kafka://127.0.0.1:9",
         "SHOP_SERVICE_SECRET": SECRET,
+        # Each process's own registry credential (the auth case needs one to get that far).
+        "SHOP_REGISTRY_URL": f"http://auth-service:{SECRET}@127.0.0.1:9/eureka",
         "ORDER_DATABASE_URL": MYSQL_PLACEHOLDER,
         **env,
     }

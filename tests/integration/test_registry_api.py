@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from xml.etree import ElementTree
 import httpx
 import pytest
 from py_eureka_client.eureka_basic import _build_applications
+from pydantic import SecretStr
 
 from shop.platform.settings import PlatformSettings
 from shop.registry.app import build_app
@@ -387,3 +389,191 @@ async def test_operations_endpoints(client: httpx.AsyncClient) -> None:
 
     assert ready.json() == {"status": "UP", "checks": {"store": "UP"}}
     assert 'route="/eureka/apps/{app}"' in metrics.text
+
+
+# -- who may write -------------------------------------------------------------------------
+
+ORDER_SECRET = "order-service-secret-of-32-chars!"
+AUTH_SECRET = "auth-service-secret-of-32-chars!!"
+AUTH_ID = "10.0.0.7:auth-service:9000"
+ORDER = ("order-service", ORDER_SECRET)
+AUTH = ("auth-service", AUTH_SECRET)
+
+
+@contextlib.asynccontextmanager
+async def guarded_client(clock: ManualClock, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    clients = json.dumps({"order-service": ORDER_SECRET, "AUTH-SERVICE": AUTH_SECRET})
+    app = build_app(
+        platform=PlatformSettings(),
+        settings=RegistrySettings(clients=SecretStr(clients), **settings),
+        clock=clock,
+    )
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://registry") as http:
+            yield http
+
+
+@pytest.fixture
+async def guarded(clock: ManualClock) -> AsyncIterator[httpx.AsyncClient]:
+    async with guarded_client(clock) as http:
+        yield http
+
+
+def auth_instance() -> dict[str, Any]:
+    return instance(AUTH_ID, app="AUTH-SERVICE", hostName="10.0.0.7", ipAddr="10.0.0.7")
+
+
+async def listing(http: httpx.AsyncClient) -> dict[str, Any]:
+    answer = await http.get("/eureka/apps", headers=JSON)
+    assert answer.status_code == 200
+    document: dict[str, Any] = answer.json()["applications"]
+    return document
+
+
+async def test_a_service_registers_renews_and_cancels_with_its_own_credential(
+    guarded: httpx.AsyncClient,
+) -> None:
+    registered = await guarded.post("/eureka/apps/ORDER-SERVICE", json=instance(), auth=ORDER)
+    renewed = await guarded.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}", auth=ORDER)
+    read_by_anyone = await guarded.get(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}", headers=JSON)
+    cancelled = await guarded.delete(f"/eureka/apps/order-service/{ORDER_ID}", auth=ORDER)
+    assert (registered.status_code, renewed.status_code) == (204, 200)
+    assert read_by_anyone.status_code == 200 and cancelled.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "auth",
+    [None, ("auth-service", ORDER_SECRET), ("auth-service", "guess"), ("nobody", AUTH_SECRET)],
+)
+async def test_a_rogue_registration_without_the_credential_is_401_and_not_listed(
+    guarded: httpx.AsyncClient, auth: tuple[str, str] | None
+) -> None:
+    path = "/eureka/apps/AUTH-SERVICE"
+    answer = await (
+        guarded.post(path, json=auth_instance(), auth=auth)
+        if auth
+        else guarded.post(path, json=auth_instance())
+    )
+    body = assert_problem(answer, 401)
+    assert answer.headers["www-authenticate"] == 'Basic realm="shop-registry"'
+    assert ORDER_SECRET not in answer.text and AUTH_SECRET not in answer.text
+    assert body["detail"]
+    assert (await guarded.get("/eureka/apps/AUTH-SERVICE", headers=JSON)).status_code == 404
+    assert (await listing(guarded))["versions__delta"] == "0"
+
+
+async def test_another_services_credential_cannot_register_or_override_it(
+    guarded: httpx.AsyncClient,
+) -> None:
+    assert (
+        await guarded.post("/eureka/apps/AUTH-SERVICE", json=auth_instance(), auth=AUTH)
+    ).status_code == 204
+    before = await listing(guarded)
+
+    rogue = await guarded.post("/eureka/apps/AUTH-SERVICE", json=auth_instance(), auth=ORDER)
+    rogue_other_id = await guarded.post(
+        "/eureka/apps/auth-service",
+        json=instance("10.6.6.6:auth-service:1", app="AUTH-SERVICE"),
+        auth=ORDER,
+    )
+    override = await guarded.put(
+        f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}/status",
+        params={"value": "OUT_OF_SERVICE"},
+        auth=ORDER,
+    )
+    cancel = await guarded.delete(f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}", auth=ORDER)
+
+    for answer in (rogue, rogue_other_id, override, cancel):
+        assert_problem(answer, 403)
+    assert await listing(guarded) == before
+    (shown_auth,) = before["application"][0]["instance"]
+    assert shown_auth["status"] == "UP" and shown_auth["instanceId"] == AUTH_ID
+
+
+async def test_anonymous_cancel_and_status_changes_are_refused_and_change_nothing(
+    guarded: httpx.AsyncClient,
+) -> None:
+    assert (
+        await guarded.post("/eureka/apps/AUTH-SERVICE", json=auth_instance(), auth=AUTH)
+    ).status_code == 204
+    assert (
+        await guarded.put(
+            f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}/status",
+            params={"value": "DOWN"},
+            auth=AUTH,
+        )
+    ).status_code == 200
+    before = await listing(guarded)
+
+    attempts = [
+        await guarded.delete(f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}"),
+        await guarded.put(
+            f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}/status", params={"value": "OUT_OF_SERVICE"}
+        ),
+        await guarded.delete(f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}/status"),
+        await guarded.put(f"/eureka/apps/AUTH-SERVICE/{AUTH_ID}"),
+    ]
+
+    for answer in attempts:
+        assert_problem(answer, 401)
+    assert await listing(guarded) == before
+
+
+async def test_writes_from_one_address_are_throttled_with_retry_after(
+    clock: ManualClock,
+) -> None:
+    async with guarded_client(clock, write_rate_per_s=1.0, write_burst=3) as http:
+        await http.post("/eureka/apps/ORDER-SERVICE", json=instance(), auth=ORDER)
+        for _ in range(2):
+            ok = await http.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}", auth=ORDER)
+            assert ok.status_code == 200
+        # Unauthenticated guesses are counted too, and throttled the same way.
+        throttled = await http.delete(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}")
+        assert_problem(throttled, 429)
+        assert throttled.headers["retry-after"] == "1"
+        assert (await http.get("/eureka/apps", headers=JSON)).status_code == 200, "reads are free"
+        clock.advance(1.0)
+        assert (
+            await http.put(f"/eureka/apps/ORDER-SERVICE/{ORDER_ID}", auth=ORDER)
+        ).status_code == 200
+
+
+async def test_the_registry_holds_a_bounded_number_of_instances(clock: ManualClock) -> None:
+    async with guarded_client(clock, max_instances=3, max_instances_per_app=2) as http:
+
+        async def add(
+            app: str, auth: tuple[str, str], n: int, http: httpx.AsyncClient = http
+        ) -> httpx.Response:
+            document = instance(f"10.0.0.{n}:{app}:80", app=app.upper())
+            return await http.post(f"/eureka/apps/{app}", json=document, auth=auth)
+
+        assert (await add("order-service", ORDER, 1)).status_code == 204
+        assert (await add("order-service", ORDER, 2)).status_code == 204
+        per_app = await add("order-service", ORDER, 3)
+        assert (
+            "ORDER-SERVICE has its maximum of 2 instances" in assert_problem(per_app, 409)["detail"]
+        )
+        again = await add("order-service", ORDER, 2)
+        assert again.status_code == 204, "a live instance registering again takes no new place"
+        assert (await add("auth-service", AUTH, 4)).status_code == 204
+        full = await add("auth-service", AUTH, 5)
+        assert "maximum of 3 instances" in assert_problem(full, 409)["detail"]
+        listed = await listing(http)
+        assert sum(len(a["instance"]) for a in listed["application"]) == 3
+
+
+async def test_a_utf16_xml_body_with_entities_is_refused(guarded: httpx.AsyncClient) -> None:
+    body = (
+        '<?xml version="1.0" encoding="UTF-16"?>'
+        '<!DOCTYPE i [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;">]>'
+        "<instance><instanceId>&b;</instanceId><hostName>h</hostName></instance>"
+    ).encode("utf-16")
+    answer = await guarded.post(
+        "/eureka/apps/ORDER-SERVICE",
+        content=body,
+        headers={"Content-Type": "application/xml"},
+        auth=ORDER,
+    )
+    assert_problem(answer, 400)
+    assert (await guarded.get("/eureka/apps/ORDER-SERVICE", headers=JSON)).status_code == 404

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import pytest
@@ -22,6 +22,16 @@ import pytest
 from tests.support import free_port
 
 JSON = {"Accept": "application/json"}
+# Each application's registry credential; the registry process is given them all.
+SECRETS = {
+    name: f"{name}-secret-{n}-of-at-least-32-characters"
+    for n, name in enumerate(["cart-service", "wishlist-service", "auth-service", "order-service"])
+}
+
+
+def with_credential(url: str, app: str) -> str:
+    return url.replace("http://", f"http://{app}:{SECRETS[app]}@", 1)
+
 
 # Writes what it sees as JSON lines to argv[4], then waits for "stop" or "exit" on stdin.
 DRIVER = r"""
@@ -88,6 +98,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         "REGISTRY_HOST": "127.0.0.1",
         "REGISTRY_PORT": str(port),
         "REGISTRY_EVICTION_INTERVAL_S": "0.5",
+        "REGISTRY_CLIENTS": json.dumps(SECRETS),
         "SHOP_LOG_LEVEL": "INFO",
     }
     with log.open("w") as out:
@@ -133,12 +144,20 @@ class EurekaApp:
         return None
 
 
+class StartClient(Protocol):
+    def __call__(self, app_name: str, *, credential: bool = True) -> EurekaApp:
+        """py-eureka-client as ``app_name``, given its credential in the URL unless told not."""
+
+
 @pytest.fixture
-def start_client(registry: Registry, tmp_path: Path) -> Iterator[Callable[[str], EurekaApp]]:
+def start_client(registry: Registry, tmp_path: Path) -> Iterator[StartClient]:
     started: list[EurekaApp] = []
 
-    def start(app_name: str) -> EurekaApp:
+    def start(app_name: str, *, credential: bool = True) -> EurekaApp:
         port = free_port()
+        server = f"{registry.url}/eureka"
+        if credential:
+            server = with_credential(server, app_name)
         report = tmp_path / f"{app_name}.jsonl"
         with (tmp_path / f"{app_name}.log").open("w") as out:
             process = subprocess.Popen(
@@ -146,7 +165,7 @@ def start_client(registry: Registry, tmp_path: Path) -> Iterator[Callable[[str],
                     sys.executable,
                     "-c",
                     DRIVER,
-                    f"{registry.url}/eureka",
+                    server,
                     app_name,
                     str(port),
                     str(report),
@@ -178,7 +197,7 @@ def lease_info(registry: Registry, app: str, instance_id: str) -> dict[str, Any]
 
 
 def test_client_registers_discovers_renews_and_cancels(
-    registry: Registry, start_client: Callable[[str], EurekaApp]
+    registry: Registry, start_client: StartClient
 ) -> None:
     client = start_client("cart-service")
 
@@ -211,7 +230,7 @@ def test_client_registers_discovers_renews_and_cancels(
 
 
 def test_client_that_dies_is_evicted_when_its_lease_runs_out(
-    registry: Registry, start_client: Callable[[str], EurekaApp]
+    registry: Registry, start_client: StartClient
 ) -> None:
     client = start_client("wishlist-service")
     assert registry.get(f"/eureka/apps/WISHLIST-SERVICE/{client.instance_id}").status_code == 200
@@ -232,3 +251,64 @@ def test_client_that_dies_is_evicted_when_its_lease_runs_out(
         what="the eviction log line",
     )
     assert f"cancelled WISHLIST-SERVICE/{client.instance_id}" not in registry.log.read_text()
+
+
+# -- what a client without the credential cannot do, against the real process -----------------
+
+
+def test_without_its_credential_the_client_cannot_register(
+    registry: Registry, start_client: StartClient
+) -> None:
+    client = start_client("order-service", credential=False)
+    # The library keeps running, refused: it never finds itself in the registry.
+    assert client.said("started") == {"started": True, "discovered": []}
+    assert registry.get("/eureka/apps/ORDER-SERVICE").status_code == 404
+    assert "POST /eureka/apps/ORDER-SERVICE from 127.0.0.1 refused" in registry.log.read_text()
+    assert not any(secret in registry.log.read_text() for secret in SECRETS.values())
+
+
+def test_a_rogue_auth_service_cannot_register_cancel_or_override_the_real_one(
+    registry: Registry, start_client: StartClient
+) -> None:
+    real = start_client("auth-service")
+    rogue_id = "10.6.6.6:auth-service:8443"
+    rogue = {
+        "instance": {
+            "instanceId": rogue_id,
+            "hostName": "10.6.6.6",
+            "app": "AUTH-SERVICE",
+            "ipAddr": "10.6.6.6",
+            "status": "UP",
+            "port": {"$": 8443, "@enabled": "true"},
+        }
+    }
+    eureka = f"{registry.url}/eureka/apps/AUTH-SERVICE"
+    order = ("order-service", SECRETS["order-service"])
+    attempts = {
+        "anonymous registration": httpx.post(eureka, json=rogue),
+        "order's credential": httpx.post(eureka, json=rogue, auth=order),
+        "a guessed secret": httpx.post(eureka, json=rogue, auth=("auth-service", "guess")),
+        "anonymous cancel": httpx.delete(f"{eureka}/{real.instance_id}"),
+        "anonymous override": httpx.put(
+            f"{eureka}/{real.instance_id}/status", params={"value": "OUT_OF_SERVICE"}
+        ),
+        "override with order's credential": httpx.put(
+            f"{eureka}/{real.instance_id}/status",
+            params={"value": "OUT_OF_SERVICE"},
+            auth=order,
+        ),
+        "cancel with order's credential": httpx.delete(f"{eureka}/{real.instance_id}", auth=order),
+    }
+
+    statuses = {what: answer.status_code for what, answer in attempts.items()}
+    assert statuses == {
+        "anonymous registration": 401,
+        "order's credential": 403,
+        "a guessed secret": 401,
+        "anonymous cancel": 401,
+        "anonymous override": 401,
+        "override with order's credential": 403,
+        "cancel with order's credential": 403,
+    }
+    listed = registry.get("/eureka/apps/AUTH-SERVICE").json()["application"]["instance"]
+    assert [(i["instanceId"], i["status"]) for i in listed] == [(real.instance_id, "UP")]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 import uvicorn
+from pydantic import SecretStr
 
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient, RegistryUnavailable
 from shop.platform.http import http_session
@@ -44,12 +48,24 @@ class Running:
 
 @pytest.fixture
 async def registry() -> AsyncIterator[Running]:
+    async with serving(RegistrySettings(eviction_interval_s=0.05)) as running:
+        yield running
+
+
+ORDER_SECRET = "order/secret:with@odd%chars-and-32+"
+
+
+@pytest.fixture
+async def guarded_registry() -> AsyncIterator[Running]:
+    clients = SecretStr(json.dumps({"order-service": ORDER_SECRET}))
+    async with serving(RegistrySettings(eviction_interval_s=0.05, clients=clients)) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: RegistrySettings) -> AsyncIterator[Running]:
     clock = ShiftedClock()
-    app = build_app(
-        platform=PlatformSettings(),
-        settings=RegistrySettings(eviction_interval_s=0.05),
-        clock=clock,
-    )
+    app = build_app(platform=PlatformSettings(), settings=settings, clock=clock)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(
         uvicorn.Config(app, lifespan="on", log_level="warning", log_config=None)
@@ -242,3 +258,40 @@ async def _last_renewal(registry: Running) -> int:
 
 async def _renewed_after(registry: Running, first: int) -> bool:
     return await _last_renewal(registry) > first
+
+
+def _with_credential(url: str, user: str, secret: str) -> str:
+    return url.replace("http://", f"http://{quote(user, safe='')}:{quote(secret, safe='')}@")
+
+
+async def test_the_credential_in_the_registry_url_registers_renews_and_cancels(
+    guarded_registry: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = _with_credential(guarded_registry.url, "order-service", ORDER_SECRET)
+    client = RegistryClient(base_url=url, session=guarded_registry.http, cache_ttl_s=0.0)
+    assert client.base_urls == [guarded_registry.url], "no secret kept where it may be shown"
+    caplog.set_level(logging.DEBUG)
+    heartbeat = Heartbeat(client, registration())
+    heartbeat.start()
+    try:
+        await eventually(lambda: _listed(client))
+        first = await _last_renewal(guarded_registry)
+        await eventually(lambda: _renewed_after(guarded_registry, first))
+    finally:
+        await heartbeat.stop()
+    assert await client.fetch("order-service") == [], "cancelled with the credential"
+    assert ORDER_SECRET not in caplog.text
+
+
+@pytest.mark.parametrize("user", [None, "auth-service"])
+async def test_without_its_own_credential_a_service_cannot_register(
+    guarded_registry: Running, user: str | None
+) -> None:
+    url = guarded_registry.url
+    if user:
+        url = _with_credential(url, user, ORDER_SECRET)
+    client = RegistryClient(base_url=url, session=guarded_registry.http, cache_ttl_s=0.0)
+    with pytest.raises(RegistryUnavailable, match="register answered 401") as refused:
+        await client.register(registration())
+    assert ORDER_SECRET not in str(refused.value)
+    assert await client.fetch("order-service") == []

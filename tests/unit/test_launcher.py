@@ -21,7 +21,12 @@ from shop.launcher.services import (
     scaled,
     with_ports,
 )
-from shop.launcher.settings import LauncherSettings, child_environment
+from shop.launcher.settings import (
+    LauncherSettings,
+    child_environment,
+    registry_clients,
+    with_credentials,
+)
 from shop.launcher.supervisor import describe_exit, parse_listening
 
 
@@ -304,3 +309,74 @@ def test_shop_up_refuses_a_bad_environment_in_one_line(
     assert cli.main(["up"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("shop: SHOP_HEARTBEAT_INTERVAL_S: ") and err.count("\n") == 1
+
+
+def test_each_service_registers_under_its_name_from_the_specification() -> None:
+    assert {s.name: s.registers_as for s in SERVICES} == {
+        "registry": None,
+        "gateway": "api-gateway",
+        "auth": "auth-service",
+        "product": "product-service",
+        "inventory": "inventory-service",
+        "order": "order-service",
+        "notification": "notification-service",
+    }
+    scaled_table = scaled(SERVICES, {"order": 2})
+    assert {s.registers_as for s in scaled_table if s.name.startswith("order")} == {
+        "order-service"
+    }, "instances of one service share its credential"
+
+
+def test_the_registry_registers_with_nobody() -> None:
+    with pytest.raises(ValueError, match="registers with nobody"):
+        ServiceSpec(name="registry", module="shop.registry", role="registry", registers_as="x")
+    with pytest.raises(ValueError, match="no application name"):
+        ServiceSpec(name="auth", module="shop.auth", registers_as="auth service")
+
+
+def test_each_run_makes_one_registry_credential_per_application() -> None:
+    names = ["api-gateway", "order-service", "order-service", "AUTH-SERVICE"]
+    first = child_environment({}, data_dir=Path(".data"), profile="embedded", registrants=names)
+    second = child_environment({}, data_dir=Path(".data"), profile="embedded", registrants=names)
+    clients = registry_clients(first)
+    assert set(clients) == {"api-gateway", "order-service", "auth-service"}
+    assert all(len(secret) >= 32 for secret in clients.values())
+    assert len(set(clients.values())) == 3
+    assert clients != registry_clients(second)
+
+
+def test_an_operators_registry_clients_are_kept_and_production_gets_none_invented() -> None:
+    given = json.dumps({"order-service": "o" * 32})
+    kept = child_environment(
+        {"REGISTRY_CLIENTS": given},
+        data_dir=Path(".data"),
+        profile="embedded",
+        registrants=["order-service", "auth-service"],
+    )
+    production = child_environment(
+        {}, data_dir=Path(".data"), profile="production", registrants=["order-service"]
+    )
+    assert kept["REGISTRY_CLIENTS"] == given
+    assert "REGISTRY_CLIENTS" not in production, "the registry refuses to start without them"
+
+
+def test_an_operators_registry_clients_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "clients.json"
+    path.write_text(json.dumps({"Order-Service": "o" * 32}))
+    env = {"REGISTRY_CLIENTS_FILE": str(path)}
+    assert "REGISTRY_CLIENTS" not in child_environment(
+        env, data_dir=tmp_path, profile="embedded", registrants=["order-service"]
+    )
+    assert registry_clients(env) == {"order-service": "o" * 32}
+
+
+@pytest.mark.parametrize("value", ["{not json " + "s" * 32, json.dumps({"a": ["s" * 32]})])
+def test_bad_registry_clients_are_refused_without_showing_them(value: str) -> None:
+    with pytest.raises(ValueError) as refused:
+        registry_clients({"REGISTRY_CLIENTS": value})
+    assert "s" * 32 not in str(refused.value)
+
+
+def test_the_credential_goes_into_the_registry_url_percent_encoded() -> None:
+    url = with_credentials("http://127.0.0.1:8761/eureka", app="order-service", secret="a/b@c:d")
+    assert url == "http://order-service:a%2Fb%40c%3Ad@127.0.0.1:8761/eureka"

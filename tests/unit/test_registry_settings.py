@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from shop.gateway.settings import GatewaySettings
-from shop.platform.settings import PlatformSettings
+from shop.platform.settings import PlatformSettings, SettingsRefused, load_settings
 from shop.registry.settings import DEFAULT_ETCD_PREFIX, RegistrySettings, parse_etcd_url
 
 
@@ -64,4 +67,79 @@ def test_the_gateway_shows_the_dashboard_of_the_first_registry_listed() -> None:
         registry_url=" http://r1:8761/eureka/ , http://r2:8761/eureka,http://r3/eureka"
     )
 
+    assert GatewaySettings().dashboard_url(platform) == "http://r1:8761"
+
+
+CLIENT_SECRET = "c" * 32
+
+
+def test_clients_are_read_from_json_and_from_a_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secrets_file = tmp_path / "clients.json"
+    secrets_file.write_text(json.dumps({"auth-service": "from-a-file-" + CLIENT_SECRET}))
+    monkeypatch.setenv("REGISTRY_CLIENTS", json.dumps({"order-service": CLIENT_SECRET}))
+    monkeypatch.setenv("REGISTRY_CLIENTS_FILE", str(secrets_file))
+
+    settings = RegistrySettings()
+
+    assert settings.client_secrets == {
+        "ORDER-SERVICE": CLIENT_SECRET,
+        "AUTH-SERVICE": "from-a-file-" + CLIENT_SECRET,
+    }
+    assert CLIENT_SECRET not in repr(settings)
+    settings.check_with(PlatformSettings(profile="production"))
+
+
+@pytest.mark.parametrize(
+    ("clients", "says"),
+    [
+        ("{not json " + CLIENT_SECRET, "REGISTRY_CLIENTS is not JSON"),
+        (json.dumps([CLIENT_SECRET]), "must be a JSON object"),
+        (json.dumps({"order service": CLIENT_SECRET}), "application names are"),
+        (json.dumps({"order-service": ""}), "ORDER-SERVICE must be a non-empty string"),
+        (json.dumps({"a": CLIENT_SECRET, "A": CLIENT_SECRET}), "names A twice"),
+    ],
+)
+def test_bad_clients_are_refused_without_showing_a_secret(
+    monkeypatch: pytest.MonkeyPatch, clients: str, says: str
+) -> None:
+    monkeypatch.setenv("REGISTRY_CLIENTS", clients)
+    with pytest.raises(SettingsRefused) as refused:
+        load_settings(RegistrySettings)
+    assert says in str(refused.value)
+    assert CLIENT_SECRET not in str(refused.value)
+
+
+def test_an_unreadable_clients_file_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("REGISTRY_CLIENTS_FILE", str(tmp_path / "missing.json"))
+    with pytest.raises(SettingsRefused, match="REGISTRY_CLIENTS_FILE: cannot read it"):
+        load_settings(RegistrySettings)
+
+
+def test_production_refuses_an_open_registry_or_short_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHOP_PROFILE", "production")
+    monkeypatch.delenv("REGISTRY_CLIENTS", raising=False)
+    with pytest.raises(SettingsRefused, match="the production profile needs REGISTRY_CLIENTS"):
+        load_settings(RegistrySettings)
+    monkeypatch.setenv("REGISTRY_CLIENTS", json.dumps({"order-service": "short-secret"}))
+    with pytest.raises(SettingsRefused) as refused:
+        load_settings(RegistrySettings)
+    assert "the secret of ORDER-SERVICE is shorter than 32 characters" in str(refused.value)
+    assert "short-secret" not in str(refused.value)
+
+
+def test_the_embedded_registry_may_run_open(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("REGISTRY_CLIENTS", raising=False)
+    monkeypatch.setenv("SHOP_PROFILE", "embedded")
+    _, settings = load_settings(RegistrySettings)
+    assert settings.client_secrets == {}
+
+
+def test_the_dashboard_url_never_carries_the_gateways_registry_credential() -> None:
+    platform = PlatformSettings(registry_url="http://api-gateway:s3cret@r1:8761/eureka")
     assert GatewaySettings().dashboard_url(platform) == "http://r1:8761"

@@ -175,3 +175,18 @@ def test_dashboard_escapes_what_instances_send() -> None:
 )
 def test_ages_read_naturally(seconds: float, text: str) -> None:
     assert describe_age(seconds) == text
+
+
+def test_a_utf16_body_cannot_smuggle_a_doctype_past_the_parser() -> None:
+    # A byte search for "<!DOCTYPE" never saw it in UTF-16; the parser itself refuses it now.
+    body = (
+        '<?xml version="1.0" encoding="UTF-16"?>'
+        '<!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;&a;">]><instance>&b;</instance>'
+    ).encode("utf-16")
+    with pytest.raises(UnreadableBody, match="DOCTYPE"):
+        parse_registration(body, content_type="application/xml")
+
+
+def test_a_utf16_body_without_a_doctype_is_read() -> None:
+    body = "<instance><instanceId>a</instanceId></instance>".encode("utf-16")
+    assert parse_registration(body, content_type="application/xml") == {"instanceId": "a"}

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from shop.platform.settings import PlatformSettings, ServiceSettings
+from shop.gateway.ratelimit import parse_limits, shared_storage
+from shop.platform.serve import ServerLimits
+from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused
 
 __all__ = ["GatewaySettings"]
+
+_USERINFO = re.compile(r"://[^/@]*@")
 
 
 class GatewaySettings(ServiceSettings):
@@ -37,9 +42,73 @@ class GatewaySettings(ServiceSettings):
         ),
     )
 
+    # Generous: the e2e suite (20 concurrent orders of one user, bursts of registrations,
+    # all from 127.0.0.1) and a person clicking through `make up` never meet them.
+    rate_limit_per_client: str = Field(
+        default="200/second",
+        description="Requests per client address, limits syntax ('50/second;1000/minute').",
+    )
+    rate_limit_per_user: str = Field(
+        default="100/second",
+        description="Requests per user (token subject) on routes that need a token.",
+    )
+    rate_limit_storage_url: str = Field(
+        default="memory://",
+        description="memory:// (this process) or redis://host:6379/0 (shared by every gateway).",
+    )
+    rate_limit_key_prefix: str = Field(default="shop-gateway", min_length=1)
+
+    max_header_bytes: int = Field(
+        default=16_384,
+        ge=1024,
+        le=1 << 20,
+        description="Request line plus headers; larger is refused with 431.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="Time to receive a request's line and headers."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Time to receive a whole request (408 after)."
+    )
+
+    public_operations: bool = Field(
+        default=False,
+        description=(
+            "Serve /metrics and the readiness checks' detail on the public port; off, "
+            "/metrics is 404 and /health/ready answers only its status."
+        ),
+    )
+
+    @field_validator("rate_limit_per_client", "rate_limit_per_user")
+    @classmethod
+    def _limits_parse(cls, value: str) -> str:
+        parse_limits(value)
+        return value
+
+    @field_validator("rate_limit_storage_url")
+    @classmethod
+    def _known_storage(cls, value: str) -> str:
+        if value != "memory://" and not shared_storage(value):
+            raise ValueError("use memory:// or redis://host:port/db")
+        return value
+
+    def check_stores(self, platform: PlatformSettings) -> None:
+        if platform.is_production and not shared_storage(self.rate_limit_storage_url):
+            raise SettingsRefused(
+                "the production profile needs GATEWAY_RATE_LIMIT_STORAGE_URL=redis://...: "
+                "limits counted in one gateway's memory are multiplied by the instances"
+            )
+        super().check_stores(platform)
+
+    def server_limits(self) -> ServerLimits:
+        return ServerLimits(
+            header_timeout_s=self.header_timeout_s, max_header_bytes=self.max_header_bytes
+        )
+
     def dashboard_url(self, platform: PlatformSettings) -> str:
         if self.registry_dashboard_url:
             return self.registry_dashboard_url.rstrip("/")
         # Any registry serves the dashboard; the first one listed is the one operators expect.
-        base = platform.registry_urls[0].rstrip("/")
+        # Without the credential a URL may carry: the dashboard is open, and URLs get logged.
+        base = _USERINFO.sub("://", platform.registry_urls[0]).rstrip("/")
         return base.removesuffix("/eureka")

@@ -179,13 +179,23 @@ def _up(args: argparse.Namespace, *, settings: LauncherSettings, platform: Platf
         return EXIT_FAILED
     data_dir: Path = (args.data_dir or platform.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    supervisor = Supervisor(
-        services,
-        environment=child_environment(os.environ, data_dir=data_dir, profile=args.profile),
-        console=console,
-        ready_timeout_s=args.ready_timeout,
-        stop_timeout_s=args.stop_timeout,
+    environment = child_environment(
+        os.environ,
+        data_dir=data_dir,
+        profile=args.profile,
+        registrants=[s.registers_as for s in services if s.registers_as],
     )
+    try:
+        supervisor = Supervisor(
+            services,
+            environment=environment,
+            console=console,
+            ready_timeout_s=args.ready_timeout,
+            stop_timeout_s=args.stop_timeout,
+        )
+    except ValueError as exc:
+        print(f"shop up: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return asyncio.run(
         _supervise(
             supervisor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +26,8 @@ __all__ = [
     "with_ports",
 ]
 
+_APP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
+
 # A laptop's worth: more instances than this of one service is a typo, not a topology.
 MAX_INSTANCES = 16
 
@@ -35,7 +38,11 @@ Role = Literal["registry", "gateway", "service"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ServiceSpec:
-    """One process: ``python -m <module>``, or ``command`` (stand-ins in tests)."""
+    """One process: ``python -m <module>``, or ``command`` (stand-ins in tests).
+
+    ``registers_as``: the application name it registers with the discovery server
+    (``auth-service``...); it gets that application's registry credential. Scaled instances
+    share it."""
 
     name: str
     module: str | None = None
@@ -43,6 +50,7 @@ class ServiceSpec:
     port: int = 0
     port_env: str | None = None
     role: Role = "service"
+    registers_as: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -51,6 +59,10 @@ class ServiceSpec:
             raise ValueError(f"service {self.name!r} needs exactly one of module or command")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"service {self.name!r}: port {self.port} is out of range")
+        if self.registers_as is not None and not _APP_NAME.fullmatch(self.registers_as):
+            raise ValueError(f"service {self.name!r}: {self.registers_as!r} is no application name")
+        if self.registers_as is not None and self.role == "registry":
+            raise ValueError(f"service {self.name!r}: the registry registers with nobody")
 
     def argv(self) -> tuple[str, ...]:
         if self.command:
@@ -70,13 +82,20 @@ SERVICES: tuple[ServiceSpec, ...] = (
         role="registry",
     ),
     ServiceSpec(
-        name="gateway", module="shop.gateway", port=8765, port_env="GATEWAY_PORT", role="gateway"
+        name="gateway",
+        module="shop.gateway",
+        port=8765,
+        port_env="GATEWAY_PORT",
+        role="gateway",
+        registers_as="api-gateway",
     ),
-    ServiceSpec(name="auth", module="shop.auth"),
-    ServiceSpec(name="product", module="shop.product"),
-    ServiceSpec(name="inventory", module="shop.inventory"),
-    ServiceSpec(name="order", module="shop.order"),
-    ServiceSpec(name="notification", module="shop.notification"),
+    ServiceSpec(name="auth", module="shop.auth", registers_as="auth-service"),
+    ServiceSpec(name="product", module="shop.product", registers_as="product-service"),
+    ServiceSpec(name="inventory", module="shop.inventory", registers_as="inventory-service"),
+    ServiceSpec(name="order", module="shop.order", registers_as="order-service"),
+    ServiceSpec(
+        name="notification", module="shop.notification", registers_as="notification-service"
+    ),
 )
 
 
@@ -160,7 +179,8 @@ _TABLE = TypeAdapter(list[ServiceSpec])
 
 
 def load_services_file(path: Path) -> list[ServiceSpec]:
-    """A table from JSON: ``[{"name", "module" or "command", "port", "port_env", "role"}]``."""
+    """A table from JSON: ``[{"name", "module" or "command", "port", "port_env", "role",
+    "registers_as"}]``."""
     try:
         specs = _TABLE.validate_json(path.read_bytes())
     except OSError as exc:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import quote
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["LauncherSettings", "child_environment"]
+__all__ = [
+    "REGISTRY_CLIENTS",
+    "REGISTRY_CLIENTS_FILE",
+    "LauncherSettings",
+    "child_environment",
+    "registry_clients",
+    "with_credentials",
+]
+
+REGISTRY_CLIENTS = "REGISTRY_CLIENTS"
+REGISTRY_CLIENTS_FILE = "REGISTRY_CLIENTS_FILE"
 
 
 class LauncherSettings(BaseSettings):
@@ -30,11 +42,18 @@ class LauncherSettings(BaseSettings):
     admin_password: str = Field(default="admin-password", validation_alias="AUTH_ADMIN_PASSWORD")
 
 
-def child_environment(base: Mapping[str, str], *, data_dir: Path, profile: str) -> dict[str, str]:
+def child_environment(
+    base: Mapping[str, str],
+    *,
+    data_dir: Path,
+    profile: str,
+    registrants: Iterable[str] = (),
+) -> dict[str, str]:
     """The launcher's environment plus what makes the children one deployment.
 
     ``SHOP_REGISTRY_URL`` and each service's port variable are added by the supervisor,
-    once it knows the registry's real port.
+    once it knows the registry's real port; it also hands ``REGISTRY_CLIENTS`` to the
+    registry alone and each service only its own credential.
     """
     env = dict(base)
     env["SHOP_PROFILE"] = profile
@@ -46,4 +65,42 @@ def child_environment(base: Mapping[str, str], *, data_dir: Path, profile: str) 
     # do. Production secrets come from the operator: the services refuse to start without.
     if profile == "embedded":
         env.setdefault("SHOP_SERVICE_SECRET", secrets.token_urlsafe(32))
+        # Likewise one registry credential per application (``registrants``) and per run,
+        # unless the operator gave them.
+        if not env.get(REGISTRY_CLIENTS, "").strip() and not env.get(REGISTRY_CLIENTS_FILE):
+            names = sorted({name.lower() for name in registrants})
+            if names:
+                env[REGISTRY_CLIENTS] = json.dumps({n: secrets.token_urlsafe(32) for n in names})
     return env
+
+
+def registry_clients(env: Mapping[str, str]) -> dict[str, str]:
+    """``REGISTRY_CLIENTS`` and the file ``REGISTRY_CLIENTS_FILE`` names, as application name
+    (lower-case) -> secret; ``{}`` when neither is set. ValueError never shows the value: it
+    holds every service's secret. The registry validates them again (lengths, names)."""
+    clients: dict[str, str] = {}
+    sources = [(REGISTRY_CLIENTS, env.get(REGISTRY_CLIENTS, ""))]
+    if path := env.get(REGISTRY_CLIENTS_FILE, "").strip():
+        try:
+            sources.append((REGISTRY_CLIENTS_FILE, Path(path).read_text()))
+        except (OSError, UnicodeDecodeError):
+            raise ValueError(f"{REGISTRY_CLIENTS_FILE}: cannot read {path}") from None
+    for setting, text in sources:
+        if not text.strip():
+            continue
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+        ):
+            raise ValueError(f"{setting} must be a JSON object of application name to secret")
+        clients.update({name.lower(): secret for name, secret in parsed.items()})
+    return clients
+
+
+def with_credentials(registry_url: str, *, app: str, secret: str) -> str:
+    """``http://host:port/eureka`` with ``app:secret@`` in it, percent-encoded."""
+    scheme, _, rest = registry_url.partition("://")
+    return f"{scheme}://{quote(app, safe='')}:{quote(secret, safe='')}@{rest}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import re
 import signal
@@ -25,7 +26,13 @@ import aiohttp
 
 from shop.launcher.console import LAUNCHER, Console
 from shop.launcher.services import SERVICES, ServiceSpec, check_table, with_ports
-from shop.launcher.settings import child_environment
+from shop.launcher.settings import (
+    REGISTRY_CLIENTS,
+    REGISTRY_CLIENTS_FILE,
+    child_environment,
+    registry_clients,
+    with_credentials,
+)
 
 __all__ = ["ServiceFailed", "Supervisor", "describe_exit", "parse_listening", "shop_system"]
 
@@ -203,6 +210,17 @@ class Supervisor:
         check_table(services)
         self._services = list(services)
         self._environment = dict(environment)
+        # Only the registry sees every credential; each service gets its own, in its URL.
+        self._clients = registry_clients(self._environment)
+        for name in (REGISTRY_CLIENTS, REGISTRY_CLIENTS_FILE):
+            self._environment.pop(name, None)
+        if self._clients:
+            for spec in self._services:
+                if spec.registers_as and spec.registers_as.lower() not in self._clients:
+                    raise ValueError(
+                        f"{REGISTRY_CLIENTS} has no credential for {spec.registers_as}: {spec.name}"
+                        " could not register, so nothing was started"
+                    )
         self._console = console
         self._ready_timeout_s = ready_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -288,8 +306,20 @@ class Supervisor:
         env = dict(self._environment)
         if spec.port_env:
             env[spec.port_env] = str(spec.port)
+        if spec.role == "registry" and self._clients:
+            env[REGISTRY_CLIENTS] = json.dumps(self._clients)
         if self._registry_url:
-            env["SHOP_REGISTRY_URL"] = self._registry_url
+            url = self._registry_url
+            secret = self._clients.get(spec.registers_as.lower()) if spec.registers_as else None
+            if spec.registers_as and secret:
+                url = with_credentials(url, app=spec.registers_as, secret=secret)
+            env["SHOP_REGISTRY_URL"] = url
+            if spec.role == "gateway":
+                # The dashboard is read without credentials; left to default, it would be the
+                # URL above, secret included, wherever the gateway names its upstream.
+                env.setdefault(
+                    "GATEWAY_REGISTRY_DASHBOARD_URL", self._registry_url.removesuffix("/eureka")
+                )
         try:
             process, protocol = await _spawn_process(spec.argv(), env=env, preexec_fn=self._preexec)
         except OSError as exc:
@@ -502,6 +532,7 @@ def shop_system(
         {**os.environ, **(extra_environment or {})},
         data_dir=data_dir,
         profile="embedded",
+        registrants=[s.registers_as for s in table if s.registers_as],
     )
     console = Console(output or sys.stdout, names=[LAUNCHER, *(s.name for s in table)])
     return Supervisor(

@@ -8,6 +8,7 @@ the client uses whichever answers.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
 __all__ = ["Heartbeat", "Instance", "Registration", "RegistryClient", "RegistryUnavailable"]
 
@@ -34,6 +36,25 @@ class RegistryUnavailable(Exception):
     """The registry could not be reached and nothing is cached for the application."""
 
 
+def _host_in_url(host: str) -> str:
+    """An IPv6 address is bracketed in a URL (``http://[::1]:8080``)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _endpoint(url: str) -> tuple[str, str | None]:
+    """A registry URL without its userinfo, and the Basic credentials that userinfo held
+    (``http://order-service:<secret>@registry:8761/eureka``, as Eureka deployments write it)."""
+    try:
+        parsed = URL(url.strip())
+    except ValueError:
+        raise ValueError("a registry URL is not a URL") from None
+    authorization = None
+    if parsed.user is not None:
+        pair = f"{parsed.user}:{parsed.password or ''}".encode()
+        authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+    return str(parsed.with_user(None)).rstrip("/"), authorization
+
+
 @dataclass(frozen=True, slots=True)
 class Instance:
     app: str
@@ -44,7 +65,7 @@ class Instance:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{_host_in_url(self.host)}:{self.port}"
 
     @classmethod
     def from_eureka(cls, raw: dict[str, Any]) -> Instance:
@@ -74,7 +95,7 @@ class Registration:
         return f"{self.host}:{self.app}:{self.port}"
 
     def to_eureka(self) -> dict[str, Any]:
-        base = f"http://{self.host}:{self.port}"
+        base = f"http://{_host_in_url(self.host)}:{self.port}"
         return {
             "instance": {
                 "instanceId": self.instance_id,
@@ -112,7 +133,10 @@ class RegistryClient:
     """Talks to one registry out of several (``base_url``: a list, or URLs separated by
     commas): it keeps to the one that answered last and moves on to the next, in the given
     order, when one refuses, times out or answers 5xx. Registries sharing one store (etcd)
-    serve the same view, so any of them will do."""
+    serve the same view, so any of them will do.
+
+    A URL's userinfo is this service's registry credential: it is sent as HTTP Basic with
+    register, renew and cancel, and kept out of ``base_urls`` and every message."""
 
     def __init__(
         self,
@@ -123,9 +147,12 @@ class RegistryClient:
         timeout_s: float = 2.0,
     ) -> None:
         urls = base_url.split(",") if isinstance(base_url, str) else base_url
-        self.base_urls = [url.strip().rstrip("/") for url in urls if url.strip()]
-        if not self.base_urls:
+        endpoints = [_endpoint(url) for url in urls if url.strip()]
+        if not endpoints:
             raise ValueError("the registry client needs at least one registry URL")
+        self.base_urls = [url for url, _ in endpoints]
+        # The Authorization header of each registry's writes (None: its URL has no credential).
+        self._authorizations = [authorization for _, authorization in endpoints]
         self._current = 0
         self._session = session
         self._ttl = cache_ttl_s
@@ -147,15 +174,26 @@ class RegistryClient:
         *,
         params: Mapping[str, str] | None = None,
         body: Any = None,
+        authenticated: bool = False,
     ) -> tuple[int, Any]:
-        """The status of the first registry to answer below 500 and, on a 200, its JSON."""
+        """The status of the first registry to answer below 500 and, on a 200, its JSON.
+        ``authenticated``: a write, sent with this service's credential for that registry."""
         failures: list[str] = []
         for step in range(len(self.base_urls)):
             index = (self._current + step) % len(self.base_urls)
             url = self.base_urls[index] + path
+            headers = _JSON
+            authorization = self._authorizations[index]
+            if authenticated and authorization:
+                headers = {**_JSON, "Authorization": authorization}
             try:
                 async with self._session.request(
-                    method, url, params=params, json=body, headers=_JSON, timeout=self._timeout
+                    method,
+                    url,
+                    params=params,
+                    json=body,
+                    headers=headers,
+                    timeout=self._timeout,
                 ) as resp:
                     if resp.status >= 500:
                         failures.append(f"{url} answered {resp.status}")
@@ -173,14 +211,21 @@ class RegistryClient:
 
     async def register(self, registration: Registration) -> None:
         path = f"/apps/{registration.app.upper()}"
-        status, _ = await self._call("POST", path, body=registration.to_eureka())
+        status, _ = await self._call(
+            "POST", path, body=registration.to_eureka(), authenticated=True
+        )
+        if status in (401, 403):
+            raise RegistryUnavailable(
+                f"register answered {status}: SHOP_REGISTRY_URL must carry this service's"
+                f" credentials (http://{registration.app}:<secret>@registry:8761/eureka)"
+            )
         if status not in (200, 204):
             raise RegistryUnavailable(f"register answered {status}")
 
     async def renew(self, registration: Registration) -> bool:
         """False when the registry no longer knows the instance (it must register again)."""
         path = f"/apps/{registration.app.upper()}/{registration.instance_id}"
-        status, _ = await self._call("PUT", path, params={"status": "UP"})
+        status, _ = await self._call("PUT", path, params={"status": "UP"}, authenticated=True)
         if status == 404:
             return False
         if status != 200:
@@ -188,7 +233,11 @@ class RegistryClient:
         return True
 
     async def cancel(self, registration: Registration) -> None:
-        await self._call("DELETE", f"/apps/{registration.app.upper()}/{registration.instance_id}")
+        await self._call(
+            "DELETE",
+            f"/apps/{registration.app.upper()}/{registration.instance_id}",
+            authenticated=True,
+        )
 
     async def fetch(self, app: str) -> list[Instance]:
         """Ask the registry now: every instance of ``app`` whatever its status."""

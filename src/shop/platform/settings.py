@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar, Literal, Self, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -200,6 +201,8 @@ class ServiceSettings(BaseSettings):
     database_schemes: ClassVar[Mapping[str, tuple[str, str]]] = SQL_SCHEMES
     uses_event_bus: ClassVar[bool] = False
     uses_service_secret: ClassVar[bool] = False
+    # Registers with the discovery server (every process but the registry itself).
+    registers: ClassVar[bool] = True
 
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=0, ge=0, le=65535)
@@ -262,6 +265,14 @@ class ServiceSettings(BaseSettings):
                     f"the production profile needs SHOP_SERVICE_SECRET of at least"
                     f" {MIN_SERVICE_SECRET} characters (services use it for internal calls)"
                 )
+        if self.registers and platform.is_production:
+            for url in platform.registry_urls:
+                if not _has_credentials(url):
+                    raise SettingsRefused(
+                        "the production profile needs this service's registry credentials in"
+                        " SHOP_REGISTRY_URL (http://<app-name>:<secret>@host:8761/eureka; got"
+                        f" {_redacted(url)!r})"
+                    )
 
     def resolved_database_url(self, *, platform: PlatformSettings, service: str) -> str:
         if self.database_url:
@@ -274,6 +285,14 @@ S = TypeVar("S", bound=ServiceSettings)
 
 _SECRET_FIELD = re.compile(r"secret|password|key", re.IGNORECASE)
 _CREDENTIALS = re.compile(r"//[^/@\s]*@")
+
+
+def _has_credentials(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return bool(parts.username and parts.password)
 
 
 def _redacted(value: str) -> str:

@@ -9,6 +9,13 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from shop.platform.problems import problem_response
+from shop.registry.access import (
+    NotAuthenticated,
+    NotPermitted,
+    Registrants,
+    Throttled,
+    WriteThrottle,
+)
 from shop.registry.dashboard import render_dashboard
 from shop.registry.domain import (
     InstanceStatus,
@@ -25,7 +32,7 @@ from shop.registry.eureka import (
     prefers_xml,
     to_xml,
 )
-from shop.registry.service import Registry, TooContended
+from shop.registry.service import Registry, RegistryFull, TooContended
 from shop.registry.store import StoreUnavailable
 
 __all__ = ["dashboard_router", "eureka_router", "install_error_answers"]
@@ -39,6 +46,19 @@ def get_registry(request: Request) -> Registry:
 
 
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+
+
+async def allow_write(app: str, request: Request) -> None:
+    """Every write: throttled per client address first (failed guesses count too), then
+    HTTP Basic credentials of the application named in the path."""
+    throttle: WriteThrottle = request.app.state.write_throttle
+    registrants: Registrants = request.app.state.registrants
+    peer = request.client.host if request.client else "unknown"
+    throttle.take(peer)
+    registrants.check(app, request.headers.get("authorization"))
+
+
+WRITE = [Depends(allow_write)]
 StatusParam = Annotated[InstanceStatus | None, Query(description="Ignored: Eureka's heartbeat")]
 
 eureka_router = APIRouter(prefix="/eureka", tags=["discovery (Eureka REST)"])
@@ -74,7 +94,11 @@ def _negotiated(request: Request, document: dict[str, Any]) -> Response:
 
 
 @eureka_router.post(
-    "/apps/{app}", status_code=204, response_class=Response, openapi_extra=_REGISTRATION_BODY
+    "/apps/{app}",
+    status_code=204,
+    response_class=Response,
+    openapi_extra=_REGISTRATION_BODY,
+    dependencies=WRITE,
 )
 async def register(app: str, request: Request, registry: RegistryDep) -> Response:
     body = await request.body()
@@ -85,7 +109,7 @@ async def register(app: str, request: Request, registry: RegistryDep) -> Respons
     return Response(status_code=204)
 
 
-@eureka_router.put("/apps/{app}/{instance_id}", response_class=Response)
+@eureka_router.put("/apps/{app}/{instance_id}", response_class=Response, dependencies=WRITE)
 async def renew(
     app: str,
     instance_id: str,
@@ -97,13 +121,13 @@ async def renew(
     return Response(status_code=200)
 
 
-@eureka_router.delete("/apps/{app}/{instance_id}", response_class=Response)
+@eureka_router.delete("/apps/{app}/{instance_id}", response_class=Response, dependencies=WRITE)
 async def cancel(app: str, instance_id: str, registry: RegistryDep) -> Response:
     await registry.cancel(app, instance_id)
     return Response(status_code=200)
 
 
-@eureka_router.put("/apps/{app}/{instance_id}/status", response_class=Response)
+@eureka_router.put("/apps/{app}/{instance_id}/status", response_class=Response, dependencies=WRITE)
 async def override_status(
     app: str,
     instance_id: str,
@@ -114,7 +138,9 @@ async def override_status(
     return Response(status_code=200)
 
 
-@eureka_router.delete("/apps/{app}/{instance_id}/status", response_class=Response)
+@eureka_router.delete(
+    "/apps/{app}/{instance_id}/status", response_class=Response, dependencies=WRITE
+)
 async def remove_override(app: str, instance_id: str, registry: RegistryDep) -> Response:
     await registry.remove_override(app, instance_id)
     return Response(status_code=200)
@@ -171,8 +197,15 @@ async def home() -> RedirectResponse:
     return RedirectResponse("/eureka/web")
 
 
+def _refused(request: Request, exc: Exception) -> None:
+    # Who tried what, never with which credentials.
+    peer = request.client.host if request.client else "unknown"
+    log.warning("%s %s from %s refused: %s", request.method, request.url.path, peer, exc)
+
+
 def install_error_answers(app: FastAPI) -> None:
-    """Domain errors become problem+json: unknown → 404, invalid → 422, unreadable → 400;
+    """Domain errors become problem+json: no credentials → 401, another application's → 403,
+    too many writes → 429, registry full → 409, unknown → 404, invalid → 422, unreadable → 400;
     a store that cannot be reached (or an instance changed by others at every try) → 503."""
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -201,6 +234,37 @@ def install_error_answers(app: FastAPI) -> None:
             503, instance=request.url.path, detail=detail, headers={"Retry-After": "1"}
         )
 
+    async def unauthenticated(request: Request, exc: Exception) -> Response:
+        _refused(request, exc)
+        return problem_response(
+            401,
+            instance=request.url.path,
+            detail=str(exc),
+            headers={"WWW-Authenticate": 'Basic realm="shop-registry"'},
+        )
+
+    async def forbidden(request: Request, exc: Exception) -> Response:
+        _refused(request, exc)
+        return problem_response(403, instance=request.url.path, detail=str(exc))
+
+    async def throttled(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Throttled)  # noqa: S101 - registered for it only
+        _refused(request, exc)
+        return problem_response(
+            429,
+            instance=request.url.path,
+            detail=str(exc),
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
+
+    async def full(request: Request, exc: Exception) -> Response:
+        log.warning("%s %s refused: %s", request.method, request.url.path, exc)
+        return problem_response(409, instance=request.url.path, detail=str(exc))
+
+    app.add_exception_handler(NotAuthenticated, unauthenticated)
+    app.add_exception_handler(NotPermitted, forbidden)
+    app.add_exception_handler(Throttled, throttled)
+    app.add_exception_handler(RegistryFull, full)
     app.add_exception_handler(UnknownInstance, not_found)
     app.add_exception_handler(UnknownApplication, not_found)
     app.add_exception_handler(InvalidInstance, invalid)

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from shop.platform.app import Runtime, create_app
 from shop.platform.settings import PlatformSettings
+from shop.registry.access import Registrants, WriteThrottle
 from shop.registry.api import dashboard_router, eureka_router, install_error_answers
 from shop.registry.domain import Clock
 from shop.registry.service import Registry, evict_periodically
@@ -72,7 +73,11 @@ def build_app(
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         async with open_store(settings) as opened:
             registry = Registry(
-                store=opened, clock=clock, default_lease_duration_s=settings.lease_duration_s
+                store=opened,
+                clock=clock,
+                default_lease_duration_s=settings.lease_duration_s,
+                max_instances=settings.max_instances,
+                max_instances_per_app=settings.max_instances_per_app,
             )
             app.state.registry = registry
             runtime.readiness["store"] = registry.ping
@@ -102,5 +107,15 @@ def build_app(
         register=False,
     )
     app.state.eviction_interval_s = settings.eviction_interval_s
+    app.state.registrants = Registrants(settings.client_secrets)
+    app.state.write_throttle = WriteThrottle(
+        rate_per_s=settings.write_rate_per_s, burst=settings.write_burst, clock=clock
+    )
+    if not app.state.registrants.enforced:
+        # Only the embedded profile gets here (production refuses to start without clients).
+        log.warning(
+            "REGISTRY_CLIENTS is empty: anyone who reaches this registry may register any"
+            " service (embedded profile only; `shop up` always sets it)"
+        )
     install_error_answers(app)
     return app

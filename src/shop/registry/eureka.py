@@ -13,6 +13,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from xml.etree import ElementTree
 
+import defusedxml
+import defusedxml.ElementTree
+
 from shop.registry.domain import MAX_DEPTH, Lease, apps_hashcode
 
 __all__ = [
@@ -191,11 +194,12 @@ def _too_deep() -> UnreadableBody:
 
 def _parse_xml(body: bytes) -> dict[str, Any]:
     # No DTD, no entities: that closes entity expansion, the one XML attack expat still allows.
-    upper = body.upper()
-    if b"<!DOCTYPE" in upper or b"<!ENTITY" in upper:
-        raise UnreadableBody("XML with a DOCTYPE or entity declarations is not accepted.")
+    # defusedxml refuses them in the parser, whatever the encoding (a byte search missed
+    # a UTF-16 body).
     try:
-        root = ElementTree.fromstring(body)  # noqa: S314 - DTDs refused above
+        root: ElementTree.Element = defusedxml.ElementTree.fromstring(body, forbid_dtd=True)
+    except defusedxml.DefusedXmlException as exc:
+        raise UnreadableBody("XML with a DOCTYPE or entity declarations is not accepted.") from exc
     except ElementTree.ParseError as exc:
         raise UnreadableBody(f"The body is not well-formed XML ({exc}).") from exc
     # _from_element recurses once per level: measure the depth without recursing first.

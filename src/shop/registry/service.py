@@ -18,7 +18,7 @@ from shop.registry.domain import (
 )
 from shop.registry.store import LeaseConflict, LeaseStore, StoredLease, StoreUnavailable
 
-__all__ = ["Listing", "Registry", "TooContended", "evict_periodically"]
+__all__ = ["Listing", "Registry", "RegistryFull", "TooContended", "evict_periodically"]
 
 log = logging.getLogger("shop.registry")
 
@@ -27,6 +27,10 @@ MAX_ATTEMPTS = 10
 
 class TooContended(Exception):
     """An instance kept changing under every attempt to change it; the caller may retry."""
+
+
+class RegistryFull(Exception):
+    """A new instance would take the registry (or its application) over its size limit."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +63,15 @@ class Registry:
         store: LeaseStore,
         clock: Clock,
         default_lease_duration_s: int,
+        max_instances: int = 5000,
+        max_instances_per_app: int = 500,
         max_attempts: int = MAX_ATTEMPTS,
     ) -> None:
         self._store = store
         self._clock = clock
         self._default_duration_s = default_lease_duration_s
+        self._max_instances = max_instances
+        self._max_instances_per_app = max_instances_per_app
         self._max_attempts = max_attempts
         self.started_at = clock()
 
@@ -115,12 +123,15 @@ class Registry:
         for attempt in range(self._max_attempts):
             stored = await self._store.get(name, instance_id)
             now = self._clock()
+            previous = self._live(stored, now)
+            if previous is None:
+                await self._check_room(name, now)
             lease = new_lease(
                 app=name,
                 document=document,
                 now=now,
                 default_duration_s=self._default_duration_s,
-                previous=self._live(stored, now),
+                previous=previous,
             )
             expected = stored.revision if stored is not None else None
             try:
@@ -139,6 +150,19 @@ class Registry:
             )
             return lease
         raise TooContended(f"{name}/{instance_id} kept changing; try again")
+
+    async def _check_room(self, app: str, now: float) -> None:
+        """Room for one more instance. Registrations racing on several nodes may each see the
+        last free place: the limits bound the registry's size, give or take that race."""
+        live = [
+            s.lease for s in (await self._store.snapshot()).leases if not s.lease.is_expired(now)
+        ]
+        if len(live) >= self._max_instances:
+            raise RegistryFull(
+                f"The registry holds its maximum of {self._max_instances} instances."
+            )
+        if sum(lease.app == app for lease in live) >= self._max_instances_per_app:
+            raise RegistryFull(f"{app} has its maximum of {self._max_instances_per_app} instances.")
 
     async def renew(self, app: str, instance_id: str) -> Lease:
         return await self._change(

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from pathlib import Path
+from typing import ClassVar, Final, Self
 
-from pydantic import Field, field_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from shop.platform.settings import PlatformSettings, ServiceSettings, check_url
+from shop.platform.settings import (
+    MIN_SERVICE_SECRET,
+    PlatformSettings,
+    ServiceSettings,
+    SettingsRefused,
+    check_url,
+)
 from shop.registry.domain import MAX_LEASE_DURATION_S
 
 __all__ = ["DEFAULT_ETCD_PREFIX", "EtcdTarget", "RegistrySettings", "parse_etcd_url"]
@@ -20,6 +28,8 @@ _ETCD_PORT: Final = 2379
 _HOST = re.compile(r"[A-Za-z0-9.\-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
 _PREFIX = re.compile(r"(/[A-Za-z0-9_.\-]+)+")
 _ETCD_URL_FORM = "etcd://host:2379[,host2:2379][/prefix]"
+_APP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
+_CLIENTS_FORM = 'a JSON object of application name to its secret, {"order-service": "..."}'
 # Store URL scheme -> (the module its client is, the extra that installs it).
 _STORE_SCHEMES: Final[Mapping[str, tuple[str, str]]] = {"etcd": ("aetcd", "shop[etcd]")}
 
@@ -69,10 +79,34 @@ def parse_etcd_url(url: str) -> EtcdTarget:
     return EtcdTarget(endpoints=endpoints, prefix=prefix)
 
 
+def _parse_clients(text: str, *, setting: str) -> dict[str, str]:
+    """Application name (upper-case) -> secret. Messages never echo the text: it holds secrets."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{setting} is not JSON: give {_CLIENTS_FORM}") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{setting} must be {_CLIENTS_FORM}")
+    clients: dict[str, str] = {}
+    for name, secret in parsed.items():
+        if not _APP_NAME.fullmatch(name):
+            raise ValueError(
+                f"{setting}: application names are 1 to 255 letters, digits, '_', '.' or '-'"
+            )
+        if not isinstance(secret, str) or not secret.strip():
+            raise ValueError(f"{setting}: the secret of {name.upper()} must be a non-empty string")
+        if name.upper() in clients:
+            raise ValueError(f"{setting} names {name.upper()} twice")
+        clients[name.upper()] = secret
+    return clients
+
+
 class RegistrySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="REGISTRY_", extra="ignore")
 
     uses_database: ClassVar[bool] = False
+    # It is what the others register with.
+    registers: ClassVar[bool] = False
 
     port: int = 8761
     lease_duration_s: int = Field(
@@ -96,6 +130,54 @@ class RegistrySettings(ServiceSettings):
     store_timeout_s: float = Field(
         default=2.0, gt=0, le=60, description="Longest wait for one etcd call (503 after)."
     )
+    clients: SecretStr = Field(
+        default=SecretStr(""),
+        description=f"Who may register what: {_CLIENTS_FORM}. Empty: writes are open.",
+    )
+    clients_file: Path | None = Field(
+        default=None, description="A file holding the same JSON, added to REGISTRY_CLIENTS."
+    )
+    # Sized for every instance of a deployment heartbeating from one address (the launcher
+    # runs them all on 127.0.0.1): 1,000 instances renewing every 30 s are 33 writes a second.
+    write_rate_per_s: float = Field(
+        default=50.0, gt=0, le=1_000_000, description="Writes a second per client address."
+    )
+    write_burst: int = Field(
+        default=200, ge=1, le=1_000_000, description="Writes at once per client address."
+    )
+    max_instances: int = Field(
+        default=5000, ge=1, le=1_000_000, description="Instances the registry holds in all."
+    )
+    max_instances_per_app: int = Field(
+        default=500, ge=1, le=1_000_000, description="Instances of one application."
+    )
+
+    _client_secrets: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _read_clients(self) -> Self:
+        # A model validator, not a field one: its errors are shown without the input.
+        secrets = self.clients.get_secret_value().strip()
+        clients = _parse_clients(secrets, setting="REGISTRY_CLIENTS") if secrets else {}
+        if self.clients_file is not None:
+            try:
+                text = self.clients_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+                raise ValueError(f"REGISTRY_CLIENTS_FILE: cannot read it ({reason})") from None
+            from_file = _parse_clients(text, setting="REGISTRY_CLIENTS_FILE")
+            if both := sorted(clients.keys() & from_file.keys()):
+                raise ValueError(
+                    f"REGISTRY_CLIENTS and REGISTRY_CLIENTS_FILE both name {', '.join(both)}"
+                )
+            clients.update(from_file)
+        self._client_secrets = clients
+        return self
+
+    @property
+    def client_secrets(self) -> dict[str, str]:
+        """Application name (upper-case) -> the secret it registers with."""
+        return dict(self._client_secrets)
 
     @field_validator("store_url")
     @classmethod
@@ -122,3 +204,19 @@ class RegistrySettings(ServiceSettings):
                 schemes=_STORE_SCHEMES,
                 production=platform.is_production,
             )
+
+    def check_secrets(self, platform: PlatformSettings) -> None:
+        super().check_secrets(platform)
+        if not platform.is_production:
+            return
+        if not self._client_secrets:
+            raise SettingsRefused(
+                "the production profile needs REGISTRY_CLIENTS (or REGISTRY_CLIENTS_FILE):"
+                f" {_CLIENTS_FORM}; without it anyone could register any service"
+            )
+        for name, secret in self._client_secrets.items():
+            if len(secret) < MIN_SERVICE_SECRET:
+                raise SettingsRefused(
+                    f"REGISTRY_CLIENTS: the secret of {name} is shorter than"
+                    f" {MIN_SERVICE_SECRET} characters, which the production profile refuses"
+                )
