@@ -9,6 +9,7 @@ Tests that use ``system`` run on both; a module may pin one with
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -34,6 +35,16 @@ PROFILES = ("embedded", "production")
 DEV_ADMIN_PASSWORD = "admin-password"
 # Scaled on the production profile: every instance shares the work.
 SCALE = {"order": 2, "inventory": 2, "notification": 2}
+# Registered by the launcher's services, plus a third-party client the tests run.
+REGISTRANTS = (
+    "api-gateway",
+    "auth-service",
+    "product-service",
+    "inventory-service",
+    "order-service",
+    "notification-service",
+    "legacy-client",
+)
 # What the embedded profile seeds by itself; production's catalogue is made through the API.
 DEMO = (
     ("iphone_15", "iPhone 15", "1299.00", "phones"),
@@ -52,6 +63,8 @@ class System:
     log: Path
     data_dir: Path
     admin_password: str
+    # Application name -> its registry credential, as the operator gave them to `shop up`.
+    registry_clients: dict[str, str]
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -105,6 +118,9 @@ def _production_environment(request: pytest.FixtureRequest, root: Path) -> dict[
     return {
         "REGISTRY_STORE_URL": etcd,
         "SHOP_EVENT_BUS_URL": kafka.url,
+        # The gateways' rate limits are shared through Redis (the one running on this machine).
+        "GATEWAY_RATE_LIMIT_STORAGE_URL": "redis://127.0.0.1:6379/0",
+        "GATEWAY_RATE_LIMIT_KEY_PREFIX": f"shop-e2e-{secrets.token_hex(4)}",
         "AUTH_DATABASE_URL": mysql.new_url(),
         "PRODUCT_DATABASE_URL": mongo,
         "INVENTORY_DATABASE_URL": mysql.new_url(),
@@ -152,6 +168,8 @@ def system(
         "ORDER_BREAKER_OPEN_S": "2",
         "ORDER_RELEASE_BACKOFF_MAX_S": "2",
     }
+    registry_clients = {name: secrets.token_urlsafe(32) for name in REGISTRANTS}
+    env["REGISTRY_CLIENTS"] = json.dumps(registry_clients)
     command = [
         sys.executable,
         "-m",
@@ -179,6 +197,7 @@ def system(
         log=root / "shop-up.log",
         data_dir=root / "data",
         admin_password=admin_password,
+        registry_clients=registry_clients,
     )
     with system.log.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import stat
@@ -34,6 +35,17 @@ def _settings(**overrides: Any) -> AuthSettings:
 
 
 SERVICE_SECRET = "a-shared-service-secret-of-32-chars-or-more"
+# The production profile registers with credentials (none is contacted in these tests).
+PRODUCTION_REGISTRY = (
+    "http://auth-service:a-registry-secret-of-32-chars-or-more@127.0.0.1:8761/eureka"
+)
+
+
+def _platform(data_dir: Path, *, profile: str, service_secret: str | None) -> PlatformSettings:
+    platform = PlatformSettings(data_dir=data_dir, profile=profile, service_secret=service_secret)
+    if profile == "production":
+        return platform.model_copy(update={"registry_url": PRODUCTION_REGISTRY})
+    return platform
 
 
 @asynccontextmanager
@@ -44,7 +56,7 @@ async def running(
     service_secret: str | None = SERVICE_SECRET,
     **overrides: Any,
 ) -> AsyncIterator[httpx.AsyncClient]:
-    platform = PlatformSettings(data_dir=data_dir, profile=profile, service_secret=service_secret)
+    platform = _platform(data_dir, profile=profile, service_secret=service_secret)
     app = build_app(platform=platform, settings=_settings(**overrides))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -423,23 +435,49 @@ async def test_malformed_json_is_422(auth: httpx.AsyncClient) -> None:
         assert answer.headers["content-type"] == "application/problem+json"
 
 
-async def test_too_many_failures_for_an_email_is_429(tmp_path: Path) -> None:
+async def test_too_many_failures_for_an_account_from_one_client_is_429(tmp_path: Path) -> None:
     async with running(tmp_path, max_failures_per_email=3) as auth:
         await _register(auth)
         creds = {"email": "ada@example.com", "password": "wrong-guess"}
         for _ in range(3):
             assert (await auth.post("/auth/token", json=creds)).status_code == 401
-        limited = await auth.post(
-            "/auth/token",
-            json={"email": "ada@example.com", "password": PASSWORD},
-            headers={"X-Forwarded-For": "203.0.113.7"},
-        )
+        right = {"email": "ada@example.com", "password": PASSWORD}
+        limited = await auth.post("/auth/token", json=right)
         assert limited.status_code == 429
         assert limited.headers["content-type"] == "application/problem+json"
+        assert limited.json()["status"] == 429
         assert 1 <= int(limited.headers["retry-after"]) <= 300
         basic = await auth.get("/auth/getToken", auth=("ADA@example.com", PASSWORD))
         assert basic.status_code == 429
         await _log_in(auth, email="admin@example.com", password="admin-password")
+
+
+async def test_someone_elses_failures_do_not_lock_the_owner_out(tmp_path: Path) -> None:
+    async with running(tmp_path, max_failures_per_email=3) as auth:
+        await _register(auth)
+        attacker = {"X-Forwarded-For": "203.0.113.66"}
+        for email in ("ada@example.com", "admin@example.com"):
+            guess = {"email": email, "password": "wrong-guess"}
+            for _ in range(5):
+                await auth.post("/auth/token", json=guess, headers=attacker)
+            assert (await auth.post("/auth/token", json=guess, headers=attacker)).status_code == 429
+        owner = {"X-Forwarded-For": "198.51.100.20"}
+        right = {"email": "ada@example.com", "password": PASSWORD}
+        assert (await auth.post("/auth/token", json=right, headers=owner)).status_code == 200
+        admin = {"email": "admin@example.com", "password": "admin-password"}
+        assert (await auth.post("/auth/token", json=admin, headers=owner)).status_code == 200
+
+
+async def test_concurrent_wrong_passwords_are_all_counted(tmp_path: Path) -> None:
+    # Every guess is in flight (each waits ~25 ms for argon2 in a thread) before any fails.
+    async with running(tmp_path, max_failures_per_email=6, max_failures_per_client=100) as auth:
+        await _register(auth)
+        guess = {"email": "ada@example.com", "password": "wrong-guess"}
+        answers = await asyncio.gather(*(auth.post("/auth/token", json=guess) for _ in range(12)))
+        codes = sorted(a.status_code for a in answers)
+        assert codes == [401] * 6 + [429] * 6
+        right = {"email": "ada@example.com", "password": PASSWORD}
+        assert (await auth.post("/auth/token", json=right)).status_code == 429
 
 
 async def test_too_many_failures_from_one_client_is_429(tmp_path: Path) -> None:
@@ -522,9 +560,7 @@ def _production(
     tmp_path: Path, *, service_secret: str | None = SERVICE_SECRET, **overrides: Any
 ) -> None:
     build_app(
-        platform=PlatformSettings(
-            data_dir=tmp_path, profile="production", service_secret=service_secret
-        ),
+        platform=_platform(tmp_path, profile="production", service_secret=service_secret),
         settings=_settings(**overrides),
     )
 

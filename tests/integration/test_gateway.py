@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import hmac
@@ -31,10 +32,10 @@ from starlette.applications import Starlette
 
 from shop.gateway.app import build_app
 from shop.gateway.settings import GatewaySettings
-from shop.platform.serve import bind_socket
-from shop.platform.settings import PlatformSettings, Profile
+from shop.platform.serve import bind_socket, server_config
+from shop.platform.settings import PlatformSettings, Profile, SettingsRefused
 from tests.fakes import FakeRegistry
-from tests.support import free_port
+from tests.support import free_port, require_or_skip
 
 ISSUER = "shop-auth"
 AUDIENCE = "shop"
@@ -188,6 +189,7 @@ async def running_gateway(
     profile: Profile = "embedded",
     cache_ttl_s: float = 30.0,
     trusted_proxies: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> AsyncIterator[Gateway]:
     platform = PlatformSettings(
         profile=profile,
@@ -205,20 +207,17 @@ async def running_gateway(
         jwks_min_refetch_s=JWKS_REFETCH_S,
         openapi_cache_ttl_s=30.0,
         trusted_proxies=list(trusted_proxies),
+        **overrides,
     )
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     app = build_app(platform=platform, settings=settings)
     app.state.bound_port = port
+    # As `python -m shop.gateway` serves it: the edge (X-Forwarded-For from a caller is not
+    # its address), with its connection limits.
     server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            lifespan="on",
-            log_level="warning",
-            access_log=False,
-            log_config=None,
-            # The gateway is the edge: X-Forwarded-For from a caller is not its address.
-            proxy_headers=False,
+        server_config(
+            app, log_level="warning", proxy_headers=False, limits=settings.server_limits()
         )
     )
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -789,8 +788,8 @@ async def test_the_gateway_registers_the_port_it_bound_and_is_ready(world: World
     assert instance["app"] == "API-GATEWAY"
     assert instance["port"]["$"] == world.gateway.port
     status, _, body = await call(world, "GET", "/health/ready")
-    assert status == 200
-    assert json.loads(body)["checks"] == {"registry": "UP", "registration": "UP"}
+    # The edge says only its status unless told to say more (GATEWAY_PUBLIC_OPERATIONS).
+    assert (status, json.loads(body)) == (200, {"status": "UP"})
     status, _, body = await call(world, "GET", "/health/live")
     assert (status, json.loads(body)) == (200, {"status": "UP"})
 
@@ -798,11 +797,15 @@ async def test_the_gateway_registers_the_port_it_bound_and_is_ready(world: World
 async def test_without_a_registry_the_gateway_is_not_ready(world: World) -> None:
     registry = FakeRegistry({})
     registry.url = f"http://127.0.0.1:{free_port()}/eureka"  # nothing listens there
-    async with running_gateway(registry) as gateway:
+    async with running_gateway(registry, public_operations=True) as gateway:
         async with world.http.get(gateway.url + "/health/ready") as resp:
             assert resp.status == 503
             assert resp.headers["Content-Type"] == PROBLEM
             assert (await resp.json(content_type=None))["checks"]["registry"] == "DOWN"
+    async with running_gateway(registry) as gateway:
+        async with world.http.get(gateway.url + "/health/ready") as resp:
+            assert resp.status == 503
+            assert "checks" not in await resp.json(content_type=None)
         async with world.http.get(gateway.url + "/api/product") as resp:
             assert resp.status == 503
             assert "Retry-After" in resp.headers
@@ -875,10 +878,12 @@ async def test_openapi_merges_the_public_api_of_every_running_service(world: Wor
 
 
 async def test_metrics_count_requests_by_route_not_by_raw_path(world: World) -> None:
-    await call(world, "GET", "/api/product/abc123")
-    status, _, body = await call(world, "GET", "/metrics")
-    assert status == 200
-    text = body.decode()
+    async with running_gateway(world.registry, public_operations=True) as gateway:
+        async with world.http.get(gateway.url + "/api/product/abc123") as resp:
+            assert resp.status == 200
+        async with world.http.get(gateway.url + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
     assert 'route="/api/product"' in text
     assert "abc123" not in text
 
@@ -886,3 +891,222 @@ async def test_metrics_count_requests_by_route_not_by_raw_path(world: World) -> 
 async def test_operations_endpoints_answer_problems_too(world: World) -> None:
     status, headers, body = await call(world, "POST", "/health/live")
     assert_problem(status, headers, body, 405)
+
+
+async def test_metrics_and_readiness_detail_are_not_public_by_default(world: World) -> None:
+    status, headers, body = await call(world, "GET", "/metrics")
+    assert_problem(status, headers, body, 404)
+
+
+# --- abuse limits -----------------------------------------------------------------------
+
+
+def _from(address: str) -> dict[str, str]:
+    return {"X-Forwarded-For": address}
+
+
+def _assert_limited(status: int, headers: CIMultiDict[str], body: bytes) -> None:
+    problem = assert_problem(status, headers, body, 429)
+    assert 1 <= int(headers["Retry-After"]) <= 60, problem
+
+
+async def _get(url: str, http: aiohttp.ClientSession, **kwargs: Any) -> tuple[int, Any, bytes]:
+    async with http.get(url, **kwargs) as resp:
+        return resp.status, CIMultiDict(resp.headers), await resp.read()
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def storage_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.param
+    if url.startswith("redis"):
+        import redis
+
+        try:
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+        except redis.ConnectionError:
+            require_or_skip(f"no Redis at {url}")
+    return url
+
+
+@pytest.mark.parametrize("storage_url", ["memory://", REDIS_URL], indirect=True)
+async def test_each_client_is_limited_with_429_and_retry_after(
+    world: World, storage_url: str
+) -> None:
+    async with running_gateway(
+        world.registry,
+        # The test's own peer stands for a load balancer so each test client has an address.
+        trusted_proxies=("127.0.0.1",),
+        rate_limit_per_client="3/minute",
+        rate_limit_storage_url=storage_url,
+        rate_limit_key_prefix=f"test-{uuid.uuid4().hex}",
+    ) as gateway:
+        url = gateway.url + "/api/product"
+        for _ in range(3):
+            assert (await _get(url, world.http, headers=_from("198.51.100.1")))[0] == 200
+        world.forget_requests()
+        _assert_limited(*await _get(url, world.http, headers=_from("198.51.100.1")))
+        assert world.reached() == []
+        # Refused paths count too: they are work for the gateway all the same.
+        _assert_limited(
+            *await _get(gateway.url + "/nowhere", world.http, headers=_from("198.51.100.1"))
+        )
+        assert (await _get(url, world.http, headers=_from("198.51.100.2")))[0] == 200
+
+
+@pytest.mark.parametrize("storage_url", ["memory://", REDIS_URL], indirect=True)
+async def test_each_user_is_limited_whatever_address_they_come_from(
+    world: World, storage_url: str
+) -> None:
+    async with running_gateway(
+        world.registry,
+        trusted_proxies=("127.0.0.1",),
+        rate_limit_per_user="2/minute",
+        rate_limit_storage_url=storage_url,
+        rate_limit_key_prefix=f"test-{uuid.uuid4().hex}",
+    ) as gateway:
+        url = gateway.url + "/api/inventory"
+        ada = bearer(mint(world.keys["k1"]))
+        for address in ("198.51.100.1", "198.51.100.2"):
+            status, _, _ = await _get(url, world.http, headers={**ada, **_from(address)})
+            assert status == 200
+        _assert_limited(*await _get(url, world.http, headers={**ada, **_from("198.51.100.3")}))
+        bob = bearer(mint(world.keys["k1"]))
+        assert (await _get(url, world.http, headers=bob))[0] == 200
+        # Public routes need no token and are limited per client only.
+        assert (await _get(gateway.url + "/api/product", world.http, headers=ada))[0] == 200
+
+
+@pytest.mark.parametrize("storage_url", [REDIS_URL], indirect=True)
+async def test_gateways_sharing_redis_share_the_counts(world: World, storage_url: str) -> None:
+    shared: dict[str, Any] = {
+        "rate_limit_per_client": "3/minute",
+        "rate_limit_storage_url": storage_url,
+        "rate_limit_key_prefix": f"test-{uuid.uuid4().hex}",
+    }
+    async with (
+        running_gateway(world.registry, **shared) as first,
+        running_gateway(world.registry, **shared) as second,
+    ):
+        for gateway in (first, second, first):
+            assert (await _get(gateway.url + "/api/product", world.http))[0] == 200
+        _assert_limited(*await _get(second.url + "/api/product", world.http))
+
+
+def test_production_refuses_limits_counted_in_one_gateways_memory() -> None:
+    production = PlatformSettings(profile="production")
+    with pytest.raises(SettingsRefused, match="GATEWAY_RATE_LIMIT_STORAGE_URL"):
+        GatewaySettings().check_stores(production)
+    GatewaySettings(rate_limit_storage_url=REDIS_URL).check_stores(production)
+
+
+async def _cut_off_within(
+    port: int, *, head: bytes, trickle: bytes, every_s: float, limit_s: float
+) -> tuple[float, bytes]:
+    """Send ``head``, then ``trickle`` a byte at a time; how long until the gateway answered
+    and closed, and what it said."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    began = time.monotonic()
+    try:
+        writer.write(head)
+        for byte in trickle:
+            if reader.at_eof():
+                break
+            writer.write(bytes([byte]))
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+            try:
+                # Waiting for the server is the pace of the trickle: it answers or it does not.
+                answer = await asyncio.wait_for(reader.read(), every_s)
+            except TimeoutError:
+                continue
+            return time.monotonic() - began, answer
+        answer = await asyncio.wait_for(reader.read(), limit_s)
+        return time.monotonic() - began, answer
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_a_client_trickling_its_headers_is_cut_off(world: World) -> None:
+    async with running_gateway(world.registry, header_timeout_s=0.5) as gateway:
+        took, answer = await _cut_off_within(
+            gateway.port,
+            head=b"GET /api/product HTTP/1.1\r\nHost: shop\r\n",
+            trickle=b"X-Slow: " + b"a" * 100,
+            every_s=0.1,
+            limit_s=2.0,
+        )
+    assert took < 1.5
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"application/problem+json" in answer
+    assert world.reached() == []
+
+
+async def test_a_connection_that_sends_nothing_is_closed(world: World) -> None:
+    async with running_gateway(world.registry, header_timeout_s=0.3) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        finally:
+            writer.close()
+            await writer.wait_closed()
+
+
+async def test_a_trickling_body_is_cut_off_with_408(world: World) -> None:
+    async with running_gateway(world.registry, body_timeout_s=0.5) as gateway:
+        took, answer = await _cut_off_within(
+            gateway.port,
+            head=(
+                b"POST /api/product HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json\r\n"
+                + b"Content-Length: 200\r\n"
+                + f"Authorization: Bearer {world.admin}\r\n\r\n".encode()
+            ),
+            trickle=b"x" * 200,
+            every_s=0.1,
+            limit_s=2.0,
+        )
+    assert took < 1.5
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"application/problem+json" in answer
+    assert world.reached() == []
+
+
+async def test_oversized_headers_are_431_and_never_forwarded(world: World) -> None:
+    async with running_gateway(world.registry, max_header_bytes=4096) as gateway:
+        head = b"GET /api/product HTTP/1.1\r\nHost: shop\r\nX-Big: " + b"a" * 5000 + b"\r\n\r\n"
+        status, headers, body = await raw_request(gateway.port, head)
+        assert status == 431
+        assert dict(headers)["content-type"] == PROBLEM
+        assert json.loads(body)["status"] == 431
+        # Many headers add up as one.
+        many = b"".join(b"X-H%d: %s\r\n" % (i, b"a" * 100) for i in range(50))
+        status, _, _ = await raw_request(
+            gateway.port, b"GET /api/product HTTP/1.1\r\n" + many + b"\r\n"
+        )
+        assert status == 431
+        # Megabytes are refused as soon as the limit is passed: the answer may be lost to the
+        # reset of a connection closed with unread bytes, but nothing is forwarded.
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        try:
+            writer.write(b"GET /api/product HTTP/1.1\r\nX-Huge: ")
+            with contextlib.suppress(ConnectionError):
+                for _ in range(64):
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+            with contextlib.suppress(ConnectionError):
+                answer = await asyncio.wait_for(reader.read(), 5.0)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        fine = b"GET /api/product HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n"
+        status, _, _ = await raw_request(gateway.port, fine)
+        assert status == 200
+    assert len(world.reached()) == 1

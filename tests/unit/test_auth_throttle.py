@@ -1,7 +1,10 @@
-"""The in-process limit on failed log-ins, per email and per client."""
+"""The in-process limit on failed log-ins, per client-and-account and per client."""
 
 from __future__ import annotations
 
+import pytest
+
+from shop.auth.domain import TooManyAttempts
 from shop.auth.throttle import FailureWindow, LoginThrottle
 
 
@@ -11,6 +14,15 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def _throttle(*, per_pair: int = 100, per_client: int = 100, window_s: float = 60) -> LoginThrottle:
+    return LoginThrottle(
+        max_failures_per_email=per_pair,
+        max_failures_per_client=per_client,
+        window_s=window_s,
+        clock=Clock(),
+    )
 
 
 def test_a_key_is_refused_after_max_failures_until_the_oldest_leaves_the_window() -> None:
@@ -43,33 +55,44 @@ def test_memory_stays_bounded_under_many_distinct_keys() -> None:
     assert window.retry_after("user99") is not None  # the newest keys are the ones kept
 
 
-def test_throttle_refuses_by_email_and_reports_whole_seconds() -> None:
-    clock = Clock()
-    throttle = LoginThrottle(
-        max_failures_per_email=2, max_failures_per_client=100, window_s=30.5, clock=clock
-    )
-    throttle.record_failure(email="ada@x.io", client="10.0.0.1")
-    throttle.record_failure(email="ada@x.io", client="10.0.0.2")
-    assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.3") == 31
-    assert throttle.retry_after_s(email="bob@x.io", client="10.0.0.1") is None
+def test_attempts_are_counted_when_admitted_not_when_they_fail() -> None:
+    # Three guesses admitted before any of them is judged: the fourth is already refused.
+    throttle = _throttle(per_pair=3)
+    for _ in range(3):
+        throttle.admit(email="ada@x.io", client="10.0.0.1")
+    with pytest.raises(TooManyAttempts) as refused:
+        throttle.admit(email="ada@x.io", client="10.0.0.1")
+    assert refused.value.retry_after_s == 60
 
 
-def test_throttle_refuses_a_client_spraying_many_emails() -> None:
-    throttle = LoginThrottle(
-        max_failures_per_email=100, max_failures_per_client=3, window_s=60, clock=Clock()
-    )
+def test_one_clients_failures_do_not_lock_the_owner_out_elsewhere() -> None:
+    throttle = _throttle(per_pair=2)
+    for _ in range(2):
+        throttle.admit(email="ada@x.io", client="203.0.113.66")
+    assert throttle.retry_after_s(email="ada@x.io", client="203.0.113.66") == 60
+    owner = throttle.admit(email="ada@x.io", client="10.0.0.2")
+    throttle.succeeded(owner)
+    assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.2") is None
+
+
+def test_a_client_spraying_many_emails_is_refused_for_every_email() -> None:
+    throttle = _throttle(per_client=3)
     for i in range(3):
-        throttle.record_failure(email=f"user{i}@x.io", client="10.0.0.9")
+        throttle.admit(email=f"user{i}@x.io", client="10.0.0.9")
     assert throttle.retry_after_s(email="fresh@x.io", client="10.0.0.9") == 60
     assert throttle.retry_after_s(email="fresh@x.io", client="10.0.0.8") is None
 
 
-def test_success_clears_the_email_but_not_the_client() -> None:
-    throttle = LoginThrottle(
-        max_failures_per_email=2, max_failures_per_client=2, window_s=60, clock=Clock()
-    )
-    throttle.record_failure(email="ada@x.io", client="10.0.0.1")
-    throttle.record_failure(email="ada@x.io", client="10.0.0.1")
-    throttle.record_success(email="ada@x.io")
-    assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.2") is None
-    assert throttle.retry_after_s(email="other@x.io", client="10.0.0.1") is not None
+def test_success_clears_the_pair_and_is_not_a_failure_but_earlier_failures_stay() -> None:
+    throttle = _throttle(per_pair=2, per_client=2)
+    throttle.admit(email="ada@x.io", client="10.0.0.1")
+    throttle.succeeded(throttle.admit(email="ada@x.io", client="10.0.0.1"))
+    assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.1") is None
+    throttle.admit(email="other@x.io", client="10.0.0.1")
+    assert throttle.retry_after_s(email="bob@x.io", client="10.0.0.1") is not None
+
+
+def test_an_abandoned_attempt_is_not_counted() -> None:
+    throttle = _throttle(per_pair=1, per_client=1)
+    throttle.abandoned(throttle.admit(email="ada@x.io", client="10.0.0.1"))
+    assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.1") is None

@@ -21,6 +21,7 @@ from shop.product.settings import ProductSettings
 SECRET = "s" * 32
 KAFKA = "kafka://127.0.0.1:9092"
 MYSQL = "mysql://shop:secret@db:3306/shop"
+REGISTRY_WITH_CREDENTIALS = f"http://order-service:{SECRET}@registry:8761/eureka"
 
 
 @pytest.fixture(autouse=True)
@@ -122,6 +123,8 @@ def _production(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
         "NOTIFICATION_DATABASE_URL": MYSQL,
         "PRODUCT_DATABASE_URL": "mongodb://db:27017/catalogue",
         "AUTH_DATABASE_URL": MYSQL,
+        "SHOP_REGISTRY_URL": REGISTRY_WITH_CREDENTIALS,
+        "GATEWAY_RATE_LIMIT_STORAGE_URL": "redis://cache:6379/0",
         **env,
     }
     for name, value in settings.items():
@@ -210,3 +213,28 @@ def test_a_refused_url_never_shows_its_password(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("SHOP_REGISTRY_URL", "ftp://admin:hunter2@registry:21/eureka")
     line = _refusal(OrderSettings)
     assert "hunter2" not in line and "//***@registry" in line
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://registry:8761/eureka",
+        f"http://order-service:{SECRET}@r1:8761/eureka,http://r2:8761/eureka",
+        "http://order-service@registry:8761/eureka",
+    ],
+)
+def test_production_refuses_a_registry_url_without_the_services_credentials(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    _production(monkeypatch, SHOP_REGISTRY_URL=url)
+    for model in (OrderSettings, ProductSettings):
+        line = _refusal(model)
+        assert "needs this service's registry credentials in SHOP_REGISTRY_URL" in line
+        assert SECRET not in line
+
+
+def test_the_embedded_profile_registers_without_credentials(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SHOP_REGISTRY_URL", "http://registry:8761/eureka")
+    load_settings(OrderSettings)

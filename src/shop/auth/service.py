@@ -16,7 +16,6 @@ from shop.auth.domain import (
     EmailTaken,
     InvalidRefreshToken,
     RefreshVerdict,
-    TooManyAttempts,
     UnknownService,
     User,
     access_claims,
@@ -87,19 +86,22 @@ class AuthService:
 
     async def log_in(self, *, email: str, password: str, client: str) -> TokenPair:
         email = normalise_email(email)
-        retry_after = self.throttle.retry_after_s(email=email, client=client)
-        if retry_after is not None:
-            raise TooManyAttempts(retry_after)
-        found = await self.store.credentials(email)
-        if found is None:
-            await self.passwords.verify_nobody(password)
-            ok = False
-        else:
-            ok = await self.passwords.verify(found.password_hash, password)
+        attempt = self.throttle.admit(email=email, client=client)
+        try:
+            found = await self.store.credentials(email)
+            if found is None:
+                await self.passwords.verify_nobody(password)
+                ok = False
+            else:
+                ok = await self.passwords.verify(found.password_hash, password)
+        except Exception:
+            # No verdict on the password. A cancelled request (BaseException) stays counted:
+            # hanging up mid-check must not be a way to guess for free.
+            self.throttle.abandoned(attempt)
+            raise
         if found is None or not ok:
-            self.throttle.record_failure(email=email, client=client)
             raise BadCredentials
-        self.throttle.record_success(email=email)
+        self.throttle.succeeded(attempt)
         if self.passwords.needs_rehash(found.password_hash):
             await self.store.set_password_hash(found.user.id, await self.passwords.hash(password))
         now = self.clock()

@@ -57,8 +57,14 @@ class AuthSettings(ServiceSettings):
     max_concurrent_hashes: int = Field(default=4, ge=1)
 
     login_window_s: float = Field(default=300.0, gt=0)
-    max_failures_per_email: int = Field(default=5, ge=1)
-    max_failures_per_client: int = Field(default=20, ge=1)
+    # The name predates the change: it counts one account's failures from one client
+    # address, never an account's alone (that would let anyone lock its owner out).
+    max_failures_per_email: int = Field(
+        default=5, ge=1, description="Failed log-ins to one account from one client address."
+    )
+    max_failures_per_client: int = Field(
+        default=20, ge=1, description="Failed log-ins from one client address, any account."
+    )
     trusted_proxies: list[str] = Field(
         default=["127.0.0.1", "::1"],
         description="Peers whose X-Forwarded-For names the real client (the gateway).",

@@ -10,4 +10,12 @@ from shop.platform.serve import main
 
 if __name__ == "__main__":
     # At the edge, X-Forwarded-For comes from the caller: it must not become the client address.
-    sys.exit(main(name=NAME, settings=GatewaySettings, build_app=build_app, proxy_headers=False))
+    sys.exit(
+        main(
+            name=NAME,
+            settings=GatewaySettings,
+            build_app=build_app,
+            proxy_headers=False,
+            server_limits=GatewaySettings.server_limits,
+        )
+    )

@@ -23,6 +23,7 @@ from shop.gateway.domain import (
     canonical_path,
     upstream_headers,
 )
+from shop.gateway.ratelimit import RateLimits
 from shop.gateway.service import ApiCatalogue, Upstreams, admit, forward
 from shop.gateway.settings import GatewaySettings
 from shop.platform.context import outgoing_headers
@@ -49,6 +50,7 @@ class GatewayRuntime:
     upstreams: Upstreams
     verifier: JwksVerifier
     catalogue: ApiCatalogue
+    limits: RateLimits
     heartbeat: Heartbeat | None = None
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
 
@@ -87,7 +89,23 @@ class ProxyMiddleware:
                 headers=problem.headers,
             )
 
+    def _client(self, scope: Scope) -> str:
+        """The peer, or behind a trusted load balancer the address it appended last."""
+        client = scope.get("client")
+        peer: str = client[0] if client else "unknown"
+        if peer not in self.trusted_proxies:
+            return peer
+        forwarded = [v for n, v in scope["headers"] if n == b"x-forwarded-for"]
+        if not forwarded:
+            return peer
+        # The balancer appends its hop last; anything before it a client may have written.
+        last = forwarded[-1].decode("latin-1").rsplit(",", 1)[-1].strip()
+        return last[:64] or peer
+
     async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime: GatewayRuntime = scope["app"].state.gateway
+        # First, before any other work: a flood of refused paths or bad tokens counts too.
+        await runtime.limits.check_client(self._client(scope))
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         # Some servers leave the query on raw_path; it is not part of what routes match.
         raw_path = raw_path.split(b"?", 1)[0]
@@ -108,13 +126,17 @@ class ProxyMiddleware:
             raise Problem(404, "No such resource.")
         route = outcome.route
         scope["route"] = route  # the metrics label: the route, never the raw path
-        runtime: GatewayRuntime = scope["app"].state.gateway
         authorization = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
-        await admit(outcome.access, authorization=authorization, verifier=runtime.verifier)
+        principal = await admit(
+            outcome.access, authorization=authorization, verifier=runtime.verifier
+        )
+        if principal is not None:
+            # Only where a token is verified anyway: public routes are limited per client.
+            await runtime.limits.check_user(principal.user_id)
         body = await _read_body(receive)
         if body is None:
             return  # the caller left, or the body limit cut it off (and answers 413)
@@ -177,8 +199,12 @@ async def ready(request: Request) -> Response:
         n: "DOWN" if isinstance(o, BaseException) else "UP"
         for n, o in zip(names, outcomes, strict=True)
     }
+    public = runtime.settings.public_operations
     if all(v == "UP" for v in checks.values()):
-        return JSONResponse({"status": "UP", "checks": checks})
+        return JSONResponse({"status": "UP", "checks": checks} if public else {"status": "UP"})
+    if not public:
+        # Which dependency is down is a map of the inside: the status is all the edge says.
+        return problem_response(503, instance=request.url.path, detail="Not ready")
     down = ", ".join(n for n, v in checks.items() if v == "DOWN")
     return problem_response(
         503, instance=request.url.path, detail=f"Not ready: {down}", extra={"checks": checks}
@@ -186,6 +212,8 @@ async def ready(request: Request) -> Response:
 
 
 async def metrics(request: Request) -> Response:
+    if not _runtime(request).settings.public_operations:
+        return problem_response(404, instance=request.url.path, detail="No such resource.")
     instruments: HttpMetrics = request.app.state.metrics
     return Response(generate_latest(instruments.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -13,12 +13,14 @@ from starlette.responses import Response
 
 from shop.gateway.api import GatewayRuntime, ProxyMiddleware, ReadinessCheck, ops_routes
 from shop.gateway.domain import DASHBOARD, Access, public_route_table
+from shop.gateway.ratelimit import RateLimits, parse_limits
 from shop.gateway.service import ApiCatalogue, Upstreams
 from shop.gateway.settings import GatewaySettings
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
 from shop.platform.http import http_session
 from shop.platform.middleware import (
     BodyLimitMiddleware,
+    BodyTimeoutMiddleware,
     HttpMetrics,
     MetricsMiddleware,
     RequestContextMiddleware,
@@ -83,6 +85,12 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                     routes=routes,
                     ttl_s=settings.openapi_cache_ttl_s,
                 ),
+                limits=RateLimits(
+                    storage_url=settings.rate_limit_storage_url,
+                    per_client=parse_limits(settings.rate_limit_per_client),
+                    per_user=parse_limits(settings.rate_limit_per_user),
+                    key_prefix=settings.rate_limit_key_prefix,
+                ),
             )
             runtime.readiness["registry"] = _registry_reachable(registry)
             app.state.gateway = runtime
@@ -105,12 +113,14 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
             finally:
                 if runtime.heartbeat is not None:
                     await runtime.heartbeat.stop()
+                await runtime.limits.close()
 
     app = Starlette(
         routes=ops_routes(),
         # First listed = outermost: request identity wraps even the 413 and the metrics.
         middleware=[
             Middleware(RequestContextMiddleware),
+            Middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s),
             Middleware(BodyLimitMiddleware, max_bytes=platform.max_body_bytes),
             Middleware(MetricsMiddleware, metrics=instruments),
             Middleware(

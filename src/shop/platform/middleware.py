@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -12,7 +13,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from shop.platform import context
 from shop.platform.problems import send_problem
 
-__all__ = ["RequestContextMiddleware", "BodyLimitMiddleware", "MetricsMiddleware", "HttpMetrics"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "BodyTimeoutMiddleware",
+    "HttpMetrics",
+    "MetricsMiddleware",
+    "RequestContextMiddleware",
+]
 
 log = logging.getLogger("shop.http")
 
@@ -122,6 +129,59 @@ class BodyLimitMiddleware:
             detail=f"The request body is larger than {self.max_bytes} bytes.",
             headers={"Connection": "close"},
         )
+
+
+class BodyTimeoutMiddleware:
+    """408 (and the connection closed) when the whole request body has not arrived within
+    ``timeout_s`` of the request's start: a body trickled a byte at a time holds a
+    connection and a task for as long as the client likes otherwise."""
+
+    def __init__(self, app: ASGIApp, *, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        timed_out = False
+        complete = False
+        started = False
+
+        async def timed_receive() -> Message:
+            nonlocal timed_out, complete
+            if timed_out:
+                return {"type": "http.disconnect"}
+            if complete:
+                return await receive()  # waiting for a disconnect is not a slow body
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+                complete = not message.get("more_body", False)
+                return message
+            except TimeoutError:
+                # Like the body limit: a vanished client to the app, a 408 to the caller.
+                timed_out = True
+                return {"type": "http.disconnect"}
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if timed_out and not started:
+                return
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        await self.app(scope, timed_receive, tracked_send)
+        if timed_out and not started:
+            await send_problem(
+                send,
+                408,
+                instance=scope["path"],
+                detail=f"The request did not arrive within {self.timeout_s:g} s.",
+                headers={"Connection": "close"},
+            )
 
 
 class HttpMetrics:

@@ -3,19 +3,34 @@ and register it."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import socket
 import sys
 from collections.abc import Callable
-from typing import Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from shop.platform.problems import PROBLEM_JSON, problem_body
 from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused, load_settings
 
-__all__ = ["EXIT_REFUSED", "bind_socket", "configure_logging", "main", "run", "serve"]
+__all__ = [
+    "EXIT_REFUSED",
+    "ServerLimits",
+    "bind_socket",
+    "configure_logging",
+    "guarded_protocol",
+    "main",
+    "run",
+    "serve",
+    "server_config",
+]
 
 # What a process that refuses its settings exits with (before it binds a port).
 EXIT_REFUSED = 2
@@ -46,23 +61,128 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """What a connection may cost before the app sees a request. uvicorn bounds only the idle
+    time between two requests (``timeout_keep_alive``); these bound the rest.
+
+    The services' default header limit is twice the gateway's (16 KiB) so that what the
+    gateway forwards, plus the headers it adds, always fits.
+    """
+
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 32_768
+    keep_alive_s: float = 5.0
+
+
+class _GuardedProtocol(HttpToolsProtocol):
+    """httptools' protocol with a deadline on each request's line and headers (a silent or
+    one-byte-a-second client is cut off: 408 if it sent anything) and a cap on their size
+    (431, the connection closed, the app never called)."""
+
+    limits: ClassVar[ServerLimits] = ServerLimits()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_deadline: asyncio.TimerHandle | None = None
+        self._awaiting_head = True
+        self._head_bytes = 0
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._awaiting_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        # Still no end of headers: refuse before the parser buffers any more of them.
+        if self._awaiting_head and self._head_bytes > self.limits.max_header_bytes:
+            self._refuse(431, "The request line and headers are too large.")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm()
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._awaiting_head = False
+        self._disarm()
+        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+        if size > self.limits.max_header_bytes:
+            self._refuse(431, "The request line and headers are too large.")
+            return
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._awaiting_head = True
+        self._head_bytes = 0
+        super().on_message_complete()
+
+    def _arm(self) -> None:
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.call_later(
+                self.limits.header_timeout_s, self._head_too_slow
+            )
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_too_slow(self) -> None:
+        self._head_deadline = None
+        if not self._awaiting_head or self.transport.is_closing():
+            return
+        if self._head_bytes:
+            self._refuse(408, "The request headers did not arrive in time.")
+        else:
+            self.transport.close()  # an idle connection that never asked anything
+
+    def _refuse(self, status: int, detail: str) -> None:
+        self._refused = True
+        self._disarm()
+        body = json.dumps(problem_body(status, instance="", detail=detail)).encode()
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s"
+            % (status, reason, PROBLEM_JSON.encode(), len(body), body)
+        )
+        self.transport.close()
+
+
+def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol class with ``limits`` (uvicorn instantiates it per connection)."""
+    return type("GuardedHttpProtocol", (_GuardedProtocol,), {"limits": limits})
+
+
+def server_config(
     app: ASGIApp,
     *,
-    name: str,
-    sock: socket.socket,
     log_level: str = "INFO",
     proxy_headers: bool = True,
-) -> None:
-    """Serve on an already bound socket until SIGINT/SIGTERM; announce the real port.
-
-    The launcher reads the ``listening on`` line to learn the port a service got.
-    ``proxy_headers=False`` for the edge (the gateway): there ``X-Forwarded-For`` comes from
-    the caller and must not become the client address.
-    """
-    host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(
+    limits: ServerLimits | None = None,
+) -> uvicorn.Config:
+    limits = limits or ServerLimits()
+    return uvicorn.Config(
         app,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=int(max(1, limits.keep_alive_s)),
         proxy_headers=proxy_headers,
         log_level=log_level.lower(),
         access_log=False,
@@ -72,6 +192,25 @@ def serve(
         date_header=False,
         log_config=None,
     )
+
+
+def serve(
+    app: ASGIApp,
+    *,
+    name: str,
+    sock: socket.socket,
+    log_level: str = "INFO",
+    proxy_headers: bool = True,
+    limits: ServerLimits | None = None,
+) -> None:
+    """Serve on an already bound socket until SIGINT/SIGTERM; announce the real port.
+
+    The launcher reads the ``listening on`` line to learn the port a service got.
+    ``proxy_headers=False`` for the edge (the gateway): there ``X-Forwarded-For`` comes from
+    the caller and must not become the client address.
+    """
+    host, port = sock.getsockname()[:2]
+    config = server_config(app, log_level=log_level, proxy_headers=proxy_headers, limits=limits)
     server = uvicorn.Server(config)
     logging.getLogger("shop").info("%s listening on http://%s:%d", name, host, port)
     server.run(sockets=[sock])
@@ -85,11 +224,19 @@ def run(
     port: int,
     log_level: str = "INFO",
     proxy_headers: bool = True,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Bind ``host:port`` (0 = any free port), tell the app the port it got, serve it."""
     sock = bind_socket(host, port)
     app.state.bound_port = sock.getsockname()[1]
-    serve(app, name=name, sock=sock, log_level=log_level, proxy_headers=proxy_headers)
+    serve(
+        app,
+        name=name,
+        sock=sock,
+        log_level=log_level,
+        proxy_headers=proxy_headers,
+        limits=limits,
+    )
 
 
 def main(
@@ -99,11 +246,13 @@ def main(
     build_app: AppBuilder[S],
     proxy_headers: bool = True,
     preflight: Callable[[PlatformSettings, S], None] | None = None,
+    server_limits: Callable[[S], ServerLimits] | None = None,
 ) -> int:
     """A service process from start to end: every setting checked before anything is opened or
     bound — a refusal is one line on stderr and exit code 2 — then serve until SIGTERM.
 
     ``preflight`` is for refusals that need a look outside the settings (auth's stored admin).
+    ``server_limits`` reads the connection limits from the process's own settings.
     """
     try:
         platform, loaded = load_settings(settings)
@@ -121,5 +270,6 @@ def main(
         port=loaded.port,
         log_level=platform.log_level,
         proxy_headers=proxy_headers,
+        limits=server_limits(loaded) if server_limits is not None else None,
     )
     return 0
