@@ -62,14 +62,19 @@ class Instance:
     host: str
     port: int
     status: str = "UP"
+    secure: bool = False
 
     @property
     def base_url(self) -> str:
-        return f"http://{_host_in_url(self.host)}:{self.port}"
+        scheme = "https" if self.secure else "http"
+        return f"{scheme}://{_host_in_url(self.host)}:{self.port}"
 
     @classmethod
     def from_eureka(cls, raw: dict[str, Any]) -> Instance:
-        port = raw.get("port", 0)
+        # An instance that enables its secure port is called there, over https (Eureka's way).
+        secure_port = raw.get("securePort")
+        secure = isinstance(secure_port, dict) and str(secure_port.get("@enabled")) == "true"
+        port: Any = secure_port if secure else raw.get("port", 0)
         if isinstance(port, dict):
             port = port.get("$", 0)
         return cls(
@@ -78,6 +83,7 @@ class Instance:
             host=str(raw.get("ipAddr") or raw.get("hostName")),
             port=int(port),
             status=str(raw.get("status", "UNKNOWN")),
+            secure=secure,
         )
 
 
@@ -89,13 +95,17 @@ class Registration:
     lease_duration_s: int = 90
     renewal_interval_s: float = 30.0
     metadata: dict[str, str] = field(default_factory=dict)
+    # Served over TLS: registered as the secure port, its URLs https.
+    secure: bool = False
 
     @property
     def instance_id(self) -> str:
         return f"{self.host}:{self.app}:{self.port}"
 
     def to_eureka(self) -> dict[str, Any]:
-        base = f"http://{_host_in_url(self.host)}:{self.port}"
+        scheme = "https" if self.secure else "http"
+        base = f"{scheme}://{_host_in_url(self.host)}:{self.port}"
+        plain, secure = ("false", "true") if self.secure else ("true", "false")
         return {
             "instance": {
                 "instanceId": self.instance_id,
@@ -105,8 +115,8 @@ class Registration:
                 "vipAddress": self.app,
                 "secureVipAddress": self.app,
                 "status": "UP",
-                "port": {"$": self.port, "@enabled": "true"},
-                "securePort": {"$": 443, "@enabled": "false"},
+                "port": {"$": self.port, "@enabled": plain},
+                "securePort": {"$": self.port if self.secure else 443, "@enabled": secure},
                 "homePageUrl": f"{base}/",
                 "statusPageUrl": f"{base}/health/live",
                 "healthCheckUrl": f"{base}/health/ready",

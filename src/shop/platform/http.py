@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 
@@ -16,8 +18,11 @@ async def http_session(
     limit: int = 200,
     total_timeout_s: float = 10.0,
     decompress: bool = True,
+    ca_file: Path | None = None,
 ) -> AsyncIterator[aiohttp.ClientSession]:
+    """``ca_file``: the CA that signs the https peers (SHOP_TLS_CAFILE); the system's otherwise."""
     connector = aiohttp.TCPConnector(
+        ssl=ssl.create_default_context(cafile=ca_file) if ca_file is not None else True,
         limit=limit,
         limit_per_host=limit,
         ttl_dns_cache=300,

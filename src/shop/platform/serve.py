@@ -10,6 +10,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import uvicorn
@@ -23,6 +24,7 @@ from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRe
 __all__ = [
     "EXIT_REFUSED",
     "ServerLimits",
+    "TlsFiles",
     "bind_socket",
     "configure_logging",
     "guarded_protocol",
@@ -171,16 +173,33 @@ def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
     return type("GuardedHttpProtocol", (_GuardedProtocol,), {"limits": limits})
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The certificate (chain) and key a process serves https with."""
+
+    certfile: Path
+    keyfile: Path
+
+    @classmethod
+    def of(cls, platform: PlatformSettings) -> TlsFiles | None:
+        if platform.tls_certfile is None or platform.tls_keyfile is None:
+            return None
+        return cls(platform.tls_certfile, platform.tls_keyfile)
+
+
 def server_config(
     app: ASGIApp,
     *,
     log_level: str = "INFO",
     proxy_headers: bool = True,
     limits: ServerLimits | None = None,
+    tls: TlsFiles | None = None,
 ) -> uvicorn.Config:
     limits = limits or ServerLimits()
     return uvicorn.Config(
         app,
+        ssl_certfile=tls.certfile if tls else None,
+        ssl_keyfile=tls.keyfile if tls else None,
         http=guarded_protocol(limits),
         timeout_keep_alive=int(max(1, limits.keep_alive_s)),
         proxy_headers=proxy_headers,
@@ -202,6 +221,7 @@ def serve(
     log_level: str = "INFO",
     proxy_headers: bool = True,
     limits: ServerLimits | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Serve on an already bound socket until SIGINT/SIGTERM; announce the real port.
 
@@ -210,9 +230,12 @@ def serve(
     the caller and must not become the client address.
     """
     host, port = sock.getsockname()[:2]
-    config = server_config(app, log_level=log_level, proxy_headers=proxy_headers, limits=limits)
+    config = server_config(
+        app, log_level=log_level, proxy_headers=proxy_headers, limits=limits, tls=tls
+    )
     server = uvicorn.Server(config)
-    logging.getLogger("shop").info("%s listening on http://%s:%d", name, host, port)
+    scheme = "https" if tls else "http"
+    logging.getLogger("shop").info("%s listening on %s://%s:%d", name, scheme, host, port)
     server.run(sockets=[sock])
 
 
@@ -225,6 +248,7 @@ def run(
     log_level: str = "INFO",
     proxy_headers: bool = True,
     limits: ServerLimits | None = None,
+    tls: TlsFiles | None = None,
 ) -> None:
     """Bind ``host:port`` (0 = any free port), tell the app the port it got, serve it."""
     sock = bind_socket(host, port)
@@ -236,6 +260,7 @@ def run(
         log_level=log_level,
         proxy_headers=proxy_headers,
         limits=limits,
+        tls=tls,
     )
 
 
@@ -271,5 +296,6 @@ def main(
         log_level=platform.log_level,
         proxy_headers=proxy_headers,
         limits=server_limits(loaded) if server_limits is not None else None,
+        tls=TlsFiles.of(platform),
     )
     return 0
