@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: up test lint typecheck contracts unit bench install clean
+.PHONY: up test lint typecheck contracts unit bench fuzz install clean
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ contracts: $(STAMP)
 
 test: lint typecheck contracts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Long fuzzing run (not part of `make test`): 1,000 fresh examples per public operation.
+FUZZ_EXAMPLES ?= 1000
+fuzz: $(STAMP)
+	SHOP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SHOP_FUZZ_RANDOM=1 \
+		$(BIN)/python -m pytest tests/e2e/test_fuzz.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -45,6 +45,8 @@ REGISTRANTS = (
     "notification-service",
     "legacy-client",
 )
+# Services auth issues service tokens to (see the fixture).
+SERVICE_CLIENTS = ("order-service", "notification-service")
 # What the embedded profile seeds by itself; production's catalogue is made through the API.
 DEMO = (
     ("iphone_15", "iPhone 15", "1299.00", "phones"),
@@ -65,6 +67,8 @@ class System:
     admin_password: str
     # Application name -> its registry credential, as the operator gave them to `shop up`.
     registry_clients: dict[str, str]
+    # Service name -> its secret for service tokens (AUTH_SERVICE_CLIENTS), likewise.
+    service_clients: dict[str, str]
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -128,7 +132,6 @@ def _production_environment(request: pytest.FixtureRequest, root: Path) -> dict[
         "NOTIFICATION_DATABASE_URL": mysql.new_url(),
         "AUTH_SIGNING_KEY_FILE": str(_signing_key_file(root)),
         "AUTH_ADMIN_PASSWORD": f"e2e-admin-{secrets.token_urlsafe(12)}",
-        "SHOP_SERVICE_SECRET": secrets.token_urlsafe(32),
     }
 
 
@@ -170,6 +173,11 @@ def system(
     }
     registry_clients = {name: secrets.token_urlsafe(32) for name in REGISTRANTS}
     env["REGISTRY_CLIENTS"] = json.dumps(registry_clients)
+    # `shop up` hands each caller its own (order-service); notification-service's entry is
+    # never given to notification, which makes no internal call: tests use it to show that
+    # another service's genuine token is refused where order-service's is expected.
+    service_clients = {name: secrets.token_urlsafe(32) for name in SERVICE_CLIENTS}
+    env["AUTH_SERVICE_CLIENTS"] = json.dumps(service_clients)
     command = [
         sys.executable,
         "-m",
@@ -198,6 +206,7 @@ def system(
         data_dir=root / "data",
         admin_password=admin_password,
         registry_clients=registry_clients,
+        service_clients=service_clients,
     )
     with system.log.open("wb") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

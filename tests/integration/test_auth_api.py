@@ -24,17 +24,24 @@ from shop.auth.settings import AuthSettings, UnsafeSettings
 from shop.auth.store import users
 from shop.platform.db import create_engine
 from shop.platform.settings import PlatformSettings, SettingsRefused
-from shop.platform.tokens import JwksVerifier
+from shop.platform.tokens import InvalidToken, JwksVerifier
 
 PASSWORD = "correct horse"
 IGNORED_IN_COMPARISON = {"requestId", "traceId"}
 
 
+SERVICE_SECRET = "order-service's-own-secret-of-32-chars-or-more"
+NOTIFICATION_SECRET = "notification's-own-secret-of-32-chars-or-more"
+# Each calling service's own secret: one secret mints one name.
+SERVICE_CLIENTS = json.dumps(
+    {"order-service": SERVICE_SECRET, "notification-service": NOTIFICATION_SECRET}
+)
+
+
 def _settings(**overrides: Any) -> AuthSettings:
-    return AuthSettings(_env_file=None, **overrides)
+    return AuthSettings(_env_file=None, **{"service_clients": SERVICE_CLIENTS, **overrides})
 
 
-SERVICE_SECRET = "a-shared-service-secret-of-32-chars-or-more"
 # The production profile registers with credentials (none is contacted in these tests).
 PRODUCTION_REGISTRY = (
     "http://auth-service:a-registry-secret-of-32-chars-or-more@127.0.0.1:8761/eureka"
@@ -187,7 +194,8 @@ async def test_get_token_refusals_challenge_for_basic(auth: httpx.AsyncClient) -
     assert wrong.status_code == 401
     assert wrong.headers["www-authenticate"].startswith("Basic")
     garbled = await auth.get("/auth/getToken", headers={"Authorization": "Basic !!!"})
-    assert garbled.status_code == 401
+    assert garbled.status_code == 422
+    assert "authorization" in garbled.json()["errors"]
     wrong_json = await auth.request(
         "GET", "/auth/getToken", json={"email": "ada@example.com", "password": "nope-nope"}
     )
@@ -420,7 +428,7 @@ async def test_strings_that_are_not_text_are_4xx_on_every_endpoint(
         assert answer.headers["content-type"] == "application/problem+json"
     not_utf8 = base64.b64encode(b"ada@example.com:\xed\xa0\x80").decode()
     basic = await auth.get("/auth/getToken", headers={"Authorization": f"Basic {not_utf8}"})
-    assert basic.status_code == 401
+    assert basic.status_code == 422
     # Nothing changed: the session the garbled logout named is still alive.
     again = await auth.post("/auth/refresh", json={"refresh_token": tokens["refresh_token"]})
     assert again.status_code == 200
@@ -565,18 +573,25 @@ def _production(
     )
 
 
-@pytest.mark.parametrize("secret", [None, "too-short"])
-def test_production_refuses_to_start_without_a_strong_service_secret(
-    tmp_path: Path, secret: str | None
+@pytest.mark.parametrize(
+    ("clients", "refusal"),
+    [
+        ("", "the production profile needs AUTH_SERVICE_CLIENTS"),
+        ('{"order-service": "too-short"}', "the secret of order-service is shorter than 32"),
+        ('{"Order Service": "' + "s" * 32 + '"}', "'Order Service' is not a service name"),
+    ],
+)
+def test_production_refuses_to_start_without_a_strong_client_table(
+    tmp_path: Path, clients: str, refusal: str
 ) -> None:
     pem = private_pem(new_private_key()).decode()
-    with pytest.raises(SettingsRefused, match="SHOP_SERVICE_SECRET"):
+    with pytest.raises(SettingsRefused, match=refusal):
         _production(
-            tmp_path, service_secret=secret, signing_key=pem, admin_password="a-strong-secret"
+            tmp_path, service_clients=clients, signing_key=pem, admin_password="a-strong-secret"
         )
 
 
-async def test_a_service_with_the_shared_secret_gets_a_service_token(
+async def test_a_service_with_its_own_secret_gets_a_token_naming_it_for_internal_use(
     auth: httpx.AsyncClient,
 ) -> None:
     answer = await auth.post(
@@ -585,12 +600,48 @@ async def test_a_service_with_the_shared_secret_gets_a_service_token(
     assert answer.status_code == 200, answer.text
     token = answer.json()["access_token"]
     jwks = (await auth.get("/auth/.well-known/jwks.json")).json()
-    verifier = JwksVerifier(fetch_jwks=_constant(jwks), issuer="shop-auth", audience="shop")
-    principal = await verifier.verify(token)
-    assert principal.user_id == "service:order-service"
+    internal = JwksVerifier(
+        fetch_jwks=_constant(jwks),
+        issuer="shop-auth",
+        audience="shop",
+        internal_audience="shop-internal",
+    )
+    principal = await internal.verify(token)
+    assert principal.service_name == "order-service"
+    assert principal.audience == "shop-internal"
     assert principal.roles == {"service"}
+    users_only = JwksVerifier(fetch_jwks=_constant(jwks), issuer="shop-auth", audience="shop")
+    with pytest.raises(InvalidToken):
+        await users_only.verify(token)
     me = await auth.get("/auth/me", headers=_bearer(token))
-    assert me.status_code in (401, 404), "a service token is no user"
+    assert me.status_code == 401, "a service token is nobody's login"
+
+
+@pytest.mark.parametrize(
+    ("service", "secret"),
+    [
+        # One service's secret mints that service's name only.
+        ("inventory-service", SERVICE_SECRET),
+        ("notification-service", SERVICE_SECRET),
+        ("order-service", NOTIFICATION_SECRET),
+        ("auth-service", SERVICE_SECRET),
+    ],
+)
+async def test_a_secret_mints_no_other_services_name(
+    auth: httpx.AsyncClient, service: str, secret: str
+) -> None:
+    answer = await auth.post("/internal/service-token", json={"service": service, "secret": secret})
+    assert answer.status_code == 401
+    assert answer.json()["detail"] == "Unknown service credentials."
+
+
+async def test_the_jwks_says_how_long_it_may_be_kept(tmp_path: Path) -> None:
+    async with running(tmp_path) as auth:
+        default = await auth.get("/auth/.well-known/jwks.json")
+    async with running(tmp_path, jwks_max_age_s=30) as auth:
+        shorter = await auth.get("/auth/.well-known/jwks.json")
+    assert default.headers["cache-control"] == "public, max-age=300"
+    assert shorter.headers["cache-control"] == "public, max-age=30"
 
 
 @pytest.mark.parametrize(
@@ -612,8 +663,8 @@ async def test_service_tokens_need_the_secret_and_a_sane_name(
         assert answer.json()["detail"] == "Unknown service credentials."
 
 
-async def test_without_a_configured_secret_no_service_token_is_issued(tmp_path: Path) -> None:
-    async with running(tmp_path, service_secret=None) as auth:
+async def test_without_a_client_table_no_service_token_is_issued(tmp_path: Path) -> None:
+    async with running(tmp_path, service_clients="") as auth:
         answer = await auth.post(
             "/internal/service-token", json={"service": "order-service", "secret": "anything"}
         )
@@ -699,3 +750,30 @@ def test_an_admin_password_breaking_the_policy_is_refused(tmp_path: Path) -> Non
         build_app(
             platform=PlatformSettings(data_dir=tmp_path), settings=_settings(admin_password="short")
         )
+
+
+async def test_basic_credentials_follow_the_json_log_in_rules(auth: httpx.AsyncClient) -> None:
+    await _register(auth)
+    too_long = "x" * 257
+    for email, password in (("", PASSWORD), ("ada@example.com", ""), ("a@b.c", too_long)):
+        basic = await auth.get("/auth/getToken", auth=(email, password))
+        as_json = await auth.request(
+            "GET", "/auth/getToken", json={"email": email, "password": password}
+        )
+        assert basic.status_code == as_json.status_code == 422, (email, basic.text)
+        field = "email" if not email else "password"
+        assert f"authorization.{field}" in basic.json()["errors"]
+        assert field in as_json.json()["errors"]
+    wrong = await auth.get("/auth/getToken", auth=("ada@example.com", "not the password"))
+    assert wrong.status_code == 401
+
+
+@pytest.mark.parametrize("char", ["\x00", "\u202e", "\u2066"], ids=["NUL", "RLO", "LRI"])
+async def test_a_name_that_hides_or_reorders_text_is_422_and_creates_nothing(
+    tmp_path: Path, auth: httpx.AsyncClient, char: str
+) -> None:
+    body = {"name": f"Ada{char}nimda", "email": "ada@example.com", "password": PASSWORD}
+    refused = await auth.post("/auth/register", json=body)
+    assert refused.status_code == 422, refused.text
+    assert "name" in refused.json()["errors"]
+    assert await _user_count(tmp_path) == 1  # the seeded admin only

@@ -32,6 +32,7 @@ from starlette.applications import Starlette
 
 from shop.gateway.app import build_app
 from shop.gateway.settings import GatewaySettings
+from shop.platform.problems import PROBLEM_SCHEMA
 from shop.platform.serve import bind_socket, server_config
 from shop.platform.settings import PlatformSettings, Profile, SettingsRefused
 from tests.fakes import FakeRegistry
@@ -182,6 +183,11 @@ class Gateway:
     app: Starlette
 
 
+def _pinned_jwks(registry: FakeRegistry) -> str | None:
+    ports = registry.topology.get("AUTH-SERVICE", [])
+    return f"http://127.0.0.1:{ports[0]}/auth/.well-known/jwks.json" if ports else None
+
+
 @asynccontextmanager
 async def running_gateway(
     registry: FakeRegistry,
@@ -199,6 +205,8 @@ async def running_gateway(
         auth_issuer=ISSUER,
         auth_audience=AUDIENCE,
         heartbeat_interval_s=30.0,
+        # The operator pins the JWKS (SHOP_JWKS_URL): here, where the topology puts auth.
+        jwks_url=_pinned_jwks(registry),
     )
     settings = GatewaySettings(
         host="127.0.0.1",
@@ -627,7 +635,7 @@ async def test_unrouted_paths_are_404(world: World, path: str) -> None:
 async def test_a_wrong_method_on_a_routed_path_is_405(world: World) -> None:
     status, headers, body = await call(world, "DELETE", "/api/order/1", headers=bearer(world.admin))
     assert_problem(status, headers, body, 405)
-    assert headers["Allow"] == "GET, POST"
+    assert headers["Allow"] == "GET, HEAD, POST"
     status, headers, body = await call(world, "GET", "/auth/token")
     assert_problem(status, headers, body, 405)
     assert world.reached() == []
@@ -860,13 +868,20 @@ async def test_openapi_merges_the_public_api_of_every_running_service(world: Wor
     ]
     assert "HTTPBasic" not in schemes  # /auth/getToken is not in this description
     schemas = document["components"]["schemas"]
-    # Same name, different schemas: each service keeps its own, references follow.
-    assert schemas["Problem"]["title"] == "inventory problem"
+    # Same name, different schemas: each service keeps its own, references follow; the
+    # plain name stays the gateway's own (the body of what it answers itself).
+    assert schemas["Problem"] == PROBLEM_SCHEMA
+    assert schemas["InventoryServiceProblem"]["title"] == "inventory problem"
     assert schemas["ProductServiceProblem"]["title"] == "product problem"
     assert document["paths"]["/api/product/{id}"]["get"]["x-not-found"] == {
         "$ref": "#/components/schemas/ProductServiceProblem"
     }
-    assert set(schemas) == {"Problem", "Product", "ProductServiceProblem"}  # no Reservation
+    assert set(schemas) == {  # no Reservation
+        "Problem",
+        "InventoryServiceProblem",
+        "Product",
+        "ProductServiceProblem",
+    }
     status, _, body = await call(world, "GET", "/openapi.json")
     assert json.loads(body) == document
     assert world.inventory.openapi_hits == before + 1  # cached

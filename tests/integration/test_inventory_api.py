@@ -56,7 +56,8 @@ def _token(*roles: str, key: Any = KEY, sub: str | None = None) -> str:
         "email": "" if service else "ada@example.com",
         "roles": list(roles),
         "iss": platform.auth_issuer,
-        "aud": platform.auth_audience,
+        # Service tokens are for the internal audience, users' for the public one.
+        "aud": platform.internal_audience if service else platform.auth_audience,
         "iat": now,
         "exp": now + 900,
         "jti": uuid.uuid4().hex,
@@ -72,6 +73,8 @@ CUSTOMER = _bearer(_token("customer"))
 ADMIN = _bearer(_token("customer", "admin"))
 # What auth-service issues to order-service for internal calls.
 SERVICE = _bearer(_token("service", sub="service:order-service"))
+# Another service's token: genuine, but not a caller reservations accept.
+NOTIFICATION = _bearer(_token("service", sub="service:notification-service"))
 
 
 @asynccontextmanager
@@ -86,7 +89,10 @@ async def running(
             return _jwks()
 
         app.state.runtime.tokens = JwksVerifier(
-            fetch_jwks=fetch_jwks, issuer=platform.auth_issuer, audience=platform.auth_audience
+            fetch_jwks=fetch_jwks,
+            issuer=platform.auth_issuer,
+            audience=platform.auth_audience,
+            internal_audience=platform.internal_audience,
         )
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://inventory") as client:
@@ -412,13 +418,17 @@ async def test_internal_calls_need_a_service_token(inventory: httpx.AsyncClient)
     for user in (CUSTOMER, ADMIN):
         refused = await inventory.post("/internal/reservations", json=body, headers=user)
         assert "only services" in _assert_problem(refused, 403)["detail"]
+    # A service token of another service: reservations are order-service's alone.
+    refused = await inventory.post("/internal/reservations", json=body, headers=NOTIFICATION)
+    assert "order-service only" in _assert_problem(refused, 403)["detail"]
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
     ok = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert ok.status_code == 201
     _assert_problem(await inventory.delete(f"/internal/reservations/{order}"), 401)
-    _assert_problem(
-        await inventory.delete(f"/internal/reservations/{order}", headers=CUSTOMER), 403
-    )
+    for other in (CUSTOMER, NOTIFICATION):
+        _assert_problem(
+            await inventory.delete(f"/internal/reservations/{order}", headers=other), 403
+        )
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 49}
 
 

@@ -37,6 +37,8 @@ data_dir = os.environ["SHOP_DATA_DIR"]
 print(f"{name} starting: profile={os.environ.get('SHOP_PROFILE')} data={data_dir}")
 print(f"{name} registry url: {os.environ.get('SHOP_REGISTRY_URL', '-')}")
 print(f"{name} registry clients: {os.environ.get('REGISTRY_CLIENTS', '-')}")
+for variable in ("SHOP_JWKS_URL", "SHOP_AUTH_URL", "SHOP_SERVICE_SECRET", "AUTH_SERVICE_CLIENTS"):
+    print(f"{name} {variable}: {os.environ.get(variable, '-')}")
 with open(os.path.join(data_dir, name + ".starts"), "a") as starts:
     starts.write("started\n")
 
@@ -257,6 +259,74 @@ async def test_an_operators_clients_without_a_services_entry_start_nothing(
             console=Console(io.StringIO(), names=["auth"], colour=False),
         )
     assert "g" * 32 not in str(refused.value)
+
+
+async def test_auth_is_pinned_and_only_internal_callers_get_their_own_secret(
+    stand_in: Path, tmp_path: Path
+) -> None:
+    def command(name: str, port_env: str = "") -> tuple[str, ...]:
+        return (sys.executable, str(stand_in), name, "ok", *([port_env] if port_env else []))
+
+    services = [
+        ServiceSpec(
+            name="registry",
+            command=command("registry", "REGISTRY_PORT"),
+            port_env="REGISTRY_PORT",
+            role="registry",
+        ),
+        ServiceSpec(
+            name="auth",
+            command=command("auth", "AUTH_PORT"),
+            port_env="AUTH_PORT",
+            role="auth",
+            registers_as="auth-service",
+        ),
+        ServiceSpec(
+            name="order",
+            command=command("order"),
+            registers_as="order-service",
+            calls_internal=True,
+        ),
+        ServiceSpec(name="notification", command=command("notification"), registers_as="n-service"),
+    ]
+    output = io.StringIO()
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    environment = child_environment(
+        {k: v for k, v in os.environ.items() if not k.startswith(("REGISTRY_CLIENTS", "SHOP_"))}
+        | {"SHOP_SERVICE_SECRET": "a-shared-secret-from-before"},
+        data_dir=data_dir,
+        profile="embedded",
+        registrants=["auth-service", "order-service", "n-service"],
+        internal_callers=["order-service"],
+    )
+    shop = Supervisor(
+        services,
+        environment=environment,
+        console=Console(output, names=[s.name for s in services], colour=False),
+        ready_timeout_s=15.0,
+    )
+    async with shop:
+        auth_url = shop.url("auth")
+    text = output.getvalue()
+
+    def told(name: str, variable: str) -> str:
+        found = re.search(rf"\| {name} {variable}: (.*)", text)
+        assert found is not None, (name, variable)
+        return found[1]
+
+    # Auth listens where everyone was told before it started, registry or not.
+    for name in ("registry", "auth", "order", "notification"):
+        assert told(name, "SHOP_AUTH_URL") == auth_url
+        assert told(name, "SHOP_JWKS_URL") == f"{auth_url}/auth/.well-known/jwks.json"
+    clients = json.loads(told("auth", "AUTH_SERVICE_CLIENTS"))
+    assert set(clients) == {"order-service"} and len(clients["order-service"]) >= 32
+    assert told("order", "SHOP_SERVICE_SECRET") == clients["order-service"]
+    for name in ("registry", "notification"):
+        assert told(name, "SHOP_SERVICE_SECRET") == "-", "no credential it does not use"
+        assert told(name, "AUTH_SERVICE_CLIENTS") == "-"
+    assert told("order", "AUTH_SERVICE_CLIENTS") == "-", "a caller sees no other's secret"
+    assert "a-shared-secret-from-before" not in text
 
 
 async def test_data_survives_a_restart(stand_in: Path, tmp_path: Path) -> None:

@@ -4,9 +4,9 @@ The app runs with its real lifespan (SQLite and the event log in tmp_path). Prod
 inventory are small aiohttp servers that behave like the real ones (a price list; stock
 with reservations that are all-or-nothing, idempotent, and released idempotently), found
 through a Eureka stand-in. Every peer records what reached it, so a refused order is
-shown to have reserved nothing. Like the real ones, the peers take only a service token
-(``ServiceCaller``); the order service's token source is a stand-in handing out one minted
-with the test key.
+shown to have reserved nothing. Like the real ones, the peers take only order-service's
+service token (``internal_caller("order-service")``); the order service's token source is
+a stand-in handing out one minted with the test key.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def _claims(sub: str, email: str, roles: list[str]) -> dict[str, Any]:
         "email": email,
         "roles": roles,
         "iss": "shop-auth",
-        "aud": "shop",
+        # As auth issues them: service tokens for the internal audience only.
+        "aud": "shop-internal" if sub.startswith("service:") else "shop",
         "iat": now,
         "exp": now + 900,
         "jti": uuid.uuid4().hex,
@@ -148,7 +149,7 @@ class Peer:
     """An aiohttp server on a free port that records every request.
 
     It answers 401 without a token and 403 to anything but ``service_token``, as a real
-    ``ServiceCaller`` route does (the signature is the real services' business).
+    ``internal_caller("order-service")`` route does (the signature is the real services' business).
     """
 
     service_token = ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pymysql
 import pytest
 from sqlalchemy import text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shop.platform.db import (
     create_engine,
@@ -47,6 +47,26 @@ async def test_same_engine_code_reaches_both_backends(database_url: str) -> None
         async with engine.connect() as conn:
             note = (await conn.execute(text("SELECT note FROM probe"))).scalar_one()
         assert note == "ünïcode"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_failing_statement_does_not_carry_its_bound_values(database_url: str) -> None:
+    """Logged database errors must not leak the e-mails and hashes a statement was given.
+
+    (A server's own message may still quote a value: MariaDB's duplicate-key error names
+    the entry. That one the parameters setting cannot hide; docs/platform.md says so.)
+    """
+    engine = create_engine(database_url)
+    secret = "ada.lovelace@example.com"
+    try:
+        with pytest.raises(DBAPIError) as failed:
+            async with engine.begin() as conn:
+                insert = text("INSERT INTO nobody (email) VALUES (:email)")
+                await conn.execute(insert, {"email": secret})
+        assert "INSERT INTO nobody" in str(failed.value)
+        assert secret not in str(failed.value)
+        assert "hidden due to hide_parameters" in str(failed.value)
     finally:
         await engine.dispose()
 

@@ -54,7 +54,8 @@ def _token(*roles: str, user_id: str = "42") -> dict[str, str]:
         "email": "ada@example.com",
         "roles": list(roles),
         "iss": "shop-auth",
-        "aud": "shop",
+        # Service tokens are for the internal audience, users' for the public one.
+        "aud": "shop-internal" if user_id.startswith("service:") else "shop",
         "iat": now,
         "exp": now + 900,
         "jti": uuid.uuid4().hex,
@@ -66,6 +67,7 @@ def _token(*roles: str, user_id: str = "42") -> dict[str, str]:
 ADMIN = _token("customer", "admin")
 CUSTOMER = _token("customer")
 ORDER_SERVICE = _token("service", user_id="service:order-service")
+NOTIFICATION_SERVICE = _token("service", user_id="service:notification-service")
 
 
 async def _jwks() -> dict[str, Any]:
@@ -122,7 +124,10 @@ async def running(
     app = build_app(platform=platform, settings=settings)
     async with app.router.lifespan_context(app):
         app.state.runtime.tokens = JwksVerifier(
-            fetch_jwks=_jwks, issuer="shop-auth", audience="shop"
+            fetch_jwks=_jwks,
+            issuer="shop-auth",
+            audience="shop",
+            internal_audience="shop-internal",
         )
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://product") as client:
@@ -431,12 +436,13 @@ async def test_changes_are_published_on_the_products_topic(shop: Shop) -> None:
 async def test_internal_lookup_is_for_services_only(shop: Shop) -> None:
     await shop.add()
     _is_problem(await shop.client.get("/internal/products", params={"skuCode": "pixel_8"}), 401)
-    _is_problem(
-        await shop.client.get(
-            "/internal/products", params={"skuCode": "pixel_8"}, headers=CUSTOMER
-        ),
-        403,
-    )
+    for caller in (CUSTOMER, ADMIN, NOTIFICATION_SERVICE):
+        _is_problem(
+            await shop.client.get(
+                "/internal/products", params={"skuCode": "pixel_8"}, headers=caller
+            ),
+            403,
+        )
     _is_problem(
         await shop.client.get(
             "/internal/products",

@@ -60,6 +60,7 @@ def _production(**env: str) -> dict[str, str]:
         "SHOP_PROFILE": "production",
         "SHOP_EVENT_BUS_URL": "kafka://127.0.0.1:9",
         "SHOP_SERVICE_SECRET": SECRET,
+        "AUTH_SERVICE_CLIENTS": f'{{"order-service": "{SECRET}"}}',
         # Each process's own registry credential (the auth case needs one to get that far).
         "SHOP_REGISTRY_URL": f"http://auth-service:{SECRET}@127.0.0.1:9/eureka",
         "ORDER_DATABASE_URL": MYSQL_PLACEHOLDER,
@@ -87,6 +88,16 @@ CASES: list[tuple[str, dict[str, str], str]] = [
         "shop.order",
         {"ORDER_DATABASE_URL": "postgres://db/shop"},
         "order-service refuses to start: ORDER_DATABASE_URL names 'postgres', which Shop cannot",
+    ),
+    (
+        "shop.order",
+        _production(),
+        "order-service refuses to start: the production profile needs SHOP_AUTH_URL",
+    ),
+    (
+        "shop.order",
+        _production(SHOP_AUTH_URL="http://auth.internal:8080"),
+        "order-service refuses to start: SHOP_AUTH_URL must be https on the production profile",
     ),
     (
         "shop.notification",

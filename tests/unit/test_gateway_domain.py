@@ -18,6 +18,7 @@ from shop.gateway.domain import (
     upstream_headers,
 )
 from shop.gateway.settings import GatewaySettings
+from shop.platform.problems import PROBLEM_JSON, PROBLEM_SCHEMA
 from shop.platform.settings import PlatformSettings
 
 ROUTES = public_route_table(dashboard_access=Access.PUBLIC)
@@ -121,7 +122,7 @@ def test_everything_else_is_not_routed(path: str) -> None:
 def test_a_known_path_with_another_method_says_what_is_allowed() -> None:
     outcome = ROUTES.match("PATCH", "/api/inventory/sku")
     assert isinstance(outcome, MethodNotAllowed)
-    assert outcome.route.allow == "GET, POST, PUT"
+    assert outcome.route.allow == "GET, HEAD, POST, PUT"
 
 
 def test_the_dashboard_rule_follows_the_profile() -> None:
@@ -239,10 +240,14 @@ def test_merged_api_keeps_only_routed_operations() -> None:
         "product-service": {"paths": {"/api/order": {"get": {}}}},  # not its route
     }
     merged = merge_openapi(documents, routes=ROUTES)
-    assert merged["paths"] == {
-        "/api/order": {"post": {"requestBody": ref, "security": [{"bearerAuth": []}]}}
+    assert list(merged["paths"]) == ["/api/order"]
+    assert list(merged["paths"]["/api/order"]) == ["post"]
+    post = merged["paths"]["/api/order"]["post"]
+    assert post["requestBody"] == ref and post["security"] == [{"bearerAuth": []}]
+    assert merged["components"]["schemas"] == {
+        "Line": {"type": "object"},
+        "Problem": PROBLEM_SCHEMA,
     }
-    assert merged["components"]["schemas"] == {"Line": {"type": "object"}}
     assert merged["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
 
 
@@ -282,3 +287,36 @@ def test_the_dashboard_url_is_derived_from_the_registry_url() -> None:
     assert GatewaySettings().dashboard_url(platform) == "http://registry:8761"
     fixed = GatewaySettings(registry_dashboard_url="http://dash:9000/")
     assert fixed.dashboard_url(platform) == "http://dash:9000"
+
+
+def test_head_is_routed_wherever_get_is_and_under_gets_rule() -> None:
+    outcome = ROUTES.match("HEAD", "/api/product/abc")
+    assert isinstance(outcome, Match) and outcome.access is Access.PUBLIC
+    me = ROUTES.match("HEAD", "/auth/me")
+    assert isinstance(me, Match) and me.access is Access.TOKEN
+    assert isinstance(ROUTES.match("HEAD", "/auth/token"), MethodNotAllowed)  # POST only
+
+
+def test_merged_api_documents_what_the_gateway_itself_answers() -> None:
+    problem = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    documents: dict[str, Any] = {
+        "product-service": {
+            "paths": {
+                "/api/product": {"get": {"responses": {"200": {"description": "OK"}}}},
+                "/api/product/{id}": {
+                    "put": {
+                        "parameters": [{"name": "id", "in": "path", "required": True}],
+                        "requestBody": {"content": {}},
+                        "responses": {"409": {"description": "the service's own words"}},
+                    }
+                },
+            }
+        }
+    }
+    paths = merge_openapi(documents, routes=ROUTES)["paths"]
+    public = paths["/api/product"]["get"]["responses"]
+    assert set(public) == {"200", "429", "502", "503", "504"}
+    admin = paths["/api/product/{id}"]["put"]["responses"]
+    assert set(admin) == {"401", "403", "404", "409", "413", "429", "502", "503", "504"}
+    assert admin["409"] == {"description": "the service's own words"}
+    assert all(admin[s]["content"] == problem for s in admin if s != "409")

@@ -25,6 +25,7 @@ from shop.launcher.settings import (
     LauncherSettings,
     child_environment,
     registry_clients,
+    service_clients,
     with_credentials,
 )
 from shop.launcher.supervisor import describe_exit, parse_listening
@@ -70,10 +71,10 @@ def test_the_table_starts_the_registry_gateway_and_services_on_their_ports() -> 
     assert [(s.name, s.module, s.port, s.port_env, s.role) for s in SERVICES[:3]] == [
         ("registry", "shop.registry", 8761, "REGISTRY_PORT", "registry"),
         ("gateway", "shop.gateway", 8765, "GATEWAY_PORT", "gateway"),
-        ("auth", "shop.auth", 0, None, "service"),
+        ("auth", "shop.auth", 0, "AUTH_PORT", "auth"),
     ]
     services = SERVICES[2:]
-    assert all(s.role == "service" and s.port == 0 for s in services)
+    assert all(s.role in ("auth", "service") and s.port == 0 for s in services)
     assert all(s.module == f"shop.{s.name}" for s in services)
     assert SERVICES[2].argv() == (sys.executable, "-m", "shop.auth")
 
@@ -154,15 +155,40 @@ def test_children_get_the_embedded_profile_and_an_absolute_data_dir(
     assert base == {"PATH": "/bin", "SHOP_DATA_DIR": "elsewhere"}
 
 
-def test_each_run_shares_one_service_secret_unless_one_is_given() -> None:
-    first = child_environment({}, data_dir=Path(".data"), profile="embedded")
-    second = child_environment({}, data_dir=Path(".data"), profile="embedded")
-    given = child_environment(
-        {"SHOP_SERVICE_SECRET": "from-vault"}, data_dir=Path(".data"), profile="embedded"
+def test_each_run_makes_one_secret_per_internal_caller_unless_the_operator_gave_them() -> None:
+    first = child_environment(
+        {}, data_dir=Path(".data"), profile="embedded", internal_callers=["order-service"]
     )
-    assert len(first["SHOP_SERVICE_SECRET"]) >= 32
-    assert first["SHOP_SERVICE_SECRET"] != second["SHOP_SERVICE_SECRET"]
-    assert given["SHOP_SERVICE_SECRET"] == "from-vault"
+    second = child_environment(
+        {}, data_dir=Path(".data"), profile="embedded", internal_callers=["order-service"]
+    )
+    given = child_environment(
+        {"AUTH_SERVICE_CLIENTS": '{"order-service": "from-vault"}'},
+        data_dir=Path(".data"),
+        profile="embedded",
+        internal_callers=["order-service"],
+    )
+    table = service_clients(first)
+    assert set(table) == {"order-service"} and len(table["order-service"]) >= 32
+    assert table != service_clients(second)
+    assert service_clients(given) == {"order-service": "from-vault"}
+    assert "SHOP_SERVICE_SECRET" not in first, "no secret shared by every process"
+
+
+def test_a_malformed_service_client_table_is_refused_without_showing_it() -> None:
+    with pytest.raises(ValueError, match="JSON object") as refused:
+        service_clients({"AUTH_SERVICE_CLIENTS": '["hunter2"]'})
+    assert "hunter2" not in str(refused.value)
+
+
+def test_the_table_says_who_makes_internal_calls_and_pins_auth() -> None:
+    by_name = {s.name: s for s in SERVICES}
+    assert [s.name for s in SERVICES if s.calls_internal] == ["order"]
+    assert by_name["auth"].role == "auth" and by_name["auth"].port_env == "AUTH_PORT"
+    with pytest.raises(ValueError, match="auth runs once"):
+        scaled(SERVICES, {"auth": 2})
+    with pytest.raises(ValueError, match="needs a name"):
+        ServiceSpec(name="x", module="shop.x", calls_internal=True)
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,6 +277,7 @@ def test_production_secrets_come_from_the_operator_never_from_the_launcher() -> 
     env = child_environment({}, data_dir=Path(".data"), profile="production")
     assert env["SHOP_PROFILE"] == "production"
     assert "SHOP_SERVICE_SECRET" not in env, "the services refuse to start without one"
+    assert "AUTH_SERVICE_CLIENTS" not in env
 
 
 def test_scale_names_each_instance_and_keeps_the_table_order() -> None:

@@ -133,3 +133,25 @@ async def test_metrics_count_requests_by_route_template(client: httpx.AsyncClien
     text = (await client.get("/metrics")).text
     assert 'route="/widgets/{name}"' in text
     assert "/widgets/one" not in text
+
+
+async def test_head_is_get_without_the_body(client: httpx.AsyncClient) -> None:
+    get = await client.get("/health/live")
+    head = await client.head("/health/live")
+    assert head.status_code == get.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == get.headers["content-length"]
+    missing = await client.head("/widgets/nope")
+    assert missing.status_code == 404 and missing.content == b""
+    refused = await client.head("/widgets")  # POST only: HEAD is as refused as GET
+    assert refused.status_code == 405
+
+
+async def test_the_document_says_errors_are_problems(client: httpx.AsyncClient) -> None:
+    document = (await client.get("/openapi.json")).json()
+    invalid = document["paths"]["/widgets"]["post"]["responses"]["422"]
+    assert invalid["content"] == {
+        PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
+    }
+    schemas = document["components"]["schemas"]
+    assert "Problem" in schemas and "HTTPValidationError" not in schemas

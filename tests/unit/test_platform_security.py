@@ -1,16 +1,32 @@
-"""Reading the bearer token a caller sent."""
+"""Reading the bearer token a caller sent; fetching keys and service tokens from the pinned
+auth address only; which callers an internal route admits."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
 
 import aiohttp
+import httpx
 import pytest
 from aiohttp import web
+from fastapi import APIRouter, Depends, FastAPI
 from pydantic import SecretStr
 
-from shop.platform.discovery import RegistryClient
-from shop.platform.security import ServiceTokens, ServiceTokenUnavailable, bearer_token
+from shop.platform.app import create_app
+from shop.platform.security import (
+    JwksUnavailable,
+    ServiceTokens,
+    ServiceTokenUnavailable,
+    bearer_token,
+    internal_caller,
+    jwks_from_url,
+    max_age_of,
+)
+from shop.platform.settings import PlatformSettings
+from shop.platform.tokens import InvalidToken, Jwks, Principal
 
 
 @pytest.mark.parametrize(
@@ -28,53 +44,113 @@ def test_bearer_token(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
 
 
-async def test_a_service_token_is_fetched_once_and_refreshed_before_it_expires() -> None:
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("public, max-age=60", 60.0),
+        ('max-age="120"', 120.0),
+        ("no-store", 0.0),
+        ("public, no-cache, max-age=60", 0.0),
+        ("public", None),
+        (None, None),
+        ("s-maxage=5", None),
+    ],
+)
+def test_the_max_age_a_jwks_answer_allows(header: str | None, seconds: float | None) -> None:
+    assert max_age_of(header) == seconds
+
+
+@asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_the_jwks_comes_from_the_pinned_url_with_its_max_age() -> None:
+    async def jwks(request: web.Request) -> web.Response:
+        return web.json_response({"keys": []}, headers={"Cache-Control": "public, max-age=42"})
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        raise web.HTTPFound("http://127.0.0.1:9/evil.json")
+
+    app = web.Application()
+    app.router.add_get("/auth/.well-known/jwks.json", jwks)
+    app.router.add_get("/moved", elsewhere)
+    async with serving(app) as base, aiohttp.ClientSession() as http:
+        fetched = await jwks_from_url(f"{base}/auth/.well-known/jwks.json", http)()
+        # A redirect could point anywhere: the pinned URL is the only source.
+        with pytest.raises(JwksUnavailable, match="302"):
+            await jwks_from_url(f"{base}/moved", http)()
+    assert fetched == Jwks(document={"keys": []}, max_age_s=42.0)
+
+
+async def test_a_service_token_is_asked_of_the_pinned_auth_url_and_refreshed() -> None:
     issued: list[dict[str, str]] = []
-    bound: dict[str, int] = {}
 
     async def service_token(request: web.Request) -> web.Response:
         issued.append(await request.json())
         return web.json_response({"access_token": f"t{len(issued)}", "expires_in": 90})
 
-    async def apps(request: web.Request) -> web.Response:
-        instance = {"app": "AUTH-SERVICE", "ipAddr": "127.0.0.1", "status": "UP"}
-        return web.json_response(
-            {"application": {"instance": [{**instance, "port": {"$": bound["port"]}}]}}
-        )
-
     app = web.Application()
     app.router.add_post("/internal/service-token", service_token)
-    app.router.add_get("/eureka/apps/AUTH-SERVICE", apps)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    bound["port"] = port
-    try:
-        async with aiohttp.ClientSession() as http:
-            registry = RegistryClient(base_url=f"http://127.0.0.1:{port}/eureka", session=http)
-            tokens = ServiceTokens(
-                name="order-service",
-                secret=SecretStr("s3cret"),
-                registry=registry,
-                session=http,
-                refresh_margin_s=60,
-            )
-            first, again = await tokens.bearer(), await tokens.bearer()
-            tokens._expires_at = 0.0  # as if 90 s had passed
-            later = await tokens.bearer()
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base, aiohttp.ClientSession() as http:
+        tokens = ServiceTokens(
+            name="order-service",
+            secret=SecretStr("s3cret"),
+            auth_url=base + "/",
+            session=http,
+            refresh_margin_s=60,
+        )
+        first, again = await tokens.bearer(), await tokens.bearer()
+        tokens._expires_at = 0.0  # as if 90 s had passed
+        later = await tokens.bearer()
     assert (first, again, later) == ("Bearer t1", "Bearer t1", "Bearer t2")
     assert issued[0] == {"service": "order-service", "secret": "s3cret"}
 
 
-async def test_without_a_secret_there_is_no_service_token() -> None:
+async def test_a_redirecting_auth_url_never_gets_the_secret_elsewhere() -> None:
+    seen: list[str] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(str(request.url.with_path("/collect")))
+
+    async def collect(request: web.Request) -> web.Response:
+        seen.append(await request.text())
+        return web.json_response({"access_token": "x", "expires_in": 90})
+
+    app = web.Application()
+    app.router.add_post("/internal/service-token", moved)
+    app.router.add_post("/collect", collect)
+    async with serving(app) as base, aiohttp.ClientSession() as http:
+        tokens = ServiceTokens(
+            name="order-service", secret=SecretStr("s3cret"), auth_url=base, session=http
+        )
+        with pytest.raises(ServiceTokenUnavailable, match="307"):
+            await tokens.bearer()
+    assert seen == []
+
+
+@pytest.mark.parametrize(
+    ("secret", "auth_url", "missing"),
+    [(None, "http://127.0.0.1:9", "SHOP_SERVICE_SECRET"), ("s", None, "SHOP_AUTH_URL")],
+)
+async def test_without_a_secret_or_a_pinned_auth_url_there_is_no_service_token(
+    secret: str | None, auth_url: str | None, missing: str
+) -> None:
     async with aiohttp.ClientSession() as http:
-        registry = RegistryClient(base_url="http://127.0.0.1:9/eureka", session=http)
-        tokens = ServiceTokens(name="x", secret=None, registry=registry, session=http)
-        with pytest.raises(ServiceTokenUnavailable):
+        tokens = ServiceTokens(
+            name="x",
+            secret=SecretStr(secret) if secret else None,
+            auth_url=auth_url,
+            session=http,
+        )
+        with pytest.raises(ServiceTokenUnavailable, match=missing):
             await tokens.bearer()
 
 
@@ -83,35 +159,85 @@ async def test_callers_queued_behind_a_failed_fetch_fail_at_once() -> None:
         await asyncio.sleep(30)
         return web.json_response({})
 
-    async def apps(request: web.Request) -> web.Response:
-        instance = {"app": "AUTH-SERVICE", "ipAddr": "127.0.0.1", "status": "UP"}
-        return web.json_response(
-            {"application": {"instance": [{**instance, "port": {"$": bound["port"]}}]}}
-        )
-
-    bound: dict[str, int] = {}
     app = web.Application()
     app.router.add_post("/internal/service-token", never_answers)
-    app.router.add_get("/eureka/apps/AUTH-SERVICE", apps)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    bound["port"] = runner.addresses[0][1]
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as http:
-            registry = RegistryClient(
-                base_url=f"http://127.0.0.1:{bound['port']}/eureka", session=http
-            )
-            tokens = ServiceTokens(
-                name="order-service", secret=SecretStr("s"), registry=registry, session=http
-            )
-            began = asyncio.get_running_loop().time()
-            outcomes = await asyncio.gather(
-                *(tokens.bearer() for _ in range(5)), return_exceptions=True
-            )
-            took = asyncio.get_running_loop().time() - began
-    finally:
-        await runner.cleanup()
+    async with (
+        serving(app) as base,
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as http,
+    ):
+        tokens = ServiceTokens(
+            name="order-service", secret=SecretStr("s"), auth_url=base, session=http
+        )
+        began = asyncio.get_running_loop().time()
+        outcomes = await asyncio.gather(
+            *(tokens.bearer() for _ in range(5)), return_exceptions=True
+        )
+        took = asyncio.get_running_loop().time() - began
     assert all(isinstance(o, ServiceTokenUnavailable) for o in outcomes)
     assert took < 3.5, f"five callers waited {took:.1f}s: one timeout each, in turn"
+
+
+class _Principals:
+    """A verifier that knows a few tokens by name: this test is about the route's rules."""
+
+    def __init__(self, principals: dict[str, Principal]) -> None:
+        self._principals = principals
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            return self._principals[token]
+        except KeyError:
+            raise InvalidToken("unknown") from None
+
+
+OrderServiceCaller = Annotated[Principal, Depends(internal_caller("order-service"))]
+_internal = APIRouter()
+
+
+@_internal.post("/internal/reservations")
+async def _reserve(who: OrderServiceCaller) -> dict[str, str]:
+    return {"caller": who.user_id}
+
+
+def _principal(sub: str, *roles: str, audience: str) -> Principal:
+    return Principal(user_id=sub, email="", roles=frozenset(roles), token_id=sub, audience=audience)
+
+
+async def test_an_internal_route_admits_only_the_callers_it_names() -> None:
+    platform = PlatformSettings()
+    users, internal = platform.auth_audience, platform.internal_audience
+    known = {
+        "order": _principal("service:order-service", "service", audience=internal),
+        "notification": _principal("service:notification-service", "service", audience=internal),
+        # A service token minted for the users' audience (an old auth, a mistake): refused.
+        "order-public": _principal("service:order-service", "service", audience=users),
+        "admin": _principal("u1", "customer", "admin", audience=users),
+        # Claims a service role, but the subject is a user's: still nobody's service.
+        "odd": _principal("u2", "service", audience=internal),
+    }
+    app: FastAPI = create_app(name="x", title="x", platform=platform, routers=[_internal])
+    async with app.router.lifespan_context(app):
+        app.state.runtime.tokens = _Principals(known)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+
+            async def status(token: str | None) -> int:
+                headers = {"Authorization": f"Bearer {token}"} if token else {}
+                return (await client.post("/internal/reservations", headers=headers)).status_code
+
+            outcomes = {name: await status(name) for name in [*known, "forged"]}
+            outcomes["none"] = await status(None)
+    assert outcomes == {
+        "order": 200,
+        "notification": 403,
+        "order-public": 403,
+        "admin": 403,
+        "odd": 403,
+        "forged": 401,
+        "none": 401,
+    }
+
+
+def test_an_internal_route_names_at_least_one_caller() -> None:
+    with pytest.raises(ValueError, match="at least one caller"):
+        internal_caller()

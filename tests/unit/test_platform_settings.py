@@ -125,6 +125,9 @@ def _production(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
         "AUTH_DATABASE_URL": MYSQL,
         "SHOP_REGISTRY_URL": REGISTRY_WITH_CREDENTIALS,
         "GATEWAY_RATE_LIMIT_STORAGE_URL": "redis://cache:6379/0",
+        "SHOP_JWKS_URL": "https://auth.internal/auth/.well-known/jwks.json",
+        "SHOP_AUTH_URL": "https://auth.internal",
+        "AUTH_SERVICE_CLIENTS": f'{{"order-service": "{SECRET}"}}',
         **env,
     }
     for name, value in settings.items():
@@ -148,6 +151,11 @@ def test_production_with_real_engines_and_secrets_loads(monkeypatch: pytest.Monk
         ({"SHOP_EVENT_BUS_URL": "amqp://mq"}, "SHOP_EVENT_BUS_URL names 'amqp'"),
         ({"SHOP_SERVICE_SECRET": ""}, "SHOP_SERVICE_SECRET of at least 32 characters"),
         ({"SHOP_SERVICE_SECRET": "short"}, "SHOP_SERVICE_SECRET of at least 32 characters"),
+        ({"SHOP_AUTH_URL": ""}, "the production profile needs SHOP_AUTH_URL"),
+        ({"SHOP_JWKS_URL": ""}, "the production profile needs SHOP_JWKS_URL"),
+        ({"SHOP_JWKS_URL": "http://auth.internal/jwks"}, "SHOP_JWKS_URL must be https"),
+        ({"SHOP_AUTH_URL": "http://10.0.0.5:8080"}, "SHOP_AUTH_URL must be https"),
+        ({"SHOP_JWKS_URL": "file:///etc/jwks.json"}, "SHOP_JWKS_URL: 'file:///etc/jwks.json' is"),
     ],
 )
 def test_production_fails_closed(
@@ -182,9 +190,25 @@ def test_production_asks_each_process_only_for_what_it_uses(
             {
                 "AUTH_SIGNING_KEY": "-----BEGIN…",
                 "AUTH_ADMIN_PASSWORD": "a-strong-secret",
-                "SHOP_SERVICE_SECRET": "short",
+                "AUTH_SERVICE_CLIENTS": "",
             },
-            "SHOP_SERVICE_SECRET",
+            "the production profile needs AUTH_SERVICE_CLIENTS",
+        ),
+        (
+            {
+                "AUTH_SIGNING_KEY": "-----BEGIN…",
+                "AUTH_ADMIN_PASSWORD": "a-strong-secret",
+                "AUTH_SERVICE_CLIENTS": '{"order-service": "short"}',
+            },
+            "the secret of order-service is shorter than 32",
+        ),
+        (
+            {
+                "AUTH_SIGNING_KEY": "-----BEGIN…",
+                "AUTH_ADMIN_PASSWORD": "a-strong-secret",
+                "AUTH_SERVICE_CLIENTS": '["order-service"]',
+            },
+            "AUTH_SERVICE_CLIENTS must be a JSON object",
         ),
         (
             {
@@ -202,6 +226,46 @@ def test_production_auth_refuses_missing_or_default_secrets(
     _production(monkeypatch, **env)
     with pytest.raises(SettingsRefused, match=expected):
         load_settings(AuthSettings)
+
+
+def test_production_trusts_plain_http_to_auth_only_on_loopback_or_when_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _production(
+        monkeypatch,
+        SHOP_JWKS_URL="http://127.0.0.1:9000/auth/.well-known/jwks.json",
+        SHOP_AUTH_URL="http://[::1]:9000",
+    )
+    load_settings(OrderSettings)
+    _production(
+        monkeypatch,
+        SHOP_JWKS_URL="http://auth.internal/auth/.well-known/jwks.json",
+        SHOP_AUTH_URL="http://auth.internal",
+        SHOP_JWKS_ALLOW_HTTP="true",
+    )
+    load_settings(OrderSettings)
+    load_settings(GatewaySettings)
+
+
+def test_production_asks_for_the_auth_url_only_where_internal_calls_are_made(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _production(monkeypatch, SHOP_AUTH_URL="", SHOP_SERVICE_SECRET="")
+    for model in (ProductSettings, NotificationSettings, GatewaySettings):
+        load_settings(model)
+    # Auth verifies with its own keys: it needs no JWKS URL.
+    _production(
+        monkeypatch,
+        SHOP_JWKS_URL="",
+        AUTH_SIGNING_KEY="-----BEGIN…",
+        AUTH_ADMIN_PASSWORD="a-strong-secret",
+    )
+    load_settings(AuthSettings)
+
+
+def test_one_audience_for_users_and_another_for_services(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHOP_INTERNAL_AUDIENCE", "shop")
+    assert "must differ from SHOP_AUTH_AUDIENCE" in _refusal(OrderSettings)
 
 
 def test_the_platform_alone_reads_its_own_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from shop.platform.tokens import InvalidToken, JwksVerifier, KeysUnavailable
+from shop.platform.tokens import FetchedJwks, InvalidToken, JwksVerifier, KeysUnavailable
+from shop.platform.tokens import Jwks as JwksAnswer
 
 ISSUER, AUDIENCE = "shop-auth", "shop"
 
@@ -157,3 +158,98 @@ async def test_after_a_failed_fetch_a_valid_token_is_unavailable_not_invalid() -
         with pytest.raises(KeysUnavailable):
             await verifier.verify(_token(KEY))
     assert calls == 1, "the refetch stays rate-limited while the source is down"
+
+
+class Clock:
+    """Monotonic time a test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class PublishedJwks:
+    """A JWKS source answering with its publisher's max-age; its keys can be withdrawn."""
+
+    def __init__(self, *keys: Mapping[str, Any], max_age_s: float | None) -> None:
+        self.keys = list(keys)
+        self.max_age_s = max_age_s
+        self.down = False
+        self.fetches = 0
+
+    async def __call__(self) -> FetchedJwks:
+        self.fetches += 1
+        if self.down:
+            raise ConnectionError("auth-service is down")
+        return JwksAnswer(document={"keys": list(self.keys)}, max_age_s=self.max_age_s)
+
+
+async def test_a_key_withdrawn_from_the_jwks_stops_working_within_its_max_age() -> None:
+    clock, old, new = Clock(), _key(), _key()
+    jwks = PublishedJwks(_jwk(old, "old"), _jwk(new, "new"), max_age_s=60)
+    verifier = JwksVerifier(
+        fetch_jwks=jwks, issuer=ISSUER, audience=AUDIENCE, min_refetch_interval_s=10, clock=clock
+    )
+    signed_by_old = _token(old, kid="old")
+    await verifier.verify(signed_by_old)  # verified, and now in the token cache
+    jwks.keys = [_jwk(new, "new")]  # auth withdraws the old key (it leaked)
+    clock.now += 59
+    await verifier.verify(signed_by_old)  # within max-age: still trusted, as published
+    clock.now += 2
+    with pytest.raises(InvalidToken, match="unknown signing key"):
+        await verifier.verify(signed_by_old)
+    assert await verifier.verify(_token(new, kid="new"))
+    assert jwks.fetches == 2
+
+
+async def test_a_jwks_that_cannot_be_refetched_keeps_its_keys_until_it_answers() -> None:
+    """Stale-if-error: an auth outage logs nobody out; only an answering JWKS drops a key."""
+    clock = Clock()
+    jwks = PublishedJwks(_jwk(KEY, "k1"), max_age_s=30)
+    verifier = JwksVerifier(
+        fetch_jwks=jwks, issuer=ISSUER, audience=AUDIENCE, min_refetch_interval_s=10, clock=clock
+    )
+    await verifier.verify(_token(KEY, kid="k1"))
+    jwks.down = True
+    clock.now += 31
+    assert await verifier.verify(_token(KEY, kid="k1"))
+    jwks.down, jwks.keys = False, []
+    clock.now += 11
+    with pytest.raises(InvalidToken):
+        await verifier.verify(_token(KEY, kid="k1"))
+
+
+async def test_a_jwks_max_age_is_capped_and_a_missing_one_defaults() -> None:
+    clock = Clock()
+    forever = PublishedJwks(_jwk(KEY, "k1"), max_age_s=10**9)
+    verifier = JwksVerifier(fetch_jwks=forever, issuer=ISSUER, audience=AUDIENCE, clock=clock)
+    await verifier.verify(_token(KEY, kid="k1"))
+    clock.now += 3601
+    await verifier.verify(_token(KEY, kid="k1"))
+    assert forever.fetches == 2, "a year-long max-age is held an hour at most"
+
+    unsaid = Jwks(_jwk(KEY, "k1"))
+    verifier = JwksVerifier(fetch_jwks=unsaid, issuer=ISSUER, audience=AUDIENCE, clock=clock)
+    await verifier.verify(_token(KEY, kid="k1"))
+    clock.now += 301
+    await verifier.verify(_token(KEY, kid="k1"))
+    assert unsaid.fetches == 2
+
+
+async def test_service_tokens_pass_only_a_verifier_told_the_internal_audience() -> None:
+    service = _token(KEY, sub="service:order-service", roles=["service"], aud="shop-internal")
+    users_only = _verifier(Jwks(_jwk(KEY, "k1")))
+    with pytest.raises(InvalidToken):
+        await users_only.verify(service)
+    both = JwksVerifier(
+        fetch_jwks=Jwks(_jwk(KEY, "k1")),
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        internal_audience="shop-internal",
+    )
+    principal = await both.verify(service)
+    assert (principal.service_name, principal.audience) == ("order-service", "shop-internal")
+    user = await both.verify(_token(KEY))
+    assert (user.service_name, user.audience) == (None, AUDIENCE)

@@ -23,6 +23,7 @@ from shop.auth.domain import (
     TooManyAttempts,
     UnknownService,
     User,
+    name_problem,
     password_problem,
 )
 from shop.auth.service import AuthService, TokenPair
@@ -42,9 +43,10 @@ class RegisterRequest(BaseModel):
 
     @field_validator("name")
     @classmethod
-    def _name_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise PydanticCustomError("blank", "must not be blank")
+    def _name_is_displayable(cls, value: str) -> str:
+        problem = name_problem(value)
+        if problem:
+            raise PydanticCustomError("name", problem)
         return value
 
     @field_validator("password")
@@ -178,10 +180,32 @@ class _Basic(HTTPBasic):
             return None
         try:
             decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return ("", "")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            # Unreadable credentials are malformed input, as unparseable JSON is: 422.
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ("header", "authorization"),
+                        "msg": "is not Basic base64 of UTF-8 email:password",
+                        "type": "basic_credentials",
+                    }
+                ]
+            ) from exc
         email, _, password = decoded.partition(":")
         return (email, password)
+
+
+def _basic_login(email: str, password: str) -> LoginRequest:
+    """Basic credentials under the JSON log-in's rules: the same 422 for the same mistakes."""
+    try:
+        return LoginRequest.model_validate({"email": email, "password": password})
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [
+                {**error, "loc": ("header", "authorization", *error["loc"])}
+                for error in exc.errors(include_url=False, include_context=False)
+            ]
+        ) from exc
 
 
 _basic = _Basic(auto_error=False, realm="shop", scheme_name="HTTPBasic")
@@ -196,7 +220,12 @@ _CREDENTIALS_BODY: dict[str, Any] = {
 router = APIRouter(prefix="/auth", tags=["auth"])
 
 
-@router.post("/register", status_code=201, response_model=UserView)
+@router.post(
+    "/register",
+    status_code=201,
+    response_model=UserView,
+    responses={409: {"description": "An account with this email exists"}},
+)
 async def register(body: RegisterRequest, auth: AuthDep) -> UserView:
     user = await auth.register(name=body.name, email=body.email, password=body.password)
     return UserView.of(user)
@@ -206,7 +235,12 @@ async def register(body: RegisterRequest, auth: AuthDep) -> UserView:
     "/token",
     response_model=TokenView,
     openapi_extra={"requestBody": _CREDENTIALS_BODY},
-    responses={401: {"description": "Bad credentials"}, 429: {"description": "Too many"}},
+    responses={
+        401: {"description": "Bad credentials"},
+        # Parsed by hand (JSON or the OAuth2 form), so FastAPI does not add its 422 itself.
+        422: {"description": "A body that breaks the log-in rules"},
+        429: {"description": "Too many failed log-ins"},
+    },
 )
 async def token(
     login: Annotated[LoginRequest, Depends(login_request)],
@@ -225,7 +259,11 @@ async def token(
     openapi_extra={
         "requestBody": {**_CREDENTIALS_BODY, "required": False},
     },
-    responses={401: {"description": "Bad or missing credentials"}},
+    responses={
+        401: {"description": "Bad or missing credentials"},
+        422: {"description": "Credentials that break the log-in rules, in Basic or JSON"},
+        429: {"description": "Too many failed log-ins"},
+    },
     summary="Token by HTTP Basic (or a JSON body, as the reference service accepts)",
 )
 async def get_token(
@@ -238,11 +276,7 @@ async def get_token(
     challenge = {"WWW-Authenticate": 'Basic realm="shop", charset="UTF-8"'}
     if basic is None and not (await request.body()).strip():
         raise Problem(401, "Send HTTP Basic credentials (email:password).", headers=challenge)
-    login = (
-        await _json_login(request)
-        if basic is None
-        else LoginRequest.model_construct(email=basic[0], password=basic[1])
-    )
+    login = await _json_login(request) if basic is None else _basic_login(*basic)
     try:
         pair = await auth.log_in(email=login.email, password=login.password, client=client)
     except BadCredentials:
@@ -295,8 +329,10 @@ async def service_token(body: ServiceTokenRequest, auth: AuthDep) -> ServiceToke
 
 
 @router.get("/.well-known/jwks.json", summary="Public keys that verify access tokens")
-async def jwks(auth: AuthDep, response: Response) -> dict[str, Any]:
-    response.headers["Cache-Control"] = "public, max-age=300"
+async def jwks(auth: AuthDep, request: Request, response: Response) -> dict[str, Any]:
+    # Verifiers keep the keys this long: a key withdrawn from here stops working within it.
+    max_age: int = request.app.state.jwks_max_age_s
+    response.headers["Cache-Control"] = f"public, max-age={max_age}"
     return dict(auth.keyring.jwks)
 
 

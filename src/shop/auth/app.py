@@ -83,6 +83,7 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
     settings.check_secrets(platform)
     admin_password = settings.admin_password.get_secret_value()
     keyring = configured_keyring(settings)
+    service_clients = settings.service_secrets()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
@@ -115,9 +116,8 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                 audience=platform.auth_audience,
                 access_ttl=timedelta(seconds=settings.access_token_ttl_s),
                 refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
-                service_secret=(
-                    platform.service_secret.get_secret_value() if platform.service_secret else None
-                ),
+                internal_audience=platform.internal_audience,
+                service_clients=service_clients,
             )
             if admin_password:
                 await auth.ensure_admin(
@@ -135,5 +135,6 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.trusted_proxies = frozenset(settings.trusted_proxies)
+    app.state.jwks_max_age_s = settings.jwks_max_age_s
     install_error_answers(app)
     return app

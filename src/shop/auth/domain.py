@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
+import unicodedata
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ __all__ = [
     "hash_refresh_token",
     "issue_refresh_token",
     "judge_refresh",
+    "name_problem",
     "new_user_id",
     "normalise_email",
     "password_problem",
@@ -65,7 +67,7 @@ class InvalidRefreshToken(AuthError):
 
 
 class UnknownService(AuthError):
-    """The shared service secret did not match (or none is configured)."""
+    """The service is not in the client table, or its secret did not match."""
 
 
 class TooManyAttempts(AuthError):
@@ -100,6 +102,22 @@ def password_problem(password: str) -> str | None:
         return f"must be at most {MAX_PASSWORD_LENGTH} characters"
     if not password.strip():
         return "must not be blank"
+    return None
+
+
+# Explicit embeddings, overrides and isolates: text that displays in another order than it
+# reads ("Trojan Source"), so a name could pass for someone else's in an admin's list.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a user's display name is refused, or None."""
+    if not name.strip():
+        return "must not be blank"
+    if not name.isprintable() and any(
+        unicodedata.category(c) in {"Cc", "Cs"} or c in _BIDI_CONTROLS for c in name
+    ):
+        return "must be text without control or bidirectional-override characters"
     return None
 
 
@@ -150,7 +168,8 @@ def service_claims(
     ttl: timedelta,
     token_id: str,
 ) -> dict[str, Any]:
-    """A service's own identity for internal calls: role ``service``, never a user's roles."""
+    """A service's own identity for internal calls: role ``service``, never a user's roles;
+    ``audience`` is the internal one, so no user route takes it."""
     return {
         "sub": f"service:{service}",
         "email": "",

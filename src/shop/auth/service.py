@@ -5,7 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -61,10 +61,13 @@ class AuthService:
         audience: str,
         access_ttl: timedelta,
         refresh_ttl: timedelta,
-        service_secret: str | None = None,
+        internal_audience: str = "shop-internal",
+        service_clients: Mapping[str, str] | None = None,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self.service_secret = service_secret
+        # Each calling service's own secret, by name: one secret mints one identity.
+        self.service_clients = dict(service_clients or {})
+        self.internal_audience = internal_audience
         self.store = store
         self.passwords = passwords
         self.keyring = keyring
@@ -170,14 +173,18 @@ class AuthService:
             await self.store.set_roles(found.user.id, with_role(found.user.roles, ADMIN))
 
     def service_token(self, *, service: str, secret: str) -> tuple[str, int]:
-        """An access token for an internal caller that knows the shared service secret."""
-        expected = self.service_secret
-        if not expected or not hmac.compare_digest(secret.encode(), expected.encode()):
+        """An access token naming ``service``, for the caller holding that service's secret.
+
+        Its audience is the internal one: it opens internal routes, never a user's."""
+        expected = self.service_clients.get(service)
+        # Compared even for an unknown name, so timing does not tell which names exist.
+        known = expected is not None
+        if not hmac.compare_digest(secret.encode(), (expected or "\0").encode()) or not known:
             raise UnknownService
         claims = service_claims(
             service,
             issuer=self.issuer,
-            audience=self.audience,
+            audience=self.internal_audience,
             issued_at=self.clock(),
             ttl=self.access_ttl,
             token_id=uuid.uuid4().hex,

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from shop.auth.domain import password_problem
-from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused
+from shop.auth.domain import SERVICE_NAME_RE, password_problem
+from shop.platform.settings import (
+    MIN_SERVICE_SECRET,
+    PlatformSettings,
+    ServiceSettings,
+    SettingsRefused,
+)
 
-__all__ = ["DEV_ADMIN_PASSWORD", "AuthSettings", "UnsafeSettings"]
+__all__ = ["DEV_ADMIN_PASSWORD", "AuthSettings", "UnsafeSettings", "parse_service_clients"]
 
 DEV_ADMIN_PASSWORD = "admin-password"  # noqa: S105 - the published dev default, refused in production
 
@@ -20,10 +27,42 @@ class UnsafeSettings(SettingsRefused):
     """The settings would run the service insecurely; it refuses to start."""
 
 
+def parse_service_clients(text: str) -> dict[str, str]:
+    """``AUTH_SERVICE_CLIENTS``: a JSON object of service name -> that service's secret.
+
+    ValueError never shows a value: the table holds every service's secret."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+    ):
+        raise ValueError("AUTH_SERVICE_CLIENTS must be a JSON object of service name to secret")
+    for name in parsed:
+        if not re.fullmatch(SERVICE_NAME_RE, name):
+            raise ValueError(f"AUTH_SERVICE_CLIENTS: {name[:64]!r} is not a service name")
+    return dict(parsed)
+
+
 class AuthSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="AUTH_", extra="ignore")
-    # It checks the secret services present for their tokens.
-    uses_service_secret: ClassVar[bool] = True
+    # It verifies tokens with its own keys, never with a JWKS.
+    verifies_tokens: ClassVar[bool] = False
+
+    service_clients: SecretStr | None = Field(
+        default=None,
+        description=(
+            "JSON object: each service that makes internal calls -> its own secret. A service"
+            " token names its caller, so a secret mints that one name only."
+        ),
+    )
+    jwks_max_age_s: int = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        description="Cache-Control max-age of the JWKS: how soon a withdrawn key stops working.",
+    )
 
     access_token_ttl_s: int = Field(default=900, ge=30, le=86_400)
     refresh_token_ttl_s: int = Field(default=14 * 86_400, ge=60)
@@ -70,6 +109,17 @@ class AuthSettings(ServiceSettings):
         description="Peers whose X-Forwarded-For names the real client (the gateway).",
     )
 
+    @field_validator("service_clients", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def service_secrets(self) -> dict[str, str]:
+        """Service name -> its secret; ``{}`` when no table is given (no service tokens)."""
+        if self.service_clients is None:
+            return {}
+        return parse_service_clients(self.service_clients.get_secret_value())
+
     def resolved_keys_dir(self, platform: PlatformSettings) -> Path:
         return self.keys_dir or platform.data_dir / "auth" / "keys"
 
@@ -92,5 +142,21 @@ class AuthSettings(ServiceSettings):
                     "the production profile refuses the default admin password: set "
                     "AUTH_ADMIN_PASSWORD to a strong secret, or to an empty value to create no "
                     "admin"
+                )
+        try:
+            clients = self.service_secrets()
+        except ValueError as exc:
+            raise UnsafeSettings(str(exc)) from None
+        if platform.is_production:
+            if not clients:
+                raise UnsafeSettings(
+                    "the production profile needs AUTH_SERVICE_CLIENTS (JSON: each calling"
+                    " service's name -> its own secret)"
+                )
+            weak = sorted(n for n, secret in clients.items() if len(secret) < MIN_SERVICE_SECRET)
+            if weak:
+                raise UnsafeSettings(
+                    f"AUTH_SERVICE_CLIENTS: the secret of {', '.join(weak)} is shorter than"
+                    f" {MIN_SERVICE_SECRET} characters"
                 )
         super().check_secrets(platform)

@@ -26,7 +26,7 @@ from shop.platform.middleware import (
     RequestContextMiddleware,
 )
 from shop.platform.problems import problem_response
-from shop.platform.security import jwks_from_registry
+from shop.platform.security import pinned_jwks
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
@@ -58,7 +58,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # decompress=False: bodies pass through byte for byte, Content-Encoding and all.
-        async with http_session(decompress=False) as http:
+        async with http_session(decompress=False, ca_file=platform.tls_cafile) as http:
             registry = RegistryClient(
                 base_url=platform.registry_url,
                 session=http,
@@ -74,7 +74,8 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                 registry=registry,
                 upstreams=upstreams,
                 verifier=JwksVerifier(
-                    fetch_jwks=jwks_from_registry(registry, http),
+                    # Users' tokens only: service tokens have no business at the edge.
+                    fetch_jwks=pinned_jwks(platform, http),
                     issuer=platform.auth_issuer,
                     audience=platform.auth_audience,
                     min_refetch_interval_s=settings.jwks_min_refetch_s,
@@ -102,6 +103,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                         app=NAME,
                         host=platform.advertise_host,
                         port=port,
+                        secure=platform.serves_tls,
                         lease_duration_s=platform.lease_duration_s,
                         renewal_interval_s=platform.heartbeat_interval_s,
                     ),

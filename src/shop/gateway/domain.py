@@ -10,6 +10,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shop.platform.problems import PROBLEM_SCHEMA, documented_problem
+
 __all__ = [
     "Access",
     "DASHBOARD",
@@ -59,7 +61,8 @@ class Route:
 
     @property
     def allow(self) -> str:
-        return ", ".join(sorted(self.methods))
+        methods = set(self.methods) | ({"HEAD"} if "GET" in self.methods else set())
+        return ", ".join(sorted(methods))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +108,8 @@ class RouteTable:
         route = self.resolve(path)
         if route is None:
             return _NOT_ROUTED
-        access = route.methods.get(method)
+        # HEAD is a GET without the body (RFC 9110): the same rule, and forwarded as HEAD.
+        access = route.methods.get("GET" if method == "HEAD" else method)
         if access is None:
             return MethodNotAllowed(route)
         return Match(route, access)
@@ -370,6 +374,32 @@ def _required_schemes(paths: Mapping[str, Any]) -> set[str]:
     return names
 
 
+# What the gateway itself may answer before or instead of the service: documented on every
+# operation it routes, so a client (and the fuzzer) finds each status it can really get.
+_GATEWAY_ANSWERS = {
+    "429": "Too many requests from this client or user; see Retry-After.",
+    "502": "The service broke off its answer.",
+    "503": "No instance of the service is reachable; see Retry-After.",
+    "504": "The service did not answer in time.",
+}
+
+
+def _with_gateway_answers(operation: dict[str, Any], access: Access) -> dict[str, Any]:
+    answers: dict[str, Any] = dict(operation.get("responses", {}))
+    own = dict(_GATEWAY_ANSWERS)
+    if any(p.get("in") == "path" for p in operation.get("parameters", []) if isinstance(p, dict)):
+        own["404"] = "No such resource (a path not in canonical form is refused, not normalised)."
+    if "requestBody" in operation:
+        own["413"] = "The request body is larger than the limit."
+    if access is not Access.PUBLIC:
+        own["401"] = "A valid access token is required."
+    if access is Access.ADMIN:
+        own["403"] = "This needs the admin role."
+    for status, description in own.items():
+        answers.setdefault(status, documented_problem(description))
+    return {**operation, "responses": answers}
+
+
 def _conflicts(own: Mapping[str, Any], merged: Mapping[str, Any], prefix: str) -> dict[str, str]:
     return {name: prefix + name for name, item in own.items() if merged.get(name, item) != item}
 
@@ -383,13 +413,15 @@ def merge_openapi(
 ) -> dict[str, Any]:
     """One OpenAPI document of what a client can reach through the gateway.
 
-    Only operations the gateway routes survive (no /health, /metrics, /internal). Schemas
+    Only operations the gateway routes survive (no /health, /metrics, /internal), each with
+    the statuses the gateway itself may answer (401, 403, 404, 413, 429, 502-504). Schemas
     and security schemes merge by name; two services defining the same name differently
     each keep theirs under a service prefix (``ProductServiceProblem``), references (``$ref``,
     ``security`` requirements) rewritten to match.
     """
     paths: dict[str, Any] = {}
-    schemas: dict[str, Any] = {}
+    # The gateway's own answers are problems too; a service's different "Problem" is renamed.
+    schemas: dict[str, Any] = {"Problem": PROBLEM_SCHEMA}
     # The scheme the gateway adds to token routes that declare none: a service's own
     # different "bearerAuth" is renamed, like any other clash.
     schemes: dict[str, Any] = {_BEARER_AUTH: _BEARER_SCHEME}
@@ -428,7 +460,7 @@ def merge_openapi(
                     operation = {**operation, "security": security}
                 elif access is not Access.PUBLIC:
                     operation = {**operation, "security": [{_BEARER_AUTH: []}]}
-                kept[method] = operation
+                kept[method] = _with_gateway_answers(operation, access)
             if any(m in _HTTP_METHODS for m in kept):
                 paths.setdefault(path, {}).update(kept)
     used = _reachable_schemas(paths, schemas)

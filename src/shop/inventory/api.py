@@ -23,7 +23,8 @@ from shop.inventory.domain import (
 )
 from shop.inventory.service import InvalidRequest, InventoryService
 from shop.platform.problems import Problem, from_problem
-from shop.platform.security import AdminUser, CurrentUser, ServiceCaller
+from shop.platform.security import AdminUser, CurrentUser, internal_caller
+from shop.platform.tokens import Principal
 
 __all__ = ["install_error_answers", "internal_router", "router"]
 
@@ -119,6 +120,8 @@ InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 
 router = APIRouter(prefix="/api/inventory", tags=["inventory"])
 internal_router = APIRouter(prefix="/internal", tags=["internal"])
+# Reservations are the order service's to make and release; no other service's token will do.
+OrderServiceCaller = Annotated[Principal, Depends(internal_caller("order-service"))]
 
 _SKUS = "Repeatable, or comma-separated; up to 100 SKU codes in all."
 _LISTING = "Paging of the admin's list of every SKU (no skuCode given)."
@@ -127,7 +130,7 @@ _AUTH: dict[int | str, dict[str, Any]] = {401: {"description": "No valid access 
 _ADMIN: dict[int | str, dict[str, Any]] = {**_AUTH, 403: {"description": "Not an admin"}}
 _SERVICE: dict[int | str, dict[str, Any]] = {
     **_AUTH,
-    403: {"description": "Not a service token (a user's token is refused)"},
+    403: {"description": "Not order-service's token (users' and other services' are refused)"},
 }
 
 
@@ -184,7 +187,7 @@ async def set_stock(
     responses={**_SERVICE, 409: {"description": "Short lines, or the order holds another one"}},
 )
 async def reserve(
-    body: ReservationRequest, _caller: ServiceCaller, inventory: InventoryDep
+    body: ReservationRequest, _caller: OrderServiceCaller, inventory: InventoryDep
 ) -> ReservationView:
     """Reserve every line or none; a repeat with the same order number answers the same."""
     lines = [ReservationLine(line.skuCode, line.quantity) for line in body.lines]
@@ -194,7 +197,7 @@ async def reserve(
 @internal_router.delete("/reservations/{orderNumber}", status_code=204, responses=_SERVICE)
 async def release(
     order_number: Annotated[OrderNumber, Path(alias="orderNumber")],
-    _caller: ServiceCaller,
+    _caller: OrderServiceCaller,
     inventory: InventoryDep,
 ) -> Response:
     """Return the reserved units to stock; releasing twice, or an unknown order, is a no-op."""

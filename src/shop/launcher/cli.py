@@ -184,6 +184,7 @@ def _up(args: argparse.Namespace, *, settings: LauncherSettings, platform: Platf
         data_dir=data_dir,
         profile=args.profile,
         registrants=[s.registers_as for s in services if s.registers_as],
+        internal_callers=[s.registers_as for s in services if s.registers_as and s.calls_internal],
     )
     try:
         supervisor = Supervisor(

@@ -32,8 +32,9 @@ _APP_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,255}")
 MAX_INSTANCES = 16
 
 # The registry starts alone and first (the others register with it); the gateway's
-# URL is the one the summary leads with.
-Role = Literal["registry", "gateway", "service"]
+# URL is the one the summary leads with; auth runs once, on a port the launcher picks up
+# front, so every process can be told where its keys and service tokens come from.
+Role = Literal["registry", "gateway", "auth", "service"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -42,7 +43,8 @@ class ServiceSpec:
 
     ``registers_as``: the application name it registers with the discovery server
     (``auth-service``...); it gets that application's registry credential. Scaled instances
-    share it."""
+    share it. ``calls_internal``: it calls other services' internal APIs, so it gets its
+    own service secret (auth gets the table of them); the others get none."""
 
     name: str
     module: str | None = None
@@ -51,6 +53,7 @@ class ServiceSpec:
     port_env: str | None = None
     role: Role = "service"
     registers_as: str | None = None
+    calls_internal: bool = False
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() for c in self.name):
@@ -63,6 +66,10 @@ class ServiceSpec:
             raise ValueError(f"service {self.name!r}: {self.registers_as!r} is no application name")
         if self.registers_as is not None and self.role == "registry":
             raise ValueError(f"service {self.name!r}: the registry registers with nobody")
+        if self.role == "auth" and not self.port_env:
+            raise ValueError(f"service {self.name!r}: auth is told its port (give port_env)")
+        if self.calls_internal and self.registers_as is None:
+            raise ValueError(f"service {self.name!r}: a service secret needs a name to go with")
 
     def argv(self) -> tuple[str, ...]:
         if self.command:
@@ -89,10 +96,18 @@ SERVICES: tuple[ServiceSpec, ...] = (
         role="gateway",
         registers_as="api-gateway",
     ),
-    ServiceSpec(name="auth", module="shop.auth", registers_as="auth-service"),
+    ServiceSpec(
+        name="auth",
+        module="shop.auth",
+        role="auth",
+        port_env="AUTH_PORT",
+        registers_as="auth-service",
+    ),
     ServiceSpec(name="product", module="shop.product", registers_as="product-service"),
     ServiceSpec(name="inventory", module="shop.inventory", registers_as="inventory-service"),
-    ServiceSpec(name="order", module="shop.order", registers_as="order-service"),
+    ServiceSpec(
+        name="order", module="shop.order", registers_as="order-service", calls_internal=True
+    ),
     ServiceSpec(
         name="notification", module="shop.notification", registers_as="notification-service"
     ),
@@ -152,7 +167,7 @@ def parse_scale(text: str) -> dict[str, int]:
 
 def scaled(specs: Iterable[ServiceSpec], counts: Mapping[str, int]) -> list[ServiceSpec]:
     """The table with ``counts[name]`` instances of each named service: ``order-1``,
-    ``order-2``... Only services scale: the registry and the gateway own fixed ports."""
+    ``order-2``... Only services scale: the registry, the gateway and auth own fixed ports."""
     table = list(specs)
     by_name = {s.name: s for s in table}
     for name in counts:
@@ -180,7 +195,7 @@ _TABLE = TypeAdapter(list[ServiceSpec])
 
 def load_services_file(path: Path) -> list[ServiceSpec]:
     """A table from JSON: ``[{"name", "module" or "command", "port", "port_env", "role",
-    "registers_as"}]``."""
+    "registers_as", "calls_internal"}]``."""
     try:
         specs = _TABLE.validate_json(path.read_bytes())
     except OSError as exc:
@@ -201,6 +216,6 @@ def check_table(specs: Sequence[ServiceSpec]) -> None:
         raise ServicesFileError(f"service names must be unique: {', '.join(duplicates)}")
     if not specs:
         raise ServicesFileError("the service table is empty")
-    for role in ("registry", "gateway"):
+    for role in ("registry", "gateway", "auth"):
         if sum(s.role == role for s in specs) > 1:
             raise ServicesFileError(f"only one service may have the role {role!r}")

@@ -14,14 +14,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 __all__ = [
     "REGISTRY_CLIENTS",
     "REGISTRY_CLIENTS_FILE",
+    "SERVICE_CLIENTS",
+    "SERVICE_SECRET",
     "LauncherSettings",
     "child_environment",
     "registry_clients",
+    "service_clients",
     "with_credentials",
 ]
 
 REGISTRY_CLIENTS = "REGISTRY_CLIENTS"
 REGISTRY_CLIENTS_FILE = "REGISTRY_CLIENTS_FILE"
+# Auth's table of calling services and their secrets; each caller gets its own entry only.
+SERVICE_CLIENTS = "AUTH_SERVICE_CLIENTS"
+SERVICE_SECRET = "SHOP_SERVICE_SECRET"  # noqa: S105 - the variable's name, not a secret
 
 
 class LauncherSettings(BaseSettings):
@@ -48,23 +54,29 @@ def child_environment(
     data_dir: Path,
     profile: str,
     registrants: Iterable[str] = (),
+    internal_callers: Iterable[str] = (),
 ) -> dict[str, str]:
     """The launcher's environment plus what makes the children one deployment.
 
     ``SHOP_REGISTRY_URL`` and each service's port variable are added by the supervisor,
     once it knows the registry's real port; it also hands ``REGISTRY_CLIENTS`` to the
-    registry alone and each service only its own credential.
+    registry alone and each service only its own credential, and ``AUTH_SERVICE_CLIENTS``
+    to auth alone and each internal caller (``internal_callers``) only its own secret.
     """
     env = dict(base)
     env["SHOP_PROFILE"] = profile
     # Absolute, so a service that changes directory still finds the same files.
     env["SHOP_DATA_DIR"] = str(data_dir.expanduser().resolve())
     env["PYTHONUNBUFFERED"] = "1"
-    # Services prove who they are to each other with tokens auth issues against this
-    # secret; one embedded run of `shop up` is one deployment, so a fresh one per run will
-    # do. Production secrets come from the operator: the services refuse to start without.
+    # Services prove who they are to each other with tokens auth issues against each one's
+    # own secret; one embedded run of `shop up` is one deployment, so fresh ones per run
+    # will do. Production secrets come from the operator: the services refuse to start
+    # without.
     if profile == "embedded":
-        env.setdefault("SHOP_SERVICE_SECRET", secrets.token_urlsafe(32))
+        if not env.get(SERVICE_CLIENTS, "").strip():
+            callers = sorted({name.lower() for name in internal_callers})
+            if callers:
+                env[SERVICE_CLIENTS] = json.dumps({n: secrets.token_urlsafe(32) for n in callers})
         # Likewise one registry credential per application (``registrants``) and per run,
         # unless the operator gave them.
         if not env.get(REGISTRY_CLIENTS, "").strip() and not env.get(REGISTRY_CLIENTS_FILE):
@@ -98,6 +110,23 @@ def registry_clients(env: Mapping[str, str]) -> dict[str, str]:
             raise ValueError(f"{setting} must be a JSON object of application name to secret")
         clients.update({name.lower(): secret for name, secret in parsed.items()})
     return clients
+
+
+def service_clients(env: Mapping[str, str]) -> dict[str, str]:
+    """``AUTH_SERVICE_CLIENTS`` as service name -> secret; ``{}`` when unset. ValueError
+    never shows the value. Auth validates it again (names, lengths on production)."""
+    text = env.get(SERVICE_CLIENTS, "")
+    if not text.strip():
+        return {}
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+    ):
+        raise ValueError(f"{SERVICE_CLIENTS} must be a JSON object of service name to secret")
+    return {name.lower(): secret for name, secret in parsed.items()}
 
 
 def with_credentials(registry_url: str, *, app: str, secret: str) -> str:

@@ -14,10 +14,12 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -29,8 +31,11 @@ from shop.launcher.services import SERVICES, ServiceSpec, check_table, with_port
 from shop.launcher.settings import (
     REGISTRY_CLIENTS,
     REGISTRY_CLIENTS_FILE,
+    SERVICE_CLIENTS,
+    SERVICE_SECRET,
     child_environment,
     registry_clients,
+    service_clients,
     with_credentials,
 )
 
@@ -44,6 +49,15 @@ _KEPT_LINES = 40
 _SHOWN_LINES = 15
 _LINE_LIMIT = 1 << 20
 _PR_SET_PDEATHSIG = 1
+JWKS_PATH = "/auth/.well-known/jwks.json"
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def parse_listening(line: str) -> str | None:
@@ -221,6 +235,19 @@ class Supervisor:
                         f"{REGISTRY_CLIENTS} has no credential for {spec.registers_as}: {spec.name}"
                         " could not register, so nothing was started"
                     )
+        # Likewise only auth sees every service secret; each internal caller gets its own,
+        # and a service that makes no internal call gets none.
+        self._service_clients = service_clients(self._environment)
+        for name in (SERVICE_CLIENTS, SERVICE_SECRET):
+            self._environment.pop(name, None)
+        if self._service_clients:
+            for spec in self._services:
+                caller = (spec.registers_as or "").lower()
+                if spec.calls_internal and caller not in self._service_clients:
+                    raise ValueError(
+                        f"{SERVICE_CLIENTS} has no secret for {caller}: {spec.name} could not"
+                        " call its peers, so nothing was started"
+                    )
         self._console = console
         self._ready_timeout_s = ready_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -271,9 +298,10 @@ class Supervisor:
     async def start(self) -> None:
         if self._stages:
             raise RuntimeError("a Supervisor starts once")
+        self._pin_auth()
         registry = [s for s in self._services if s.role == "registry"]
         gateway = [s for s in self._services if s.role == "gateway"]
-        rest = [s for s in self._services if s.role == "service"]
+        rest = [s for s in self._services if s.role in ("auth", "service")]
         # The gateway comes up before the services, not among them: on two cores six Python
         # processes importing at once would keep the front door shut for seconds. With the
         # registry's port known in advance, the gateway starts alongside it.
@@ -302,10 +330,33 @@ class Supervisor:
             await self.stop()
             raise
 
+    def _pin_auth(self) -> None:
+        """Give auth its port now and every process its address: verifiers fetch the JWKS
+        there and callers their service tokens, never from whatever the registry lists.
+        Addresses the operator gave (SHOP_JWKS_URL, SHOP_AUTH_URL) are kept."""
+        for index, spec in enumerate(self._services):
+            if spec.role != "auth":
+                continue
+            host = self._environment.get("AUTH_HOST", "").strip() or "127.0.0.1"
+            host = _WILDCARDS.get(host, host).strip("[]")
+            port = spec.port or _free_port(host)
+            self._services[index] = replace(spec, port=port)
+            scheme = "https" if self._environment.get("SHOP_TLS_CERTFILE") else "http"
+            base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+            if not self._environment.get("SHOP_AUTH_URL", "").strip():
+                self._environment["SHOP_AUTH_URL"] = base
+            if not self._environment.get("SHOP_JWKS_URL", "").strip():
+                self._environment["SHOP_JWKS_URL"] = base + JWKS_PATH
+
     async def _spawn(self, spec: ServiceSpec) -> _Child:
         env = dict(self._environment)
         if spec.port_env:
             env[spec.port_env] = str(spec.port)
+        if spec.role == "auth" and self._service_clients:
+            env[SERVICE_CLIENTS] = json.dumps(self._service_clients)
+        secret = self._service_clients.get((spec.registers_as or "").lower())
+        if spec.calls_internal and secret:
+            env[SERVICE_SECRET] = secret
         if spec.role == "registry" and self._clients:
             env[REGISTRY_CLIENTS] = json.dumps(self._clients)
         if self._registry_url:
@@ -533,6 +584,7 @@ def shop_system(
         data_dir=data_dir,
         profile="embedded",
         registrants=[s.registers_as for s in table if s.registers_as],
+        internal_callers=[s.registers_as for s in table if s.registers_as and s.calls_internal],
     )
     console = Console(output or sys.stdout, names=[LAUNCHER, *(s.name for s in table)])
     return Supervisor(

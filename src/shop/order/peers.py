@@ -3,9 +3,12 @@
 Both are found through the registry and called with the one pooled HTTP session, this
 service's own token (``Authorization``: a service token from auth-service, not the
 caller's; the release reconciler has no caller) and this request's identity
-(``X-Request-ID``, ``traceparent``). Calls to the inventory go through a circuit breaker
-(unless asked not to): an inventory that fails is left alone for a while instead of
-making every order wait for its timeout.
+(``X-Request-ID``, ``traceparent``). A peer the registry names may be an impostor, so it
+never sees a reusable credential: the token is short-lived, names order-service and the
+internal audience (no user route takes it), and the secret behind it goes to the pinned
+``SHOP_AUTH_URL`` only (platform/security.py). Users' tokens are never forwarded. Calls
+to the inventory go through a circuit breaker (unless asked not to): an inventory that
+fails is left alone for a while instead of making every order wait for its timeout.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Annotated
+from typing import Annotated, Any
 
 import aiohttp
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shop.platform.buses import open_event_bus
 from shop.platform.db import create_engine, migrate, ping
@@ -34,12 +35,20 @@ from shop.platform.middleware import (
     MetricsMiddleware,
     RequestContextMiddleware,
 )
-from shop.platform.problems import Problem, from_problem, problem_response, validation_errors
-from shop.platform.security import ServiceTokens, jwks_from_registry
+from shop.platform.problems import (
+    PROBLEM_JSON,
+    PROBLEM_SCHEMA,
+    Problem,
+    from_problem,
+    problem_response,
+    validation_errors,
+)
+from shop.platform.security import ServiceTokens, pinned_jwks
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
 __all__ = [
+    "HeadAsGetMiddleware",
     "Runtime",
     "RuntimeDep",
     "ServiceLifespan",
@@ -155,6 +164,63 @@ def _ops_router(metrics: HttpMetrics) -> APIRouter:
     return router
 
 
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options", "trace"})
+_PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+def _with_problem_answers(document: dict[str, Any]) -> dict[str, Any]:
+    """Every documented error answer as what the service sends: problem+json (SPEC §6),
+    FastAPI's own 422 (``HTTPValidationError``, application/json) included."""
+    for operations in document.get("paths", {}).values():
+        for method, operation in operations.items():
+            if method not in _HTTP_METHODS:
+                continue
+            for status, answer in operation.get("responses", {}).items():
+                if status.isdigit() and int(status) >= 400:
+                    answer["content"] = {PROBLEM_JSON: {"schema": dict(_PROBLEM_REF)}}
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = PROBLEM_SCHEMA
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return document
+
+
+def _document_problems(app: FastAPI) -> None:
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _with_problem_answers(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension point
+
+
+class HeadAsGetMiddleware:
+    """``HEAD`` where ``GET`` is (RFC 9110 §9.3.2): the GET's status and headers, no body.
+
+    FastAPI's routes answer 405 to a HEAD; running the GET keeps one handler per resource
+    and ``Content-Length`` true. Where GET is not allowed, neither is HEAD (the same 405).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
 def create_app(
     *,
     name: str,
@@ -174,19 +240,20 @@ def create_app(
 
     @asynccontextmanager
     async def platform_lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with http_session() as http:
+        async with http_session(ca_file=platform.tls_cafile) as http:
             registry = RegistryClient(
                 base_url=platform.registry_url,
                 session=http,
                 cache_ttl_s=platform.registry_cache_ttl_s,
             )
             tokens = JwksVerifier(
-                fetch_jwks=jwks_from_registry(registry, http),
+                fetch_jwks=pinned_jwks(platform, http),
                 issuer=platform.auth_issuer,
                 audience=platform.auth_audience,
+                internal_audience=platform.internal_audience,
             )
             service_tokens = ServiceTokens(
-                name=name, secret=platform.service_secret, registry=registry, session=http
+                name=name, secret=platform.service_secret, auth_url=platform.auth_url, session=http
             )
             runtime = Runtime(
                 name=name,
@@ -206,6 +273,7 @@ def create_app(
                             app=name,
                             host=platform.advertise_host,
                             port=port,
+                            secure=platform.serves_tls,
                             lease_duration_s=platform.lease_duration_s,
                             renewal_interval_s=platform.heartbeat_interval_s,
                         ),
@@ -225,7 +293,9 @@ def create_app(
     app.include_router(_ops_router(metrics))
     for router in routers:
         app.include_router(router)
+    _document_problems(app)
     # Added last = outermost: request identity wraps everything, even the 413 and metrics.
+    app.add_middleware(HeadAsGetMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=platform.max_body_bytes)
     app.add_middleware(RequestContextMiddleware)

@@ -132,15 +132,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 def create_engine(url: str) -> AsyncEngine:
+    """An engine whose errors never carry bound values: a failed statement's exception (and
+    so any log line or traceback of it) shows the SQL, not the e-mail or hash it held."""
     parsed = normalise_url(url)
     if parsed.drivername.startswith("sqlite"):
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(parsed, connect_args={"timeout": 30})
+        engine = create_async_engine(parsed, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     return create_async_engine(
         parsed,
+        hide_parameters=True,
         pool_pre_ping=True,
         pool_recycle=1800,
         pool_size=10,

@@ -14,7 +14,9 @@ from shop.platform.context import current_request_id, current_trace
 
 __all__ = [
     "PROBLEM_JSON",
+    "PROBLEM_SCHEMA",
     "Problem",
+    "documented_problem",
     "problem_body",
     "problem_response",
     "send_problem",
@@ -23,6 +25,32 @@ __all__ = [
 
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://shop.dev/problems/"
+
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "description": "RFC 9457 problem details; some problems add members (e.g. shortages).",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "instance"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "requestId": {"type": ["string", "null"]},
+        "traceId": {"type": ["string", "null"]},
+        "errors": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+"""The JSON schema of every error body, as the OpenAPI documents name it (``Problem``)."""
+
+
+def documented_problem(description: str) -> dict[str, Any]:
+    """An OpenAPI response whose body is a problem (``components/schemas/Problem``)."""
+    return {
+        "description": description,
+        "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 
 
 class Problem(Exception):

@@ -1,7 +1,10 @@
 """Who is calling: bearer tokens checked against the auth service's JWKS.
 
 The gateway is the first gate; every service checks the token again with these helpers
-(``CurrentUser``, ``AdminUser``), so a request that bypassed the gateway gains nothing.
+(``CurrentUser``, ``AdminUser``, ``internal_caller``), so a request that bypassed the
+gateway gains nothing. The JWKS comes from the configured ``SHOP_JWKS_URL`` and service
+tokens from the configured ``SHOP_AUTH_URL``: never from an address the registry gives,
+since anyone who can register an ``auth-service`` could then sign tokens or collect secrets.
 """
 
 from __future__ import annotations
@@ -9,40 +12,55 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 import aiohttp
 from fastapi import Depends, Request
 from pydantic import SecretStr
 
-from shop.platform.discovery import Instance, RegistryClient, RegistryUnavailable
 from shop.platform.problems import Problem
-from shop.platform.tokens import InvalidToken, JwksVerifier, KeysUnavailable, Principal
+from shop.platform.settings import PlatformSettings
+from shop.platform.tokens import (
+    FetchedJwks,
+    InvalidToken,
+    Jwks,
+    JwksVerifier,
+    KeysUnavailable,
+    Principal,
+)
 
 __all__ = [
-    "AUTH_SERVICE",
     "JWKS_PATH",
     "SERVICE_ROLE",
     "SERVICE_TOKEN_PATH",
     "AdminUser",
     "CurrentUser",
-    "ServiceCaller",
+    "JwksUnavailable",
     "ServiceTokenUnavailable",
     "ServiceTokens",
     "authenticate",
     "bearer_token",
-    "jwks_from_registry",
+    "internal_caller",
+    "jwks_from_url",
+    "max_age_of",
+    "no_jwks_source",
+    "pinned_jwks",
     "refuse_service_identity",
 ]
 
-AUTH_SERVICE = "auth-service"
 JWKS_PATH = "/auth/.well-known/jwks.json"
 SERVICE_TOKEN_PATH = "/internal/service-token"  # noqa: S105 - a path, not a secret
 SERVICE_ROLE = "service"
 _BEARER = re.compile(r"^\s*bearer\s+([A-Za-z0-9._~+/=-]+)\s*$", re.IGNORECASE)
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d{1,10})\"?\s*(?:,|$)", re.IGNORECASE)
+_NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-cache|no-store)\s*(?:,|$)", re.IGNORECASE)
 # The gateway's session does not decompress, so its own JSON reads ask for plain answers.
 _PLAIN_JSON = {"Accept": "application/json", "Accept-Encoding": "identity"}
+
+
+class JwksUnavailable(Exception):
+    """The configured JWKS could not be read (unreachable, not 200, not JSON)."""
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -52,24 +70,57 @@ def bearer_token(authorization: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def jwks_from_registry(
-    registry: RegistryClient, session: aiohttp.ClientSession
-) -> Callable[[], Awaitable[Mapping[str, Any]]]:
-    """A JWKS source: the auth service, found through the registry."""
+def max_age_of(cache_control: str | None) -> float | None:
+    """Seconds a ``Cache-Control`` header lets an answer be kept; ``no-cache``/``no-store``
+    mean 0; None when it does not say."""
+    if not cache_control:
+        return None
+    if _NO_CACHE.search(cache_control):
+        return 0.0
+    match = _MAX_AGE.search(cache_control)
+    return float(match.group(1)) if match else None
 
-    async def fetch() -> Mapping[str, Any]:
-        instance = await registry.choose(AUTH_SERVICE)
-        if instance is None:
-            raise RegistryUnavailable("no auth-service instance is UP")
-        async with session.get(
-            instance.base_url + JWKS_PATH,
-            headers=_PLAIN_JSON,
-            timeout=aiohttp.ClientTimeout(total=3.0),
-        ) as resp:
-            if resp.status != 200:
-                raise RegistryUnavailable(f"JWKS answered {resp.status}")
-            body: Mapping[str, Any] = await resp.json(content_type=None)
-            return body
+
+def jwks_from_url(url: str, session: aiohttp.ClientSession) -> Callable[[], Awaitable[FetchedJwks]]:
+    """A JWKS source: the configured JWKS URL (``SHOP_JWKS_URL``), kept as long as it says."""
+
+    async def fetch() -> FetchedJwks:
+        try:
+            async with session.get(
+                url,
+                headers=_PLAIN_JSON,
+                timeout=aiohttp.ClientTimeout(total=3.0),
+                # A redirect could lead anywhere; the pinned URL is the only source.
+                allow_redirects=False,
+            ) as resp:
+                if resp.status != 200:
+                    raise JwksUnavailable(f"the JWKS answered {resp.status}")
+                body = await resp.json(content_type=None)
+                max_age = max_age_of(resp.headers.get("Cache-Control"))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise JwksUnavailable(str(exc) or type(exc).__name__) from exc
+        if not isinstance(body, dict):
+            raise JwksUnavailable("the JWKS is not a JSON object")
+        return Jwks(document=body, max_age_s=max_age)
+
+    return fetch
+
+
+def pinned_jwks(
+    platform: PlatformSettings, session: aiohttp.ClientSession
+) -> Callable[[], Awaitable[FetchedJwks]]:
+    """The JWKS source the settings pin (``SHOP_JWKS_URL``); none when it is not set."""
+    if platform.jwks_url is None:
+        return no_jwks_source()
+    return jwks_from_url(platform.jwks_url, session)
+
+
+def no_jwks_source() -> Callable[[], Awaitable[FetchedJwks]]:
+    """Where no JWKS URL is configured: every token is refused as unverifiable (503), rather
+    than trusting keys from wherever the registry points."""
+
+    async def fetch() -> FetchedJwks:
+        raise JwksUnavailable("SHOP_JWKS_URL is not set")
 
     return fetch
 
@@ -98,10 +149,17 @@ async def authenticate(authorization: str | None, *, verifier: JwksVerifier) -> 
         ) from exc
 
 
-def refuse_service_identity(principal: Principal) -> Principal:
+def _audiences(request: Request) -> tuple[str, str]:
+    platform = request.app.state.runtime.platform
+    return str(platform.auth_audience), str(platform.internal_audience)
+
+
+def refuse_service_identity(principal: Principal, *, audience: str | None = None) -> Principal:
     """A service token is nobody's login: it may call internal APIs, never act as a user."""
-    if SERVICE_ROLE in principal.roles:
+    if SERVICE_ROLE in principal.roles or principal.service_name is not None:
         raise Problem(403, "A service token cannot be used as a user's.")
+    if audience is not None and principal.audience != audience:
+        raise Problem(403, "This token is not meant for this API.")
     return principal
 
 
@@ -111,7 +169,8 @@ async def _caller(request: Request) -> Principal:
 
 
 async def _current_user(request: Request) -> Principal:
-    return refuse_service_identity(await _caller(request))
+    users, _ = _audiences(request)
+    return refuse_service_identity(await _caller(request), audience=users)
 
 
 CurrentUser = Annotated[Principal, Depends(_current_user)]
@@ -126,37 +185,50 @@ async def _admin_user(principal: CurrentUser) -> Principal:
 AdminUser = Annotated[Principal, Depends(_admin_user)]
 
 
-async def _service_caller(request: Request) -> Principal:
-    principal = await _caller(request)
-    if SERVICE_ROLE not in principal.roles:
-        raise Problem(403, "This is an internal API: only services may call it.")
-    return principal
+def internal_caller(*services: str) -> Callable[[Request], Awaitable[Principal]]:
+    """For ``/internal/*`` routes, as ``Annotated[Principal, Depends(internal_caller(...))]``:
+    a service token (internal audience, role ``service``) of one of ``services`` only; 401
+    without a valid token, 403 for a user's token or another service's."""
+    accepted = frozenset(services)
+    if not accepted:
+        raise ValueError("an internal route names at least one caller")
+    listed = ", ".join(sorted(accepted))
 
+    async def caller(request: Request) -> Principal:
+        principal = await _caller(request)
+        _, internal = _audiences(request)
+        if SERVICE_ROLE not in principal.roles or principal.audience != internal:
+            raise Problem(403, "This is an internal API: only services may call it.")
+        if principal.service_name not in accepted:
+            raise Problem(403, f"This internal API accepts calls from {listed} only.")
+        return principal
 
-ServiceCaller = Annotated[Principal, Depends(_service_caller)]
-"""For ``/internal/*`` routes: a token auth issued to a service, never a user's."""
+    return caller
 
 
 class ServiceTokenUnavailable(Exception):
-    """No service token could be had (auth unreachable, or no shared secret configured)."""
+    """No service token could be had (auth unreachable, or no secret or auth URL configured)."""
 
 
 class ServiceTokens:
-    """This service's own access token for internal calls, from auth, kept until near expiry."""
+    """This service's own access token for internal calls, kept until near expiry.
+
+    Asked of the configured auth URL (``SHOP_AUTH_URL``) only: the secret goes nowhere else.
+    """
 
     def __init__(
         self,
         *,
         name: str,
         secret: SecretStr | None,
-        registry: RegistryClient,
+        auth_url: str | None,
         session: aiohttp.ClientSession,
         refresh_margin_s: float = 60.0,
         failure_pause_s: float = 2.0,
     ) -> None:
         self._name = name
         self._secret = secret
-        self._registry = registry
+        self._auth_url = auth_url.rstrip("/") if auth_url else None
         self._session = session
         self._margin = refresh_margin_s
         self._token: str | None = None
@@ -184,14 +256,17 @@ class ServiceTokens:
     async def _fetch(self) -> None:
         if self._secret is None:
             raise ServiceTokenUnavailable("SHOP_SERVICE_SECRET is not set")
-        instance = await self._lookup()
+        if self._auth_url is None:
+            raise ServiceTokenUnavailable("SHOP_AUTH_URL is not set")
         body = {"service": self._name, "secret": self._secret.get_secret_value()}
         try:
             async with self._session.post(
-                instance.base_url + SERVICE_TOKEN_PATH,
+                self._auth_url + SERVICE_TOKEN_PATH,
                 json=body,
                 headers=_PLAIN_JSON,
                 timeout=aiohttp.ClientTimeout(total=3.0),
+                # A redirect would carry the secret wherever it points.
+                allow_redirects=False,
             ) as resp:
                 if resp.status != 200:
                     raise ServiceTokenUnavailable(f"auth answered {resp.status}")
@@ -204,12 +279,3 @@ class ServiceTokens:
             raise ServiceTokenUnavailable("auth answered without a usable token") from exc
         self._token = token
         self._expires_at = time.monotonic() + expires_in
-
-    async def _lookup(self) -> Instance:
-        try:
-            instance = await self._registry.choose(AUTH_SERVICE)
-        except RegistryUnavailable as exc:
-            raise ServiceTokenUnavailable(str(exc)) from exc
-        if instance is None:
-            raise ServiceTokenUnavailable("no auth-service instance is UP")
-        return instance

@@ -109,6 +109,11 @@ class PlatformSettings(BaseSettings):
     kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    # HTTPS: a process with a certificate and key serves TLS and registers its secure port;
+    # the CA file is what it trusts when calling others over https (default: the system's).
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    tls_cafile: Path | None = None
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
@@ -120,11 +125,21 @@ class PlatformSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=30.0, ge=0.1, le=3600)
     lease_duration_s: int = Field(default=90, ge=1, le=3600)
     registry_cache_ttl_s: float = Field(default=5.0, ge=0, le=3600)
-    # Shared by the services to obtain service tokens from auth (SPEC §4 internal calls).
-    # `shop up` makes one per run; production sets it from a secret store.
+    # This service's own secret, which auth knows under its name (AUTH_SERVICE_CLIENTS), to
+    # obtain its service tokens (SPEC §4 internal calls). Only services that make internal
+    # calls have one: `shop up` makes one per service per run; production sets it from a
+    # secret store.
     service_secret: SecretStr | None = None
+    # Where verifiers get the signing keys and callers their service tokens: pinned here,
+    # never looked up in the registry (anyone able to register could answer otherwise).
+    jwks_url: str | None = None
+    auth_url: str | None = None
+    # The production profile wants https for both, unless the network between is private.
+    jwks_allow_http: bool = False
     auth_issuer: str = Field(default="shop-auth", min_length=1)
     auth_audience: str = Field(default="shop", min_length=1)
+    # Service tokens name this audience, so no user token passes for one and vice versa.
+    internal_audience: str = Field(default="shop-internal", min_length=1)
     log_level: LogLevel = "INFO"
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 30)
 
@@ -133,7 +148,7 @@ class PlatformSettings(BaseSettings):
     def _level_in_any_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("event_bus_url", "service_secret", mode="before")
+    @field_validator("event_bus_url", "service_secret", "jwks_url", "auth_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -149,12 +164,51 @@ class PlatformSettings(BaseSettings):
             raise ValueError(
                 "SHOP_EVENT_RETRY_BACKOFF_MAX_S must be at least SHOP_EVENT_RETRY_BACKOFF_S"
             )
-        if problem := self._kafka_security_problem():
+        if problem := self._kafka_security_problem() or self._tls_problem():
             raise ValueError(problem)
         for url in self.registry_urls:
             if _scheme(url) not in {"http", "https"}:
                 raise ValueError(f"SHOP_REGISTRY_URL: {_redacted(url)!r} is not an http(s) URL")
+        if self.auth_audience == self.internal_audience:
+            raise ValueError(
+                "SHOP_INTERNAL_AUDIENCE must differ from SHOP_AUTH_AUDIENCE, or a service token"
+                " would pass for a user's"
+            )
+        for setting, pinned in (("SHOP_JWKS_URL", self.jwks_url), ("SHOP_AUTH_URL", self.auth_url)):
+            if pinned is not None and not _is_http_url(pinned):
+                raise ValueError(f"{setting}: {_redacted(pinned)!r} is not an http(s) URL")
         return self
+
+    def pinned_auth_problem(self, *, setting: str, url: str | None) -> str | None:
+        """Why ``url`` (SHOP_JWKS_URL or SHOP_AUTH_URL) is not a source the production
+        profile trusts: missing, or plain http to a host that is not this machine without
+        SHOP_JWKS_ALLOW_HTTP=true."""
+        if url is None:
+            return f"the production profile needs {setting} (auth's own address, not the registry)"
+        parts = urlsplit(url)
+        loopback = (parts.hostname or "") in _LOOPBACK_HOSTS
+        if parts.scheme.lower() == "http" and not loopback and not self.jwks_allow_http:
+            return (
+                f"{setting} must be https on the production profile (or set"
+                " SHOP_JWKS_ALLOW_HTTP=true on a private network)"
+            )
+        return None
+
+    def _tls_problem(self) -> str | None:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            return "SHOP_TLS_CERTFILE and SHOP_TLS_KEYFILE go together"
+        for name, path in (
+            ("SHOP_TLS_CERTFILE", self.tls_certfile),
+            ("SHOP_TLS_KEYFILE", self.tls_keyfile),
+            ("SHOP_TLS_CAFILE", self.tls_cafile),
+        ):
+            if path is not None and not path.is_file():
+                return f"{name}: {str(path)[:100]!r} is not a readable file"
+        return None
+
+    @property
+    def serves_tls(self) -> bool:
+        return self.tls_certfile is not None
 
     def _kafka_security_problem(self) -> str | None:
         """Credentials or certificates the chosen protocol would silently ignore, or a
@@ -201,6 +255,8 @@ class ServiceSettings(BaseSettings):
     database_schemes: ClassVar[Mapping[str, tuple[str, str]]] = SQL_SCHEMES
     uses_event_bus: ClassVar[bool] = False
     uses_service_secret: ClassVar[bool] = False
+    # Checks access tokens against the JWKS (every process but the registry and auth).
+    verifies_tokens: ClassVar[bool] = True
     # Registers with the discovery server (every process but the registry itself).
     registers: ClassVar[bool] = True
 
@@ -263,8 +319,17 @@ class ServiceSettings(BaseSettings):
             if len(secret) < MIN_SERVICE_SECRET:
                 raise SettingsRefused(
                     f"the production profile needs SHOP_SERVICE_SECRET of at least"
-                    f" {MIN_SERVICE_SECRET} characters (services use it for internal calls)"
+                    f" {MIN_SERVICE_SECRET} characters (this service's own, for internal calls)"
                 )
+            if problem := platform.pinned_auth_problem(
+                setting="SHOP_AUTH_URL", url=platform.auth_url
+            ):
+                raise SettingsRefused(problem)
+        if self.verifies_tokens and platform.is_production:
+            if problem := platform.pinned_auth_problem(
+                setting="SHOP_JWKS_URL", url=platform.jwks_url
+            ):
+                raise SettingsRefused(problem)
         if self.registers and platform.is_production:
             for url in platform.registry_urls:
                 if not _has_credentials(url):
@@ -285,6 +350,17 @@ S = TypeVar("S", bound=ServiceSettings)
 
 _SECRET_FIELD = re.compile(r"secret|password|key", re.IGNORECASE)
 _CREDENTIALS = re.compile(r"//[^/@\s]*@")
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in {"http", "https"} and bool(parts.hostname)
 
 
 def _has_credentials(url: str) -> bool:

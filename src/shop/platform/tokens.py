@@ -1,7 +1,9 @@
 """Access-token verification against the auth service's JWKS.
 
 Keys are parsed once and cached by ``kid``; an unknown ``kid`` triggers one refetch
-(rate-limited, so a flood of forged kids cannot hammer the auth service). The
+(rate-limited, so a flood of forged kids cannot hammer the auth service). The key set is
+held no longer than the JWKS's own ``Cache-Control: max-age``: a key auth stops publishing
+stops being trusted within that time, and so do the verified tokens it signed. The
 algorithm is pinned to the asymmetric one: ``none`` and HS256 are refused.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,11 @@ import jwt
 
 __all__ = [
     "ALGORITHMS",
+    "DEFAULT_JWKS_MAX_AGE_S",
+    "SERVICE_SUBJECT_PREFIX",
+    "FetchedJwks",
     "InvalidToken",
+    "Jwks",
     "JwksVerifier",
     "KeysUnavailable",
     "Principal",
@@ -26,6 +32,11 @@ __all__ = [
 ]
 
 ALGORITHMS = ("RS256",)
+# A JWKS answer without max-age is kept this long; one with a longer max-age no longer than
+# MAX_JWKS_AGE_S, so a key removed from the JWKS is dropped within minutes whatever it says.
+DEFAULT_JWKS_MAX_AGE_S = 300.0
+MAX_JWKS_AGE_S = 3600.0
+SERVICE_SUBJECT_PREFIX = "service:"
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud", "jti"]
 
 
@@ -46,33 +57,62 @@ class Principal:
     email: str
     roles: frozenset[str]
     token_id: str
+    # Who the token is for: users' tokens name the public audience, service tokens the
+    # internal one; routes check it (platform/security.py).
+    audience: str = ""
 
     @property
     def is_admin(self) -> bool:
         return "admin" in self.roles
+
+    @property
+    def service_name(self) -> str | None:
+        """The calling service's name for a service token (``sub`` = ``service:<name>``)."""
+        if self.user_id.startswith(SERVICE_SUBJECT_PREFIX):
+            return self.user_id.removeprefix(SERVICE_SUBJECT_PREFIX)
+        return None
 
 
 def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise InvalidToken("roles claim is malformed")
+    audience = claims.get("aud", "")
+    if isinstance(audience, list):
+        # Ours name one audience; a list of several cannot say which one it is for.
+        if len(audience) != 1:
+            raise InvalidToken("the token names more than one audience")
+        audience = audience[0]
     return Principal(
         user_id=str(claims["sub"]),
         email=str(claims.get("email", "")),
         roles=frozenset(roles),
         token_id=str(claims["jti"]),
+        audience=str(audience),
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Jwks:
+    """A JWKS document and how long its publisher lets it be kept (``max-age``)."""
+
+    document: Mapping[str, Any]
+    max_age_s: float | None = None
+
+
+# A JWKS source answers the document alone (kept DEFAULT_JWKS_MAX_AGE_S) or with its max-age.
+FetchedJwks = Mapping[str, Any] | Jwks
+
+
 def decode(
-    token: str, *, key: Any, issuer: str, audience: str, leeway_s: float = 5.0
+    token: str, *, key: Any, issuer: str, audience: str | Sequence[str], leeway_s: float = 5.0
 ) -> dict[str, Any]:
     try:
         claims: dict[str, Any] = jwt.decode(
             token,
             key=key,
             algorithms=list(ALGORITHMS),
-            audience=audience,
+            audience=audience if isinstance(audience, str) else list(audience),
             issuer=issuer,
             leeway=leeway_s,
             options={"require": REQUIRED_CLAIMS},
@@ -83,44 +123,76 @@ def decode(
 
 
 class JwksVerifier:
+    """Verifies access tokens with the keys of one JWKS source.
+
+    ``audience`` is the users' audience; ``internal_audience``, when given, is accepted too
+    (service tokens), and ``Principal.audience`` tells routes which one a token named.
+    """
+
     def __init__(
         self,
         *,
-        fetch_jwks: Callable[[], Awaitable[Mapping[str, Any]]],
+        fetch_jwks: Callable[[], Awaitable[FetchedJwks]],
         issuer: str,
         audience: str,
+        internal_audience: str | None = None,
         min_refetch_interval_s: float = 10.0,
         cache_size: int = 10_000,
         leeway_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._leeway = leeway_s
         self._fetch = fetch_jwks
         self._issuer = issuer
-        self._audience = audience
+        self._audiences = [audience] if internal_audience is None else [audience, internal_audience]
         self._min_refetch = min_refetch_interval_s
+        self._clock = clock
         self._keys: dict[str, Any] = {}
+        self._keys_expire_at = float("-inf")
         self._last_fetch = float("-inf")
         self._last_fetch_failed = False
         self._lock = asyncio.Lock()
         # Verified tokens until they expire: a client sends the same token many times, and
-        # parsing one costs ~130 µs of pure-Python base64 checks in PyJWT (bench/).
-        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
+        # parsing one costs ~130 µs of pure-Python base64 checks in PyJWT (bench/). Each
+        # entry remembers its kid, so a key dropped from the JWKS takes its tokens with it.
+        self._verified: OrderedDict[str, tuple[Principal, float, str]] = OrderedDict()
         self._verified_max = cache_size
 
     async def _refresh(self) -> None:
         async with self._lock:
-            if time.monotonic() - self._last_fetch < self._min_refetch:
+            if self._clock() - self._last_fetch < self._min_refetch:
                 return
-            self._last_fetch = time.monotonic()
+            self._last_fetch = self._clock()
             self._last_fetch_failed = True
-            jwks = await self._fetch()
+            fetched = await self._fetch()
+            jwks, max_age = (
+                (fetched.document, fetched.max_age_s)
+                if isinstance(fetched, Jwks)
+                else (fetched, None)
+            )
             keys: dict[str, Any] = {}
             for raw in jwks.get("keys", []):
                 if raw.get("kty") != "RSA" or raw.get("use", "sig") != "sig" or "kid" not in raw:
                     continue
                 keys[raw["kid"]] = jwt.PyJWK(raw, algorithm="RS256").key
             self._keys = keys
+            age = DEFAULT_JWKS_MAX_AGE_S if max_age is None else max_age
+            self._keys_expire_at = self._clock() + min(max(age, 0.0), MAX_JWKS_AGE_S)
             self._last_fetch_failed = False
+            for token, (_, _, kid) in list(self._verified.items()):
+                if kid not in keys:
+                    del self._verified[token]
+
+    async def _revalidate(self) -> None:
+        """Past the JWKS's max-age: fetch it again. If auth cannot be reached the keys held
+        stay in use (stale-if-error) until it can: an outage must not log everybody out,
+        and only a JWKS that answers can say a key was withdrawn."""
+        if self._clock() < self._keys_expire_at or self._keys_expire_at == float("-inf"):
+            return
+        try:
+            await self._refresh()
+        except Exception:  # noqa: BLE001 - whatever the JWKS source failed with; retried later
+            return
 
     async def key_for(self, kid: str) -> Any:
         if kid not in self._keys:
@@ -137,9 +209,10 @@ class JwksVerifier:
         return key
 
     async def verify(self, token: str) -> Principal:
+        await self._revalidate()
         cached = self._verified.get(token)
         if cached is not None:
-            principal, expires_at = cached
+            principal, expires_at, _ = cached
             if time.time() < expires_at + self._leeway:
                 self._verified.move_to_end(token)
                 return principal
@@ -155,10 +228,10 @@ class JwksVerifier:
             raise InvalidToken("token has no key id")
         key = await self.key_for(kid)
         claims = decode(
-            token, key=key, issuer=self._issuer, audience=self._audience, leeway_s=self._leeway
+            token, key=key, issuer=self._issuer, audience=self._audiences, leeway_s=self._leeway
         )
         principal = principal_from_claims(claims)
-        self._verified[token] = (principal, float(claims["exp"]))
+        self._verified[token] = (principal, float(claims["exp"]), kid)
         if len(self._verified) > self._verified_max:
             self._verified.popitem(last=False)
         return principal

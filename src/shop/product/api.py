@@ -10,7 +10,8 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from shop.platform.problems import Problem, from_problem
-from shop.platform.security import AdminUser, ServiceCaller
+from shop.platform.security import AdminUser, internal_caller
+from shop.platform.tokens import Principal
 from shop.product.domain import (
     MAX_CATEGORY,
     MAX_OFFSET,
@@ -163,6 +164,8 @@ Products = Annotated[ProductService, Depends(get_products)]
 
 router = APIRouter(prefix="/api/product", tags=["product"])
 internal = APIRouter(prefix="/internal", tags=["internal"])
+# Prices at the moment of ordering: the order service is the one caller this lookup has.
+OrderServiceCaller = Annotated[Principal, Depends(internal_caller("order-service"))]
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "No such product"}}
 _ADMIN: dict[int | str, dict[str, Any]] = {
     401: {"description": "No valid token"},
@@ -241,10 +244,13 @@ async def remove_product(_admin: AdminUser, product_id: str, products: Products)
     "/products",
     response_model=list[CatalogueEntry],
     summary="Products by SKU code, for the order service (unknown SKUs are left out)",
-    responses={401: {"description": "No valid token"}},
+    responses={
+        401: {"description": "No valid token"},
+        403: {"description": "Not order-service's token"},
+    },
 )
 async def products_by_sku(
-    _caller: ServiceCaller,
+    _caller: OrderServiceCaller,
     products: Products,
     sku_code: Annotated[list[str] | None, Query(alias="skuCode")] = None,
     sku_codes: Annotated[list[str] | None, Query(alias="skuCodes")] = None,

@@ -145,18 +145,25 @@ def truncate_to_millis(moment: datetime) -> datetime:
     return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
 
 
+# Explicit embeddings, overrides and isolates: text that displays in another order than it
+# reads ("Trojan Source"), so a listing could show a name or price it does not contain.
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _unstorable(char: str) -> bool:
     # Newlines and tabs are fine in a description; NUL, other controls and lone surrogates
-    # (which JSON can carry but UTF-8 cannot) are not.
+    # (which JSON can carry but UTF-8 cannot) are not, nor are bidirectional overrides.
     if char in "\n\r\t":
         return False
-    return unicodedata.category(char) in {"Cc", "Cs"}
+    return unicodedata.category(char) in {"Cc", "Cs"} or char in _BIDI_CONTROLS
 
 
 def _text(value: str, *, required: bool, high: int) -> str:
     value = value.strip()
     if not value.isprintable() and any(_unstorable(c) for c in value):
-        raise InvalidField("must be text without control characters or lone surrogates")
+        raise InvalidField(
+            "must be text without control characters, lone surrogates or bidirectional overrides"
+        )
     if required and not value:
         raise InvalidField("must not be blank")
     if len(value) > high:

@@ -107,6 +107,8 @@ class RegistrySettings(ServiceSettings):
     uses_database: ClassVar[bool] = False
     # It is what the others register with.
     registers: ClassVar[bool] = False
+    # Its credentials are its own (REGISTRY_CLIENTS): it checks no access tokens.
+    verifies_tokens: ClassVar[bool] = False
 
     port: int = 8761
     lease_duration_s: int = Field(
