@@ -97,7 +97,10 @@ def test_clients_are_read_from_json_and_from_a_file(
         ("{not json " + CLIENT_SECRET, "REGISTRY_CLIENTS is not JSON"),
         (json.dumps([CLIENT_SECRET]), "must be a JSON object"),
         (json.dumps({"order service": CLIENT_SECRET}), "application names are"),
-        (json.dumps({"order-service": ""}), "ORDER-SERVICE must be a non-empty string"),
+        (
+            json.dumps({"order-service": ""}),
+            "the secret of 'order-service' must be a non-empty string",
+        ),
         (json.dumps({"a": CLIENT_SECRET, "A": CLIENT_SECRET}), "names A twice"),
     ],
 )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import ClassVar
@@ -16,6 +15,7 @@ from shop.platform.settings import (
     PlatformSettings,
     ServiceSettings,
     SettingsRefused,
+    secret_table,
 )
 
 __all__ = ["DEV_ADMIN_PASSWORD", "AuthSettings", "UnsafeSettings", "parse_service_clients"]
@@ -31,18 +31,11 @@ def parse_service_clients(text: str) -> dict[str, str]:
     """``AUTH_SERVICE_CLIENTS``: a JSON object of service name -> that service's secret.
 
     ValueError never shows a value: the table holds every service's secret."""
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
-    ):
-        raise ValueError("AUTH_SERVICE_CLIENTS must be a JSON object of service name to secret")
+    parsed = secret_table(text, setting="AUTH_SERVICE_CLIENTS")
     for name in parsed:
         if not re.fullmatch(SERVICE_NAME_RE, name):
             raise ValueError(f"AUTH_SERVICE_CLIENTS: {name[:64]!r} is not a service name")
-    return dict(parsed)
+    return parsed
 
 
 class AuthSettings(ServiceSettings):

@@ -11,6 +11,8 @@ from urllib.parse import quote
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shop.platform.settings import secret_table
+
 __all__ = [
     "REGISTRY_CLIENTS",
     "REGISTRY_CLIENTS_FILE",
@@ -100,14 +102,7 @@ def registry_clients(env: Mapping[str, str]) -> dict[str, str]:
     for setting, text in sources:
         if not text.strip():
             continue
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
-        ):
-            raise ValueError(f"{setting} must be a JSON object of application name to secret")
+        parsed = secret_table(text, setting=setting)
         clients.update({name.lower(): secret for name, secret in parsed.items()})
     return clients
 
@@ -118,14 +113,7 @@ def service_clients(env: Mapping[str, str]) -> dict[str, str]:
     text = env.get(SERVICE_CLIENTS, "")
     if not text.strip():
         return {}
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
-    ):
-        raise ValueError(f"{SERVICE_CLIENTS} must be a JSON object of service name to secret")
+    parsed = secret_table(text, setting=SERVICE_CLIENTS)
     return {name.lower(): secret for name, secret in parsed.items()}
 
 

@@ -9,6 +9,7 @@ before anything is opened or bound, so a bad setting stops the process with one 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "check_url",
     "describe_invalid",
     "load_settings",
+    "secret_table",
 ]
 
 Profile = Literal["embedded", "production"]
@@ -389,6 +391,22 @@ def describe_invalid(exc: ValidationError, model: type[BaseSettings]) -> str:
         # A URL may carry a password: what an operator needs to see is the rest of it.
         shown = f" (got {_redacted(str(value))!r})"
     return f"{prefix}{field}".upper() + f": {message}{shown}"
+
+
+def secret_table(text: str, *, setting: str) -> dict[str, str]:
+    """A table of name -> secret given as a JSON object (``AUTH_SERVICE_CLIENTS``,
+    ``REGISTRY_CLIENTS``): each value a non-empty string. The message of the ValueError
+    names the setting and never shows the text, which holds every secret."""
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        raise ValueError(f"{setting} is not JSON: give a JSON object of name to secret") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{setting} must be a JSON object of name to secret")
+    for name, secret in parsed.items():
+        if not isinstance(secret, str) or not secret.strip():
+            raise ValueError(f"{setting}: the secret of {name[:64]!r} must be a non-empty string")
+    return dict(parsed)
 
 
 def load_settings(model: type[S]) -> tuple[PlatformSettings, S]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from shop.platform.settings import (
     ServiceSettings,
     SettingsRefused,
     check_url,
+    secret_table,
 )
 from shop.registry.domain import MAX_LEASE_DURATION_S
 
@@ -81,20 +81,12 @@ def parse_etcd_url(url: str) -> EtcdTarget:
 
 def _parse_clients(text: str, *, setting: str) -> dict[str, str]:
     """Application name (upper-case) -> secret. Messages never echo the text: it holds secrets."""
-    try:
-        parsed = json.loads(text)
-    except ValueError:
-        raise ValueError(f"{setting} is not JSON: give {_CLIENTS_FORM}") from None
-    if not isinstance(parsed, dict):
-        raise ValueError(f"{setting} must be {_CLIENTS_FORM}")
     clients: dict[str, str] = {}
-    for name, secret in parsed.items():
+    for name, secret in secret_table(text, setting=setting).items():
         if not _APP_NAME.fullmatch(name):
             raise ValueError(
                 f"{setting}: application names are 1 to 255 letters, digits, '_', '.' or '-'"
             )
-        if not isinstance(secret, str) or not secret.strip():
-            raise ValueError(f"{setting}: the secret of {name.upper()} must be a non-empty string")
         if name.upper() in clients:
             raise ValueError(f"{setting} names {name.upper()} twice")
         clients[name.upper()] = secret
