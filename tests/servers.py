@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import free_port
+from tests.support import free_port, stop
 
 __all__ = ["Server", "kafka_broker", "mongo_server", "etcd_server", "ServerMissing"]
 
@@ -66,12 +66,7 @@ def _serve(argv: Sequence[str], *, port: int, url: str, name: str) -> Iterator[S
                 time.sleep(0.05)
             yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def _tansu() -> str:

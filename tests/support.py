@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
-__all__ = ["ManualClock", "free_port", "require_or_skip", "REQUIRE_ALL"]
+__all__ = ["ManualClock", "free_port", "require_or_skip", "run_module", "stop", "REQUIRE_ALL"]
 
 # CI sets SHOP_REQUIRE_ALL=1: a missing server is then a failure, never a skip.
 REQUIRE_ALL = os.environ.get("SHOP_REQUIRE_ALL") == "1"
@@ -38,3 +41,27 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+async def run_module(module: str, *args: str, timeout_s: float = 60.0) -> tuple[int, str]:
+    """``python -m module args…`` as an operator runs it: its exit code and output."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        module,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout_s)
+    return await process.wait(), output.decode()
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within 10 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

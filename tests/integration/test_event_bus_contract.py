@@ -50,7 +50,7 @@ from shop.platform.kafka import (
 )
 from shop.platform.settings import PlatformSettings
 from tests.servers import Server
-from tests.support import free_port
+from tests.support import free_port, run_module
 
 PARTITIONS = 6
 LEASE_S = 1.0
@@ -496,23 +496,6 @@ async def test_an_envelope_that_is_not_cloudevents_is_set_aside_at_once(
     assert letter.payload == '{"hello": 1}' and "CloudEvents" in letter.error
 
 
-async def _replay_command(url: str, *args: str) -> tuple[int, str]:
-    """The command an operator runs, as a process of its own."""
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shop.platform.buses",
-        "replay",
-        "--url",
-        url,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(cli.communicate(), 60)
-    return await cli.wait(), output.decode()
-
-
 async def test_dead_letters_can_be_replayed_to_their_group(make_bus: Backend) -> None:
     """After the outage is fixed, an operator puts a group's dead letters back: the group
     handles them; the other groups see the same event id again (their inbox drops it)."""
@@ -544,7 +527,16 @@ async def test_dead_letters_can_be_replayed_to_their_group(make_bus: Backend) ->
         assert isinstance(bus, DeadLetterReplay)
         replay = bus.replay_dead_letters
         assert await replay(group="audit") == 0
-        status, output = await _replay_command(make_bus.url, "--group", "mail", "--topic", "orders")
+        status, output = await run_module(
+            "shop.platform.buses",
+            "replay",
+            "--url",
+            make_bus.url,
+            "--group",
+            "mail",
+            "--topic",
+            "orders",
+        )
         assert (status, output) == (0, "replayed 1 dead letter(s) of group mail on orders\n")
         await _until(lambda: len(mail) == 3 and len(audit.seen) == 4)
         assert [int(e.data["n"]) for e in mail] == [0, 2, 1]

@@ -21,6 +21,7 @@ import pytest
 
 from shop.platform.eventlog import SqliteEventLog, main
 from shop.platform.events import Event
+from tests.support import run_module
 
 LEASE_S = 1.0
 
@@ -322,23 +323,6 @@ async def test_an_outage_is_ridden_out_with_capped_back_off_not_dead_lettered(
     assert dead_letters(bus_url) == []
 
 
-async def _replay(url: str, *args: str) -> tuple[int, str]:
-    """The command an operator runs, as a process of its own."""
-    cli = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "shop.platform.eventlog",
-        "replay",
-        "--url",
-        url,
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output, _ = await asyncio.wait_for(cli.communicate(), 30)
-    return await cli.wait(), output.decode()
-
-
 async def test_the_eventlog_command_replays_dead_letters_off_the_table(
     bus_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -370,7 +354,16 @@ async def test_the_eventlog_command_replays_dead_letters_off_the_table(
         # The same command in-process (saves starting Python twice more).
         assert await asyncio.to_thread(main, ["replay", "--url", bus_url, "--group", "audit"]) == 0
         assert capsys.readouterr().out == "replayed 0 dead letter(s) of group audit\n"
-        status, output = await _replay(bus_url, "--group", "mail", "--topic", "orders")
+        status, output = await run_module(
+            "shop.platform.eventlog",
+            "replay",
+            "--url",
+            bus_url,
+            "--group",
+            "mail",
+            "--topic",
+            "orders",
+        )
         assert (status, output) == (0, "replayed 1 dead letter(s) of group mail on orders\n")
         await _until(lambda: len(mail) == 3 and len(audit.seen) == 4)
         assert [int(e.data["n"]) for e in mail] == [0, 2, 1]

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import httpx
 import pytest
 
-from tests.support import free_port
+from tests.support import free_port, stop
 
 JSON = {"Accept": "application/json"}
 # Each application's registry credential; the registry process is given them all.
@@ -120,12 +120,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         assert f"registry listening on http://127.0.0.1:{port}" in log.read_text()
         yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
 
 
 @dataclass
