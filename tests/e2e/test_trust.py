@@ -5,7 +5,7 @@ Registering needs a credential now, so each impostor here registers with the rea
 application's own registry credential and takes the real instances out of service: the
 worst the registry can be made to say. Keys still come from the pinned JWKS URL, service
 tokens from the pinned auth URL, and what an impostor inventory receives is a short-lived
-token that opens internal routes only.
+token that opens internal routes of the impostor's own address only.
 """
 
 from __future__ import annotations
@@ -301,6 +301,19 @@ def test_a_registered_impostor_inventory_gets_a_short_lived_internal_token_only(
     assert claims["aud"] == "shop-internal"
     assert claims["roles"] == ["service"]
     assert claims["exp"] - claims["iat"] <= 900, "short-lived"
+    assert claims["target"] == f"http://127.0.0.1:{impostor.port}", "good at the impostor only"
+    # Replayed at the real inventory's internal route, it reserves nothing.
+    admin = _login(gateway, "admin@example.com", system.admin_password)
+    stock_before = _stock(gateway, admin, "pixel_8")
+    order_number = str(uuid.uuid4())
+    replayed = httpx.post(
+        f"{_url(real_inventory)}/internal/reservations",
+        headers=_bearer(captured),
+        json={"orderNumber": order_number, "lines": [{"skuCode": "pixel_8", "quantity": 5}]},
+    )
+    assert replayed.status_code == 403, replayed.text
+    assert "another instance" in replayed.json()["detail"]
+    assert _stock(gateway, admin, "pixel_8") == stock_before
     # What it captured opens no user's door: not at the edge, not as a user at inventory.
     at_gateway = gateway.post(
         "/api/inventory", headers=_bearer(captured), json={"skuCode": "pixel_8", "quantity": 5}
@@ -326,6 +339,7 @@ def test_internal_reservations_refuse_users_and_other_services(
         json={
             "service": "notification-service",
             "secret": system.service_clients["notification-service"],
+            "target": _url(inventory),
         },
     )
     assert issued.status_code == 200, issued.text

@@ -32,6 +32,8 @@ IGNORED_IN_COMPARISON = {"requestId", "traceId"}
 
 SERVICE_SECRET = "order-service's-own-secret-of-32-chars-or-more"
 NOTIFICATION_SECRET = "notification's-own-secret-of-32-chars-or-more"
+# The instance a service token is asked for (its base URL, as the registry lists it).
+INVENTORY = "http://10.0.0.7:8083"
 # Each calling service's own secret: one secret mints one name.
 SERVICE_CLIENTS = json.dumps(
     {"order-service": SERVICE_SECRET, "notification-service": NOTIFICATION_SECRET}
@@ -595,7 +597,8 @@ async def test_a_service_with_its_own_secret_gets_a_token_naming_it_for_internal
     auth: httpx.AsyncClient,
 ) -> None:
     answer = await auth.post(
-        "/internal/service-token", json={"service": "order-service", "secret": SERVICE_SECRET}
+        "/internal/service-token",
+        json={"service": "order-service", "secret": SERVICE_SECRET, "target": INVENTORY},
     )
     assert answer.status_code == 200, answer.text
     token = answer.json()["access_token"]
@@ -610,6 +613,7 @@ async def test_a_service_with_its_own_secret_gets_a_token_naming_it_for_internal
     assert principal.service_name == "order-service"
     assert principal.audience == "shop-internal"
     assert principal.roles == {"service"}
+    assert principal.target == INVENTORY, "usable at the instance it was asked for only"
     users_only = JwksVerifier(fetch_jwks=_constant(jwks), issuer="shop-auth", audience="shop")
     with pytest.raises(InvalidToken):
         await users_only.verify(token)
@@ -630,7 +634,9 @@ async def test_a_service_with_its_own_secret_gets_a_token_naming_it_for_internal
 async def test_a_secret_mints_no_other_services_name(
     auth: httpx.AsyncClient, service: str, secret: str
 ) -> None:
-    answer = await auth.post("/internal/service-token", json={"service": service, "secret": secret})
+    answer = await auth.post(
+        "/internal/service-token", json={"service": service, "secret": secret, "target": INVENTORY}
+    )
     assert answer.status_code == 401
     assert answer.json()["detail"] == "Unknown service credentials."
 
@@ -647,13 +653,19 @@ async def test_the_jwks_says_how_long_it_may_be_kept(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("body", "status"),
     [
-        ({"service": "order-service", "secret": "wrong"}, 401),
-        ({"service": "order-service"}, 422),
-        ({"service": "Order Service!", "secret": SERVICE_SECRET}, 422),
-        ({"service": "order-service", "secret": ""}, 422),
+        ({"service": "order-service", "secret": "wrong", "target": INVENTORY}, 401),
+        ({"service": "order-service", "target": INVENTORY}, 422),
+        ({"service": "Order Service!", "secret": SERVICE_SECRET, "target": INVENTORY}, 422),
+        ({"service": "order-service", "secret": "", "target": INVENTORY}, 422),
+        # A token is for one instance: its base URL, nothing vaguer or more.
+        ({"service": "order-service", "secret": SERVICE_SECRET}, 422),
+        ({"service": "order-service", "secret": SERVICE_SECRET, "target": "*"}, 422),
+        ({"service": "order-service", "secret": SERVICE_SECRET, "target": "http://a:1/x"}, 422),
+        ({"service": "order-service", "secret": SERVICE_SECRET, "target": "ftp://a:21"}, 422),
+        ({"service": "order-service", "secret": SERVICE_SECRET, "target": "http://u@a:1"}, 422),
     ],
 )
-async def test_service_tokens_need_the_secret_and_a_sane_name(
+async def test_service_tokens_need_the_secret_a_sane_name_and_one_target(
     auth: httpx.AsyncClient, body: dict[str, str], status: int
 ) -> None:
     answer = await auth.post("/internal/service-token", json=body)
@@ -666,7 +678,8 @@ async def test_service_tokens_need_the_secret_and_a_sane_name(
 async def test_without_a_client_table_no_service_token_is_issued(tmp_path: Path) -> None:
     async with running(tmp_path, service_clients="") as auth:
         answer = await auth.post(
-            "/internal/service-token", json={"service": "order-service", "secret": "anything"}
+            "/internal/service-token",
+            json={"service": "order-service", "secret": "anything", "target": INVENTORY},
         )
     assert answer.status_code == 401
 

@@ -47,11 +47,15 @@ def _jwks() -> dict[str, Any]:
     return {"keys": [{**jwk, "kid": KID, "use": "sig", "alg": "RS256"}]}
 
 
-def _token(*roles: str, key: Any = KEY, sub: str | None = None) -> str:
+# The instance under test, as the registry would list it: service tokens name it.
+HERE = "http://127.0.0.1:8083"
+
+
+def _token(*roles: str, key: Any = KEY, sub: str | None = None, target: str = HERE) -> str:
     platform = PlatformSettings()
     now = int(time.time())
     service = sub is not None
-    claims = {
+    claims: dict[str, Any] = {
         "sub": sub or str(uuid.uuid4()),
         "email": "" if service else "ada@example.com",
         "roles": list(roles),
@@ -62,6 +66,8 @@ def _token(*roles: str, key: Any = KEY, sub: str | None = None) -> str:
         "exp": now + 900,
         "jti": uuid.uuid4().hex,
     }
+    if service:
+        claims["target"] = target
     return jwt.encode(claims, key, algorithm="RS256", headers={"kid": KID})
 
 
@@ -94,6 +100,7 @@ async def running(
             audience=platform.auth_audience,
             internal_audience=platform.internal_audience,
         )
+        app.state.runtime.origin = HERE
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://inventory") as client:
             yield client
@@ -421,6 +428,11 @@ async def test_internal_calls_need_a_service_token(inventory: httpx.AsyncClient)
     # A service token of another service: reservations are order-service's alone.
     refused = await inventory.post("/internal/reservations", json=body, headers=NOTIFICATION)
     assert "order-service only" in _assert_problem(refused, 403)["detail"]
+    # order-service's own token, issued for another instance: whoever holds it (that
+    # instance, maybe an impostor in the registry) cannot replay it here.
+    elsewhere = _bearer(_token("service", sub="service:order-service", target="http://10.6.6.6:1"))
+    refused = await inventory.post("/internal/reservations", json=body, headers=elsewhere)
+    assert "another instance" in _assert_problem(refused, 403)["detail"]
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
     ok = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     assert ok.status_code == 201

@@ -113,10 +113,13 @@ class FakeServiceTokens:
     def __init__(self, token: str) -> None:
         self.token = token
         self.down = False
+        # The instances tokens were asked for: each token is good at one instance only.
+        self.targets: list[str] = []
 
-    async def bearer(self) -> str:
+    async def bearer(self, target: str) -> str:
         if self.down:
             raise ServiceTokenUnavailable("auth-service is down (test)")
+        self.targets.append(target)
         return f"Bearer {self.token}"
 
 
@@ -472,6 +475,7 @@ async def test_an_order_is_priced_from_the_catalogue_and_its_stock_reserved(
     for peer in (world.catalogue, world.inventory):
         seen = peer.seen[-1]
         assert seen.headers["Authorization"] == f"Bearer {world.service_tokens.token}"
+        assert f"http://127.0.0.1:{peer.port}" in world.service_tokens.targets
         assert seen.headers["X-Request-ID"] == request_id
         assert seen.headers["traceparent"].startswith("00-")
 

@@ -47,9 +47,13 @@ PIXEL = {"name": "Pixel 8", "description": "A phone.", "price": "899.00", "skuCo
 UNKNOWN_ID = "65f1c0ffee0123456789abcd"
 
 
-def _token(*roles: str, user_id: str = "42") -> dict[str, str]:
+# The instance under test, as the registry would list it: service tokens name it.
+HERE = "http://127.0.0.1:8080"
+
+
+def _token(*roles: str, user_id: str = "42", target: str = HERE) -> dict[str, str]:
     now = int(time.time())
-    claims = {
+    claims: dict[str, Any] = {
         "sub": user_id,
         "email": "ada@example.com",
         "roles": list(roles),
@@ -60,6 +64,8 @@ def _token(*roles: str, user_id: str = "42") -> dict[str, str]:
         "exp": now + 900,
         "jti": uuid.uuid4().hex,
     }
+    if user_id.startswith("service:"):
+        claims["target"] = target
     token = jwt.encode(claims, KEY, algorithm="RS256", headers={"kid": "test-key"})
     return {"Authorization": f"Bearer {token}"}
 
@@ -129,6 +135,7 @@ async def running(
             audience="shop",
             internal_audience="shop-internal",
         )
+        app.state.runtime.origin = HERE
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://product") as client:
             yield Shop(client, app, data_dir, database_url)

@@ -90,12 +90,13 @@ async def test_the_jwks_comes_from_the_pinned_url_with_its_max_age() -> None:
     assert fetched == Jwks(document={"keys": []}, max_age_s=42.0)
 
 
-async def test_a_service_token_is_asked_of_the_pinned_auth_url_and_refreshed() -> None:
+async def test_a_service_token_is_asked_of_the_pinned_auth_url_per_target_and_refreshed() -> None:
     issued: list[dict[str, str]] = []
+    expires_in = 90
 
     async def service_token(request: web.Request) -> web.Response:
         issued.append(await request.json())
-        return web.json_response({"access_token": f"t{len(issued)}", "expires_in": 90})
+        return web.json_response({"access_token": f"t{len(issued)}", "expires_in": expires_in})
 
     app = web.Application()
     app.router.add_post("/internal/service-token", service_token)
@@ -107,11 +108,16 @@ async def test_a_service_token_is_asked_of_the_pinned_auth_url_and_refreshed() -
             session=http,
             refresh_margin_s=60,
         )
-        first, again = await tokens.bearer(), await tokens.bearer()
-        tokens._expires_at = 0.0  # as if 90 s had passed
-        later = await tokens.bearer()
-    assert (first, again, later) == ("Bearer t1", "Bearer t1", "Bearer t2")
-    assert issued[0] == {"service": "order-service", "secret": "s3cret"}
+        a, b = "http://10.0.0.7:8083", "http://10.0.0.8:8083"
+        first, again, other = await tokens.bearer(a), await tokens.bearer(a), await tokens.bearer(b)
+        expires_in = 30  # inside the refresh margin: fetched again next time
+        nearly_expired = await tokens.bearer("http://10.0.0.9:8083")
+        renewed = await tokens.bearer("http://10.0.0.9:8083")
+    # One token per instance called, each kept until near its expiry.
+    assert (first, again, other) == ("Bearer t1", "Bearer t1", "Bearer t2")
+    assert (nearly_expired, renewed) == ("Bearer t3", "Bearer t4")
+    assert issued[0] == {"service": "order-service", "secret": "s3cret", "target": a}
+    assert issued[1]["target"] == b
 
 
 async def test_a_redirecting_auth_url_never_gets_the_secret_elsewhere() -> None:
@@ -132,7 +138,7 @@ async def test_a_redirecting_auth_url_never_gets_the_secret_elsewhere() -> None:
             name="order-service", secret=SecretStr("s3cret"), auth_url=base, session=http
         )
         with pytest.raises(ServiceTokenUnavailable, match="307"):
-            await tokens.bearer()
+            await tokens.bearer("http://10.0.0.7:8083")
     assert seen == []
 
 
@@ -151,7 +157,7 @@ async def test_without_a_secret_or_a_pinned_auth_url_there_is_no_service_token(
             session=http,
         )
         with pytest.raises(ServiceTokenUnavailable, match=missing):
-            await tokens.bearer()
+            await tokens.bearer("http://10.0.0.7:8083")
 
 
 async def test_callers_queued_behind_a_failed_fetch_fail_at_once() -> None:
@@ -170,7 +176,7 @@ async def test_callers_queued_behind_a_failed_fetch_fail_at_once() -> None:
         )
         began = asyncio.get_running_loop().time()
         outcomes = await asyncio.gather(
-            *(tokens.bearer() for _ in range(5)), return_exceptions=True
+            *(tokens.bearer(f"http://10.0.0.{n}:8083") for n in range(5)), return_exceptions=True
         )
         took = asyncio.get_running_loop().time() - began
     assert all(isinstance(o, ServiceTokenUnavailable) for o in outcomes)
@@ -199,8 +205,18 @@ async def _reserve(who: OrderServiceCaller) -> dict[str, str]:
     return {"caller": who.user_id}
 
 
-def _principal(sub: str, *roles: str, audience: str) -> Principal:
-    return Principal(user_id=sub, email="", roles=frozenset(roles), token_id=sub, audience=audience)
+HERE = "http://127.0.0.1:8083"  # the instance under test, as the registry lists it
+
+
+def _principal(sub: str, *roles: str, audience: str, target: str = HERE) -> Principal:
+    return Principal(
+        user_id=sub,
+        email="",
+        roles=frozenset(roles),
+        token_id=sub,
+        audience=audience,
+        target=target,
+    )
 
 
 async def test_an_internal_route_admits_only_the_callers_it_names() -> None:
@@ -208,6 +224,13 @@ async def test_an_internal_route_admits_only_the_callers_it_names() -> None:
     users, internal = platform.auth_audience, platform.internal_audience
     known = {
         "order": _principal("service:order-service", "service", audience=internal),
+        # order-service's genuine token, issued for another instance (which replays it).
+        "order-elsewhere": _principal(
+            "service:order-service", "service", audience=internal, target="http://10.6.6.6:8083"
+        ),
+        "order-untargeted": _principal(
+            "service:order-service", "service", audience=internal, target=""
+        ),
         "notification": _principal("service:notification-service", "service", audience=internal),
         # A service token minted for the users' audience (an old auth, a mistake): refused.
         "order-public": _principal("service:order-service", "service", audience=users),
@@ -218,6 +241,7 @@ async def test_an_internal_route_admits_only_the_callers_it_names() -> None:
     app: FastAPI = create_app(name="x", title="x", platform=platform, routers=[_internal])
     async with app.router.lifespan_context(app):
         app.state.runtime.tokens = _Principals(known)
+        app.state.runtime.origin = HERE
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
 
@@ -229,6 +253,8 @@ async def test_an_internal_route_admits_only_the_callers_it_names() -> None:
             outcomes["none"] = await status(None)
     assert outcomes == {
         "order": 200,
+        "order-elsewhere": 403,
+        "order-untargeted": 403,
         "notification": 403,
         "order-public": 403,
         "admin": 403,

@@ -16,6 +16,7 @@ from starlette.requests import HTTPConnection
 from shop.auth.domain import (
     MAX_PASSWORD_LENGTH,
     SERVICE_NAME_RE,
+    SERVICE_TARGET_RE,
     AuthError,
     BadCredentials,
     EmailTaken,
@@ -306,6 +307,12 @@ async def me(principal: CurrentPrincipal, auth: AuthDep) -> UserView:
 class ServiceTokenRequest(BaseModel):
     service: str = Field(pattern=SERVICE_NAME_RE, description="The caller's registered name.")
     secret: str = Field(min_length=1, max_length=512)
+    target: str = Field(
+        pattern=SERVICE_TARGET_RE,
+        max_length=300,
+        description="Base URL of the one instance the token is for, as the registry lists it "
+        "(`http://10.0.0.7:8083`): no other instance accepts it.",
+    )
 
 
 class ServiceTokenView(BaseModel):
@@ -324,7 +331,9 @@ internal = APIRouter(prefix="/internal", tags=["internal"])
 )
 async def service_token(body: ServiceTokenRequest, auth: AuthDep) -> ServiceTokenView:
     """A service's own token for internal calls (SPEC §4); never routed by the gateway."""
-    token, expires_in = auth.service_token(service=body.service, secret=body.secret)
+    token, expires_in = auth.service_token(
+        service=body.service, secret=body.secret, target=body.target
+    )
     return ServiceTokenView(access_token=token, expires_in=expires_in)
 
 

@@ -157,11 +157,15 @@ def access_claims(
 
 
 SERVICE_NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
+# The base URL of the one instance a service token is for, as the registry lists it:
+# scheme, host (a name, an IPv4 address or a bracketed IPv6 one) and port, nothing more.
+SERVICE_TARGET_RE = r"^https?://(?:[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]):[0-9]{1,5}$"
 
 
 def service_claims(
     service: str,
     *,
+    target: str,
     issuer: str,
     audience: str,
     issued_at: datetime,
@@ -169,9 +173,11 @@ def service_claims(
     token_id: str,
 ) -> dict[str, Any]:
     """A service's own identity for internal calls: role ``service``, never a user's roles;
-    ``audience`` is the internal one, so no user route takes it."""
+    ``audience`` is the internal one, so no user route takes it; ``target`` is the instance
+    it may be used at, so whoever receives it cannot replay it at another."""
     return {
         "sub": f"service:{service}",
+        "target": target,
         "email": "",
         "roles": ["service"],
         "iss": issuer,

@@ -172,8 +172,9 @@ class AuthService:
         if ADMIN not in found.user.roles:
             await self.store.set_roles(found.user.id, with_role(found.user.roles, ADMIN))
 
-    def service_token(self, *, service: str, secret: str) -> tuple[str, int]:
-        """An access token naming ``service``, for the caller holding that service's secret.
+    def service_token(self, *, service: str, secret: str, target: str) -> tuple[str, int]:
+        """An access token naming ``service``, for the caller holding that service's secret,
+        usable at the instance ``target`` only.
 
         Its audience is the internal one: it opens internal routes, never a user's."""
         expected = self.service_clients.get(service)
@@ -183,6 +184,7 @@ class AuthService:
             raise UnknownService
         claims = service_claims(
             service,
+            target=target,
             issuer=self.issuer,
             audience=self.internal_audience,
             issued_at=self.clock(),

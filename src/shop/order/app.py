@@ -36,10 +36,10 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         url = settings.resolved_database_url(platform=platform, service="order")
 
-        async def credentials() -> str:
+        async def credentials(target: str) -> str:
             # Looked up at each call, not bound once: the runtime's token source may be
             # replaced while the app runs (tests do).
-            return await runtime.service_tokens.bearer()
+            return await runtime.service_tokens.bearer(target)
 
         breaker = CircuitBreaker(
             name=INVENTORY_SERVICE,

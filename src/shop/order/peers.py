@@ -56,8 +56,9 @@ INVENTORY_RETRY_AFTER_S = 1.0
 # auth-service could not issue our service token; it caches tokens, so this is an outage.
 AUTH_RETRY_AFTER_S = 2.0
 
-# The ``Authorization`` header value to call peers with (``runtime.service_tokens.bearer``).
-Credentials = Callable[[], Awaitable[str]]
+# The ``Authorization`` header value to call the instance at a base URL with
+# (``runtime.service_tokens.bearer``): a token good for that instance only.
+Credentials = Callable[[str], Awaitable[str]]
 
 
 class Catalogue(Protocol):
@@ -82,9 +83,9 @@ class Inventory(Protocol):
         """Seconds the inventory is known to be unavailable for (0: worth a call)."""
 
 
-async def _headers(credentials: Credentials, *, peer: str) -> dict[str, str]:
+async def _headers(credentials: Credentials, *, peer: str, target: str) -> dict[str, str]:
     try:
-        authorization = await credentials()
+        authorization = await credentials(target)
     except ServiceTokenUnavailable as exc:
         log.warning("no service token to call %s: %s", peer, exc)
         raise Unavailable(
@@ -116,7 +117,6 @@ class HttpCatalogue:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def prices(self, sku_codes: Sequence[str]) -> dict[str, Decimal]:
-        headers = await _headers(self._credentials, peer=PRODUCT_SERVICE)
         unavailable = "The catalogue cannot be reached to price the order; try again shortly."
         try:
             instance = await self._registry.choose(PRODUCT_SERVICE)
@@ -126,6 +126,7 @@ class HttpCatalogue:
         if instance is None:
             log.warning("no %s instance is UP", PRODUCT_SERVICE)
             raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S)
+        headers = await _headers(self._credentials, peer=PRODUCT_SERVICE, target=instance.base_url)
         try:
             async with self._http.get(
                 instance.base_url + "/internal/products",
@@ -232,20 +233,19 @@ class HttpInventory:
         json: Mapping[str, Any] | None = None,
         guarded: bool = True,
     ) -> tuple[int, Any]:
-        # The token first: auth being down says nothing about the inventory's health.
-        headers = await _headers(self._credentials, peer=INVENTORY_SERVICE)
         if not guarded:
-            return await self._send(method, path, json, headers)
+            return await self._send(method, path, json)
         try:
             self._breaker.acquire()
         except CircuitOpen as exc:
             raise Unavailable(CIRCUIT_OPEN, retry_after_s=exc.retry_after_s) from exc
         try:
-            outcome = await self._send(method, path, json, headers)
+            outcome = await self._send(method, path, json)
         except _CallFailed:
             self._breaker.failed()
             raise
         except BaseException:
+            # Auth being down (no token) says nothing about the inventory's health.
             self._breaker.abandon()
             raise
         # A 4xx, 409 above all, is the inventory answering: it is up.
@@ -253,11 +253,7 @@ class HttpInventory:
         return outcome
 
     async def _send(
-        self,
-        method: str,
-        path: str,
-        json: Mapping[str, Any] | None,
-        headers: Mapping[str, str],
+        self, method: str, path: str, json: Mapping[str, Any] | None
     ) -> tuple[int, Any]:
         try:
             instance = await self._registry.choose(INVENTORY_SERVICE)
@@ -265,12 +261,16 @@ class HttpInventory:
             raise _CallFailed(f"registry: {exc}", maybe_done=False) from exc
         if instance is None:
             raise _CallFailed(f"no {INVENTORY_SERVICE} instance is UP", maybe_done=False)
+        # A token for this instance alone: another cannot replay what this one receives.
+        headers = await _headers(
+            self._credentials, peer=INVENTORY_SERVICE, target=instance.base_url
+        )
         try:
             async with self._http.request(
                 method,
                 instance.base_url + path,
                 json=json,
-                headers=dict(headers),
+                headers=headers,
                 timeout=self._timeout,
             ) as resp:
                 if resp.status >= 500:

@@ -76,6 +76,9 @@ class Runtime:
     service_tokens: ServiceTokens
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
     heartbeat: Heartbeat | None = None
+    # This instance's base URL as callers find it in the registry; internal routes accept
+    # only service tokens issued for it (platform/security.py). None until it is served.
+    origin: str | None = None
 
 
 ServiceLifespan = Callable[[FastAPI, Runtime], AbstractAsyncContextManager[None]]
@@ -266,18 +269,18 @@ def create_app(
             app.state.runtime = runtime
             async with lifespan(app, runtime):
                 port: int | None = getattr(app.state, "bound_port", None)
-                if register and port:
-                    heartbeat = Heartbeat(
-                        registry,
-                        Registration(
-                            app=name,
-                            host=platform.advertise_host,
-                            port=port,
-                            secure=platform.serves_tls,
-                            lease_duration_s=platform.lease_duration_s,
-                            renewal_interval_s=platform.heartbeat_interval_s,
-                        ),
+                if port:
+                    registration = Registration(
+                        app=name,
+                        host=platform.advertise_host,
+                        port=port,
+                        secure=platform.serves_tls,
+                        lease_duration_s=platform.lease_duration_s,
+                        renewal_interval_s=platform.heartbeat_interval_s,
                     )
+                    runtime.origin = registration.base_url
+                if register and port:
+                    heartbeat = Heartbeat(registry, registration)
                     runtime.heartbeat = heartbeat
                     runtime.readiness["registry"] = heartbeat.check_registered
                     heartbeat.start()

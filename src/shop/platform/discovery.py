@@ -102,9 +102,14 @@ class Registration:
     def instance_id(self) -> str:
         return f"{self.host}:{self.app}:{self.port}"
 
-    def to_eureka(self) -> dict[str, Any]:
+    @property
+    def base_url(self) -> str:
+        """Where callers reach this instance: what they find in the registry."""
         scheme = "https" if self.secure else "http"
-        base = f"{scheme}://{_host_in_url(self.host)}:{self.port}"
+        return f"{scheme}://{_host_in_url(self.host)}:{self.port}"
+
+    def to_eureka(self) -> dict[str, Any]:
+        base = self.base_url
         plain, secure = ("false", "true") if self.secure else ("true", "false")
         return {
             "instance": {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -187,8 +188,10 @@ AdminUser = Annotated[Principal, Depends(_admin_user)]
 
 def internal_caller(*services: str) -> Callable[[Request], Awaitable[Principal]]:
     """For ``/internal/*`` routes, as ``Annotated[Principal, Depends(internal_caller(...))]``:
-    a service token (internal audience, role ``service``) of one of ``services`` only; 401
-    without a valid token, 403 for a user's token or another service's."""
+    a service token (internal audience, role ``service``) of one of ``services`` only, issued
+    for this very instance (its ``target`` is this instance's registered base URL); 401
+    without a valid token, 403 for a user's token, another service's, or one issued for
+    another instance (what a registered impostor received and tries to replay here)."""
     accepted = frozenset(services)
     if not accepted:
         raise ValueError("an internal route names at least one caller")
@@ -201,6 +204,9 @@ def internal_caller(*services: str) -> Callable[[Request], Awaitable[Principal]]
             raise Problem(403, "This is an internal API: only services may call it.")
         if principal.service_name not in accepted:
             raise Problem(403, f"This internal API accepts calls from {listed} only.")
+        origin: str | None = request.app.state.runtime.origin
+        if origin is None or principal.target != origin:
+            raise Problem(403, "This service token was issued for another instance.")
         return principal
 
     return caller
@@ -211,9 +217,12 @@ class ServiceTokenUnavailable(Exception):
 
 
 class ServiceTokens:
-    """This service's own access token for internal calls, kept until near expiry.
+    """This service's own access tokens for internal calls, one per instance it calls, each
+    kept until near expiry.
 
     Asked of the configured auth URL (``SHOP_AUTH_URL``) only: the secret goes nowhere else.
+    Each token names its target instance, so the instance that receives it (even one that
+    registered under a false name) cannot use it anywhere else.
     """
 
     def __init__(
@@ -225,40 +234,51 @@ class ServiceTokens:
         session: aiohttp.ClientSession,
         refresh_margin_s: float = 60.0,
         failure_pause_s: float = 2.0,
+        max_targets: int = 256,
     ) -> None:
         self._name = name
         self._secret = secret
         self._auth_url = auth_url.rstrip("/") if auth_url else None
         self._session = session
         self._margin = refresh_margin_s
-        self._token: str | None = None
-        self._expires_at = 0.0
+        # target -> (token, monotonic expiry); the oldest target goes first when full.
+        self._tokens: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._max_targets = max_targets
         self._failed_until = 0.0
         self._failure_pause_s = failure_pause_s
         self._lock = asyncio.Lock()
 
-    async def bearer(self) -> str:
-        """An ``Authorization`` header value carrying this service's identity."""
-        if self._token is None or time.monotonic() > self._expires_at - self._margin:
+    def _held(self, target: str) -> str | None:
+        held = self._tokens.get(target)
+        if held is None or time.monotonic() > held[1] - self._margin:
+            return None
+        return held[0]
+
+    async def bearer(self, target: str) -> str:
+        """An ``Authorization`` header value carrying this service's identity, for calls to
+        the instance at ``target`` (its base URL, ``Instance.base_url``) only."""
+        token = self._held(target)
+        if token is None:
             async with self._lock:
-                if self._token is None or time.monotonic() > self._expires_at - self._margin:
+                token = self._held(target)
+                if token is None:
                     # After a failed fetch, callers queued on the lock fail at once for a
                     # moment instead of each waiting out its own timeout in turn.
                     if time.monotonic() < self._failed_until:
                         raise ServiceTokenUnavailable("auth was unreachable a moment ago")
                     try:
-                        await self._fetch()
+                        token = await self._fetch(target)
                     except ServiceTokenUnavailable:
                         self._failed_until = time.monotonic() + self._failure_pause_s
                         raise
-        return f"Bearer {self._token}"
+        return f"Bearer {token}"
 
-    async def _fetch(self) -> None:
+    async def _fetch(self, target: str) -> str:
         if self._secret is None:
             raise ServiceTokenUnavailable("SHOP_SERVICE_SECRET is not set")
         if self._auth_url is None:
             raise ServiceTokenUnavailable("SHOP_AUTH_URL is not set")
-        body = {"service": self._name, "secret": self._secret.get_secret_value()}
+        body = {"service": self._name, "secret": self._secret.get_secret_value(), "target": target}
         try:
             async with self._session.post(
                 self._auth_url + SERVICE_TOKEN_PATH,
@@ -277,5 +297,8 @@ class ServiceTokens:
             token, expires_in = str(answer["access_token"]), float(answer["expires_in"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceTokenUnavailable("auth answered without a usable token") from exc
-        self._token = token
-        self._expires_at = time.monotonic() + expires_in
+        self._tokens[target] = (token, time.monotonic() + expires_in)
+        self._tokens.move_to_end(target)
+        while len(self._tokens) > self._max_targets:
+            self._tokens.popitem(last=False)
+        return token

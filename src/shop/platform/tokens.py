@@ -60,6 +60,9 @@ class Principal:
     # Who the token is for: users' tokens name the public audience, service tokens the
     # internal one; routes check it (platform/security.py).
     audience: str = ""
+    # A service token names the one instance it may be used at (its base URL, as the
+    # registry lists it): a peer that received it cannot replay it at another instance.
+    target: str = ""
 
     @property
     def is_admin(self) -> bool:
@@ -83,12 +86,16 @@ def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
         if len(audience) != 1:
             raise InvalidToken("the token names more than one audience")
         audience = audience[0]
+    target = claims.get("target", "")
+    if not isinstance(target, str):
+        raise InvalidToken("target claim is malformed")
     return Principal(
         user_id=str(claims["sub"]),
         email=str(claims.get("email", "")),
         roles=frozenset(roles),
         token_id=str(claims["jti"]),
         audience=str(audience),
+        target=target,
     )
 
 
