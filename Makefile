@@ -36,8 +36,11 @@ fuzz: $(STAMP)
 	SHOP_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) SHOP_FUZZ_RANDOM=1 \
 		$(BIN)/python -m pytest tests/e2e/test_fuzz.py $(PYTEST_ARGS)
 
+# The whole system against issue 8's targets (about 3 min; needs wrk and nginx; not part of
+# `make test`). `make bench BENCH_ARGS=--mariadb` adds a run on MariaDB stores.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from bench.loadgen import LoadResult
 
-__all__ = ["Check", "Measurement", "Report", "Targets", "run"]
+__all__ = ["UNLIMITED", "Check", "Measurement", "Report", "Targets", "run"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUER = "shop-auth"
@@ -50,6 +50,11 @@ KID = "bench-1"
 PRODUCT = {"id": "p-1", "name": "Teapot", "price": "12.50", "currency": "EUR", "stock": 7}
 SERVICES = ("product-service", "inventory-service", "auth-service")
 MIB = 1024 * 1024
+# The gateway's per-client and per-user rate limits would cap a one-address load client.
+UNLIMITED = {
+    "GATEWAY_RATE_LIMIT_PER_CLIENT": "10000000/second",
+    "GATEWAY_RATE_LIMIT_PER_USER": "10000000/second",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +356,14 @@ async def _measure(
         gateway = processes.start(
             "gateway",
             ["-m", "shop.gateway"],
-            {**common, "GATEWAY_PORT": str(gateway_port), "SHOP_REGISTRY_URL": registry_url},
+            {
+                **common,
+                "GATEWAY_PORT": str(gateway_port),
+                "SHOP_REGISTRY_URL": registry_url,
+                # Keys come from a pinned address, never from whatever the registry lists.
+                "SHOP_JWKS_URL": f"http://127.0.0.1:{upstream_port}/auth/.well-known/jwks.json",
+                **UNLIMITED,
+            },
         )
         gateway_url = f"http://127.0.0.1:{gateway_port}"
         await _wait_until_ok(http, gateway, gateway_url + "/health/ready")

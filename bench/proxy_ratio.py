@@ -1,0 +1,226 @@
+"""The gateway against nginx as a reverse proxy, to the same backend.
+
+Processes, all on loopback, all stopped at the end (SIGTERM, then SIGKILL):
+
+- **backend**: nginx answering an 80-byte JSON product on every path (cheap, so that the
+  proxies are what is measured), pinned with the load client;
+- the real **registry**, with the backend registered as product-service;
+- the real **gateway**, pinned to core 0 (``taskset``);
+- **nginx** as a reverse proxy (one worker, keep-alive to the backend), pinned to core 0;
+- **wrk**, pinned to core 1.
+
+Measured: req/s through each proxy at c=16 (gateway ÷ nginx is the ratio), and p50 at c=1
+directly, through nginx and through the gateway (the latency one hop adds). Each in turn,
+``rounds`` times; each keeps its best run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from bench.gateway_proxy import PRODUCT, UNLIMITED, _register
+from bench.procs import free_port, stop_process
+from bench.wrk import WrkResult, run_wrk
+
+__all__ = ["RatioReport", "have_nginx", "run_ratio"]
+
+ROOT = Path(__file__).resolve().parent.parent
+PROXY_CORE, CLIENT_CORE = "0", "1"
+
+_BACKEND = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    {body}
+}}
+"""
+
+_BACKEND_SERVER = """
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ default_type application/json; return 200 '{product}'; }}
+    }}
+"""
+
+_PROXY_SERVER = """
+    upstream backend {{ server 127.0.0.1:{backend}; keepalive 64; keepalive_requests 10000000; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+"""
+
+
+@dataclass(slots=True)
+class RatioReport:
+    direct_c16: WrkResult | None = None
+    nginx_c16: WrkResult | None = None
+    gateway_c16: WrkResult | None = None
+    direct_c1: WrkResult | None = None
+    nginx_c1: WrkResult | None = None
+    gateway_c1: WrkResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        if not (self.gateway_c16 and self.nginx_c16 and self.nginx_c16.rps):
+            return float("nan")
+        return self.gateway_c16.rps / self.nginx_c16.rps
+
+    def hop_us(self, via: WrkResult | None) -> float:
+        if via is None or self.direct_c1 is None:
+            return float("nan")
+        return (via.p50_ms - self.direct_c1.p50_ms) * 1e3
+
+
+def have_nginx() -> bool:
+    return shutil.which("nginx") is not None
+
+
+def _pinned(core: str, argv: list[str]) -> list[str]:
+    if (os.cpu_count() or 1) < 2 or shutil.which("taskset") is None:
+        return argv
+    return ["taskset", "-c", core, *argv]
+
+
+class _Started:
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.popens: list[tuple[subprocess.Popen[bytes], Path]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        self.popens.append((popen, log))
+
+    def nginx(self, name: str, body: str, core: str) -> None:
+        home = self.workdir / name
+        home.mkdir()
+        conf = home / "nginx.conf"
+        conf.write_text(_BACKEND.format(dir=home, body=body))
+        argv = ["nginx", "-p", str(home), "-e", str(home / "error.log"), "-c", str(conf)]
+        self.start(name, _pinned(core, argv))
+
+    def stop_all(self) -> None:
+        for popen, _ in reversed(self.popens):
+            stop_process(popen, group=True, timeout_s=5.0)
+
+
+async def _wait_ok(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, OSError):
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s")
+
+
+async def _measure(report: RatioReport, started: _Started, *, seconds: float, rounds: int) -> None:
+    backend, proxy, registry, gateway = free_port(), free_port(), free_port(), free_port()
+    body = _BACKEND_SERVER.format(port=backend, product=json.dumps(PRODUCT))
+    started.nginx("backend", body, CLIENT_CORE)
+    started.nginx("nginx", _PROXY_SERVER.format(port=proxy, backend=backend), PROXY_CORE)
+    common = {"SHOP_DATA_DIR": str(started.workdir / "data"), "SHOP_LOG_LEVEL": "WARNING"}
+    started.start(
+        "registry",
+        [sys.executable, "-m", "shop.registry"],
+        {**common, "REGISTRY_PORT": str(registry)},
+    )
+    registry_url = f"http://127.0.0.1:{registry}/eureka"
+    await _wait_ok(f"http://127.0.0.1:{registry}/health/live")
+    await _wait_ok(f"http://127.0.0.1:{backend}/api/product")
+    async with aiohttp.ClientSession() as http:
+        await _register(http, registry_url, backend)
+    started.start(
+        "gateway",
+        _pinned(PROXY_CORE, [sys.executable, "-m", "shop.gateway"]),
+        {
+            **common,
+            **UNLIMITED,
+            "GATEWAY_PORT": str(gateway),
+            "SHOP_REGISTRY_URL": registry_url,
+            "SHOP_JWKS_URL": f"http://127.0.0.1:{backend}/auth/.well-known/jwks.json",
+        },
+    )
+    await _wait_ok(f"http://127.0.0.1:{gateway}/health/ready")
+    urls = {
+        "direct": f"http://127.0.0.1:{backend}/api/product",
+        "nginx": f"http://127.0.0.1:{proxy}/api/product",
+        "gateway": f"http://127.0.0.1:{gateway}/api/product",
+    }
+    for url in urls.values():
+        await _wait_ok(url)
+    # Other work on the machine preempts the pinned proxies now and then: each proxy is
+    # measured in turn, ``rounds`` times, and keeps its best run (highest req/s at c=16,
+    # lowest p50 at c=1), so one unlucky second does not decide the ratio.
+    for url in urls.values():
+        await run_wrk(url, connections=16, duration_s=1, threads=1, cores=CLIENT_CORE)
+    for _ in range(rounds):
+        for name, url in urls.items():
+            result = await run_wrk(
+                url, connections=16, duration_s=seconds, threads=1, cores=CLIENT_CORE
+            )
+            best = getattr(report, f"{name}_c16")
+            if best is None or result.rps > best.rps:
+                setattr(report, f"{name}_c16", result)
+    for _ in range(rounds):
+        for name, url in urls.items():
+            result = await run_wrk(
+                url, connections=1, duration_s=seconds, threads=1, cores=CLIENT_CORE
+            )
+            best = getattr(report, f"{name}_c1")
+            if best is None or result.p50_ms < best.p50_ms:
+                setattr(report, f"{name}_c1", result)
+
+
+def run_ratio(workdir: Path, *, seconds: float = 3.0, rounds: int = 2) -> RatioReport:
+    report = RatioReport()
+    started = _Started(workdir)
+    try:
+        asyncio.run(_measure(report, started, seconds=seconds, rounds=rounds))
+    except BaseException:
+        for _, log in started.popens:
+            with contextlib.suppress(OSError):
+                tail = log.read_text(errors="replace")[-1500:]
+                sys.stderr.write(f"--- {log.name} ---\n{tail}\n")
+        raise
+    finally:
+        started.stop_all()
+    return report
