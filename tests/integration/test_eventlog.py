@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from shop.platform import eventlog
 from shop.platform.eventlog import SqliteEventLog, main
 from shop.platform.events import Event
 from tests.support import run_module
@@ -129,6 +130,28 @@ async def test_processes_writing_at_once_lose_nothing_and_keep_their_order(bus_u
         await _until(lambda: len(recorder.seen) == 300, within_s=20)
     for key in ("W1", "W2", "W3"):
         assert recorder.numbers(key) == list(range(100))
+
+
+async def test_an_idle_consumer_hears_of_new_events_without_polling_the_table(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends by this process wake its consumers; appends by another process are noticed
+    through the file's data version. Neither waits for the consumer's own re-check."""
+    monkeypatch.setattr(eventlog, "_RECHECK_S", 60.0)
+    recorder = Recorder()
+    async with open_bus(bus_url) as bus:
+        bus.subscribe("orders", group="g", handler=recorder)
+        await bus.start()
+        await bus.publish("orders", [_event("A", 1)])
+        await _until(lambda: recorder.numbers() == [1], within_s=5)
+        await asyncio.sleep(0.2)  # the consumer found nothing more and waits
+        with closing(sqlite3.connect(bus_url.removeprefix("sqlite:///"))) as db, db:
+            db.execute(
+                "INSERT INTO events (topic, key, event_id, payload, appended_at)"
+                " VALUES ('orders', 'A', ?, ?, 0)",
+                ("e2", _event("A", 2).to_json()),
+            )
+        await _until(lambda: recorder.numbers() == [1, 2], within_s=5)
 
 
 # --- one group, two consumers: the lease fences them -------------------------------------

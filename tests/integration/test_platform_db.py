@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import threading
+from contextlib import closing
 from pathlib import Path
 
 import pymysql
@@ -10,6 +13,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from shop.platform import db
 from shop.platform.db import (
     create_engine,
     is_lock_conflict,
@@ -33,6 +37,62 @@ async def test_sqlite_file_is_created_in_wal_mode(tmp_path: Path) -> None:
             mode = (await conn.execute(text("PRAGMA journal_mode"))).scalar_one()
         assert mode == "wal"
         assert (tmp_path / "nested" / "svc.db").exists()
+    finally:
+        await engine.dispose()
+
+
+async def test_sqlite_runs_on_the_loop_and_waits_for_a_writer_without_blocking_it(
+    tmp_path: Path,
+) -> None:
+    """Statements run inline (no thread per connection), and one that finds the write lock
+    taken waits on the loop: the lock's holder (here released by a timer on that very
+    loop, as a task of the same process would) gets to finish, and the statement goes on."""
+    path = tmp_path / "svc.db"
+    engine = create_engine(f"sqlite:///{path}")
+    threads = threading.active_count()
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE probe (id INTEGER PRIMARY KEY)"))
+        assert engine.dialect.driver == "shop_inline"
+        assert threading.active_count() == threads, "no thread per connection"
+        with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")  # takes the write lock
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, holder.execute, "COMMIT")
+            started = loop.time()
+            async with engine.begin() as conn:
+                await conn.execute(text("INSERT INTO probe (id) VALUES (1)"))
+            assert loop.time() - started >= 0.25, "it waited for the lock"
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT count(*) FROM probe"))).scalar_one() == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_sqlite_gives_up_on_a_lock_that_is_never_released(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db, "SQLITE_BUSY_PATIENCE_S", 0.2)
+    path = tmp_path / "svc.db"
+    engine = create_engine(f"sqlite:///{path}")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE probe (id INTEGER PRIMARY KEY)"))
+        with closing(sqlite3.connect(path, isolation_level=None)) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(OperationalError) as failed:
+                async with engine.begin() as conn:
+                    await conn.execute(text("INSERT INTO probe (id) VALUES (1)"))
+            assert is_lock_conflict(failed.value), "callers run the transaction again"
+    finally:
+        await engine.dispose()
+
+
+async def test_a_threaded_sqlite_engine_keeps_aiosqlite(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path / 'svc.db'}", threaded=True)
+    try:
+        await ping(engine)
+        assert engine.dialect.driver == "aiosqlite"
     finally:
         await engine.dispose()
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     insert,
     select,
     update,
@@ -114,6 +115,12 @@ def _notification(row: Any) -> Notification:
     )
 
 
+# Built once and executed with a row of values: building a statement per call cost more
+# than running it on SQLite.
+_INSERT = insert(notifications)
+_UPDATE_ONE = update(notifications).where(notifications.c.id == bindparam("notification_id"))
+
+
 class SqlNotificationStore:
     def __init__(self, engine: AsyncEngine, *, consumer: str = CONSUMER) -> None:
         self._engine = engine
@@ -126,23 +133,24 @@ class SqlNotificationStore:
             if notification is not None:
                 n = notification
                 await conn.execute(
-                    insert(notifications).values(
-                        id=n.id,
-                        event_id=n.event_id,
-                        user_id=n.user_id,
-                        email=n.email,
-                        order_number=n.order_number,
-                        type=n.type,
-                        channel=n.channel,
-                        status=n.status,
-                        subject=n.subject,
-                        body=n.body,
-                        attempts=n.attempts,
-                        last_error=n.last_error,
-                        next_attempt_at=to_db_time(n.next_attempt_at),
-                        created_at=to_db_time(n.created_at),
-                        sent_at=to_db_time(n.sent_at),
-                    )
+                    _INSERT,
+                    {
+                        "id": n.id,
+                        "event_id": n.event_id,
+                        "user_id": n.user_id,
+                        "email": n.email,
+                        "order_number": n.order_number,
+                        "type": n.type,
+                        "channel": n.channel,
+                        "status": n.status,
+                        "subject": n.subject,
+                        "body": n.body,
+                        "attempts": n.attempts,
+                        "last_error": n.last_error,
+                        "next_attempt_at": to_db_time(n.next_attempt_at),
+                        "created_at": to_db_time(n.created_at),
+                        "sent_at": to_db_time(n.sent_at),
+                    },
                 )
         return True
 
@@ -208,8 +216,7 @@ class SqlNotificationStore:
         # A sweeper's claim on the same row may make InnoDB roll this back as a deadlock
         # victim; the update is idempotent, so it is simply run again.
         await execute_retrying(
-            self._engine,
-            update(notifications).where(notifications.c.id == notification_id).values(**values),
+            self._engine, _UPDATE_ONE, {"notification_id": notification_id, **values}
         )
 
     async def of_user(

@@ -1,6 +1,8 @@
 """SQLAlchemy 2 async engines from a URL, and each service's Alembic migrations at start-up.
 
-SQLite (aiosqlite) is the embedded default; MySQL/MariaDB (aiomysql) is chosen by URL.
+SQLite is the embedded default; MySQL/MariaDB (aiomysql) is chosen by URL. SQLite statements
+run inline on the event loop (``InlineSQLiteDialect``): they take microseconds, and handing
+each one to aiosqlite's thread and back cost more CPU than the statement itself.
 """
 
 from __future__ import annotations
@@ -8,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from collections.abc import Awaitable, Callable
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
@@ -16,16 +21,19 @@ from typing import Any, TypeVar, overload
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, DateTime, event, make_url, text
-from sqlalchemy.dialects import mysql
+from sqlalchemy import Connection, DateTime, event, make_url, pool, text
+from sqlalchemy.dialects import mysql, registry
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.ext.asyncio import AsyncSession as AsyncSession
 from sqlalchemy.sql import Executable
+from sqlalchemy.util.concurrency import await_, in_greenlet
 
 __all__ = [
     "AsyncSession",
+    "InlineSQLiteDialect",
     "Timestamp",
     "create_engine",
     "from_db_time",
@@ -107,12 +115,14 @@ async def retry_on_lock_conflict(operation: Callable[[], Awaitable[T]], *, attem
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def execute_retrying(engine: AsyncEngine, statement: Executable) -> None:
+async def execute_retrying(
+    engine: AsyncEngine, statement: Executable, parameters: Mapping[str, Any] | None = None
+) -> None:
     """One idempotent write in a transaction of its own, run again if it lost a lock race."""
 
     async def once() -> None:
         async with engine.begin() as conn:
-            await conn.execute(statement)
+            await conn.execute(statement, parameters)
 
     await retry_on_lock_conflict(once)
 
@@ -121,25 +131,215 @@ def is_mysql(engine: AsyncEngine) -> bool:
     return engine.dialect.name in {"mysql", "mariadb"}
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers and one writer work at once; busy_timeout waits instead of failing.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.close()
+# How long a statement waits for another connection's write lock (SQLite's "database is
+# locked") before it fails, on either SQLite driver.
+SQLITE_BUSY_PATIENCE_S = 10.0
+# SQLITE_BUSY and the variants that clear when the other writer is done. Not
+# SQLITE_BUSY_SNAPSHOT: this transaction read a snapshot another writer has since moved past,
+# so no wait can help — it fails at once and the caller runs the transaction again.
+_WAIT_ON = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_BUSY_RECOVERY, sqlite3.SQLITE_BUSY_TIMEOUT}
+)
 
 
-def create_engine(url: str) -> AsyncEngine:
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in _WAIT_ON
+
+
+def _patiently(call: Callable[[], T]) -> T:
+    """Run a sqlite3 call that found the write lock taken again until it gets through or
+    ``SQLITE_BUSY_PATIENCE_S`` passes, sleeping on the event loop between tries.
+
+    SQLite's own busy timeout would sleep in the statement, blocking the loop: a holder in
+    this process (another task's open transaction) could then never finish, and every other
+    task would stop as well.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_PATIENCE_S
+    pause = 0.001
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+        delay = pause * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+        if in_greenlet():
+            await_(asyncio.sleep(delay))
+        else:  # a synchronous caller of the engine (none in Shop): no loop to give back
+            time.sleep(delay)
+        pause = min(pause * 2, 0.05)
+
+
+class _Done:
+    """Awaited by each statement, done at once: the async engine insists that its driver
+    awaits (a guard against blocking drivers), and this hands control to the greenlet that
+    runs the engine and straight back, without a turn of the event loop."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return
+        yield  # a generator that finishes without suspending
+
+
+_DONE = _Done()
+
+
+def _awaited() -> None:
+    if in_greenlet():
+        await_(_DONE)
+
+
+class _InlineCursor:
+    """A DBAPI cursor over sqlite3 that, like SQLAlchemy's adapter of aiosqlite, reads a
+    query's rows at once: the statement is done (and its read snapshot let go) before the
+    caller awaits anything else."""
+
+    __slots__ = ("_cursor", "_rows", "arraysize", "description", "lastrowid", "rowcount")
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._cursor = sqlite3.Connection.cursor(connection)
+        self._rows: deque[Any] = deque()
+        self.arraysize = 1
+        self.description: Any = None
+        self.lastrowid: int | None = None
+        self.rowcount = -1
+
+    def execute(self, sql: str, parameters: Any = ()) -> _InlineCursor:
+        _awaited()
+        cursor = self._cursor
+        try:
+            cursor.execute(sql, parameters)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            _patiently(lambda: cursor.execute(sql, parameters))
+        self._settle()
+        return self
+
+    def executemany(self, sql: str, seq_of_parameters: Any) -> _InlineCursor:
+        _awaited()
+        cursor = self._cursor
+        # Only the first row can meet a taken lock: from then on the transaction holds it.
+        rows = list(seq_of_parameters)
+        _patiently(lambda: cursor.executemany(sql, rows))
+        self._settle()
+        return self
+
+    def _settle(self) -> None:
+        cursor = self._cursor
+        self.description = cursor.description
+        self._rows = deque(cursor.fetchall()) if cursor.description else deque()
+        self.rowcount = cursor.rowcount
+        self.lastrowid = cursor.lastrowid
+
+    def fetchone(self) -> Any:
+        return self._rows.popleft() if self._rows else None
+
+    def fetchmany(self, size: int | None = None) -> list[Any]:
+        count = self.arraysize if size is None else size
+        return [self._rows.popleft() for _ in range(min(count, len(self._rows)))]
+
+    def fetchall(self) -> list[Any]:
+        rows = list(self._rows)
+        self._rows.clear()
+        return rows
+
+    def __iter__(self) -> Iterator[Any]:
+        while self._rows:
+            yield self._rows.popleft()
+
+    def close(self) -> None:
+        self._rows.clear()
+        self._cursor.close()
+
+    async def _async_soft_close(self) -> None:
+        """What the async engine calls on a result's cursor: the rows are already read."""
+
+
+class _InlineConnection(sqlite3.Connection):
+    def cursor(self, factory: Any = None) -> Any:
+        return _InlineCursor(self)
+
+    def commit(self) -> None:
+        # A COMMIT that found the database busy leaves the transaction open: try it again.
+        try:
+            super().commit()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+            _patiently(super().commit)
+
+
+class InlineSQLiteDialect(SQLiteDialect_pysqlite):
+    """SQLite for the async engine, each statement run inline on the event loop.
+
+    The async engine runs the synchronous pysqlite dialect in a greenlet; this DBAPI never
+    awaits except to wait out another connection's write lock (``_patiently``), so a
+    statement costs what sqlite3 costs, with no hop to a thread and back. A statement that
+    runs long (a scan of a big table) blocks the loop for that long: ``create_engine(url,
+    threaded=True)`` keeps aiosqlite's thread for a database that has such statements.
+    """
+
+    driver = "shop_inline"
+    supports_statement_cache = True
+    is_async = True
+
+    @classmethod
+    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
+        if cls._is_url_file_db(url):
+            return pool.AsyncAdaptedQueuePool
+        return pool.StaticPool
+
+    def connect(self, *cargs: Any, **cparams: Any) -> Any:
+        cparams.setdefault("factory", _InlineConnection)
+        # Connections move between greenlets of one thread, and the pool may close one from
+        # a finaliser: sqlite3's thread check would refuse either for no reason.
+        cparams["check_same_thread"] = False
+        return super().connect(*cargs, **cparams)
+
+
+registry.register("sqlite.shop_inline", __name__, "InlineSQLiteDialect")
+
+
+def _sqlite_pragmas(*, busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        # WAL lets readers and one writer work at once; busy_timeout waits instead of failing.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    return on_connect
+
+
+def create_engine(url: str, *, threaded: bool = False) -> AsyncEngine:
     """An engine whose errors never carry bound values: a failed statement's exception (and
-    so any log line or traceback of it) shows the SQL, not the e-mail or hash it held."""
+    so any log line or traceback of it) shows the SQL, not the e-mail or hash it held.
+
+    SQLite runs inline on the event loop (``InlineSQLiteDialect``) unless ``threaded``, which
+    keeps aiosqlite's thread per connection for a database with long statements.
+    """
     parsed = normalise_url(url)
     if parsed.drivername.startswith("sqlite"):
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(parsed, connect_args={"timeout": 30}, hide_parameters=True)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        patience_ms = int(SQLITE_BUSY_PATIENCE_S * 1000)
+        if threaded or parsed.drivername != "sqlite+aiosqlite":
+            engine = create_async_engine(
+                parsed, connect_args={"timeout": patience_ms / 1000}, hide_parameters=True
+            )
+            event.listen(
+                engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout_ms=patience_ms)
+            )
+            return engine
+        # No busy timeout inside SQLite: ``_patiently`` waits, without blocking the loop.
+        engine = create_async_engine(
+            parsed.set(drivername="sqlite+shop_inline"),
+            connect_args={"timeout": 0},
+            hide_parameters=True,
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas(busy_timeout_ms=0))
         return engine
     return create_async_engine(
         parsed,

@@ -13,6 +13,9 @@
   then the event goes to ``dead_letters`` and the group moves on, so one poisoned event
   cannot stop a topic forever. ``python -m shop.platform.buses replay`` (or
   ``python -m shop.platform.eventlog replay``) puts them back.
+- A consumer that found nothing new waits to be told rather than polling the table: an
+  append by its own process wakes it, and one watcher per process notices other processes'
+  commits through ``PRAGMA data_version``.
 WAL mode lets readers and one writer work at once across processes.
 """
 
@@ -23,14 +26,15 @@ import contextlib
 import logging
 import os
 import socket
+import sqlite3
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from sqlalchemy import column, table, text, update
+from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.platform import context
@@ -63,7 +67,32 @@ _SCHEMA = (
     " PRIMARY KEY (grp, topic, seq))",
     LEASES_DDL,
 )
-_offsets = table("consumer_offsets", column("grp"), column("topic"), column("committed"))
+# The next events of a topic after the group's offset, each with the failed attempts it
+# already had (usually none): one statement per batch.
+_NEXT_EVENTS = text(
+    "SELECT e.seq, e.payload, d.attempts FROM events AS e"
+    " LEFT JOIN delivery_attempts AS d ON d.grp = :g AND d.topic = e.topic AND d.seq = e.seq"
+    " WHERE e.topic = :t AND e.seq > coalesce("
+    "(SELECT committed FROM consumer_offsets WHERE grp = :g AND topic = :t), 0)"
+    " ORDER BY e.seq LIMIT :n"
+)
+# The fenced commit: the offset moves forward only while the lease is ours
+# (``Lease.is_held()``, spelt out so the statement is compiled once).
+_COMMIT = text(
+    "UPDATE consumer_offsets SET committed = :s"
+    " WHERE grp = :g AND topic = :t AND committed < :s AND EXISTS ("
+    "SELECT 1 FROM shop_leases WHERE name = :lease AND owner = :owner AND until > :now)"
+)
+_FORGET_ATTEMPTS = text("DELETE FROM delivery_attempts WHERE grp = :g AND topic = :t AND seq <= :s")
+_RECORD_ATTEMPT = text(
+    "INSERT OR REPLACE INTO delivery_attempts (grp, topic, seq, attempts) VALUES (:g, :t, :s, :n)"
+)
+_SET_ASIDE = text(
+    "INSERT OR REPLACE INTO dead_letters (grp, topic, seq, payload, error, failed_at)"
+    " VALUES (:g, :t, :s, :p, :e, :now)"
+)
+# A consumer that found nothing new looks again at least this often, whatever it was told.
+_RECHECK_S = 1.0
 
 
 @dataclass(slots=True)
@@ -71,6 +100,9 @@ class _Subscription:
     topic: str
     group: str
     handler: Handler
+    # Set when the topic may have new events: an append by this process, or a commit to the
+    # file by another one (``_watch``). A consumer waits on it instead of polling the table.
+    news: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SqliteEventLog:
@@ -136,6 +168,9 @@ class SqliteEventLog:
                     for e in events
                 ],
             )
+        for sub in self._subscriptions:
+            if sub.topic == topic:
+                sub.news.set()
 
     def subscribe(self, topic: str, *, group: str, handler: Handler) -> None:
         self._subscriptions.append(_Subscription(topic=topic, group=group, handler=handler))
@@ -146,6 +181,8 @@ class SqliteEventLog:
             self._tasks.append(
                 asyncio.create_task(self._consume(sub), name=f"consume-{sub.group}-{sub.topic}")
             )
+        if self._subscriptions:
+            self._tasks.append(asyncio.create_task(self._watch(), name="eventlog-watch"))
 
     async def ping(self) -> None:
         engine = await self._open()
@@ -159,6 +196,8 @@ class SqliteEventLog:
         would come again anyway.
         """
         self._stopping.set()
+        for sub in self._subscriptions:
+            sub.news.set()
         if self._tasks:
             _, hanging = await asyncio.wait(self._tasks, timeout=grace_s)
             for task in hanging:
@@ -263,6 +302,35 @@ class SqliteEventLog:
             async with asyncio.timeout(seconds):
                 await self._stopping.wait()
 
+    async def _watch(self) -> None:
+        """Tell the consumers when another process appended events, without a query of the
+        log per consumer and poll: every ``poll_interval_s`` one ``PRAGMA data_version``
+        (which changes when another connection committed to the file) on a connection of
+        its own, and only then a look at the last ``seq``."""
+        database = make_url(self._url).database
+        if not database or database == ":memory:":
+            # Nobody else can write to it: appends here wake the consumers directly.
+            return
+        watcher = sqlite3.connect(database, timeout=0, check_same_thread=False)
+        try:
+            version, last = None, None
+            while not self._stopping.is_set():
+                try:
+                    seen = watcher.execute("PRAGMA data_version").fetchone()[0]
+                    if seen != version:
+                        version = seen
+                        newest = watcher.execute("SELECT max(seq) FROM events").fetchone()[0]
+                        if newest != last:
+                            last = newest
+                            for sub in self._subscriptions:
+                                sub.news.set()
+                except sqlite3.Error as exc:  # the file is busy being recovered: look again
+                    log.debug("event log watch: %r", exc)
+                    version = None
+                await self._pause(self._poll)
+        finally:
+            watcher.close()
+
     async def _consume_while_held(
         self, engine: AsyncEngine, sub: _Subscription, lease: Lease
     ) -> None:
@@ -274,17 +342,26 @@ class SqliteEventLog:
         held, done = asyncio.Event(), asyncio.Event()
         held.set()
         heartbeat = asyncio.create_task(
-            self._keep(lease, held=held, done=done), name=f"lease-{lease.name}"
+            self._keep(lease, held=held, done=done, wake=sub.news), name=f"lease-{lease.name}"
         )
         try:
             while held.is_set() and not self._stopping.is_set():
+                # Cleared before the read, so an append after it wakes the wait below.
+                sub.news.clear()
                 if not await self._consume_batch(engine, sub, lease=lease, held=held):
-                    await self._pause(self._poll)
+                    await self._await_news(sub)
         finally:
             done.set()
             await heartbeat
 
-    async def _keep(self, lease: Lease, *, held: asyncio.Event, done: asyncio.Event) -> None:
+    async def _await_news(self, sub: _Subscription) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_RECHECK_S):
+                await sub.news.wait()
+
+    async def _keep(
+        self, lease: Lease, *, held: asyncio.Event, done: asyncio.Event, wake: asyncio.Event
+    ) -> None:
         while not done.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._lease_s / 3):
@@ -300,6 +377,7 @@ class SqliteEventLog:
                 continue
             log.warning("%s lost lease %s; stops delivering", self._owner, lease.name)
             held.clear()
+            wake.set()  # a consumer waiting for events goes back to waiting for the lease
             return
 
     async def _consume_batch(
@@ -307,27 +385,25 @@ class SqliteEventLog:
     ) -> bool:
         """Handle the next events while the lease is held; False if there were none."""
         async with engine.connect() as conn:
-            committed = await conn.scalar(
-                text("SELECT committed FROM consumer_offsets WHERE grp = :g AND topic = :t"),
-                {"g": sub.group, "t": sub.topic},
-            )
             rows = (
-                await conn.execute(
-                    text(
-                        "SELECT seq, payload FROM events WHERE topic = :t AND seq > :c"
-                        " ORDER BY seq LIMIT :n"
-                    ),
-                    {"t": sub.topic, "c": committed or 0, "n": self._batch},
-                )
+                await conn.execute(_NEXT_EVENTS, {"g": sub.group, "t": sub.topic, "n": self._batch})
             ).all()
-        for seq, payload in rows:
+        for seq, payload, tried in rows:
             if self._stopping.is_set() or not held.is_set():
                 break
-            finished, error = await self._deliver(engine, sub, seq=seq, payload=payload, held=held)
+            finished, error, attempted = await self._deliver(
+                engine, sub, seq=seq, payload=payload, tried=int(tried or 0), held=held
+            )
             if not finished:
                 break  # closing, or the lease lost, while the event failed: it comes again
             if not await self._commit(
-                engine, sub, lease=lease, seq=seq, payload=payload, error=error
+                engine,
+                sub,
+                lease=lease,
+                seq=seq,
+                payload=payload,
+                error=error,
+                attempted=attempted or tried is not None,
             ):
                 log.warning(
                     "%s lost lease %s before committing %s; another consumer has it",
@@ -346,42 +422,33 @@ class SqliteEventLog:
         *,
         seq: int,
         payload: str,
+        tried: int,
         held: asyncio.Event,
-    ) -> tuple[bool, str | None]:
-        """Hand the event over: (finished, why it goes to dead letters if it does).
+    ) -> tuple[bool, str | None, bool]:
+        """Hand the event over: (finished, why it goes to dead letters if it does, whether
+        a failed attempt was recorded).
 
         Not finished if the log closed or the lease was lost before the handler succeeded.
+        ``tried``: the failed attempts recorded for the event before.
         """
         try:
             event = Event.from_json(payload)
         except MalformedEvent as exc:
-            return True, str(exc)  # no retry can make it readable
+            return True, str(exc), False  # no retry can make it readable
         trace = context.parse_traceparent(event.traceparent) or context.TraceContext.new()
         context.bind(request_id=event.id, trace=trace)
         key = {"g": sub.group, "t": sub.topic, "s": seq}
-        async with engine.connect() as conn:
-            tried = await conn.scalar(
-                text(
-                    "SELECT attempts FROM delivery_attempts"
-                    " WHERE grp = :g AND topic = :t AND seq = :s"
-                ),
-                key,
-            )
-        for attempt in range(int(tried or 0) + 1, self._retry.max_attempts + 1):
+        attempted = False
+        for attempt in range(tried + 1, self._retry.max_attempts + 1):
             try:
                 # A handler that hangs would hold the lease (and the topic) for ever.
                 async with asyncio.timeout(self._retry.handler_timeout_s):
                     await sub.handler(event)
-                return True, None
+                return True, None, attempted
             except Exception as exc:
                 async with engine.begin() as conn:
-                    await conn.execute(
-                        text(
-                            "INSERT OR REPLACE INTO delivery_attempts (grp, topic, seq, attempts)"
-                            " VALUES (:g, :t, :s, :n)"
-                        ),
-                        {**key, "n": attempt},
-                    )
+                    await conn.execute(_RECORD_ATTEMPT, {**key, "n": attempt})
+                attempted = True
                 if attempt == self._retry.max_attempts:
                     log.exception(
                         "%s gave up on event %s (%s) after %d attempts",
@@ -390,14 +457,14 @@ class SqliteEventLog:
                         event.type,
                         attempt,
                     )
-                    return True, repr(exc)
+                    return True, repr(exc), attempted
                 log.warning(
                     "%s failed on event %s (attempt %d): %r", sub.group, event.id, attempt, exc
                 )
                 await self._pause(self._retry.delay_after(attempt))
                 if self._stopping.is_set() or not held.is_set():
-                    return False, None
-        return True, f"gave up after {self._retry.max_attempts} attempts"
+                    return False, None, attempted
+        return True, f"gave up after {self._retry.max_attempts} attempts", attempted
 
     async def _commit(
         self,
@@ -408,45 +475,27 @@ class SqliteEventLog:
         seq: int,
         payload: str,
         error: str | None,
+        attempted: bool,
     ) -> bool:
         """Move the offset to ``seq`` (setting the event aside if it failed); False if the
         lease is no longer ours.
 
         Fenced in one statement: a consumer that stalled past its lease must not commit, and
-        an offset never moves back.
+        an offset never moves back. ``attempted``: failed attempts of the event are recorded
+        (and go with the commit); for the usual event, the commit is that one statement.
         """
+        key = {"g": sub.group, "t": sub.topic, "s": seq}
         async with engine.begin() as conn:
             moved = await conn.execute(
-                update(_offsets)
-                .where(
-                    _offsets.c.grp == sub.group,
-                    _offsets.c.topic == sub.topic,
-                    _offsets.c.committed < seq,
-                    lease.is_held(),
-                )
-                .values(committed=seq)
+                _COMMIT, {**key, "lease": lease.name, "owner": lease.owner, "now": time.time()}
             )
             if moved.rowcount != 1:
                 return False
-            await conn.execute(
-                text("DELETE FROM delivery_attempts WHERE grp = :g AND topic = :t AND seq <= :s"),
-                {"g": sub.group, "t": sub.topic, "s": seq},
-            )
+            if attempted or error is not None:
+                await conn.execute(_FORGET_ATTEMPTS, key)
             if error is not None:
                 await conn.execute(
-                    text(
-                        "INSERT OR REPLACE INTO dead_letters"
-                        " (grp, topic, seq, payload, error, failed_at)"
-                        " VALUES (:g, :t, :s, :p, :e, :now)"
-                    ),
-                    {
-                        "g": sub.group,
-                        "t": sub.topic,
-                        "s": seq,
-                        "p": payload,
-                        "e": error[:2000],
-                        "now": time.time(),
-                    },
+                    _SET_ASIDE, {**key, "p": payload, "e": error[:2000], "now": time.time()}
                 )
         return True
 
