@@ -317,6 +317,32 @@ async def test_an_order_number_is_one_reservation_however_it_is_spelled(
     assert await _levels(inventory, "pixel_8") == {"pixel_8": 50}
 
 
+async def test_orders_arriving_together_are_answered_each_on_its_own(
+    inventory: httpx.AsyncClient,
+) -> None:
+    # Sent at once (galaxy_s24 has 30): twelve orders of 2, one of 31 that can never fit,
+    # and three copies of one order. They share transactions; each gets its own answer.
+    repeated = _reservation(str(uuid.uuid4()), galaxy_s24=1, pixel_8=1)
+    bodies = [_reservation(str(uuid.uuid4()), galaxy_s24=2) for _ in range(12)]
+    bodies += [_reservation(str(uuid.uuid4()), galaxy_s24=31), repeated, repeated, repeated]
+    answers = await asyncio.gather(
+        *(inventory.post("/internal/reservations", json=body, headers=SERVICE) for body in bodies)
+    )
+
+    assert [answer.status_code for answer in answers] == [201] * 12 + [409] + [201] * 3
+    assert answers[0].json() == {
+        "orderNumber": bodies[0]["orderNumber"],
+        "status": "RESERVED",
+        "lines": [{"skuCode": "galaxy_s24", "quantity": 2}],
+    }
+    (short,) = _assert_problem(answers[12], 409)["shortages"]
+    assert short["skuCode"] == "galaxy_s24"
+    assert short["requested"] == 31
+    assert 5 <= short["available"] <= 30
+    assert answers[13].content == answers[14].content == answers[15].content
+    assert await _levels(inventory, "galaxy_s24", "pixel_8") == {"galaxy_s24": 5, "pixel_8": 49}
+
+
 async def test_a_short_line_reserves_nothing_and_names_each_shortage(
     inventory: httpx.AsyncClient,
 ) -> None:

@@ -152,3 +152,40 @@ async def test_twenty_orders_race_for_eight_units_on_sqlite(
     sqlite_store: SqlInventoryStore,
 ) -> None:
     await _one_sku_race(sqlite_store, stock=8, orders=20)
+
+
+@pytest.fixture
+async def any_store(database_url: str) -> AsyncIterator[SqlInventoryStore]:
+    """SQLite, then MariaDB (``database_url`` is parametrised over both)."""
+    engine = create_engine(database_url)
+    try:
+        await migrate(engine, package="shop.inventory", service="inventory")
+        yield SqlInventoryStore(engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_two_hundred_buyers_of_several_skus_some_short(any_store: SqlInventoryStore) -> None:
+    # 200 orders at once of 1-3 lines over three SKUs that cannot serve them all: they are
+    # applied in shared transactions, and every unit is still accounted for.
+    stock = {"hot": 60, "warm": 40, "cold": 5}
+    for sku, units in stock.items():
+        await any_store.set_stock(sku, units, now=NOW)
+    rng = random.Random(11)
+    orders = [
+        [ReservationLine(sku, rng.randint(1, 3)) for sku in rng.sample(sorted(stock), k)]
+        for k in (rng.randint(1, 3) for _ in range(200))
+    ]
+    outcomes = await _race(any_store, orders)
+
+    won = [o for o in outcomes if isinstance(o, Reservation)]
+    lost = [o for o in outcomes if isinstance(o, OutOfStock)]
+    assert won and lost
+    remaining = await any_store.quantities(sorted(stock))
+    held = await _held(any_store)
+    for sku, units in stock.items():
+        taken = sum(line.quantity for r in won for line in r.lines if line.sku_code == sku)
+        assert remaining[sku] >= 0
+        assert remaining[sku] + taken == units == remaining[sku] + held.get(sku, 0)
+    # Every refusal names a line that really did not fit at its turn.
+    assert all(s.available < s.requested for short in lost for s in short.shortages)

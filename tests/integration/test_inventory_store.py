@@ -243,3 +243,60 @@ async def test_all_levels_page_by_sku_code(store: SqlInventoryStore) -> None:
         4,
     )
     assert await store.all_levels(limit=10, offset=3) == ([StockLevel("d", 0)], 4)
+
+
+async def test_a_short_request_among_concurrent_ones_fails_alone(store: SqlInventoryStore) -> None:
+    # Requests arriving together share a transaction; each still takes all its lines or none,
+    # in the order they arrived, and a short one leaves its units to those after it.
+    await store.add_stock("hot", 10, now=NOW)
+    await store.add_stock("cold", 2, now=NOW)
+    asked = [
+        _lines(hot=3),
+        _lines(hot=3),
+        _lines(hot=1, cold=5),
+        _lines(hot=3),
+        _lines(hot=5),
+        _lines(hot=1),
+    ]
+    orders = [_order() for _ in asked]
+    outcomes = await asyncio.gather(
+        *(store.reserve(order, lines, now=NOW) for order, lines in zip(orders, asked, strict=True)),
+        return_exceptions=True,
+    )
+    kinds = [type(outcome).__name__ for outcome in outcomes]
+    assert kinds == ["Reservation"] * 2 + ["OutOfStock", "Reservation", "OutOfStock", "Reservation"]
+    assert isinstance(outcomes[2], OutOfStock)
+    assert outcomes[2].shortages == (Shortage("cold", 5, 2),)
+    assert isinstance(outcomes[4], OutOfStock)
+    assert outcomes[4].shortages == (Shortage("hot", 5, 1),)
+    assert await store.quantities(["hot", "cold"]) == {"hot": 0, "cold": 2}
+    assert await _reservation_rows(store) == (4, 4)
+    for order, outcome in zip(orders, outcomes, strict=True):
+        stored = await store.reservation(order)
+        assert stored == (outcome if isinstance(outcome, Reservation) else None)
+
+
+async def test_repeats_among_concurrent_requests_reserve_once(store: SqlInventoryStore) -> None:
+    await store.add_stock("a", 5, now=NOW)
+    order, other, released = _order(), _order(), _order()
+    await store.release(released, now=NOW)  # a cancelled order: its late request must not take
+    asked = [
+        (order, _lines(a=2)),
+        (released, _lines(a=1)),
+        (order, _lines(a=2)),
+        (order, _lines(a=3)),
+        (other, _lines(a=3)),
+        (order, _lines(a=2)),
+    ]
+    outcomes = await asyncio.gather(
+        *(store.reserve(number, lines, now=NOW) for number, lines in asked),
+        return_exceptions=True,
+    )
+    first = Reservation(order, ReservationStatus.RESERVED, tuple(_lines(a=2)))
+    assert outcomes[0] == outcomes[2] == outcomes[5] == first
+    assert isinstance(outcomes[1], ReservationConflict)
+    assert isinstance(outcomes[3], ReservationConflict)
+    # Counted once: 5 - 2 leaves exactly the 3 the other order asked for.
+    assert outcomes[4] == Reservation(other, ReservationStatus.RESERVED, tuple(_lines(a=3)))
+    assert await store.quantities(["a"]) == {"a": 0}
+    assert await _reservation_rows(store) == (3, 2)  # two reservations and the released mark

@@ -7,7 +7,9 @@ import pytest
 from shop.inventory.domain import (
     MAX_QUANTITY,
     MAX_SKUS_PER_QUERY,
+    OutOfStock,
     Reservation,
+    ReservationAsk,
     ReservationConflict,
     ReservationLine,
     ReservationStatus,
@@ -19,6 +21,7 @@ from shop.inventory.domain import (
     order_number_problem,
     quantity_problem,
     replay,
+    settle,
     shortages,
     sku_code_problem,
     sku_codes_from_query,
@@ -151,3 +154,28 @@ def test_a_released_reservation_cannot_be_replayed() -> None:
     stored = Reservation(ORDER, ReservationStatus.RELEASED, (ReservationLine("a", 1),))
     with pytest.raises(ReservationConflict, match="released"):
         replay(stored, [ReservationLine("a", 1)])
+
+
+def test_settle_decides_in_arrival_order_each_request_all_or_nothing() -> None:
+    other = "0f2b8c1e-9a4d-4c1b-8f0e-2d7a6b5c4e3f"
+    stored = Reservation(other, ReservationStatus.RELEASED, (ReservationLine("a", 1),))
+    asks = [
+        ReservationAsk(ORDER, (ReservationLine("a", 2), ReservationLine("b", 1))),
+        ReservationAsk("1f2b8c1e-9a4d-4c1b-8f0e-2d7a6b5c4e3f", (ReservationLine("a", 2),)),
+        ReservationAsk(other, (ReservationLine("a", 1),)),
+        ReservationAsk(ORDER, (ReservationLine("b", 1), ReservationLine("a", 2))),
+        ReservationAsk("2f2b8c1e-9a4d-4c1b-8f0e-2d7a6b5c4e3f", (ReservationLine("a", 1),)),
+    ]
+    settled = settle(asks, available={"a": 3, "b": 1}, known={other: stored})
+
+    first = Reservation(ORDER, ReservationStatus.RESERVED, asks[0].lines)
+    assert settled.outcomes[0] == first
+    short = settled.outcomes[1]
+    assert isinstance(short, OutOfStock)
+    assert short.shortages == (Shortage("a", 2, 1),)
+    assert isinstance(settled.outcomes[2], ReservationConflict)  # released: refused
+    assert settled.outcomes[3] == Reservation(ORDER, ReservationStatus.RESERVED, asks[3].lines)
+    last = Reservation(asks[4].order_number, ReservationStatus.RESERVED, asks[4].lines)
+    assert settled.outcomes[4] == last
+    assert settled.new == [first, last]
+    assert settled.taken == {"a": 3, "b": 1}

@@ -30,7 +30,12 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
             service_events(runtime) as bus,
         ):
             inventory = InventoryService(
-                store=SqlInventoryStore(engine, attempts=settings.reserve_attempts)
+                store=SqlInventoryStore(
+                    engine,
+                    attempts=settings.reserve_attempts,
+                    group_window_s=settings.reserve_group_window_ms / 1000,
+                    group_max_asks=settings.reserve_group_size,
+                )
             )
             # Seeded before consuming: the demo stock goes into an empty table, and the
             # catalogue's events for the same SKUs then find them known.

@@ -24,8 +24,10 @@ __all__ = [
     "OutOfStock",
     "Reservation",
     "ReservationConflict",
+    "ReservationAsk",
     "ReservationLine",
     "ReservationStatus",
+    "Settlement",
     "Shortage",
     "StockBusy",
     "StockLevel",
@@ -36,6 +38,7 @@ __all__ = [
     "order_number_problem",
     "quantity_problem",
     "replay",
+    "settle",
     "shortages",
     "sku_code_problem",
     "sku_codes_from_query",
@@ -238,3 +241,57 @@ def replay(existing: Reservation, lines: Sequence[ReservationLine]) -> Reservati
         )
     # The lines as asked, not as stored: an identical request gets a byte-identical answer.
     return replace(existing, lines=tuple(lines))
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationAsk:
+    """One request to reserve ``lines`` for an order, as it waits to be applied."""
+
+    order_number: str
+    lines: tuple[ReservationLine, ...]
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What one transaction applies for a group of requests, and each request's answer."""
+
+    outcomes: list[Reservation | InventoryError]
+    new: list[Reservation]
+    taken: dict[str, int]
+
+
+def settle(
+    asks: Sequence[ReservationAsk],
+    *,
+    available: Mapping[str, int],
+    known: Mapping[str, Reservation],
+) -> Settlement:
+    """Decide requests in arrival order against locked stock levels and the reservations
+    already stored: each takes every line or none, so a short request leaves what it asked
+    for to the ones after it. A repeat of an order number (stored, or earlier in the group)
+    is answered by ``replay``; a short request reports the units left at its turn."""
+    left = dict(available)
+    decided: dict[str, Reservation] = dict(known)
+    outcomes: list[Reservation | InventoryError] = []
+    new: list[Reservation] = []
+    taken: dict[str, int] = {}
+    for ask in asks:
+        existing = decided.get(ask.order_number)
+        if existing is not None:
+            try:
+                outcomes.append(replay(existing, ask.lines))
+            except ReservationConflict as conflict:
+                outcomes.append(conflict)
+            continue
+        short = shortages(ask.lines, left)
+        if short:
+            outcomes.append(OutOfStock(short))
+            continue
+        for line in ask.lines:
+            left[line.sku_code] -= line.quantity
+            taken[line.sku_code] = taken.get(line.sku_code, 0) + line.quantity
+        made = Reservation(ask.order_number, ReservationStatus.RESERVED, ask.lines)
+        decided[ask.order_number] = made
+        new.append(made)
+        outcomes.append(made)
+    return Settlement(outcomes, new, taken)

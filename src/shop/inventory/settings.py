@@ -27,6 +27,19 @@ class InventorySettings(ServiceSettings):
         le=10,
         description="Tries of one reservation when MySQL reports a deadlock or lock wait timeout.",
     )
+    reserve_group_window_ms: float = Field(
+        default=0.5,
+        ge=0,
+        le=50,
+        description="How long a reservation arriving at rest waits for others to share its "
+        "transaction (under load, groups form while the previous one commits).",
+    )
+    reserve_group_size: int = Field(
+        default=128,
+        ge=1,
+        le=1000,
+        description="Most reservations applied in one transaction.",
+    )
 
     def seeds_demo_stock(self, platform: PlatformSettings) -> bool:
         # Production stock is real: a forgotten setting must never invent units to sell.

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from functools import cache
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import (
     BigInteger,
@@ -28,19 +30,21 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shop.inventory.batching import GroupCommit
 from shop.inventory.domain import (
-    OutOfStock,
+    InventoryError,
     Reservation,
+    ReservationAsk,
     ReservationLine,
     ReservationStatus,
     StockBusy,
     StockLevel,
     in_lock_order,
-    replay,
-    shortages,
+    settle,
 )
 from shop.platform.db import Timestamp, is_lock_conflict, is_mysql, to_db_time
 from shop.platform.inbox import first_delivery
@@ -133,14 +137,97 @@ class _TryAgain(Exception):
     """This attempt lost a race whose outcome is now settled; running it again will tell."""
 
 
-class _Known(Exception):
-    """The order number already has a reservation row."""
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    order_number: str
+    lines: tuple[ReservationLine, ...]
+    now: datetime
+
+
+class _ReservationSql:
+    """The reservation path's statements, written out for one DBAPI: no SQLAlchemy
+    compilation per request, and as few statements per group as the work allows."""
+
+    def __init__(self, *, placeholder: str, mysql: bool) -> None:
+        self._p = placeholder
+        # SQLite: take the write lock before reading, so the levels read are the ones the
+        # group writes against (a plain BEGIN would read a snapshot that may be stale).
+        self.begin_writing = "" if mysql else "BEGIN IMMEDIATE"
+        self._lock = " ORDER BY sku_code FOR UPDATE" if mysql else ""
+        p = placeholder
+        # Only placeholders are formatted into these statements, never a value (hence S608).
+        values = f"VALUES ({p}, {p}, {p})"
+        heads, lines = "reservations (order_number, status, created_at)", "reservation_lines"
+        self.insert_reservations = f"INSERT INTO {heads} {values}"  # noqa: S608
+        self.insert_lines = f"INSERT INTO {lines} (order_number, sku_code, quantity) {values}"  # noqa: S608
+        self.lock_stock = cache(self._lock_stock)
+        self.take_stock = cache(self._take_stock)
+        self.reservations_of = cache(self._reservations_of)
+        self.lines_of = cache(self._lines_of)
+
+    def _marks(self, count: int) -> str:
+        return ", ".join([self._p] * count)
+
+    def _lock_stock(self, count: int) -> str:
+        marks = self._marks(count)
+        return f"SELECT sku_code, quantity FROM stock WHERE sku_code IN ({marks}){self._lock}"  # noqa: S608
+
+    def _take_stock(self, count: int) -> str:
+        p = self._p
+        cases = " ".join([f"WHEN {p} THEN {p}"] * count)
+        marks = self._marks(count)
+        taken = f"quantity - CASE sku_code {cases} END"
+        return f"UPDATE stock SET quantity = {taken}, updated_at = {p} WHERE sku_code IN ({marks})"  # noqa: S608
+
+    def _reservations_of(self, count: int) -> str:
+        marks = self._marks(count)
+        return f"SELECT order_number, status FROM reservations WHERE order_number IN ({marks})"  # noqa: S608
+
+    def _lines_of(self, count: int) -> str:
+        marks = self._marks(count)
+        columns = "order_number, sku_code, quantity"
+        return f"SELECT {columns} FROM reservation_lines WHERE order_number IN ({marks})"  # noqa: S608
+
+
+def _tuples(result: CursorResult[Any]) -> list[tuple[Any, ...]]:
+    """A result's rows; they unpack like the tuples they are at run time."""
+    return cast("list[tuple[Any, ...]]", result.fetchall())
+
+
+# A group is at most this many requests and this many lines (a request has at most 100).
+GROUP_MAX_ASKS = 128
+GROUP_MAX_LINES = 1000
 
 
 class SqlInventoryStore:
-    def __init__(self, engine: AsyncEngine, *, attempts: int = 3) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        attempts: int = 3,
+        group_window_s: float = 0.0005,
+        group_max_asks: int = GROUP_MAX_ASKS,
+    ) -> None:
         self._engine = engine
         self._attempts = attempts
+        dialect = engine.dialect
+        self._sql = _ReservationSql(
+            placeholder="?" if dialect.paramstyle == "qmark" else "%s", mysql=is_mysql(engine)
+        )
+        self._bind_time = Timestamp.dialect_impl(dialect).bind_processor(dialect)
+        # Reservations that arrive together share one transaction (see batching.py).
+        self._group: GroupCommit[_Ask, Reservation] = GroupCommit(
+            self._reserve_group,
+            weigh=lambda ask: len(ask.lines),
+            max_asks=group_max_asks,
+            max_weight=GROUP_MAX_LINES,
+            window_s=group_window_s,
+        )
+
+    def _db_time(self, moment: datetime) -> Any:
+        """``moment`` as the driver takes it for a ``Timestamp`` column."""
+        naive = to_db_time(moment)
+        return self._bind_time(naive) if self._bind_time else naive
 
     async def quantities(self, sku_codes: Sequence[str]) -> dict[str, int]:
         if not sku_codes:
@@ -255,62 +342,83 @@ class SqlInventoryStore:
     async def reserve(
         self, order_number: str, lines: Sequence[ReservationLine], *, now: datetime
     ) -> Reservation:
-        return await self._retrying(lambda: self._reserve_once(order_number, lines, now=now))
+        return await self._group.submit(_Ask(order_number, tuple(lines), now))
 
-    async def _reserve_once(
-        self, order_number: str, lines: Sequence[ReservationLine], *, now: datetime
-    ) -> Reservation:
+    async def _reserve_group(self, asks: Sequence[_Ask]) -> list[Reservation | Exception]:
+        try:
+            outcomes = await self._retrying(lambda: self._reserve_group_once(asks))
+        except StockBusy:
+            return [StockBusy(f"gave up after {self._attempts} attempts") for _ in asks]
+        return list(outcomes)
+
+    async def _reserve_group_once(self, asks: Sequence[_Ask]) -> list[Reservation | InventoryError]:
+        """One transaction for a group of reservations: a handful of statements in all.
+
+        The group's stock rows are locked (sorted, so two groups never wait on each other),
+        every request is decided against them in arrival order (``settle``), and then the new
+        reservations, their lines and one decrement per SKU are written.
+        """
+        sql = self._sql
+        order_numbers = list(dict.fromkeys(ask.order_number for ask in asks))
+        sku_codes = sorted({line.sku_code for ask in asks for line in ask.lines})
         try:
             async with self._engine.begin() as conn:
-                # The primary key is the idempotency guard: of two identical requests racing,
-                # the second waits here for the first, then finds its committed reservation.
-                try:
-                    await conn.execute(
-                        insert(reservations).values(
-                            order_number=order_number,
-                            status=ReservationStatus.RESERVED.value,
-                            created_at=to_db_time(now),
-                        )
-                    )
-                except IntegrityError as exc:
-                    raise _Known from exc
-                await self._take_stock(conn, lines, now=now)
-                await conn.execute(
-                    insert(reservation_lines),
-                    [
-                        {
-                            "order_number": order_number,
-                            "sku_code": line.sku_code,
-                            "quantity": line.quantity,
-                        }
-                        for line in lines
-                    ],
+                if sql.begin_writing:
+                    await conn.exec_driver_sql(sql.begin_writing)
+                known = await self._stored(conn, order_numbers)
+                rows = await conn.exec_driver_sql(sql.lock_stock(len(sku_codes)), tuple(sku_codes))
+                available = {sku: int(quantity) for sku, quantity in _tuples(rows)}
+                settled = settle(
+                    [ReservationAsk(ask.order_number, ask.lines) for ask in asks],
+                    available=available,
+                    known=known,
                 )
-        except _Known:
-            existing = await self.reservation(order_number)
-            if existing is None:
-                # The one we collided with was rolled back (it was short): we may still fit.
-                raise _TryAgain from None
-            return replay(existing, lines)
-        return Reservation(order_number, ReservationStatus.RESERVED, tuple(lines))
+                if settled.new:
+                    now = self._db_time(asks[0].now)
+                    reserved = ReservationStatus.RESERVED.value
+                    await conn.exec_driver_sql(
+                        sql.insert_reservations,
+                        [(r.order_number, reserved, now) for r in settled.new],
+                    )
+                    await conn.exec_driver_sql(
+                        sql.insert_lines,
+                        [
+                            (r.order_number, line.sku_code, line.quantity)
+                            for r in settled.new
+                            for line in r.lines
+                        ],
+                    )
+                    taken = sorted(settled.taken.items())
+                    decremented = await conn.exec_driver_sql(
+                        sql.take_stock(len(taken)),
+                        (*(v for item in taken for v in item), now, *(sku for sku, _ in taken)),
+                    )
+                    if decremented.rowcount != len(taken):
+                        raise _TryAgain  # cannot happen under the lock; never write on a guess
+        except IntegrityError as exc:
+            # Another instance stored one of these order numbers just now: read it next time.
+            raise _TryAgain from exc
+        return settled.outcomes
 
-    async def _take_stock(
-        self, conn: AsyncConnection, lines: Sequence[ReservationLine], *, now: datetime
-    ) -> None:
-        ordered = in_lock_order(lines)
-        for index, line in enumerate(ordered):
-            taken = await conn.execute(
-                update(stock)
-                .where(and_(stock.c.sku_code == line.sku_code, stock.c.quantity >= line.quantity))
-                .values(quantity=stock.c.quantity - line.quantity, updated_at=to_db_time(now))
-            )
-            if taken.rowcount != 1:
-                # Lines before this one hold our own decrements, so read only the rest.
-                rest = ordered[index:]
-                short = shortages(rest, await self._quantities(conn, [x.sku_code for x in rest]))
-                if not short:
-                    raise _TryAgain  # stock came in between our update and our read
-                raise OutOfStock(short)
+    async def _stored(
+        self, conn: AsyncConnection, order_numbers: Sequence[str]
+    ) -> dict[str, Reservation]:
+        """The reservations already stored under any of ``order_numbers``, with their lines."""
+        sql = self._sql
+        heads = await conn.exec_driver_sql(
+            sql.reservations_of(len(order_numbers)), tuple(order_numbers)
+        )
+        statuses = {order: ReservationStatus(status) for order, status in _tuples(heads)}
+        if not statuses:
+            return {}
+        rows = await conn.exec_driver_sql(sql.lines_of(len(statuses)), tuple(statuses))
+        lines: dict[str, list[ReservationLine]] = {order: [] for order in statuses}
+        for order, sku, quantity in _tuples(rows):
+            lines[order].append(ReservationLine(sku, int(quantity)))
+        return {
+            order: Reservation(order, status, tuple(lines[order]))
+            for order, status in statuses.items()
+        }
 
     async def release(self, order_number: str, *, now: datetime) -> bool:
         return await self._retrying(lambda: self._release_once(order_number, now=now))
