@@ -33,8 +33,10 @@ from sqlalchemy.exc import OperationalError
 
 from shop.order.app import build_app
 from shop.order.settings import OrderSettings
-from shop.order.store import SqlOrderStore, orders, pending_releases
+from shop.order.store import SqlOrderStore, catalogue_prices, orders, pending_releases
+from shop.platform.buses import open_event_bus
 from shop.platform.db import create_engine
+from shop.platform.events import Event
 from shop.platform.outbox import outbox
 from shop.platform.security import ServiceTokenUnavailable
 from shop.platform.settings import PlatformSettings
@@ -1082,3 +1084,102 @@ async def test_a_reservation_whose_process_died_before_the_save_is_released_once
         assert world.inventory.stock["iphone_15"] == STOCK["iphone_15"]
         await eventually_async(lambda: world.count(pending_releases), 0)
         assert len(world.inventory.requests("DELETE")) == 1
+
+
+# --- the price list: prices from the catalogue's events -------------------------------------
+
+
+def _product_event(
+    type_: str, product_id: str, sku: str, price: str, *, at: datetime | None = None
+) -> Event:
+    moment = (at or datetime.now(UTC)).isoformat(timespec="milliseconds")
+    return Event(
+        type=type_,
+        source="/product-service",
+        subject=product_id,
+        data={
+            "id": product_id,
+            "name": sku,
+            "description": "",
+            "price": price,
+            "skuCode": sku,
+            "category": "phones",
+            "createdAt": "2026-01-01T00:00:00.000Z",
+        },
+        time=moment.replace("+00:00", "Z"),
+    )
+
+
+async def publish_products(world: World, *events: Event) -> None:
+    """As product-service's relay does: onto ``products``; then wait for order-service."""
+    url = f"sqlite:///{(world.data_dir / 'events.db').resolve()}"
+    async with open_event_bus(url, client_id="product-service-test") as bus:
+        await bus.publish("products", list(events))
+        deadline = time.monotonic() + 5.0
+        while await bus.pending("products", group="order-service"):
+            assert time.monotonic() < deadline, "order-service did not catch up"
+            await asyncio.sleep(0.02)
+
+
+async def test_an_order_is_priced_from_the_catalogues_events_without_asking_it(
+    world: World,
+) -> None:
+    await publish_products(
+        world,
+        _product_event("product.created", "p-iphone", "iphone_15", "1249.00"),
+        _product_event("product.created", "p-cable", "usb_c_cable", "9.99"),
+    )
+    assert await world.count(catalogue_prices) == 2
+    answer = await world.place(
+        world.user("ada"),
+        [{"skuCode": "iphone_15", "quantity": 2}, {"skuCode": "usb_c_cable", "quantity": 1}],
+    )
+    assert answer.status_code == 201, answer.text
+    assert [line["unitPrice"] for line in answer.json()["lines"]] == ["1249.00", "9.99"]
+    assert answer.json()["total"] == "2507.99"
+    assert world.catalogue.seen == []  # the catalogue was not asked
+
+
+async def test_an_update_reprices_and_an_older_event_does_not(world: World) -> None:
+    then = datetime.now(UTC) - timedelta(minutes=1)
+    created = _product_event("product.created", "p-pixel", "pixel_8", "899.00", at=then)
+    await publish_products(world, created)
+    await publish_products(world, _product_event("product.updated", "p-pixel", "pixel_8", "799.00"))
+    # A replayed older event (a dead letter put back comes after later events of its key).
+    stale = _product_event("product.updated", "p-pixel", "pixel_8", "999.00", at=then)
+    await publish_products(world, stale, created)
+    answer = await world.place(world.user("ada"), [{"skuCode": "pixel_8", "quantity": 1}])
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["lines"][0]["unitPrice"] == "799.00"
+    assert world.catalogue.seen == []
+
+
+async def test_a_sku_missing_from_the_price_list_is_priced_by_the_catalogue(
+    world: World,
+) -> None:
+    await publish_products(
+        world, _product_event("product.created", "p-s24", "galaxy_s24", "949.00")
+    )
+    answer = await world.place(
+        world.user("ada"),
+        [{"skuCode": "galaxy_s24", "quantity": 1}, {"skuCode": "airpods_pro", "quantity": 1}],
+    )
+    assert answer.status_code == 201, answer.text
+    assert [line["unitPrice"] for line in answer.json()["lines"]] == ["949.00", "249.00"]
+    # Asked for the one price the list lacks, and only that one.
+    [asked] = world.catalogue.requests("GET", "/internal/products")
+    assert asked.path == "/internal/products?skuCode=airpods_pro"
+
+
+async def test_a_deleted_product_is_no_longer_priced_from_the_list(world: World) -> None:
+    await publish_products(
+        world,
+        _product_event("product.created", "p-walkman", "walkman", "99.00"),
+        _product_event("product.deleted", "p-walkman", "walkman", "99.00"),
+    )
+    refused = await world.place(world.user("ada"), [{"skuCode": "walkman", "quantity": 1}])
+    problem = _problem(refused, 422)
+    assert problem["errors"] == {"orderLineItemDtoList.0.skuCode": "unknown SKU 'walkman'"}
+    assert len(world.catalogue.requests("GET")) == 1  # the catalogue had the last word
+    assert world.inventory.requests("POST") == []
+    assert await world.count(pending_releases) == 0

@@ -18,6 +18,7 @@ from shop.order.domain import (
     Order,
     OrderLine,
     OrderStatus,
+    PriceChange,
     new_order_number,
     order_document,
 )
@@ -26,6 +27,8 @@ from shop.order.store import (
     ClaimOutcome,
     DueRelease,
     KeyClaim,
+    KeyRequest,
+    PendingHold,
     ReservationLapsed,
     SavedAnswer,
     SqlOrderStore,
@@ -364,3 +367,140 @@ async def test_prices_up_to_the_catalogue_limit_fit(store: SqlOrderStore) -> Non
     found = await store.order(order.order_number)
     assert found == order
     assert order_document(found)["total"] == "999999999999000.00"
+
+
+# --- one transaction to start an order ------------------------------------------------------
+
+
+def _key(key: str = "k", fingerprint: str = "a" * 64) -> KeyRequest:
+    return KeyRequest(user_id="u-1", key=key, fingerprint=fingerprint, stale_after=STALE)
+
+
+async def test_starting_an_order_claims_its_key_holds_its_release_and_reads_prices(
+    store: SqlOrderStore, engine: AsyncEngine
+) -> None:
+    await store.apply_price_change(
+        PriceChange("p1", "iphone_15", Decimal("1299.00"), 1), event_id="e1"
+    )
+    number = new_order_number()
+    started = await store.start_order(
+        key=_key(),
+        hold=PendingHold(number, NOW + HOLD),
+        sku_codes=["iphone_15", "nokia_3310"],
+        now=NOW,
+    )
+    assert started.claim == KeyClaim(ClaimOutcome.CLAIMED)
+    assert started.prices == {"iphone_15": Decimal("1299.00")}  # the unknown one is left out
+    assert await _pending(engine) == {number: (NOW + HOLD, 0)}
+    assert await _count(engine, idempotency_keys) == 1
+
+    # A key that is not ours writes no pending release.
+    other = new_order_number()
+    again = await store.start_order(
+        key=_key(), hold=PendingHold(other, NOW + HOLD), sku_codes=["iphone_15"], now=NOW
+    )
+    assert again.claim is not None and again.claim.outcome is ClaimOutcome.IN_PROGRESS
+    assert list(await _pending(engine)) == [number]
+
+    # Taken over once stale: the release is held by the transaction that takes it.
+    later = NOW + STALE + timedelta(seconds=1)
+    taken = await store.start_order(
+        key=_key(), hold=PendingHold(other, later + HOLD), sku_codes=["iphone_15"], now=later
+    )
+    assert taken.claim == KeyClaim(ClaimOutcome.CLAIMED)
+    assert taken.prices == {"iphone_15": Decimal("1299.00")}
+    assert set(await _pending(engine)) == {number, other}
+
+    # Without a key: the hold and the prices.
+    keyless = new_order_number()
+    plain = await store.start_order(
+        key=None, hold=PendingHold(keyless, NOW + HOLD), sku_codes=["iphone_15"], now=NOW
+    )
+    assert plain.claim is None and plain.prices == {"iphone_15": Decimal("1299.00")}
+    assert keyless in await _pending(engine)
+
+
+async def test_giving_up_an_order_frees_its_key_and_drops_or_hastens_its_release(
+    store: SqlOrderStore, engine: AsyncEngine
+) -> None:
+    nothing, maybe = new_order_number(), new_order_number()
+    for number, key in ((nothing, "k1"), (maybe, "k2")):
+        await store.start_order(
+            key=_key(key), hold=PendingHold(number, NOW + HOLD), sku_codes=[], now=NOW
+        )
+    await store.give_up(order_number=nothing, maybe_reserved=False, now=NOW, key=_key("k1"))
+    await store.give_up(order_number=maybe, maybe_reserved=True, now=NOW, key=_key("k2"))
+    # Nothing reserved: no release owed. Maybe reserved: released as soon as possible.
+    assert await _pending(engine) == {maybe: (NOW, 0)}
+    assert await _count(engine, idempotency_keys) == 0
+
+
+# --- the price list (read model of the catalogue) -------------------------------------------
+
+
+async def _prices(store: SqlOrderStore, *skus: str) -> dict[str, Decimal]:
+    return await store.known_prices(list(skus))
+
+
+async def test_the_price_list_follows_created_updated_and_deleted_products(
+    store: SqlOrderStore,
+) -> None:
+    assert await _prices(store, "pixel_8") == {}  # a fresh database knows no price
+    created = PriceChange("p8", "pixel_8", Decimal("899.00"), 100)
+    assert await store.apply_price_change(created, event_id="e1")
+    assert await _prices(store, "pixel_8", "iphone_15") == {"pixel_8": Decimal("899.00")}
+    updated = PriceChange("p8", "pixel_8", Decimal("849.50"), 200)
+    assert await store.apply_price_change(updated, event_id="e2")
+    assert await _prices(store, "pixel_8") == {"pixel_8": Decimal("849.50")}
+    deleted = PriceChange("p8", "pixel_8", None, 300)
+    assert await store.apply_price_change(deleted, event_id="e3")
+    assert await _prices(store, "pixel_8") == {}
+    # Listed again as a new product: known again.
+    relisted = PriceChange("p9", "pixel_8", Decimal("799.00"), 400)
+    assert await store.apply_price_change(relisted, event_id="e4")
+    assert await _prices(store, "pixel_8") == {"pixel_8": Decimal("799.00")}
+
+
+async def test_a_duplicate_or_older_event_does_not_overwrite_the_price(
+    store: SqlOrderStore,
+) -> None:
+    created = PriceChange("p1", "iphone_15", Decimal("1299.00"), 100)
+    updated = PriceChange("p1", "iphone_15", Decimal("1199.00"), 200)
+    assert await store.apply_price_change(created, event_id="e1")
+    assert await store.apply_price_change(updated, event_id="e2")
+    # The same event again (at-least-once delivery), and an older one replayed late.
+    assert not await store.apply_price_change(created, event_id="e1")
+    assert not await store.apply_price_change(created, event_id="e1-replayed")
+    assert await _prices(store, "iphone_15") == {"iphone_15": Decimal("1199.00")}
+    # An older deletion cannot remove a product changed since, and once deleted, an older
+    # update cannot bring it back.
+    assert not await store.apply_price_change(
+        PriceChange("p1", "iphone_15", None, 150), event_id="e-old-delete"
+    )
+    assert await _prices(store, "iphone_15") == {"iphone_15": Decimal("1199.00")}
+    assert await store.apply_price_change(PriceChange("p1", "iphone_15", None, 300), event_id="e3")
+    assert not await store.apply_price_change(updated, event_id="e2-replayed")
+    assert await _prices(store, "iphone_15") == {}
+    # Same time, later delivery: applied (the bus keeps one product's events in order), even
+    # when it changes nothing.
+    assert await store.apply_price_change(PriceChange("p1", "iphone_15", None, 300), event_id="e4")
+
+
+async def test_a_sku_two_products_claim_is_not_priced_from_the_list(
+    store: SqlOrderStore,
+) -> None:
+    # p1 moved from sku "a" to "b"; p2 took "a", and its event came before p1's move.
+    await store.apply_price_change(PriceChange("p1", "a", Decimal("1.00"), 100), event_id="e1")
+    await store.apply_price_change(PriceChange("p2", "a", Decimal("2.00"), 300), event_id="e2")
+    assert await _prices(store, "a") == {}  # ambiguous: the catalogue is asked instead
+    await store.apply_price_change(PriceChange("p1", "b", Decimal("1.00"), 200), event_id="e3")
+    assert await _prices(store, "a", "b") == {"a": Decimal("2.00"), "b": Decimal("1.00")}
+
+
+async def test_concurrent_deliveries_of_one_event_apply_it_once(store: SqlOrderStore) -> None:
+    change = PriceChange("p1", "iphone_15", Decimal("1299.00"), 100)
+    outcomes = await asyncio.gather(
+        *(store.apply_price_change(change, event_id="e1") for _ in range(4))
+    )
+    assert sorted(outcomes) == [False, False, False, True]
+    assert await _prices(store, "iphone_15") == {"iphone_15": Decimal("1299.00")}

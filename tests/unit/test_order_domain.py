@@ -15,8 +15,10 @@ from shop.order.domain import (
     Order,
     OrderLine,
     OrderStatus,
+    PriceChange,
     RequestedLine,
     cents,
+    event_version,
     from_cents,
     idempotency_key_problem,
     line_problems,
@@ -24,6 +26,7 @@ from shop.order.domain import (
     order_document,
     parse_order_number,
     parse_price,
+    price_change,
     price_lines,
     request_fingerprint,
 )
@@ -221,3 +224,21 @@ def test_fingerprint_is_of_the_lines_asked_for() -> None:
     assert request_fingerprint([RequestedLine("1", 2)]) != request_fingerprint(
         [RequestedLine("2", 1)]
     )
+
+
+def test_a_catalogue_event_becomes_a_price_change_ordered_by_its_time() -> None:
+    product = {"id": "p1", "skuCode": "iphone_15", "price": "1299.00", "name": "iPhone"}
+    created = price_change(
+        product_id="p1", data=product, deleted=False, time="2026-12-01T02:00:00.123Z"
+    )
+    assert created == PriceChange("p1", "iphone_15", Decimal("1299.00"), created.version)
+    later = price_change(
+        product_id="p1", data=product, deleted=False, time="2026-12-01T02:00:00.124Z"
+    )
+    assert later.version - created.version == 1000  # microseconds
+    assert event_version("2026-12-01T02:00:00.123+00:00") == created.version
+    # A deletion, or a price the catalogue would never send, cannot price an order.
+    assert price_change(product_id="p1", data=product, deleted=True, time="x").price is None
+    assert event_version("x") == 0
+    broken = price_change(product_id="p1", data={**product, "price": "-1"}, deleted=False, time="x")
+    assert broken.price is None and broken.sku_code == "iphone_15"

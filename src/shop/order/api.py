@@ -76,7 +76,9 @@ class OrderView(BaseModel):
     createdAt: str
 
 
-def _service(request: Request) -> OrderService:
+# async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop per request
+# (8 % of the order's CPU in py-spy).
+async def _service(request: Request) -> OrderService:
     service: OrderService = request.app.state.orders
     return service
 

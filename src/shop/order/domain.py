@@ -13,7 +13,7 @@ import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
@@ -31,12 +31,14 @@ __all__ = [
     "OrderNotFound",
     "OrderStatus",
     "OutOfStock",
+    "PriceChange",
     "RequestInProgress",
     "RequestedLine",
     "Shortage",
     "Unavailable",
     "UpstreamRefused",
     "cents",
+    "event_version",
     "from_cents",
     "idempotency_key_problem",
     "line_problems",
@@ -45,6 +47,7 @@ __all__ = [
     "order_document",
     "parse_order_number",
     "parse_price",
+    "price_change",
     "price_lines",
     "request_fingerprint",
     "timestamp",
@@ -288,3 +291,43 @@ def order_document(order: Order) -> dict[str, Any]:
         "total": money(order.total),
         "createdAt": timestamp(order.created_at),
     }
+
+
+@dataclass(frozen=True, slots=True)
+class PriceChange:
+    """What a catalogue event tells the order service's price list (its read model).
+
+    ``price`` None: the product cannot be priced from the list any more (deleted, or an
+    unreadable price); orders then ask the catalogue itself. ``version`` orders the changes
+    of one product: the event's time in microseconds since the epoch.
+    """
+
+    product_id: str
+    sku_code: str | None
+    price: Decimal | None
+    version: int
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def event_version(moment: str) -> int:
+    """An event's ``time`` (RFC 3339) as microseconds since the epoch; 0 if unreadable."""
+    try:
+        at = datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    except ValueError:
+        return 0
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return (at - _EPOCH) // timedelta(microseconds=1)
+
+
+def price_change(
+    *, product_id: str, data: Mapping[str, Any], deleted: bool, time: str
+) -> PriceChange:
+    """The price-list change a ``product.*`` event makes (``data``: the product document)."""
+    version = event_version(time)
+    sku = data.get("skuCode")
+    sku_code = sku if isinstance(sku, str) and 0 < len(sku) <= 64 else None
+    price = None if deleted or sku_code is None else parse_price(data.get("price"))
+    return PriceChange(product_id=product_id, sku_code=sku_code, price=price, version=version)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
 from shop.order.domain import (
@@ -27,9 +28,10 @@ from shop.order.domain import (
     price_lines,
     request_fingerprint,
 )
-from shop.order.events import order_cancelled, order_placed
+from shop.order.events import order_cancelled, order_placed, price_change_of
 from shop.order.peers import CIRCUIT_OPEN, Catalogue, Inventory
-from shop.order.store import ClaimOutcome, OrderStore, SavedAnswer
+from shop.order.store import ClaimOutcome, KeyRequest, OrderStore, PendingHold, SavedAnswer
+from shop.platform.events import Event
 from shop.platform.tokens import Principal
 
 __all__ = ["Answer", "OrderService", "StockReleases"]
@@ -92,102 +94,137 @@ class OrderService:
         *,
         idempotency_key: str | None = None,
     ) -> Answer:
-        """Raises InvalidOrder, OutOfStock, Unavailable, IdempotencyKeyReused, RequestInProgress."""
+        """Raises InvalidOrder, OutOfStock, Unavailable, IdempotencyKeyReused, RequestInProgress.
+
+        Two transactions when all goes well: the first claims the Idempotency-Key, writes
+        the pending release and reads the price list; the second saves the order with its
+        event and answer and drops the pending release. Between them, the inventory
+        reserves the stock (and the catalogue is asked only for prices the list lacks).
+        """
         if problems := line_problems(lines):
             raise InvalidOrder(problems)
-        if idempotency_key is None:
-            return await self._place(buyer, lines, answer_key=None)
-        claim = await self._store.claim_key(
-            user_id=buyer.user_id,
-            key=idempotency_key,
-            fingerprint=request_fingerprint(lines),
-            now=self._clock(),
-            stale_after=self._stale_after,
+        now = self._clock()
+        # Fail fast: with the breaker open the order cannot be placed, so ask no one (a
+        # replay is still answered: the key is looked at first).
+        circuit_wait = self._inventory.unavailable_for_s()
+        if circuit_wait and idempotency_key is None:
+            raise Unavailable(CIRCUIT_OPEN, retry_after_s=circuit_wait)
+        number = new_order_number()
+        # Durable before the inventory hears of the order: if this process dies before the
+        # save, the reconciler gives the stock back once the hold has passed.
+        hold = None if circuit_wait else PendingHold(number, now + self._release_hold)
+        key = (
+            KeyRequest(
+                user_id=buyer.user_id,
+                key=idempotency_key,
+                fingerprint=request_fingerprint(lines),
+                stale_after=self._stale_after,
+            )
+            if idempotency_key is not None
+            else None
         )
-        if claim.outcome is ClaimOutcome.REPLAY:
+        sku_codes = [line.sku_code for line in lines]
+        try:
+            started = await self._store.start_order(
+                key=key, hold=hold, sku_codes=sku_codes, now=now
+            )
+        except Exception as exc:
+            log.exception("cannot start order %s", number)
+            # Its commit may have happened nonetheless; nothing is reserved yet. The key is
+            # left alone: it may be another request's (taken over once stale if ours).
+            await self._give_up(number if hold else None, key=None, maybe_reserved=False)
+            raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
+        claim = started.claim
+        if claim is not None and claim.outcome is ClaimOutcome.REPLAY:
             assert claim.status_code is not None and claim.body is not None  # noqa: S101
             return Answer(claim.status_code, claim.body, replayed=True)
-        if claim.outcome is ClaimOutcome.MISMATCH:
+        if claim is not None and claim.outcome is ClaimOutcome.MISMATCH:
             raise IdempotencyKeyReused(
                 "This Idempotency-Key was already used with a different request body."
             )
-        if claim.outcome is ClaimOutcome.IN_PROGRESS:
+        if claim is not None and claim.outcome is ClaimOutcome.IN_PROGRESS:
             raise RequestInProgress(
                 "A request with this Idempotency-Key is still in progress; retry shortly."
             )
+        # Whether the inventory may hold stock for this order number (a failure then
+        # releases it rather than dropping the pending release).
+        maybe_reserved = False
         try:
-            return await self._place(buyer, lines, answer_key=idempotency_key)
+            if circuit_wait:
+                raise Unavailable(CIRCUIT_OPEN, retry_after_s=circuit_wait)
+            prices = await self._prices(sku_codes, known=started.prices)
+            order = Order(
+                order_number=number,
+                user_id=buyer.user_id,
+                buyer_email=buyer.email,
+                status=OrderStatus.PLACED,
+                lines=price_lines(lines, prices),
+                created_at=now,
+            )
+            try:
+                await self._inventory.reserve(number, lines)
+            except Unavailable as exc:
+                maybe_reserved = exc.maybe_applied
+                raise
+            except OutOfStock:
+                raise
+            except BaseException:
+                maybe_reserved = True
+                raise
+            maybe_reserved = True
+            body = order_document(order)
+            answer = (
+                SavedAnswer(user_id=buyer.user_id, key=key.key, status_code=CREATED, body=body)
+                if key is not None
+                else None
+            )
+            try:
+                await self._store.save_placed(order, event=order_placed(order), answer=answer)
+            except Exception as exc:
+                log.exception("order %s reserved but not saved; releasing", number)
+                raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
         except BaseException:
             # A refused attempt leaves no trace, so the client may retry with the same key.
-            with contextlib.suppress(Exception):
-                await self._store.forget_key(user_id=buyer.user_id, key=idempotency_key)
-            raise
-
-    async def _place(
-        self, buyer: Principal, lines: Sequence[RequestedLine], *, answer_key: str | None
-    ) -> Answer:
-        # Fail fast: with the breaker open the order cannot be placed, so ask no one.
-        if wait := self._inventory.unavailable_for_s():
-            raise Unavailable(CIRCUIT_OPEN, retry_after_s=wait)
-        prices = await self._catalogue.prices([line.sku_code for line in lines])
-        order = Order(
-            order_number=new_order_number(),
-            user_id=buyer.user_id,
-            buyer_email=buyer.email,
-            status=OrderStatus.PLACED,
-            lines=price_lines(lines, prices),
-            created_at=self._clock(),
-        )
-        number = order.order_number
-        try:
-            # Durable before the inventory hears of the order: if this process dies before
-            # the save, the reconciler gives the stock back once the hold has passed.
-            await self._store.hold_release(number, due_at=self._clock() + self._release_hold)
-        except Exception as exc:
-            log.exception("cannot record the pending release of order %s", number)
-            raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
-        try:
-            await self._inventory.reserve(number, lines)
-        except OutOfStock:
-            await self._nothing_reserved(number)
-            raise
-        except Unavailable as exc:
-            if exc.maybe_applied:
-                await self._release_soon(number)
-            else:
-                await self._nothing_reserved(number)
-            raise
-        except BaseException:
-            await self._release_soon(number)
-            raise
-        body = order_document(order)
-        answer = (
-            SavedAnswer(user_id=buyer.user_id, key=answer_key, status_code=CREATED, body=body)
-            if answer_key is not None
-            else None
-        )
-        try:
-            await self._store.save_placed(order, event=order_placed(order), answer=answer)
-        except BaseException as exc:
-            log.exception("order %s reserved but not saved; releasing", number)
-            await self._release_soon(number)
-            if isinstance(exc, Exception):
-                raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
+            await self._give_up(number if hold else None, key=key, maybe_reserved=maybe_reserved)
             raise
         self._events_added()
-        log.info("order %s placed by %s", number, buyer.user_id)
+        # Debug, not info: one line per order was a third of the order's CPU (py-spy,
+        # docs/order.md "Performance"); the order and its event are the record.
+        log.debug("order %s placed by %s", number, buyer.user_id)
         return Answer(CREATED, body)
 
-    async def _nothing_reserved(self, order_number: str) -> None:
-        # If this fails too, the row comes due later and the release leaves a harmless mark.
-        with contextlib.suppress(Exception):
-            await self._store.drop_release(order_number)
+    async def _prices(
+        self, sku_codes: Sequence[str], *, known: dict[str, Decimal]
+    ) -> dict[str, Decimal]:
+        """The price list's prices; the catalogue is asked only for the SKUs it lacks."""
+        missing = [code for code in sku_codes if code not in known]
+        if not missing:
+            return known
+        return {**known, **await self._catalogue.prices(missing)}
 
-    async def _release_soon(self, order_number: str) -> None:
-        # If this fails too (the database is down), the row still comes due when the hold ends.
+    async def _give_up(
+        self, order_number: str | None, *, key: KeyRequest | None, maybe_reserved: bool
+    ) -> None:
+        # If this fails too (the database is down), the pending release still comes due
+        # when the hold ends (a release of nothing leaves a harmless mark at the
+        # inventory), and the key is taken over once stale.
         with contextlib.suppress(Exception):
-            await self._store.release_due_now(order_number, now=self._clock())
-        self._releases.wake()
+            await self._store.give_up(
+                order_number=order_number,
+                maybe_reserved=maybe_reserved,
+                now=self._clock(),
+                key=key,
+            )
+        if maybe_reserved:
+            self._releases.wake()
+
+    async def on_product_event(self, event: Event) -> None:
+        """Handler of the catalogue's ``products`` topic: keeps the price list."""
+        change = price_change_of(event)
+        if change is None:
+            return
+        if await self._store.apply_price_change(change, event_id=event.id):
+            log.debug("price list: %s %s → %s", event.type, change.sku_code, change.price)
 
     async def orders_of(
         self, buyer: Principal, *, limit: int, offset: int

@@ -58,3 +58,11 @@ class OrderSettings(ServiceSettings):
         default=60.0, gt=0, description="The longest wait between two attempts of a release."
     )
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
+    outbox_wake_delay_s: float = Field(
+        default=0.05,
+        ge=0,
+        description=(
+            "How long the relay waits after an order's commit before publishing, so the "
+            "events of the orders committed meanwhile leave in one round (0: at once)."
+        ),
+    )
