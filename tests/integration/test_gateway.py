@@ -108,6 +108,9 @@ def bearer(token: str) -> dict[str, str]:
 # --- the world around the gateway -------------------------------------------------------
 
 
+STREAMED_PARTS = [bytes([65 + i]) * 100_000 for i in range(5)]
+
+
 @dataclass
 class Received:
     method: str
@@ -151,6 +154,24 @@ class Upstream:
             )
         if request.path.endswith("/conflict"):
             return web.json_response({"title": "Conflict"}, status=409)
+        if request.path.endswith("/streamed"):
+            streamed = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            streamed.enable_chunked_encoding()
+            await streamed.prepare(request)
+            for part in STREAMED_PARTS:
+                await streamed.write(part)
+                await asyncio.sleep(0.02)
+            await streamed.write_eof()
+            return streamed
+        if request.path.endswith("/broken") and request.transport is not None:
+            broken = web.StreamResponse(headers={"Content-Length": "1000"})
+            await broken.prepare(request)
+            await broken.write(b"x" * 10)
+            request.transport.close()  # 990 promised bytes never come
+            return broken
+        if request.path.endswith("/then-hang-up") and request.transport is not None:
+            # Closes the kept-alive connection just after answering, as an idle timeout would.
+            asyncio.get_running_loop().call_later(0.05, request.transport.close)
         return web.json_response(
             {"service": self.name, "port": self.port, "path": request.raw_path},
             headers={
@@ -712,6 +733,63 @@ async def test_a_service_answer_passes_through_unchanged(world: World) -> None:
     assert status == 200
     assert headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(body) == b'{"compressed": true}'
+
+
+async def test_a_streamed_answer_arrives_whole(world: World) -> None:
+    status, headers, body = await call(world, "GET", "/api/product/streamed")
+    assert status == 200
+    assert body == b"".join(STREAMED_PARTS)
+    assert "Transfer-Encoding" not in headers or headers["Transfer-Encoding"] == "chunked"
+
+
+async def test_an_answer_broken_off_midway_cuts_the_callers_connection(world: World) -> None:
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await call(world, "GET", "/api/product/broken")
+    # The gateway itself is fine, and so is the next request.
+    status, _, _ = await call(world, "GET", "/api/product")
+    assert status == 200
+
+
+async def test_head_is_forwarded_as_head_and_the_connection_stays_usable(world: World) -> None:
+    _, get_headers, get_body = await call(world, "GET", "/api/product/1")
+    for _ in range(3):
+        status, headers, body = await call(world, "HEAD", "/api/product/1")
+        assert status == 200
+        assert body == b""
+        assert headers["Content-Length"] == str(len(get_body))
+        assert headers["Content-Type"] == get_headers["Content-Type"]
+        status, _, body = await call(world, "GET", "/api/product/1")
+        assert status == 200
+        assert json.loads(body)["path"] == "/api/product/1"
+    assert [r.method for r in world.reached()].count("HEAD") == 3
+
+
+async def test_a_connection_the_service_closed_while_idle_is_not_an_error(world: World) -> None:
+    for _ in range(3):
+        status, _, _ = await call(world, "GET", "/api/product/then-hang-up")
+        assert status == 200
+        await asyncio.sleep(0.2)  # the service has closed the kept-alive connection by now
+    for _ in range(4):
+        status, _, _ = await call(
+            world, "POST", "/api/product", json={}, headers=bearer(world.admin)
+        )
+        assert status == 200
+
+
+async def test_request_bodies_reach_the_service_byte_for_byte(world: World) -> None:
+    payload = bytes(range(256)) * 64
+    status, _, _ = await call(
+        world,
+        "PUT",
+        "/api/product/1",
+        data=payload,
+        headers={**bearer(world.admin), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 200
+    (received,) = world.reached()
+    assert received.method == "PUT"
+    assert received.body == payload
+    assert received.headers["Content-Length"] == str(len(payload))
 
 
 # --- what crosses the gateway -----------------------------------------------------------

@@ -4,8 +4,13 @@ endpoints (/health, /metrics, /docs, /openapi.json)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
@@ -14,26 +19,32 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from shop.gateway.domain import (
+    Access,
     Match,
     MethodNotAllowed,
     RouteTable,
     canonical_path,
+    request_head,
+    response_headers,
     upstream_headers,
 )
 from shop.gateway.ratelimit import RateLimits
 from shop.gateway.service import ApiCatalogue, Upstreams, admit, forward
 from shop.gateway.settings import GatewaySettings
-from shop.platform.context import outgoing_headers
+from shop.gateway.upstream import Answer, UpstreamBroken, UpstreamPool
+from shop.platform import context
 from shop.platform.discovery import Heartbeat, RegistryClient
 from shop.platform.middleware import HttpMetrics
 from shop.platform.problems import Problem, problem_response, send_problem
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
-__all__ = ["OPS_PATHS", "GatewayRuntime", "ProxyMiddleware", "ReadinessCheck", "ops_routes"]
+__all__ = ["OPS_PATHS", "GatewayRuntime", "Proxy", "ReadinessCheck", "ops_routes"]
+
+log = logging.getLogger("shop.gateway")
 
 OPS_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"})
 ReadinessCheck = Callable[[], Awaitable[None]]
@@ -46,6 +57,7 @@ class GatewayRuntime:
     platform: PlatformSettings
     settings: GatewaySettings
     http: aiohttp.ClientSession
+    pool: UpstreamPool
     registry: RegistryClient
     upstreams: Upstreams
     verifier: JwksVerifier
@@ -55,39 +67,121 @@ class GatewayRuntime:
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
 
 
-class ProxyMiddleware:
-    """Everything but the operations paths is proxied, without a router or a framework in the way.
+class _AnswerStarted(Exception):
+    """The service failed mid-answer: the caller's connection must be cut, not answered."""
 
-    Order of refusals: a non-canonical or /internal path is 404 before anything else, then
-    an unrouted path 404, a routed path with another method 405, then the route's rule
-    (401/403), and only then is a service looked up.
+
+class Proxy:
+    """Everything but the operations paths: the hot path, plain ASGI with no router, framework
+    or middleware stack in the way. What the platform middlewares do for every other app
+    (request identity, body limit and deadline, metrics) is done here inline, once.
+
+    Order of refusals: a declared body over the limit is 413 first; then the client's rate
+    limit; a non-canonical or /internal path is 404, an unrouted path 404, a routed path with
+    another method 405, then the route's rule (401/403) and the user's rate limit; then the
+    body is read (413, 408), and only then is a service looked up.
     """
 
     def __init__(
         self,
-        app: ASGIApp,
         *,
         routes: RouteTable,
+        metrics: HttpMetrics,
+        max_body_bytes: int,
+        body_timeout_s: float,
         trusted_proxies: frozenset[str] = frozenset(),
     ) -> None:
-        self.app = app
         self.routes = routes
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self.trusted_proxies = trusted_proxies
+        self.runtime: GatewayRuntime | None = None  # set by the lifespan
+        self._observers: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # Request and trace ids only need to be unique, not unpredictable: one draw of a
+        # seeded PRNG instead of three reads of the OS's entropy per request.
+        self._random_bits = random.Random(os.urandom(32)).getrandbits  # noqa: S311
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPS_PATHS:
-            await self.app(scope, receive, send)
-            return
+        began = time.perf_counter()
+        caller_request_id = caller_trace = declared = None
+        has_body = False
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                if caller_request_id is None:
+                    caller_request_id = value
+            elif name == b"traceparent":
+                if caller_trace is None:
+                    caller_trace = value
+            elif name == b"content-length":
+                if declared is None:
+                    declared = value
+                has_body = True
+            elif name == b"transfer-encoding":
+                has_body = True
+        fresh = f"{self._random_bits(384):096x}"
+        request_id = (
+            context.accept_request_id(caller_request_id.decode("latin-1"))
+            if caller_request_id
+            else fresh[:32]
+        )
+        trace = (
+            context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
+        ) or context.TraceContext(trace_id=fresh[32:64], span_id=fresh[64:80])
+        context.bind(request_id=request_id, trace=trace)
+        stamp = (b"x-request-id", request_id.encode("latin-1"))
+        identity = (
+            stamp,
+            (b"traceparent", f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()),
+        )
+        status = 500
+        started = False
         try:
-            await self._proxy(scope, receive, send)
-        except Problem as problem:
-            await send_problem(
-                send,
-                problem.status,
-                instance=scope["path"],
-                detail=problem.detail,
-                headers=problem.headers,
+            answer = await self._admit_and_forward(
+                scope, receive, identity=identity, declared=declared, has_body=has_body
             )
+            if answer is not None:
+                status, started = answer.status, True
+                await _relay(answer, send, stamp)
+        except Problem as problem:
+            status = problem.status
+            await _send_stamped_problem(send, stamp, problem, instance=scope["path"])
+        except _AnswerStarted as exc:
+            log.warning(
+                "%s %s: the service broke off mid-answer (%s)", scope["method"], scope["path"], exc
+            )
+            raise  # the server cuts the connection: a truncated body must not look complete
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            status = 500
+            await _send_stamped_problem(
+                send,
+                stamp,
+                Problem(
+                    500, "An unexpected error occurred. Quote the requestId when reporting it."
+                ),
+                instance=scope["path"],
+            )
+        finally:
+            self._observe(scope, status, time.perf_counter() - began)
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        key = (scope["method"], template, status)
+        observers = self._observers.get(key)
+        if observers is None:
+            metrics = self.metrics
+            observers = (
+                metrics.requests.labels(metrics.service, key[0], template, str(status)),
+                metrics.latency.labels(metrics.service, key[0], template),
+            )
+            if len(self._observers) < 4096:  # methods are the caller's choice: stay bounded
+                self._observers[key] = observers
+        observers[0].inc()
+        observers[1].observe(seconds)
 
     def _client(self, scope: Scope) -> str:
         """The peer, or behind a trusted load balancer the address it appended last."""
@@ -102,8 +196,25 @@ class ProxyMiddleware:
         last = forwarded[-1].decode("latin-1").rsplit(",", 1)[-1].strip()
         return last[:64] or peer
 
-    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime: GatewayRuntime = scope["app"].state.gateway
+    async def _admit_and_forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        *,
+        identity: tuple[tuple[bytes, bytes], ...],
+        declared: bytes | None,
+        has_body: bool,
+    ) -> Answer | None:
+        """The service's answer, or None when the caller left before its request was whole."""
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_body_bytes
+            except ValueError:
+                raise Problem(400, "Bad Content-Length") from None
+            if too_big:
+                raise self._too_large()
+        runtime = self.runtime
+        assert runtime is not None  # noqa: S101 - the lifespan sets it before serving
         # First, before any other work: a flood of refused paths or bad tokens counts too.
         await runtime.limits.check_client(self._client(scope))
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -112,7 +223,8 @@ class ProxyMiddleware:
         if not canonical_path(raw_path):
             raise Problem(404, "No such resource.")
         # What is matched is exactly what is forwarded, whatever the server decoded.
-        path = unquote(raw_path.decode("ascii"))
+        target = raw_path.decode("ascii")
+        path = unquote(target) if "%" in target else target
         method: str = scope["method"]
         outcome = self.routes.match(method, path)
         if isinstance(outcome, MethodNotAllowed):
@@ -126,57 +238,112 @@ class ProxyMiddleware:
             raise Problem(404, "No such resource.")
         route = outcome.route
         scope["route"] = route  # the metrics label: the route, never the raw path
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        principal = await admit(
-            outcome.access, authorization=authorization, verifier=runtime.verifier
-        )
-        if principal is not None:
-            # Only where a token is verified anyway: public routes are limited per client.
-            await runtime.limits.check_user(principal.user_id)
-        body = await _read_body(receive)
-        if body is None:
-            return  # the caller left, or the body limit cut it off (and answers 413)
+        if outcome.access is not Access.PUBLIC:
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+                    break
+            principal = await admit(
+                outcome.access, authorization=authorization, verifier=runtime.verifier
+            )
+            if principal is not None:
+                # Only where a token is verified anyway: public routes are limited per client.
+                await runtime.limits.check_user(principal.user_id)
+        body = b""
+        if has_body:
+            read = await self._read_body(receive)
+            if read is None:
+                return None  # the caller left
+            body = read
         client = scope.get("client")
         headers = upstream_headers(
             scope["headers"],
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
-            identity=outgoing_headers(),
+            identity=identity,
             trusted_proxies=self.trusted_proxies,
         )
-        target = raw_path.decode("ascii")
+        if body or method in _BODY_METHODS:
+            headers.append((b"content-length", b"%d" % len(body)))
         query: bytes = scope.get("query_string", b"")
         if query:
             target += "?" + query.decode("latin-1")
-        await forward(
+        return await forward(
             upstreams=runtime.upstreams,
             service=route.service,
-            session=runtime.http,
-            method=method,
-            target=target,
-            headers=headers,
+            pool=runtime.pool,
+            head=request_head(method, target, headers),
             body=body,
+            method=method,
             timeout_s=runtime.settings.upstream_timeout_s,
             retry_after_s=runtime.platform.registry_cache_ttl_s,
-            send=send,
         )
 
+    def _too_large(self) -> Problem:
+        return Problem(
+            413,
+            f"The request body is larger than {self.max_body_bytes} bytes.",
+            headers={"Connection": "close"},
+        )
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body; the body limit keeps it small, and a buffered body can be
-    sent again to another instance when the first refused the connection."""
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        """The whole request body, within the size limit and the body deadline; buffered, so a
+        request whose connection was refused can be sent again to another instance."""
+        chunks: list[bytes] = []
+        seen = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk: bytes = message.get("body", b"")
+                    seen += len(chunk)
+                    if seen > self.max_body_bytes:
+                        raise self._too_large()
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise Problem(
+                408,
+                f"The request did not arrive within {self.body_timeout_s:g} s.",
+                headers={"Connection": "close"},
+            ) from None
+
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+async def _relay(answer: Answer, send: Send, stamp: tuple[bytes, bytes]) -> None:
+    headers = response_headers(answer.headers)
+    headers.append(stamp)
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    whole = answer.whole_body()
+    if whole is not None:
+        await send({"type": "http.response.body", "body": whole, "more_body": False})
+        return
+    try:
+        async for chunk in answer.body():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except (UpstreamBroken, TimeoutError) as exc:
+        answer.abandon()
+        raise _AnswerStarted(str(exc) or type(exc).__name__) from exc
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _send_stamped_problem(
+    send: Send, stamp: tuple[bytes, bytes], problem: Problem, *, instance: str
+) -> None:
+    async def stamped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message["headers"], stamp]
+        await send(message)
+
+    await send_problem(
+        stamped, problem.status, instance=instance, detail=problem.detail, headers=problem.headers
+    )
 
 
 def _runtime(request: Request) -> GatewayRuntime:

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from shop.gateway.api import GatewayRuntime, ProxyMiddleware, ReadinessCheck, ops_routes
+from shop.gateway.api import OPS_PATHS, GatewayRuntime, Proxy, ReadinessCheck, ops_routes
 from shop.gateway.domain import DASHBOARD, Access, public_route_table
 from shop.gateway.ratelimit import RateLimits, parse_limits
 from shop.gateway.service import ApiCatalogue, Upstreams
 from shop.gateway.settings import GatewaySettings
+from shop.gateway.upstream import UpstreamPool
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
 from shop.platform.http import http_session
 from shop.platform.middleware import (
@@ -30,9 +34,26 @@ from shop.platform.security import pinned_jwks
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 
-__all__ = ["NAME", "build_app"]
+__all__ = ["NAME", "GatewayApp", "build_app"]
 
 NAME = "api-gateway"
+
+
+class GatewayApp(Starlette):
+    """Starlette for the gateway's own endpoints and the lifespan; every other request goes
+    straight to the proxy, past Starlette's routing and middleware stack (see docs/gateway.md,
+    Performance)."""
+
+    def __init__(self, *, proxy: Proxy, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPS_PATHS:
+            scope["app"] = self
+            await self.proxy(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
@@ -54,10 +75,21 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
     dashboard_access = Access.ADMIN if platform.is_production else Access.PUBLIC
     routes = public_route_table(dashboard_access=dashboard_access)
     instruments = HttpMetrics(NAME)
+    proxy = Proxy(
+        routes=routes,
+        metrics=instruments,
+        max_body_bytes=platform.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        trusted_proxies=frozenset(settings.trusted_proxies),
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # decompress=False: bodies pass through byte for byte, Content-Encoding and all.
+        ssl_context = (
+            ssl.create_default_context(cafile=platform.tls_cafile) if platform.tls_cafile else None
+        )
+        pool = UpstreamPool(ssl_context=ssl_context)
         async with http_session(decompress=False, ca_file=platform.tls_cafile) as http:
             registry = RegistryClient(
                 base_url=platform.registry_url,
@@ -71,6 +103,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                 platform=platform,
                 settings=settings,
                 http=http,
+                pool=pool,
                 registry=registry,
                 upstreams=upstreams,
                 verifier=JwksVerifier(
@@ -95,6 +128,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
             )
             runtime.readiness["registry"] = _registry_reachable(registry)
             app.state.gateway = runtime
+            proxy.runtime = runtime
             port: int | None = getattr(app.state, "bound_port", None)
             if port:
                 runtime.heartbeat = Heartbeat(
@@ -116,8 +150,10 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                 if runtime.heartbeat is not None:
                     await runtime.heartbeat.stop()
                 await runtime.limits.close()
+                pool.close()
 
-    app = Starlette(
+    app = GatewayApp(
+        proxy=proxy,
         routes=ops_routes(),
         # First listed = outermost: request identity wraps even the 413 and the metrics.
         middleware=[
@@ -125,11 +161,6 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
             Middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s),
             Middleware(BodyLimitMiddleware, max_bytes=platform.max_body_bytes),
             Middleware(MetricsMiddleware, metrics=instruments),
-            Middleware(
-                ProxyMiddleware,
-                routes=routes,
-                trusted_proxies=frozenset(settings.trusted_proxies),
-            ),
         ],
         exception_handlers={HTTPException: _on_http_error},
         lifespan=lifespan,

@@ -25,6 +25,7 @@ __all__ = [
     "canonical_path",
     "merge_openapi",
     "public_route_table",
+    "request_head",
     "response_headers",
     "upstream_headers",
 ]
@@ -164,6 +165,7 @@ _LITERAL = frozenset(
 # byte (%2e, %41) or an encoded separator (%2f, %5c, %3b, %25, %00) is a disguise.
 _NEVER_ENCODED = _LITERAL | frozenset(b"\\;%") | frozenset(range(0x20)) | {0x7F}
 _HEX = frozenset(b"0123456789abcdefABCDEF")
+_LITERAL_BYTES = bytes(sorted(_LITERAL))
 
 
 def canonical_path(raw_path: bytes) -> bool:
@@ -176,6 +178,13 @@ def canonical_path(raw_path: bytes) -> bool:
     """
     if not raw_path.startswith(b"/"):
         return False
+    if raw_path.translate(None, _LITERAL_BYTES):
+        return _canonical_bytes(raw_path) and _canonical_segments(raw_path)
+    # Only literal bytes (the usual case): no byte-by-byte walk needed.
+    return _canonical_segments(raw_path)
+
+
+def _canonical_bytes(raw_path: bytes) -> bool:
     i, size = 0, len(raw_path)
     while i < size:
         byte = raw_path[i]
@@ -190,6 +199,10 @@ def canonical_path(raw_path: bytes) -> bool:
         if byte not in _LITERAL:
             return False
         i += 1
+    return True
+
+
+def _canonical_segments(raw_path: bytes) -> bool:
     if raw_path == b"/":
         return True
     for segment in raw_path[1:].split(b"/"):
@@ -227,15 +240,12 @@ _REWRITTEN_UPSTREAM = frozenset(
     }
 )
 _REWRITTEN_DOWNSTREAM = frozenset({"x-request-id"})
+_DROP_UPSTREAM = frozenset(n.encode() for n in HOP_BY_HOP | _REWRITTEN_UPSTREAM)
+_DROP_DOWNSTREAM = frozenset(n.encode() for n in HOP_BY_HOP | _REWRITTEN_DOWNSTREAM)
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[str]:
-    named: set[str] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(t.strip().lower() for t in value.decode("latin-1").split(","))
-    named.discard("")
-    return named
+def _connection_tokens(value: bytes) -> set[bytes]:
+    return {t.strip().lower() for t in value.split(b",")} - {b""}
 
 
 def upstream_headers(
@@ -243,10 +253,10 @@ def upstream_headers(
     *,
     client_ip: str | None,
     scheme: str,
-    identity: Mapping[str, str],
+    identity: Iterable[tuple[bytes, bytes]],
     trusted_proxies: frozenset[str] = frozenset(),
-) -> list[tuple[str, str]]:
-    """The caller's headers as the service should see them.
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers as the service should see them (names in lower case).
 
     Hop-by-hop headers stop here; ``identity`` (request id, child ``traceparent``) replaces
     whatever the caller sent. The gateway is the edge: ``X-Forwarded-*`` say what *it* saw
@@ -255,46 +265,63 @@ def upstream_headers(
     peer in ``trusted_proxies`` (a load balancer in front) has its ``X-Forwarded-*`` kept,
     the peer appended to ``X-Forwarded-For``.
     """
-    headers = list(headers)
-    drop = HOP_BY_HOP | _REWRITTEN_UPSTREAM | _connection_tokens(headers)
-    out: list[tuple[str, str]] = []
-    inbound: dict[str, list[str]] = {}
-    host = ""
-    for raw_name, raw_value in headers:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        if name.startswith("x-forwarded-"):
-            inbound.setdefault(name, []).append(value)
-        elif name == "host":
-            host = value
-        if name not in drop:
-            out.append((name, value))
+    out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] = set()
+    inbound: dict[bytes, list[bytes]] = {}
+    host = b""
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if name in _DROP_UPSTREAM:
+            if name == b"host":
+                host = value
+            elif name == b"connection":
+                named |= _connection_tokens(value)
+            elif name.startswith(b"x-forwarded-"):
+                inbound.setdefault(name, []).append(value)
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n not in named]
     proxied = client_ip is not None and client_ip in trusted_proxies
-    forwarded_for = inbound.get("x-forwarded-for", []) if proxied else []
+    forwarded_for = inbound.get(b"x-forwarded-for", []) if proxied else []
+    scheme_bytes = scheme.encode("latin-1")
     if proxied:
-        scheme = inbound.get("x-forwarded-proto", [scheme])[-1]
-        host = inbound.get("x-forwarded-host", [host])[-1]
+        scheme_bytes = inbound.get(b"x-forwarded-proto", [scheme_bytes])[-1]
+        host = inbound.get(b"x-forwarded-host", [host])[-1]
     if client_ip:
-        forwarded_for = [*forwarded_for, client_ip]
+        forwarded_for = [*forwarded_for, client_ip.encode("latin-1")]
     if forwarded_for:
-        out.append(("x-forwarded-for", ", ".join(forwarded_for)))
-    out.append(("x-forwarded-proto", scheme))
+        out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
+    out.append((b"x-forwarded-proto", scheme_bytes))
     if host:
-        out.append(("x-forwarded-host", host))
-    out.extend(identity.items())
+        out.append((b"x-forwarded-host", host))
+    out.extend(identity)
     return out
+
+
+def request_head(method: str, target: str, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The request line and header block (up to and with the blank line) sent to a service."""
+    lines = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target.encode("latin-1"))]
+    lines += [b"%s: %s\r\n" % pair for pair in headers]
+    lines.append(b"\r\n")
+    return b"".join(lines)
 
 
 def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The service's answer headers the caller gets: hop-by-hop ones and its request id dropped
     (the gateway stamps its own, the same value)."""
-    headers = list(headers)
-    drop = HOP_BY_HOP | _REWRITTEN_DOWNSTREAM | _connection_tokens(headers)
-    return [
-        (name.lower(), value)
-        for name, value in headers
-        if name.decode("latin-1").lower() not in drop
-    ]
+    out: list[tuple[bytes, bytes]] = []
+    named: set[bytes] = set()
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if name in _DROP_DOWNSTREAM:
+            if name == b"connection":
+                named |= _connection_tokens(value)
+            continue
+        out.append((name, value))
+    if named:
+        out = [(n, v) for n, v in out if n not in named]
+    return out
 
 
 _SCHEMA_REF = "#/components/schemas/"

@@ -4,25 +4,23 @@ the whole public API."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
-from starlette.types import Send
-from yarl import URL
 
 from shop.gateway.domain import (
     ROUTED_SERVICES,
     Access,
     RouteTable,
     merge_openapi,
-    response_headers,
 )
-from shop.platform.discovery import RegistryClient, RegistryUnavailable
+from shop.gateway.upstream import Answer, ConnectFailed, UpstreamBroken, UpstreamPool
+from shop.platform.discovery import Instance, RegistryClient, RegistryUnavailable
 from shop.platform.problems import Problem
 from shop.platform.security import authenticate, refuse_service_identity
 from shop.platform.tokens import JwksVerifier, Principal
@@ -36,8 +34,6 @@ __all__ = [
 
 log = logging.getLogger("shop.gateway")
 
-# Let aiohttp add nothing the caller did not send: the service must see the caller's request.
-_NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # The shared session does not decompress (proxied bodies pass through as they are), so the
 # gateway's own JSON reads ask for an uncompressed answer.
 _PLAIN_JSON = {"Accept": "application/json", "Accept-Encoding": "identity"}
@@ -74,17 +70,25 @@ class Upstreams:
         self._fixed = dict(fixed)
         self._pass_over_s = pass_over_s
         self._failed_until: dict[str, float] = {}
+        self._urls: dict[str, tuple[list[Instance], list[str]]] = {}
+        self._cursors: dict[str, Iterator[int]] = {}
 
     async def candidates(self, service: str) -> list[str]:
         """Base URLs to try in order: the round-robin choice, then one other as a fallback."""
         fixed = self._fixed.get(service)
         if fixed is not None:
             return [fixed]
-        chosen = await self.registry.choose(service)
-        if chosen is None:
-            return []
         instances = await self.registry.instances(service)
-        urls = [chosen.base_url] + [i.base_url for i in instances if i != chosen]
+        if not instances:
+            return []
+        known = self._urls.get(service)
+        if known is None or known[0] is not instances:
+            # The registry client hands back the same list until it looks the service up again.
+            known = self._urls[service] = (instances, [i.base_url for i in instances])
+        urls = known[1]
+        if len(urls) > 1:
+            turn = next(self._cursors.setdefault(service, itertools.count())) % len(urls)
+            urls = urls[turn:] + urls[:turn]
         if self._failed_until:
             now = time.monotonic()
             healthy = [u for u in urls if self._failed_until.get(u, 0.0) <= now]
@@ -93,6 +97,9 @@ class Upstreams:
 
     def refused(self, base_url: str) -> None:
         self._failed_until[base_url] = time.monotonic() + self._pass_over_s
+
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
 
 def _unavailable(service: str, retry_after_s: float, detail: str) -> Problem:
@@ -107,20 +114,18 @@ async def forward(
     *,
     upstreams: Upstreams,
     service: str,
-    session: aiohttp.ClientSession,
-    method: str,
-    target: str,
-    headers: Sequence[tuple[str, str]],
+    pool: UpstreamPool,
+    head: bytes,
     body: bytes,
+    method: str,
     timeout_s: float,
     retry_after_s: float,
-    send: Send,
-) -> None:
-    """Send the request to one instance of ``service`` and stream its answer back.
+) -> Answer:
+    """Send the request to one instance of ``service``; its answer's status and headers.
 
-    ``target`` is the path and query exactly as the caller sent them (already canonical).
-    Failing before the answer starts raises a Problem: 503 (no instance, refused), 504 (too
-    slow), 502 (broke off); once the answer has started, the connection is cut.
+    ``head`` is the request line and headers exactly as the caller's request is to reach the
+    service (the target already canonical). Failing before the answer starts raises a
+    Problem: 503 (no instance, refused), 504 (too slow), 502 (broke off).
     """
     try:
         candidates = await upstreams.candidates(service)
@@ -128,53 +133,29 @@ async def forward(
         raise _unavailable(service, retry_after_s, "The service registry is unreachable.") from exc
     if not candidates:
         raise _unavailable(service, retry_after_s, f"No instance of {service} is up.")
-    timeout = aiohttp.ClientTimeout(
-        total=None, sock_connect=min(2.0, timeout_s), sock_read=timeout_s
-    )
-    outgoing = CIMultiDict(headers)
+    last = len(candidates) - 1
     for attempt, base_url in enumerate(candidates):
         try:
-            async with session.request(
-                method,
-                URL(base_url + target, encoded=True),
-                headers=outgoing,
-                data=body or None,
-                timeout=timeout,
-                allow_redirects=False,
-                skip_auto_headers=_NO_AUTO_HEADERS,
-            ) as resp:
-                await _relay(resp, send)
-                return
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            return await pool.request(
+                base_url,
+                head,
+                body,
+                head_only=method == "HEAD",
+                idempotent=method in _IDEMPOTENT,
+                connect_timeout_s=min(2.0, timeout_s),
+                timeout_s=timeout_s,
+            )
+        except ConnectFailed as exc:
             # Nothing reached the instance, so trying another one is safe for any method.
             upstreams.refused(base_url)
             log.warning("%s at %s unreachable (%s)", service, base_url, exc)
-            if attempt == len(candidates) - 1:
+            if attempt == last:
                 raise _unavailable(service, retry_after_s, f"{service} is unreachable.") from exc
         except TimeoutError as exc:
             raise Problem(504, f"{service} did not answer within {timeout_s:g} s.") from exc
-        except aiohttp.ClientError as exc:
+        except UpstreamBroken as exc:
             raise Problem(502, f"{service} broke off its answer.") from exc
-
-
-class _AnswerStarted(Exception):
-    """The service failed mid-answer: the caller's connection must be cut, not answered."""
-
-
-async def _relay(resp: aiohttp.ClientResponse, send: Send) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": resp.status,
-            "headers": response_headers(resp.raw_headers),
-        }
-    )
-    try:
-        async for chunk in resp.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise _AnswerStarted(str(exc)) from exc
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
 class ApiCatalogue:

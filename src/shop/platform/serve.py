@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import uvicorn
 from starlette.applications import Starlette
@@ -77,6 +77,39 @@ class ServerLimits:
     keep_alive_s: float = 5.0
 
 
+class _CoalescedWrites:
+    """The connection's transport, with the writes of one loop step sent as one: uvicorn
+    writes an answer's head and its body separately, two ``send`` syscalls where one will do
+    (on loopback each also pays for the receiver's TCP processing)."""
+
+    __slots__ = ("_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        if self._pending:
+            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self._pending.clear()
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _GuardedProtocol(HttpToolsProtocol):
     """httptools' protocol with a deadline on each request's line and headers (a silent or
     one-byte-a-second client is cut off: 408 if it sent anything) and a cap on their size
@@ -86,17 +119,20 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_deadline: asyncio.TimerHandle | None = None
+        # The deadline is a time; one timer per connection checks it, re-armed only when it
+        # fires early, rather than a timer made and cancelled for every request.
+        self._head_deadline: float | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
         self._awaiting_head = True
         self._head_bytes = 0
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(cast(asyncio.Transport, _CoalescedWrites(transport)))
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._disarm(stop_timer=True)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -135,19 +171,36 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         super().on_message_complete()
 
+    def on_response_complete(self) -> None:
+        cast(_CoalescedWrites, self.transport).flush()
+        super().on_response_complete()
+
     def _arm(self) -> None:
         if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(
-                self.limits.header_timeout_s, self._head_too_slow
-            )
+            self._head_deadline = self.loop.time() + self.limits.header_timeout_s
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(
+                    self.limits.header_timeout_s, self._head_timer_fired
+                )
 
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+    def _disarm(self, *, stop_timer: bool = False) -> None:
+        self._head_deadline = None
+        if stop_timer and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        if self._head_deadline is None:
+            return  # the headers came; the next request arms a deadline of its own
+        remaining = self._head_deadline - self.loop.time()
+        if remaining > 0:
+            self._head_timer = self.loop.call_later(remaining, self._head_timer_fired)
+            return
+        self._head_deadline = None
+        self._head_too_slow()
 
     def _head_too_slow(self) -> None:
-        self._head_deadline = None
         if not self._awaiting_head or self.transport.is_closing():
             return
         if self._head_bytes:
@@ -157,7 +210,7 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, detail: str) -> None:
         self._refused = True
-        self._disarm()
+        self._disarm(stop_timer=True)
         body = json.dumps(problem_body(status, instance="", detail=detail)).encode()
         reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
         self.transport.write(
