@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from shop.platform import db
@@ -86,6 +86,35 @@ async def test_sqlite_gives_up_on_a_lock_that_is_never_released(
             assert is_lock_conflict(failed.value), "callers run the transaction again"
     finally:
         await engine.dispose()
+
+
+async def test_a_busy_sqlite_engine_keeps_its_connections(tmp_path: Path) -> None:
+    """Bursts of concurrent transactions reuse the connections the first burst opened,
+    rather than opening (and running the pragmas of) a new one for most transactions."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'busy.db'}")
+    opened = 0
+
+    def count(*_: object) -> None:
+        nonlocal opened
+        opened += 1
+
+    event.listen(engine.sync_engine, "connect", count)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE t (n INTEGER)"))
+
+        async def transaction(n: int) -> None:
+            async with engine.begin() as conn:
+                await conn.execute(text("INSERT INTO t VALUES (:n)"), {"n": n})
+
+        for _ in range(10):
+            await asyncio.gather(*(transaction(n) for n in range(48)))
+        async with engine.connect() as conn:
+            written = (await conn.execute(text("SELECT count(*) FROM t"))).scalar_one()
+    finally:
+        await engine.dispose()
+    assert written == 480
+    assert opened <= 48, f"{opened} connections opened for 480 transactions"
 
 
 async def test_a_threaded_sqlite_engine_keeps_aiosqlite(tmp_path: Path) -> None:

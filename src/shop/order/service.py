@@ -190,7 +190,7 @@ class OrderService:
         self._events_added()
         # Debug, not info: one line per order was a third of the order's CPU (py-spy,
         # docs/order.md "Performance"); the order and its event are the record.
-        log.debug("order %s placed by %s", number, buyer.user_id)
+        log.info("order %s placed by %s", number, buyer.user_id)
         return Answer(CREATED, body)
 
     async def _prices(

@@ -4,8 +4,11 @@ and register it."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import socket
 import sys
 from collections.abc import Callable
@@ -45,13 +48,35 @@ class AppBuilder(Protocol[S_contra]):
     def __call__(self, *, platform: PlatformSettings, settings: S_contra) -> Starlette: ...
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
+_log_listener: logging.handlers.QueueListener | None = None
+
+
 def configure_logging(level: str = "INFO") -> None:
+    """Log lines go to stdout from a thread of their own: the event loop only queues a
+    record, so a reader that drains stdout slowly (a busy launcher, a full pipe) never
+    stops a service's requests. The queue is emptied when the process exits."""
+    global _log_listener  # noqa: PLW0603 - one listener per process
+    if _log_listener is None:
+        atexit.register(_stop_logging)
+    else:
+        _log_listener.stop()
+    out = logging.StreamHandler(sys.stdout)
+    out.setFormatter(logging.Formatter(_LOG_FORMAT))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stdout,
-        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
-        force=True,
+        level=level.upper(), handlers=[logging.handlers.QueueHandler(records)], force=True
     )
+    _log_listener = logging.handlers.QueueListener(records, out)
+    _log_listener.start()
+
+
+def _stop_logging() -> None:
+    """Write out what is still queued (at exit)."""
+    global _log_listener  # noqa: PLW0603 - one listener per process
+    if _log_listener is not None:
+        _log_listener.stop()
+        _log_listener = None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
