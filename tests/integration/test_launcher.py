@@ -46,8 +46,14 @@ registry = os.environ.get("SHOP_REGISTRY_URL")
 if registry and name != "registry":
     # urllib takes no credentials in a URL: the health check needs none.
     health = re.sub(r"//[^/@]*@", "//", registry.removesuffix("/eureka")) + "/health/ready"
-    with urllib.request.urlopen(health) as answer:
-        print(f"{name} found the registry ready: {answer.status}")
+    # Started together with the registry, like the real services it retries until it answers.
+    for attempt in range(200):
+        try:
+            with urllib.request.urlopen(health) as answer:
+                print(f"{name} found the registry ready: {answer.status}")
+                break
+        except OSError:
+            time.sleep(0.05)
 
 if mode == "crash-at-start":
     print(f"boom: {name} cannot open its database", file=sys.stderr)
@@ -680,3 +686,77 @@ async def test_shop_up_refuses_a_bad_services_file(tmp_path: Path) -> None:
     assert await up.finish() == 2
     assert "bad --services-file" in up.text
     assert "needs exactly one of module or command" in up.text
+
+
+# -- services given as modules: forks of the pre-importing zygote --------------------------
+
+
+def module_stand_ins(tmp_path: Path, modes: dict[str, tuple[str, ...]]) -> Path:
+    """A package per stand-in (``python -m <name>_stand_in``), its argv built in."""
+    root = tmp_path / "modules"
+    for name, argv in modes.items():
+        package = root / f"{name}_stand_in"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "__main__.py").write_text(
+            f"import sys\nsys.argv[1:] = {list(argv)!r}\n{STAND_IN}"
+        )
+    return root
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux only")
+async def test_module_services_are_forks_of_the_zygote_with_their_own_output_and_exit(
+    stand_in: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = module_stand_ins(
+        tmp_path, {"registry": ("registry", "ok", "REGISTRY_PORT"), "auth": ("auth", "ok")}
+    )
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    services = [
+        ServiceSpec(
+            name="registry", module="registry_stand_in", port_env="REGISTRY_PORT", role="registry"
+        ),
+        table(stand_in)[1],  # the gateway: a command, exec'd as before
+        ServiceSpec(name="auth", module="auth_stand_in"),
+    ]
+    output = io.StringIO()
+    services = with_ports(services, gateway=free_port())
+    async with supervisor(services, data_dir=tmp_path / "data", output=output) as shop:
+        pids = shop.pids
+        zygote = parent_of(pids["registry"])
+        assert zygote != os.getpid() and parent_of(pids["auth"]) == zygote
+        assert parent_of(pids["gateway"]) == os.getpid()
+        assert len(set(pids.values())) == 3
+        # Each fork leads its own process group, as an exec'd service does.
+        assert all(os.getpgid(pid) == pid for pid in pids.values())
+        registry_url = f"{shop.url('registry')}/eureka"
+    assert await eventually_gone([*pids.values(), zygote], within_s=2.0) == []
+    text = output.getvalue()
+    assert f"auth         | auth registry url: {registry_url}" in text
+    assert "auth         | auth found the registry ready: 200" in text
+    assert "registry     | registry listening on http://127.0.0.1:" in text
+    stops = [line for line in text.splitlines() if re.search(r"\| \w+ stopped cleanly", line)]
+    assert len(stops) == 3 and stops[-1].split()[2] == "registry"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fork server is Linux only")
+async def test_a_forked_service_that_exits_is_reported_with_its_code_and_last_lines(
+    stand_in: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = module_stand_ins(tmp_path, {"auth": ("auth", "crash-at-start")})
+    monkeypatch.setenv("PYTHONPATH", str(root))
+    services = [*table(stand_in)[:2], ServiceSpec(name="auth", module="auth_stand_in")]
+    output = io.StringIO()
+    with pytest.raises(ServiceFailed) as failed:
+        async with supervisor(
+            with_ports(services, gateway=free_port()), data_dir=tmp_path, output=output
+        ):
+            pass
+    assert failed.value.name == "auth"
+    assert failed.value.exit_code == 3
+    assert "boom: auth cannot open its database" in failed.value.last_lines
+    assert "!! auth exited before it announced its port (exit code 3)" in output.getvalue()

@@ -407,3 +407,20 @@ def test_bad_registry_clients_are_refused_without_showing_them(value: str) -> No
 def test_the_credential_goes_into_the_registry_url_percent_encoded() -> None:
     url = with_credentials("http://127.0.0.1:8761/eureka", app="order-service", secret="a/b@c:d")
     assert url == "http://order-service:a%2Fb%40c%3Ad@127.0.0.1:8761/eureka"
+
+
+def test_the_zygote_is_given_no_secret_and_keeps_what_forks_cannot_change() -> None:
+    from shop.launcher import settings
+    from shop.launcher.zygote import SECRET_VARIABLES, zygote_environment
+
+    names = {
+        settings.REGISTRY_CLIENTS,
+        settings.REGISTRY_CLIENTS_FILE,
+        settings.SERVICE_CLIENTS,
+        settings.SERVICE_SECRET,
+    }
+    assert set(SECRET_VARIABLES) == names
+    env = zygote_environment({**dict.fromkeys(names, "s" * 32), "PYTHONPATH": "/x"})
+    assert not names & set(env)
+    assert env["PYTHONPATH"] == "/x" and env["MALLOC_ARENA_MAX"] == "2"
+    assert zygote_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"

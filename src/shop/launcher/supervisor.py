@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -18,11 +17,11 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import aiohttp
 
@@ -38,6 +37,7 @@ from shop.launcher.settings import (
     service_clients,
     with_credentials,
 )
+from shop.launcher.zygote import Zygote, die_with_launcher, fork_server_wanted
 
 __all__ = ["ServiceFailed", "Supervisor", "describe_exit", "parse_listening", "shop_system"]
 
@@ -48,7 +48,6 @@ _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}  # noqa: S10
 _KEPT_LINES = 40
 _SHOWN_LINES = 15
 _LINE_LIMIT = 1 << 20
-_PR_SET_PDEATHSIG = 1
 JWKS_PATH = "/auth/.well-known/jwks.json"
 
 
@@ -94,26 +93,6 @@ class ServiceFailed(Exception):
         self.last_lines = list(last_lines)
         tail = "".join(f"\n    {line}" for line in self.last_lines)
         super().__init__(f"{name} {reason}{tail}")
-
-
-def _die_with_launcher() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGTERM the child when the launcher dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    launcher = os.getpid()
-    sigterm = int(signal.SIGTERM)
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigterm)
-        # The launcher died between fork and prctl: nobody would ever stop this child.
-        if os.getppid() != launcher:
-            os._exit(1)
-
-    return preexec
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
@@ -163,29 +142,40 @@ async def _spawn_process(
     return asyncio.subprocess.Process(transport, protocol, loop), protocol
 
 
+class _Process(Protocol):
+    """What the supervisor needs of a service's process: exec'd, or forked by the zygote."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    @property
+    def stdout(self) -> asyncio.StreamReader | None: ...
+
+
+async def _exit_code_of(process: asyncio.subprocess.Process, protocol: _ExitAwareProtocol) -> int:
+    await protocol.exited
+    code = process.returncode
+    return -1 if code is None else code
+
+
 class _Child:
     """One running service: its process, its output pump, the URL it announced."""
 
-    def __init__(
-        self,
-        spec: ServiceSpec,
-        process: asyncio.subprocess.Process,
-        protocol: _ExitAwareProtocol,
-    ) -> None:
+    def __init__(self, spec: ServiceSpec, process: _Process, exit_code: Awaitable[int]) -> None:
         self.spec = spec
         self.process = process
         self.began = time.monotonic()
         self.last_lines: deque[str] = deque(maxlen=_KEPT_LINES)
         self.listening: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self.exited: asyncio.Task[int] = asyncio.create_task(self._exit_code(protocol))
+        self.exited: asyncio.Task[int] = asyncio.create_task(self._exit_code(exit_code))
         self.url: str | None = None
         self.ready = False
         self.pump: asyncio.Task[None] | None = None
 
-    async def _exit_code(self, protocol: _ExitAwareProtocol) -> int:
-        await protocol.exited
-        code = self.process.returncode
-        return -1 if code is None else code
+    @staticmethod
+    async def _exit_code(exit_code: Awaitable[int]) -> int:
+        return await exit_code
 
     @property
     def name(self) -> str:
@@ -204,8 +194,8 @@ class _Child:
 
 
 class Supervisor:
-    """Runs a table of services: registry and gateway first, then the rest at once; stops in
-    reverse.
+    """Runs a table of services, all at once when the registry's port is known up front
+    (modules forked by the zygote, commands exec'd); stops them registry last.
 
     ``start()`` returns when every service answered 200 on ``/health/ready``, or raises
     ``ServiceFailed`` after stopping whatever it had started. ``wait()`` returns the
@@ -220,7 +210,10 @@ class Supervisor:
         console: Console,
         ready_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
+        zygote: Zygote | None = None,
     ) -> None:
+        """``zygote``: a fork server already importing (``shop up`` starts it first thing);
+        the supervisor closes it when it stops. Without one it starts its own if needed."""
         check_table(services)
         self._services = list(services)
         self._environment = dict(environment)
@@ -256,7 +249,8 @@ class Supervisor:
         self._stopping: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
         self._hurry = asyncio.Event()
-        self._preexec = _die_with_launcher()
+        self._preexec = die_with_launcher()
+        self._zygote = zygote
 
     # -- what callers learn ------------------------------------------------------------
 
@@ -299,28 +293,26 @@ class Supervisor:
         if self._stages:
             raise RuntimeError("a Supervisor starts once")
         self._pin_auth()
+        self._pin_registry()
         registry = [s for s in self._services if s.role == "registry"]
         gateway = [s for s in self._services if s.role == "gateway"]
         rest = [s for s in self._services if s.role in ("auth", "service")]
-        # The gateway comes up before the services, not among them: on two cores six Python
-        # processes importing at once would keep the front door shut for seconds. With the
-        # registry's port known in advance, the gateway starts alongside it.
-        if registry and registry[0].port:
-            self._registry_url = f"http://127.0.0.1:{registry[0].port}/eureka"
-            stages = [registry + gateway, rest]
-        else:
-            stages = [registry, gateway, rest]
+        # Stages say the stopping order (the registry last). With the registry's port known in
+        # advance they all start at once: the services retry their registration until the
+        # registry answers. Otherwise the registry starts alone and the rest once it is ready.
+        waves = [[registry, gateway, rest]]
+        if registry and not registry[0].port:
+            waves = [[registry], [gateway, rest]]
         try:
+            self._start_zygote()
             async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=2.0),
                 cookie_jar=aiohttp.DummyCookieJar(),
             ) as http:
-                for stage in stages:
-                    if not stage:
-                        continue
-                    await self._start_stage(stage, http)
-                    if stage is registry:
-                        self._registry_url = f"{self._stages[-1][0].url}/eureka"
+                for wave in waves:
+                    await self._start_wave(wave, http)
+                    if self._registry_url is None and registry:
+                        self._registry_url = f"{self._stages[0][0].url}/eureka"
         except ServiceFailed as failure:
             self._report(failure)
             await self.stop()
@@ -329,6 +321,32 @@ class Supervisor:
             # Cancelled (a signal during start-up) or a bug: leave no process behind.
             await self.stop()
             raise
+
+    def _pin_registry(self) -> None:
+        """The registry's port up front (a free one for port 0, when the registry is told its
+        port), so that every process can be told its URL before it starts."""
+        for index, spec in enumerate(self._services):
+            if spec.role != "registry":
+                continue
+            if not spec.port and spec.port_env:
+                self._services[index] = spec = replace(spec, port=_free_port("127.0.0.1"))
+            if spec.port:
+                self._registry_url = f"http://127.0.0.1:{spec.port}/eureka"
+
+    def _start_zygote(self) -> None:
+        """The fork server, when some service is a module: it imports while the launcher waits."""
+        wanted = any(s.module for s in self._services) and fork_server_wanted(self._environment)
+        if not wanted:
+            if self._zygote is not None:
+                self._zygote.close()
+                self._zygote = None
+            return
+        if self._zygote is not None:
+            return
+        try:
+            self._zygote = Zygote.begin(self._environment, limit=_LINE_LIMIT)
+        except OSError as exc:
+            self._console.note(f"no fork server ({exc.strerror or exc}): starting each service")
 
     def _pin_auth(self) -> None:
         """Give auth its port now and every process its address: verifiers fetch the JWKS
@@ -359,7 +377,8 @@ class Supervisor:
             env[SERVICE_SECRET] = secret
         if spec.role == "registry" and self._clients:
             env[REGISTRY_CLIENTS] = json.dumps(self._clients)
-        if self._registry_url:
+        # The registry registers with nobody: it is not told where it is.
+        if self._registry_url and spec.role != "registry":
             url = self._registry_url
             secret = self._clients.get(spec.registers_as.lower()) if spec.registers_as else None
             if spec.registers_as and secret:
@@ -371,8 +390,17 @@ class Supervisor:
                 env.setdefault(
                     "GATEWAY_REGISTRY_DASHBOARD_URL", self._registry_url.removesuffix("/eureka")
                 )
+        process: _Process
+        exit_code: Awaitable[int]
         try:
-            process, protocol = await _spawn_process(spec.argv(), env=env, preexec_fn=self._preexec)
+            if self._zygote is not None and spec.module:
+                forked = await self._zygote.fork(spec.module, env=env)
+                process, exit_code = forked, forked.exited
+            else:
+                spawned, protocol = await _spawn_process(
+                    spec.argv(), env=env, preexec_fn=self._preexec
+                )
+                process, exit_code = spawned, _exit_code_of(spawned, protocol)
         except OSError as exc:
             raise ServiceFailed(
                 spec.name,
@@ -380,7 +408,7 @@ class Supervisor:
                 exit_code=None,
                 last_lines=(),
             ) from exc
-        child = _Child(spec, process, protocol)
+        child = _Child(spec, process, exit_code)
         child.pump = asyncio.create_task(self._pump(child))
         self._console.note(f"started {spec.name} (pid {process.pid}): {spec.describe()}")
         return child
@@ -405,17 +433,24 @@ class Supervisor:
                 if url is not None:
                     child.listening.set_result(url)
 
-    async def _start_stage(self, specs: Sequence[ServiceSpec], http: aiohttp.ClientSession) -> None:
+    async def _start_wave(
+        self, stages: Sequence[Sequence[ServiceSpec]], http: aiohttp.ClientSession
+    ) -> None:
+        """Start these stages' services together; return when every one is ready."""
         earlier = [c for stage in self._stages for c in stage]
-        stage: list[_Child] = []
-        # Registered before readiness, so that stop() reaches a child however start ends.
-        self._stages.append(stage)
-        for spec in specs:
-            stage.append(await self._spawn(spec))
-        readiness = [asyncio.create_task(self._become_ready(c, http)) for c in stage]
+        wave: list[_Child] = []
+        for specs in stages:
+            if not specs:
+                continue
+            stage: list[_Child] = []
+            # Registered before readiness, so that stop() reaches a child however start ends.
+            self._stages.append(stage)
+            for spec in specs:
+                stage.append(await self._spawn(spec))
+            wave += stage
+        readiness = [asyncio.create_task(self._become_ready(c, http)) for c in wave]
         pending: set[asyncio.Task[None]] = set(readiness)
-        if earlier:
-            pending.add(asyncio.create_task(self._raise_first_exit(earlier)))
+        pending.add(asyncio.create_task(self._raise_when_a_ready_one_exits([*earlier, *wave])))
         try:
             while not all(t.done() for t in readiness):
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -427,9 +462,20 @@ class Supervisor:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-        for child in (*earlier, *stage):
+        for child in (*earlier, *wave):
             if child.exited.done():
                 raise await self._failure(child, "exited unexpectedly")
+
+    async def _raise_when_a_ready_one_exits(self, children: Sequence[_Child]) -> None:
+        """A child not ready yet that exits is its readiness check's to report."""
+        waiting = {c.exited: c for c in children}
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for exited in done:
+                child = waiting.pop(exited)
+                if child.ready:
+                    raise await self._failure(child, "exited unexpectedly")
+        await asyncio.Event().wait()  # every one has ended: the readiness checks say how
 
     async def _become_ready(self, child: _Child, http: aiohttp.ClientSession) -> None:
         last_answer = "no answer"
@@ -448,7 +494,7 @@ class Supervisor:
                     if child.exited.done():
                         raise await self._failure(child, "exited before it was ready")
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 0.5)
+                    delay = min(delay * 2, 0.1)
         except TimeoutError:
             limit = f"{self._ready_timeout_s:g} s"
             if child.url is None:
@@ -533,6 +579,8 @@ class Supervisor:
         # Registry last: the others deregister from it on their way out.
         for stage in reversed(self._stages):
             await asyncio.gather(*(self._stop_child(c) for c in stage))
+        if self._zygote is not None:
+            self._zygote.close()
 
     async def _stop_child(self, child: _Child) -> None:
         pid = child.process.pid
