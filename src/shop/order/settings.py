@@ -59,7 +59,7 @@ class OrderSettings(ServiceSettings):
     )
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
     outbox_wake_delay_s: float = Field(
-        default=0.05,
+        default=0.01,
         ge=0,
         description=(
             "How long the relay waits after an order's commit before publishing, so the "

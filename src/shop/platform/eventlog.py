@@ -111,7 +111,7 @@ class SqliteEventLog:
         url: str,
         *,
         client_id: str,
-        poll_interval_s: float = 0.05,
+        poll_interval_s: float = 0.01,
         batch_size: int = 100,
         lease_s: float = 5.0,
         max_attempts: int = 40,
