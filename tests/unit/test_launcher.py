@@ -423,4 +423,5 @@ def test_the_zygote_is_given_no_secret_and_keeps_what_forks_cannot_change() -> N
     env = zygote_environment({**dict.fromkeys(names, "s" * 32), "PYTHONPATH": "/x"})
     assert not names & set(env)
     assert env["PYTHONPATH"] == "/x" and env["MALLOC_ARENA_MAX"] == "2"
+    assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"
     assert zygote_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"

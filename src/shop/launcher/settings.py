@@ -11,6 +11,7 @@ from urllib.parse import quote
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shop.launcher.zygote import MALLOC_TUNING
 from shop.platform.settings import secret_table
 
 __all__ = [
@@ -70,9 +71,8 @@ def child_environment(
     # Absolute, so a service that changes directory still finds the same files.
     env["SHOP_DATA_DIR"] = str(data_dir.expanduser().resolve())
     env["PYTHONUNBUFFERED"] = "1"
-    # glibc gives each thread that allocates its own arena, kept after the thread is idle: auth
-    # hashing passwords in worker threads held ~20 MiB more per process for it (measured).
-    env.setdefault("MALLOC_ARENA_MAX", "2")
+    for name, value in MALLOC_TUNING.items():  # glibc's allocator: see there
+        env.setdefault(name, value)
     # Services prove who they are to each other with tokens auth issues against each one's
     # own secret; one embedded run of `shop up` is one deployment, so fresh ones per run
     # will do. Production secrets come from the operator: the services refuse to start

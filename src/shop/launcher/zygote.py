@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "MALLOC_TUNING",
     "PRELOAD",
     "SECRET_VARIABLES",
     "ForkedProcess",
@@ -108,12 +109,22 @@ SECRET_VARIABLES = (
 )
 
 
+# glibc's allocator, read once at process start, unless the operator set them:
+# - MALLOC_ARENA_MAX: glibc gives each thread that allocates its own arena, kept after the
+#   thread is idle: auth hashing passwords in worker threads held ~20 MiB more for it.
+# - MALLOC_MMAP_THRESHOLD_: a fixed threshold turns off glibc's sliding one, which after the
+#   first freed argon2 work buffer (19 MiB) kept every later one in the heap: auth held
+#   ~19 MiB more PSS after a few logins (measured 69.7 → 50.7 MiB; CPU per order unchanged).
+MALLOC_TUNING: Mapping[str, str] = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
 def zygote_environment(base: Mapping[str, str]) -> dict[str, str]:
     """What the zygote starts with: what is read once at interpreter start (PYTHONPATH,
-    MALLOC_ARENA_MAX...) applies to every fork; each fork then gets its own ``os.environ``."""
+    MALLOC_TUNING...) applies to every fork; each fork then gets its own ``os.environ``."""
     env = {k: v for k, v in base.items() if k not in SECRET_VARIABLES}
     env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("MALLOC_ARENA_MAX", "2")
+    for name, value in MALLOC_TUNING.items():
+        env.setdefault(name, value)
     return env
 
 
