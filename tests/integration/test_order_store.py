@@ -342,13 +342,13 @@ async def test_due_releases_are_claimed_once_and_back_off(
         )
     assert error is not None and error.startswith("inventory answered 500") and len(error) == 500
 
-    await store.release_due_now(later, now=NOW)
+    await store.give_up(order_number=later, maybe_reserved=True, now=NOW, key=None)
     assert DueRelease(later, 0) in await store.due_releases(now=NOW, limit=10)
-    await store.drop_release(later)
+    await store.give_up(order_number=later, maybe_reserved=False, now=NOW, key=None)
     await store.release_done(second)
     assert await _pending(engine) == {first: (retry_at, 1)}
     # A release someone started is not dropped as "nothing reserved".
-    await store.drop_release(first)
+    await store.give_up(order_number=first, maybe_reserved=False, now=NOW, key=None)
     assert list(await _pending(engine)) == [first]
 
 

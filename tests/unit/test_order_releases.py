@@ -31,13 +31,6 @@ class MemoryReleases:
     async def hold_release(self, order_number: str, *, due_at: datetime) -> None:
         self.rows[order_number] = Row(due_at)
 
-    async def drop_release(self, order_number: str) -> None:
-        if self.rows.get(order_number, Row(NOW, 1)).attempts == 0:
-            del self.rows[order_number]
-
-    async def release_due_now(self, order_number: str, *, now: datetime) -> None:
-        self.rows[order_number].due_at = now
-
     async def due_releases(self, *, now: datetime, limit: int) -> list[DueRelease]:
         due = sorted((row.due_at, n) for n, row in self.rows.items() if row.due_at <= now)
         return [DueRelease(n, self.rows[n].attempts) for _, n in due[:limit]]

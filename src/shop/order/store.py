@@ -157,10 +157,6 @@ catalogue_prices = Table(
 # Statements built once: building a Core statement per call costs more than running it on
 # SQLite, and an unchanged statement object is compiled once. The hot path of placing an
 # order goes further, to plain SQL (``_HotPath``).
-_DROP_UNSTARTED_HOLD = delete(pending_releases).where(
-    pending_releases.c.order_number == bindparam("number"),
-    pending_releases.c.attempts == 0,
-)
 _HOLD_DUE = (
     update(pending_releases)
     .where(pending_releases.c.order_number == bindparam("number"))
@@ -309,12 +305,6 @@ class PendingReleases(Protocol):
 
     async def hold_release(self, order_number: str, *, due_at: datetime) -> None:
         """Before reserving: release this order's stock at ``due_at`` unless it is saved."""
-
-    async def drop_release(self, order_number: str) -> None:
-        """Nothing was reserved after all: forget a release no one has started."""
-
-    async def release_due_now(self, order_number: str, *, now: datetime) -> None:
-        """The order will not be saved: release its stock as soon as possible."""
 
     async def due_releases(self, *, now: datetime, limit: int) -> list[DueRelease]: ...
 
@@ -635,23 +625,6 @@ class SqlOrderStore:
     async def hold_release(self, order_number: str, *, due_at: datetime) -> None:
         async with self._engine.begin() as conn:
             await self._write_hold(conn, PendingHold(order_number, due_at))
-
-    async def drop_release(self, order_number: str) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                delete(pending_releases).where(
-                    pending_releases.c.order_number == order_number,
-                    pending_releases.c.attempts == 0,
-                )
-            )
-
-    async def release_due_now(self, order_number: str, *, now: datetime) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(
-                update(pending_releases)
-                .where(pending_releases.c.order_number == order_number)
-                .values(due_at=to_db_time(now))
-            )
 
     async def due_releases(self, *, now: datetime, limit: int) -> list[DueRelease]:
         async with self._engine.connect() as conn:
