@@ -161,8 +161,8 @@ class _Stores:
 def _mysql_databases() -> dict[str, str]:
     import pymysql
 
-    names = {s: f"shop_bench_{s}_{uuid.uuid4().hex[:8]}" for s in ("auth", "inventory", "order")}
-    names["notification"] = f"shop_bench_notification_{uuid.uuid4().hex[:8]}"
+    services = ("auth", "inventory", "order", "notification")
+    names = {s: f"shop_bench_{s}_{uuid.uuid4().hex[:8]}" for s in services}
     conn = pymysql.connect(**MYSQL)
     try:
         with conn.cursor() as cur:
