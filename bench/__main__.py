@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,7 @@ class Verdict:
 
 def _broke(part: str, exc: Exception) -> Verdict:
     print(f"!! {part} broke: {exc!r}", file=sys.stderr, flush=True)
+    traceback.print_exception(exc, file=sys.stderr)
     return Verdict(
         f"{part}: ran to the end", f"broke: {str(exc).splitlines()[0][:200]}", "ran", False
     )

@@ -656,7 +656,7 @@ async def _measure(
             )
             await asyncio.sleep(1.0)
             report.pyspy = await _pyspy(launcher, options.pyspy_seconds, options.pyspy_dir, load)
-            created += load.result().count(201)
+            created += (await load).count(201)
 
         # After the run: conservation, counts, memory once settled.
         await _drain(stores)

@@ -34,13 +34,13 @@ from shop.gateway.domain import (
 from shop.gateway.ratelimit import RateLimits
 from shop.gateway.service import ApiCatalogue, Upstreams, admit, forward
 from shop.gateway.settings import GatewaySettings
-from shop.gateway.upstream import Answer, UpstreamBroken, UpstreamPool
 from shop.platform import context
 from shop.platform.discovery import Heartbeat, RegistryClient
 from shop.platform.middleware import HttpMetrics
 from shop.platform.problems import Problem, problem_response, send_problem
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
+from shop.platform.upstream import Answer, UpstreamBroken, UpstreamPool
 
 __all__ = ["OPS_PATHS", "GatewayRuntime", "Proxy", "ReadinessCheck", "ops_routes"]
 

@@ -19,7 +19,6 @@ from shop.gateway.domain import DASHBOARD, Access, public_route_table
 from shop.gateway.ratelimit import RateLimits, parse_limits
 from shop.gateway.service import ApiCatalogue, Upstreams
 from shop.gateway.settings import GatewaySettings
-from shop.gateway.upstream import UpstreamPool
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
 from shop.platform.http import http_session
 from shop.platform.middleware import (
@@ -33,6 +32,7 @@ from shop.platform.problems import problem_response
 from shop.platform.security import pinned_jwks
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
+from shop.platform.upstream import UpstreamPool
 
 __all__ = ["NAME", "GatewayApp", "build_app"]
 

@@ -19,11 +19,11 @@ from shop.gateway.domain import (
     RouteTable,
     merge_openapi,
 )
-from shop.gateway.upstream import Answer, ConnectFailed, UpstreamBroken, UpstreamPool
 from shop.platform.discovery import Instance, RegistryClient, RegistryUnavailable
 from shop.platform.problems import Problem
 from shop.platform.security import authenticate, refuse_service_identity
 from shop.platform.tokens import JwksVerifier, Principal
+from shop.platform.upstream import Answer, ConnectFailed, UpstreamBroken, UpstreamPool
 
 __all__ = [
     "ApiCatalogue",

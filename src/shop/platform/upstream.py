@@ -1,5 +1,6 @@
-"""The gateway's HTTP/1.1 client to the services: kept-alive connections per instance, each
-request written as one buffer, answers parsed by httptools (the parser uvicorn uses).
+"""An HTTP/1.1 client for calls between Shop's own processes (the gateway's proxying first):
+kept-alive connections per instance, each request written as one buffer, answers parsed by
+httptools (the parser uvicorn uses).
 
 Hand-written rather than aiohttp's client because this is the hot path: aiohttp builds a
 request object, a URL, a header multidict and a writer per call, and profiling put 44 % of
