@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: up test lint typecheck contracts unit bench fuzz install clean
+.PHONY: up test test-deploy lint typecheck contracts unit bench fuzz install clean
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ contracts: $(STAMP)
 
 test: lint typecheck contracts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The image built with podman from a local Debian base, then the whole system in containers
+# through an order (3-4 min; 2 more the first time on a machine; needs Debian's podman, runc
+# and mmdebstrap: .ci/run installs them). docs/deploy.md.
+test-deploy: $(STAMP)
+	deploy/build-image.sh
+	$(BIN)/python -m pytest tests/deploy/system_in_containers.py $(PYTEST_ARGS)
 
 # Long fuzzing run (not part of `make test`): 1,000 fresh examples per public operation.
 FUZZ_EXAMPLES ?= 1000
