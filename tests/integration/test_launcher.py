@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from shop.launcher import ServiceFailed, ServiceSpec, Supervisor, shop_system
+from shop.launcher import supervisor as supervisor_module
 from shop.launcher.console import Console
 from shop.launcher.services import with_ports
 from shop.launcher.settings import child_environment
@@ -77,12 +78,16 @@ if mode == "grandchild":
     grandchild = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     print(f"{name} grandchild pid {grandchild.pid}: {grandchild.stdout.readline().decode()}")
 
+ready = threading.Event()
+if mode != "ready-later":
+    ready.set()
+
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path != "/health/ready":
             status = 404
         else:
-            status = 503 if mode == "never-ready" else 200
+            status = 200 if ready.is_set() and mode != "never-ready" else 503
         self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
@@ -102,6 +107,14 @@ if mode == "crash-on-request":
         sys.stderr.flush()
         os._exit(4)
     threading.Thread(target=crash_when_asked, daemon=True).start()
+
+if mode == "ready-later":
+    # Ready a moment after it listens (migrations, registration...), and says so.
+    def become_ready():
+        time.sleep(0.3)
+        ready.set()
+        print(f"{name} is ready now", flush=True)
+    threading.Thread(target=become_ready, daemon=True).start()
 
 server.serve_forever()
 """
@@ -378,6 +391,24 @@ async def test_a_service_that_never_becomes_ready_times_out(stand_in: Path, tmp_
     assert "/health/ready: 503" in failed.value.reason
     assert await eventually_gone(list(shop.pids.values()), within_s=0.5) == []
     assert "!! gateway was not ready within 1 s" in output.getvalue()
+
+
+async def test_readiness_is_asked_again_as_soon_as_the_service_prints_a_line(
+    stand_in: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Polling alone would ask again only after 30 s, far past the 10 s allowed.
+    monkeypatch.setattr(supervisor_module, "_FIRST_POLL_S", 30.0)
+    monkeypatch.setattr(supervisor_module, "_LAST_POLL_S", 30.0)
+    output = io.StringIO()
+    shop = supervisor(
+        table(stand_in, auth="ready-later"), data_dir=tmp_path, output=output, ready_timeout_s=10.0
+    )
+    began = time.monotonic()
+    async with shop:
+        assert time.monotonic() - began < 5
+        assert await asyncio.to_thread(get_status, f"{shop.url('auth')}/health/ready") == 200
+    text = output.getvalue()
+    assert text.index("auth is ready now") < text.index("auth is ready at")
 
 
 async def test_a_service_that_never_announces_its_port_times_out(

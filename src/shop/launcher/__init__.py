@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["SERVICES", "ServiceFailed", "ServiceSpec", "Supervisor", "shop_system"]
 
 # Imported when first asked for: ``shop up`` starts its fork server before it imports
-# pydantic and aiohttp (shop.launcher.cli), and importing this package comes first.
+# pydantic (shop.launcher.cli), and importing this package comes first.
 _HOMES = {
     "SERVICES": "shop.launcher.services",
     "ServiceSpec": "shop.launcher.services",

@@ -1,7 +1,7 @@
 """``shop up``: the whole Shop on this machine until Ctrl-C (the work is in ``shop.launcher.up``).
 
 The fork server starts first thing, so that its imports (3 s of CPU) run alongside the
-launcher's own (pydantic, aiohttp: ~1 s) on another core instead of after them: this module
+launcher's own (pydantic: ~0.5 s) on another core instead of after them: this module
 imports only the standard library and ``shop.launcher.zygote`` before it starts it.
 
 Exit codes: 0 after Ctrl-C, SIGTERM or SIGHUP stopped everything cleanly; 1 when a service
