@@ -435,6 +435,43 @@ async def test_giving_up_an_order_frees_its_key_and_drops_or_hastens_its_release
     assert await _count(engine, idempotency_keys) == 0
 
 
+async def test_many_placements_at_once_are_all_saved_with_their_answers(
+    store: SqlOrderStore, engine: AsyncEngine
+) -> None:
+    """The hot SKU's shape: more placements in flight than the engine's pool holds, each
+    through both transactions; every one is saved, answered, and owes no release."""
+    await store.apply_price_change(
+        PriceChange("p1", "iphone_15", Decimal("1299.00"), 1), event_id="e1"
+    )
+
+    async def place(n: int) -> None:
+        order = _order(f"u-{n % 16}")
+        key = KeyRequest(order.user_id, f"k-{n}", "a" * 64, STALE)
+        started = await store.start_order(
+            key=key,
+            hold=PendingHold(order.order_number, NOW + HOLD),
+            sku_codes=["iphone_15"],
+            now=NOW,
+        )
+        assert started.claim == KeyClaim(ClaimOutcome.CLAIMED)
+        assert started.prices == {"iphone_15": Decimal("1299.00")}
+        await asyncio.sleep(0)  # the inventory's answer
+        answer = SavedAnswer(order.user_id, key.key, 201, order_document(order))
+        await store.save_placed(order, event=order_placed(order), answer=answer)
+
+    await asyncio.gather(*(place(n) for n in range(150)))
+    assert await _count(engine, orders) == 150
+    assert await _count(engine, outbox) == 150
+    assert await _pending(engine) == {}
+    async with engine.connect() as conn:
+        unanswered = await conn.execute(
+            select(func.count())
+            .select_from(idempotency_keys)
+            .where(idempotency_keys.c.status_code.is_(None))
+        )
+        assert unanswered.scalar_one() == 0
+
+
 # --- the price list (read model of the catalogue) -------------------------------------------
 
 

@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cache
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     BigInteger,
@@ -30,7 +30,6 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import mysql, sqlite
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -48,6 +47,7 @@ from shop.inventory.domain import (
 )
 from shop.platform.db import Timestamp, is_lock_conflict, is_mysql, to_db_time
 from shop.platform.inbox import first_delivery
+from shop.platform.rawsql import RawSql, RawTransaction
 
 __all__ = ["CONSUMER", "InventoryStore", "SqlInventoryStore", "metadata"]
 
@@ -150,9 +150,9 @@ class _ReservationSql:
 
     def __init__(self, *, placeholder: str, mysql: bool) -> None:
         self._p = placeholder
-        # SQLite: take the write lock before reading, so the levels read are the ones the
-        # group writes against (a plain BEGIN would read a snapshot that may be stale).
-        self.begin_writing = "" if mysql else "BEGIN IMMEDIATE"
+        # On SQLite the group's transaction is a ``BEGIN IMMEDIATE`` (rawsql.py): the write
+        # lock is taken before reading, so the levels read are the ones the group writes
+        # against. MySQL locks the rows it reads instead.
         self._lock = " ORDER BY sku_code FOR UPDATE" if mysql else ""
         p = placeholder
         # Only placeholders are formatted into these statements, never a value (hence S608).
@@ -189,11 +189,6 @@ class _ReservationSql:
         return f"SELECT {columns} FROM reservation_lines WHERE order_number IN ({marks})"  # noqa: S608
 
 
-def _tuples(result: CursorResult[Any]) -> list[tuple[Any, ...]]:
-    """A result's rows; they unpack like the tuples they are at run time."""
-    return cast("list[tuple[Any, ...]]", result.fetchall())
-
-
 # A group is at most this many requests and this many lines (a request has at most 100).
 GROUP_MAX_ASKS = 128
 GROUP_MAX_LINES = 1000
@@ -210,6 +205,8 @@ class SqlInventoryStore:
     ) -> None:
         self._engine = engine
         self._attempts = attempts
+        # The reservation groups' transactions skip SQLAlchemy on SQLite (rawsql.py).
+        self._raw = RawSql(engine)
         dialect = engine.dialect
         self._sql = _ReservationSql(
             placeholder="?" if dialect.paramstyle == "qmark" else "%s", mysql=is_mysql(engine)
@@ -362,12 +359,10 @@ class SqlInventoryStore:
         order_numbers = list(dict.fromkeys(ask.order_number for ask in asks))
         sku_codes = sorted({line.sku_code for ask in asks for line in ask.lines})
         try:
-            async with self._engine.begin() as conn:
-                if sql.begin_writing:
-                    await conn.exec_driver_sql(sql.begin_writing)
-                known = await self._stored(conn, order_numbers)
-                rows = await conn.exec_driver_sql(sql.lock_stock(len(sku_codes)), tuple(sku_codes))
-                available = {sku: int(quantity) for sku, quantity in _tuples(rows)}
+            async with self._raw.writing() as tx:
+                known = await self._stored(tx, order_numbers)
+                rows = await tx.execute(sql.lock_stock(len(sku_codes)), sku_codes)
+                available = {sku: int(quantity) for sku, quantity in rows.rows}
                 settled = settle(
                     [ReservationAsk(ask.order_number, ask.lines) for ask in asks],
                     available=available,
@@ -376,11 +371,11 @@ class SqlInventoryStore:
                 if settled.new:
                     now = self._db_time(asks[0].now)
                     reserved = ReservationStatus.RESERVED.value
-                    await conn.exec_driver_sql(
+                    await tx.executemany(
                         sql.insert_reservations,
                         [(r.order_number, reserved, now) for r in settled.new],
                     )
-                    await conn.exec_driver_sql(
+                    await tx.executemany(
                         sql.insert_lines,
                         [
                             (r.order_number, line.sku_code, line.quantity)
@@ -389,7 +384,7 @@ class SqlInventoryStore:
                         ],
                     )
                     taken = sorted(settled.taken.items())
-                    decremented = await conn.exec_driver_sql(
+                    decremented = await tx.execute(
                         sql.take_stock(len(taken)),
                         (*(v for item in taken for v in item), now, *(sku for sku, _ in taken)),
                     )
@@ -401,19 +396,17 @@ class SqlInventoryStore:
         return settled.outcomes
 
     async def _stored(
-        self, conn: AsyncConnection, order_numbers: Sequence[str]
+        self, tx: RawTransaction, order_numbers: Sequence[str]
     ) -> dict[str, Reservation]:
         """The reservations already stored under any of ``order_numbers``, with their lines."""
         sql = self._sql
-        heads = await conn.exec_driver_sql(
-            sql.reservations_of(len(order_numbers)), tuple(order_numbers)
-        )
-        statuses = {order: ReservationStatus(status) for order, status in _tuples(heads)}
+        heads = await tx.execute(sql.reservations_of(len(order_numbers)), order_numbers)
+        statuses = {order: ReservationStatus(status) for order, status in heads.rows}
         if not statuses:
             return {}
-        rows = await conn.exec_driver_sql(sql.lines_of(len(statuses)), tuple(statuses))
+        rows = await tx.execute(sql.lines_of(len(statuses)), tuple(statuses))
         lines: dict[str, list[ReservationLine]] = {order: [] for order in statuses}
-        for order, sku, quantity in _tuples(rows):
+        for order, sku, quantity in rows.rows:
             lines[order].append(ReservationLine(sku, int(quantity)))
         return {
             order: Reservation(order, status, tuple(lines[order]))

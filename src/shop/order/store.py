@@ -56,6 +56,7 @@ from shop.platform.db import (
 from shop.platform.events import Event
 from shop.platform.inbox import first_delivery
 from shop.platform.outbox import add_event
+from shop.platform.rawsql import RawSql, RawTransaction
 
 __all__ = [
     "ORDERS_TOPIC",
@@ -157,11 +158,6 @@ catalogue_prices = Table(
 # Statements built once: building a Core statement per call costs more than running it on
 # SQLite, and an unchanged statement object is compiled once. The hot path of placing an
 # order goes further, to plain SQL (``_HotPath``).
-_HOLD_DUE = (
-    update(pending_releases)
-    .where(pending_releases.c.order_number == bindparam("number"))
-    .values(due_at=bindparam("due"))
-)
 _FORGET_KEY = delete(idempotency_keys).where(
     idempotency_keys.c.user_id == bindparam("user"),
     idempotency_keys.c.idempotency_key == bindparam("key"),
@@ -206,12 +202,15 @@ class SavedAnswer:
 
 
 class _HotPath:
-    """The statements of placing an order, as plain SQL run by the driver as they are.
+    """The statements of placing an order (and of giving an attempt up), as plain SQL run
+    by the driver as they are, in ``RawSql`` transactions.
 
     py-spy put SQLAlchemy's per-statement work (cache key, parameter processing, result
-    set-up) at 15-46 % of the order service's CPU; these skip it. Parameters are passed as
-    the driver takes them: times as naive UTC, on SQLite in SQLAlchemy's own text form (so
-    Core reads and compares them as before), on MySQL as ``datetime``.
+    set-up) at 15-46 % of the order service's CPU; these skip it, and on SQLite the
+    transactions skip the async engine as well (docs/order.md "Storage performance").
+    Parameters are passed as the driver takes them: times as naive UTC, on SQLite in
+    SQLAlchemy's own text form (so Core reads and compares them as before), on MySQL as
+    ``datetime``.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -244,6 +243,11 @@ class _HotPath:
         self.insert_event = sql(
             "INSERT INTO outbox (event_id, topic, event_key, payload, created_at)"
             " VALUES (?, ?, ?, ?, ?)"
+        )
+        self.hold_due = sql("UPDATE pending_releases SET due_at = ? WHERE order_number = ?")
+        self.forget_key = sql(
+            "DELETE FROM idempotency_keys"
+            " WHERE user_id = ? AND idempotency_key = ? AND status_code IS NULL"
         )
         self.save_answer = sql(
             "UPDATE idempotency_keys SET status_code = ?, response_body = ?, order_number = ?"
@@ -383,6 +387,8 @@ class SqlOrderStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sql = _HotPath(engine)
+        # The two transactions of every placement skip SQLAlchemy on SQLite (rawsql.py).
+        self._raw = RawSql(engine)
 
     async def start_order(
         self,
@@ -392,22 +398,24 @@ class SqlOrderStore:
         sku_codes: Sequence[str],
         now: datetime,
     ) -> OrderStart:
+        sql = self._sql
         if key is None:
-            async with self._engine.begin() as conn:
+            async with self._raw.writing() as tx:
                 if hold is not None:
-                    await self._write_hold(conn, hold)
-                return OrderStart(None, await self._known_prices(conn, sku_codes))
+                    await tx.execute(sql.insert_hold, (hold.order_number, sql.time(hold.due_at)))
+                return OrderStart(None, await self._prices_in(tx, sku_codes))
         # Inserting first makes the unique key the referee between concurrent requests.
         for _ in range(3):
             try:
-                async with self._engine.begin() as conn:
-                    await conn.exec_driver_sql(
-                        self._sql.insert_key,
-                        (key.user_id, key.key, key.fingerprint, self._sql.time(now)),
+                async with self._raw.writing() as tx:
+                    await tx.execute(
+                        sql.insert_key, (key.user_id, key.key, key.fingerprint, sql.time(now))
                     )
                     if hold is not None:
-                        await self._write_hold(conn, hold)
-                    prices = await self._known_prices(conn, sku_codes)
+                        await tx.execute(
+                            sql.insert_hold, (hold.order_number, sql.time(hold.due_at))
+                        )
+                    prices = await self._prices_in(tx, sku_codes)
                 return OrderStart(KeyClaim(ClaimOutcome.CLAIMED), prices)
             except IntegrityError:
                 pass
@@ -470,14 +478,15 @@ class SqlOrderStore:
     ) -> None:
         if order_number is None and key is None:
             return
-        async with self._engine.begin() as conn:
+        sql = self._sql
+        async with self._raw.writing() as tx:
             if order_number is not None:
                 if maybe_reserved:
-                    await conn.execute(_HOLD_DUE, {"number": order_number, "due": to_db_time(now)})
+                    await tx.execute(sql.hold_due, (sql.time(now), order_number))
                 else:
-                    await conn.exec_driver_sql(self._sql.drop_unstarted_hold, (order_number,))
+                    await tx.execute(sql.drop_unstarted_hold, (order_number,))
             if key is not None:
-                await conn.execute(_FORGET_KEY, {"user": key.user_id, "key": key.key})
+                await tx.execute(sql.forget_key, (key.user_id, key.key))
 
     async def apply_price_change(self, change: PriceChange, *, event_id: str) -> bool:
         row = {
@@ -524,13 +533,13 @@ class SqlOrderStore:
     ) -> None:
         number = order.order_number
         sql = self._sql
-        async with self._engine.begin() as conn:
+        async with self._raw.writing() as tx:
             # First: a release the reconciler started (or finished) means the stock is on
             # its way back, and an order without its stock must not be saved.
-            kept = await conn.exec_driver_sql(sql.drop_unstarted_hold, (number,))
+            kept = await tx.execute(sql.drop_unstarted_hold, (number,))
             if kept.rowcount != 1:
                 raise ReservationLapsed(number)
-            await conn.exec_driver_sql(
+            await tx.execute(
                 sql.insert_order,
                 (
                     number,
@@ -541,7 +550,7 @@ class SqlOrderStore:
                     sql.time(order.created_at),
                 ),
             )
-            await conn.exec_driver_sql(
+            await tx.executemany(
                 sql.insert_lines,
                 [
                     (number, line_no, line.sku_code, line.quantity, cents(line.unit_price))
@@ -549,12 +558,12 @@ class SqlOrderStore:
                 ],
             )
             # add_event's row (shop.platform.outbox), in plain SQL like the rest.
-            await conn.exec_driver_sql(
+            await tx.execute(
                 sql.insert_event,
                 (event.id, ORDERS_TOPIC, event.key, event.to_json(), time.time()),
             )
             if answer is not None:
-                kept = await conn.exec_driver_sql(
+                kept = await tx.execute(
                     sql.save_answer,
                     (
                         answer.status_code,
@@ -683,18 +692,15 @@ class SqlOrderStore:
         left out, so the catalogue is asked for them."""
         if not sku_codes:
             return {}
-        found: dict[str, Decimal] = {}
-        ambiguous: set[str] = set()
         rows = await conn.exec_driver_sql(self._sql.prices_of(len(sku_codes)), tuple(sku_codes))
-        for sku, price_cents in cast("list[tuple[str, int | None]]", rows.all()):
-            if price_cents is None:
-                continue
-            if sku in found:
-                ambiguous.add(sku)
-            found[sku] = from_cents(int(price_cents))
-        for sku in ambiguous:
-            del found[sku]
-        return found
+        return _priced(cast("list[tuple[str, int | None]]", rows.all()))
+
+    async def _prices_in(self, tx: RawTransaction, sku_codes: Sequence[str]) -> dict[str, Decimal]:
+        """``_known_prices`` in a raw transaction."""
+        if not sku_codes:
+            return {}
+        rows = await tx.execute(self._sql.prices_of(len(sku_codes)), sku_codes)
+        return _priced(cast("list[tuple[str, int | None]]", rows.rows))
 
     async def _with_lines(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Order]:
         if not rows:
@@ -720,3 +726,20 @@ class SqlOrderStore:
             )
             for row in rows
         ]
+
+
+def _priced(rows: Sequence[tuple[str, int | None]]) -> dict[str, Decimal]:
+    """The price list's rows as prices: deleted products (no price) and a SKU two products
+    claim (a change of SKU whose events have not all arrived) are left out, so the
+    catalogue is asked for them."""
+    found: dict[str, Decimal] = {}
+    ambiguous: set[str] = set()
+    for sku, price_cents in rows:
+        if price_cents is None:
+            continue
+        if sku in found:
+            ambiguous.add(sku)
+        found[sku] = from_cents(int(price_cents))
+    for sku in ambiguous:
+        del found[sku]
+    return found

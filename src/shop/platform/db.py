@@ -43,6 +43,8 @@ __all__ = [
     "is_mysql",
     "migrate",
     "normalise_url",
+    "open_sqlite",
+    "patiently",
     "ping",
     "run_migrations_env",
     "session_factory",
@@ -140,10 +142,22 @@ SQLITE_BUSY_PATIENCE_S = 10.0
 _WAIT_ON = frozenset(
     {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_BUSY_RECOVERY, sqlite3.SQLITE_BUSY_TIMEOUT}
 )
+# The longest pause between two tries of a call that found the write lock taken.
+SQLITE_LOCK_PAUSE_MAX_S = 0.05
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
     return getattr(exc, "sqlite_errorcode", None) in _WAIT_ON
+
+
+def _pauses() -> Iterator[float]:
+    """The waits between tries of a call that found the write lock taken: 1 ms doubling to
+    ``SQLITE_LOCK_PAUSE_MAX_S``, jittered, until ``SQLITE_BUSY_PATIENCE_S`` has passed."""
+    deadline = time.monotonic() + SQLITE_BUSY_PATIENCE_S
+    pause = 0.001
+    while time.monotonic() < deadline:
+        yield pause * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
+        pause = min(pause * 2, SQLITE_LOCK_PAUSE_MAX_S)
 
 
 def _patiently(call: Callable[[], T]) -> T:
@@ -154,20 +168,39 @@ def _patiently(call: Callable[[], T]) -> T:
     this process (another task's open transaction) could then never finish, and every other
     task would stop as well.
     """
-    deadline = time.monotonic() + SQLITE_BUSY_PATIENCE_S
-    pause = 0.001
-    while True:
+    for delay in _pauses():
         try:
             return call()
         except sqlite3.OperationalError as exc:
-            if not _busy(exc) or time.monotonic() >= deadline:
+            if not _busy(exc):
                 raise
-        delay = pause * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
         if in_greenlet():
             await_(asyncio.sleep(delay))
         else:  # a synchronous caller of the engine (none in Shop): no loop to give back
             time.sleep(delay)
-        pause = min(pause * 2, 0.05)
+    return call()  # patience is over: this try's "database is locked" is the answer
+
+
+async def patiently(call: Callable[[], T]) -> T:
+    """``_patiently`` for plain async code (no greenlet): the raw SQLite path's
+    ``BEGIN IMMEDIATE`` (``shop.platform.rawsql``)."""
+    for delay in _pauses():
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc):
+                raise
+        await asyncio.sleep(delay)
+    return call()
+
+
+def open_sqlite(database: str) -> sqlite3.Connection:
+    """A bare sqlite3 connection set up as the inline engine's are (WAL, NORMAL sync,
+    foreign keys, no busy timeout: waits are ``patiently``'s), in autocommit mode: its user
+    writes ``BEGIN IMMEDIATE`` and ``COMMIT`` itself."""
+    connection = sqlite3.connect(database, timeout=0, isolation_level=None, check_same_thread=False)
+    _sqlite_pragmas(busy_timeout_ms=0)(connection, None)
+    return connection
 
 
 class _Done:

@@ -1,0 +1,178 @@
+"""Write transactions on the bare DBAPI connection, for a service's hottest path.
+
+On SQLite an ``async with engine.begin()`` of a few plain statements cost several times
+what SQLite spends on them: a pool checkout, a greenlet per statement, SQLAlchemy's
+execution context and result per statement, and a task of its own to give the connection
+back (the async engine shields the close). ``RawSql`` runs the same SQL on a ``sqlite3``
+connection of its own, set up as the engine's (``open_sqlite``: WAL, foreign keys, no busy
+timeout), as ``BEGIN IMMEDIATE … COMMIT``: the write lock is taken first, waited for on
+the event loop as the engine does (``patiently``), and then held only while the
+transaction's statements run, back to back.
+
+On MySQL/MariaDB (and an in-memory SQLite, which a second connection could not see) it is
+a thin face over the engine: ``engine.begin()`` and ``exec_driver_sql``, as before. Either
+way the caller writes driver SQL (``placeholder`` tells ``?`` from ``%s``) and gets
+SQLAlchemy's exceptions (``IntegrityError``, ``OperationalError``), so one store serves
+both backends.
+
+Not a library: aiosqlite and its kin hand every call to a thread (the cost
+``InlineSQLiteDialect`` removed), and SQLAlchemy's own ``raw_connection()`` still goes
+through the async pool. This is a pool of idle connections and a translation of errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from shop.platform.db import SQLITE_POOL_SIZE, open_sqlite, patiently
+
+__all__ = ["RawSql", "RawTransaction", "Rows"]
+
+
+class Rows:
+    """What a statement gave: its rows (none for a write) and how many rows it changed."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[tuple[Any, ...]], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+
+class RawTransaction(Protocol):
+    """One open write transaction; parameters are positional, in the driver's style."""
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows: ...
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows: ...
+
+
+class _SqliteTransaction:
+    """Statements run inline: on SQLite none of them awaits anything."""
+
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
+        try:
+            cursor = self._connection.execute(sql, parameters)
+            rows = cursor.fetchall() if cursor.description else []
+        except sqlite3.Error as exc:
+            raise _translated(sql, exc) from exc
+        return Rows(rows, cursor.rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows:
+        try:
+            cursor = self._connection.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            raise _translated(sql, exc) from exc
+        return Rows([], cursor.rowcount)
+
+
+class _EngineTransaction:
+    """The same on an SQLAlchemy connection (MySQL/MariaDB), statements as the driver's."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
+        result = await self._conn.exec_driver_sql(sql, tuple(parameters))
+        rows = [tuple(row) for row in result.all()] if result.returns_rows else []
+        return Rows(rows, result.rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows:
+        result = await self._conn.exec_driver_sql(sql, [tuple(row) for row in rows])
+        return Rows([], result.rowcount)
+
+
+def _translated(sql: str, exc: sqlite3.Error) -> Exception:
+    """sqlite3's error as the engine would have raised it, without the bound values."""
+    return DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True)
+
+
+class RawSql:
+    """Write transactions for ``engine``'s database, on bare connections where it pays."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self.placeholder = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+        database = engine.url.database
+        file_db = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
+        self._database = database if file_db else None
+        self._idle: list[sqlite3.Connection] = []
+        if self._database is not None:
+            # The engine's dispose (the app's shutdown) closes these connections as well.
+            event.listen(engine.sync_engine, "engine_disposed", lambda _engine: self.close())
+
+    @property
+    def raw(self) -> bool:
+        """Whether transactions bypass SQLAlchemy (a SQLite file)."""
+        return self._database is not None
+
+    def writing(self) -> contextlib.AbstractAsyncContextManager[RawTransaction]:
+        """A write transaction: committed when the block ends, rolled back if it raises."""
+        if self._database is None:
+            return self._engine_transaction()
+        return self._sqlite_transaction(self._database)
+
+    @contextlib.asynccontextmanager
+    async def _engine_transaction(self) -> AsyncIterator[RawTransaction]:
+        async with self._engine.begin() as conn:
+            yield _EngineTransaction(conn)
+
+    @contextlib.asynccontextmanager
+    async def _sqlite_transaction(self, database: str) -> AsyncIterator[RawTransaction]:
+        connection = self._idle.pop() if self._idle else open_sqlite(database)
+        try:
+            await patiently(lambda: connection.execute("BEGIN IMMEDIATE"))
+        except sqlite3.Error as exc:
+            self._give_back(connection)
+            raise _translated("BEGIN IMMEDIATE", exc) from exc
+        except BaseException:  # cancelled while waiting for the lock
+            self._give_back(connection)
+            raise
+        try:
+            yield _SqliteTransaction(connection)
+        except BaseException:
+            self._give_back(connection)  # rolled back
+            raise
+        try:
+            # In WAL mode the write lock is already ours, so COMMIT meets no busy one.
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _translated("COMMIT", exc) from exc
+        finally:
+            self._give_back(connection)
+
+    def _give_back(self, connection: sqlite3.Connection) -> None:
+        """Keep a connection for the next transaction, rolled back if one is open; one in an
+        unknown state, or beyond the pool's size, is closed."""
+        try:
+            if connection.in_transaction:
+                connection.rollback()
+        except sqlite3.Error:
+            connection.close()
+            return
+        if len(self._idle) < SQLITE_POOL_SIZE:
+            self._idle.append(connection)
+        else:
+            connection.close()
+
+    def close(self) -> None:
+        """Close the idle connections, as the engine's ``dispose()`` does its pool's (one in
+        a transaction at that moment is kept for the next, like the engine's checked-out
+        connections)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
