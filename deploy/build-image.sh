@@ -26,10 +26,19 @@ if ! podman image exists "$base"; then
     podman import --quiet "$scratch/rootfs.tar" "$base" >/dev/null
 fi
 
+# The image this build replaces, removed once the new one is tagged (it would stay as an
+# untagged copy of every dependency). The build stage's layers stay: they are the cache that
+# lets the next build reuse the dependency layer (docs/deploy.md).
+previous=$(podman image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
+
 # --format docker keeps the HEALTHCHECK (the OCI format has none); --network host: the
 # build's pip reaches the package index the way the host does.
 podman build --quiet --format docker --network host \
     --file "$root/deploy/Dockerfile" --ignorefile "$root/deploy/Dockerfile.dockerignore" \
     --build-arg "BASE_IMAGE=$base" --volume "$ca:$ca:ro" \
     --tag "$image" "$root" >/dev/null
+current=$(podman image inspect --format '{{.Id}}' "$image")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    podman image rm "$previous" >/dev/null 2>&1 || true # still used by a container: kept
+fi
 echo "built $image from $base"

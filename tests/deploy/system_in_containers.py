@@ -1,23 +1,26 @@
-"""The whole system in containers, from the image deploy/Dockerfile builds (`make test-deploy`).
+"""The whole system in containers: the Kubernetes manifests played by podman (`make test-deploy`).
 
 Not collected by `make test` (the file name does not start with ``test_``): it needs podman
 and the image, which `deploy/build-image.sh` builds first. Run it by name:
 
     deploy/build-image.sh && .venv/bin/python -m pytest tests/deploy/system_in_containers.py
 
-The registry, the gateway and the five services each run in their own container (podman,
-`--init`, read-only root, no capabilities, the secrets as read-only files) on the production
-profile against real servers: MariaDB and Redis as they run on this machine, the
-Kafka-protocol and MongoDB-protocol servers the other suites start (tests/servers.py). The
-containers share the host's network, so each service listens on a port of its own and
-advertises 127.0.0.1. The test drives the order flow through the gateway (an admin stocks a
-product; a customer registers, gets a token, orders: exactly one notification) and then
-stops every container with SIGTERM, which must take less than 10 s each. Every container it
-started is removed whatever happens.
+What runs is deploy/k8s/base as `kubectl kustomize` renders it, played by `podman kube play`:
+the registry, the gateway and the five services, one pod each, with the manifests' own
+environment, ConfigMaps, commands, volumes and container security context, on the production
+profile against real servers (MariaDB and Redis as they run on this machine, the
+Kafka-protocol and MongoDB-protocol servers the other suites start, tests/servers.py).
+`for_podman` makes the few changes one host and podman 4.3 need; its docstring lists them and
+says why. The test then plays the kubelet's part (each pod's startup, readiness and liveness
+probe paths, asked on its port), drives the order flow through the gateway (an admin stocks a
+product; a customer registers, gets a token, orders: exactly one notification) and stops
+every container with SIGTERM, which must take less than 10 s each. Every pod it started is
+removed whatever happens.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -25,12 +28,13 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import MysqlDatabases
 from tests.servers import Server
@@ -38,13 +42,25 @@ from tests.support import free_port, require_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
+MANIFESTS = DEPLOY / "k8s" / "base"
 IMAGE = os.environ.get("SHOP_IMAGE", "localhost/shop:latest")
-SECRETS = "/run/secrets/shop"
 SERVICES = ("registry", "auth", "product", "inventory", "order", "notification", "gateway")
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 READY_TIMEOUT_S = 120.0
 STOP_LIMIT_S = 10.0
+LABEL = "shop-deploy-test"
 
 T = TypeVar("T")
+Manifest = dict[str, Any]
+
+
+@dataclass
+class Pod:
+    """One played Deployment: where it listens, podman's name for its container, its probes."""
+
+    port: int
+    container: str
+    probes: dict[str, str]  # probe kind -> HTTP path, as the manifest gives them
 
 
 @dataclass
@@ -52,7 +68,7 @@ class Deployment:
     run_id: str
     ports: dict[str, int]
     admin_password: str
-    containers: dict[str, str] = field(default_factory=dict)
+    pods: dict[str, Pod]
 
     def url(self, service: str) -> str:
         return f"http://127.0.0.1:{self.ports[service]}"
@@ -69,37 +85,124 @@ def _podman(*args: str, check: bool = True, timeout: float = 60) -> str:
     return result.stdout
 
 
-def _environment(service: str, d: Deployment, kafka: Server, mongo: str) -> dict[str, str]:
-    """What compose.yaml gives each process, with this machine's servers and ports."""
-    prefix = service.upper()
-    env = {"SERVICE": service, f"{prefix}_PORT": str(d.ports[service])}
-    env["SHOP_ADVERTISE_HOST"] = "127.0.0.1"  # the host's network: this is what callers dial
-    if service == "registry":
-        return {**env, "REGISTRY_CLIENTS_FILE": f"{SECRETS}/registry-clients.json"}
-    env |= {
-        "SHOP_REGISTRY_URL_FILE": f"{SECRETS}/{service}-registry-url",
-        "SHOP_JWKS_URL": f"{d.url('auth')}/auth/.well-known/jwks.json",
-        "SHOP_AUTH_URL": d.url("auth"),
-        "SHOP_EVENT_BUS_URL": kafka.url,
-    }
-    if service in ("auth", "inventory", "order", "notification"):
-        env[f"{prefix}_DATABASE_URL_FILE"] = f"{SECRETS}/{service}-database-url"
-    if service == "auth":
-        env |= {
-            "AUTH_SIGNING_KEY_FILE": f"{SECRETS}/auth-signing-key.pem",
-            "AUTH_ADMIN_PASSWORD_FILE": f"{SECRETS}/auth-admin-password",
-            "AUTH_SERVICE_CLIENTS_FILE": f"{SECRETS}/auth-service-clients.json",
-        }
-    if service == "order":
-        env["SHOP_SERVICE_SECRET_FILE"] = f"{SECRETS}/order-service-secret"
-    if service == "product":
-        env["PRODUCT_DATABASE_URL"] = mongo
-    if service == "gateway":
-        env |= {
-            "GATEWAY_RATE_LIMIT_STORAGE_URL": "redis://127.0.0.1:6379/0",
-            "GATEWAY_RATE_LIMIT_KEY_PREFIX": f"shop-deploy-{d.run_id}",
-        }
-    return env
+def rendered() -> list[Manifest]:
+    """The base as a cluster would get it (`kubectl apply -k` renders the same)."""
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(MANIFESTS)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def for_podman(
+    manifests: list[Manifest],
+    *,
+    run_id: str,
+    ports: dict[str, int],
+    config: dict[tuple[str, str], str],
+    secrets: Path,
+    extra_env: dict[str, dict[str, str]],
+) -> list[Manifest]:
+    """The rendered manifests as `podman kube play` (4.3) runs them on one host.
+
+    Everything else (env, envFrom, ConfigMaps, command, image, volumes and their mounts,
+    resources, the pod's and the containers' securityContext) is played as written. The
+    differences, each because of one host or of podman 4.3:
+
+    - Services and PodDisruptionBudgets are left out: podman ignores Services (no cluster
+      DNS or virtual IPs) and has no disruption budgets. Callers reach each pod on its host
+      port instead; services find each other through the registry, as in the cluster.
+    - `config`: the ConfigMap values that name in-cluster servers (auth:8080, kafka:9092,
+      mongo, redis) point at this machine's servers, as an overlay does for a real cluster.
+    - host networking, one replica and one port per pod: the real servers are host
+      processes here, and pods on one network namespace cannot all listen on 8080. The
+      port is given as `PORT` (the image's entry point reads it) and `ports` is dropped
+      (podman turns a containerPort into a port mapping, refused with host networking).
+      `status.podIP` (what the service advertises) is 127.0.0.1: podman 4.3 resolves no
+      `status.*` field, and on the host network the pod's address is the host's.
+    - the probes are removed and the test asks their paths itself (the kubelet's part):
+      podman 4.3 ignores readiness and startup probes and turns an httpGet liveness probe
+      into `curl` against port 0 for a named port (and the image has no curl).
+    - the Secret `shop-secrets` (made by `kubectl create secret`, not in the manifests)
+      becomes a host folder per pod holding the same items, with the volume's defaultMode and
+      the pod's fsGroup as group, which podman does not apply itself.
+    - `secrets` is a folder holding `<secretName>/` with the Secret's files (make_secrets.py's);
+      each pod's folder is made beside it.
+    - `extra_env`: settings this test adds to keep runs apart (the gateway's Redis key prefix).
+    - names carry the run's id and a label, so that cleaning up finds exactly this run's pods.
+    """
+    played: list[Manifest] = []
+    kept = copy.deepcopy(manifests)
+    wanted = dict(config)
+    for doc in kept:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind in ("Service", "PodDisruptionBudget"):
+            continue
+        if kind == "ConfigMap":
+            for key in list(doc["data"]):
+                if (name, key) in wanted:
+                    doc["data"][key] = wanted.pop((name, key))
+        elif kind == "Deployment":
+            _deployment_for_podman(doc, run_id, ports[name], secrets, extra_env.get(name, {}))
+        else:
+            raise AssertionError(f"{kind} {name}: a kind this test does not know how to play")
+        played.append(doc)
+    assert not wanted, f"ConfigMap keys the manifests no longer have: {sorted(wanted)}"
+    return played
+
+
+def _deployment_for_podman(
+    doc: Manifest, run_id: str, port: int, secrets: Path, extra_env: dict[str, str]
+) -> None:
+    service = doc["metadata"]["name"]
+    doc["metadata"]["name"] = f"shop-{run_id}-{service}"
+    doc["spec"]["replicas"] = 1
+    template = doc["spec"]["template"]
+    template["metadata"]["labels"][LABEL] = run_id
+    pod = template["spec"]
+    pod["hostNetwork"] = True
+    fs_group = pod.get("securityContext", {}).get("fsGroup")
+    for container in pod["containers"]:
+        container["image"] = IMAGE
+        container.pop("ports")
+        for probe in PROBES:
+            container.pop(probe)
+        env = container.setdefault("env", [])
+        for var in env:
+            if var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIP":
+                del var["valueFrom"]
+                var["value"] = "127.0.0.1"
+        env += [{"name": "PORT", "value": str(port)}]
+        env += [{"name": k, "value": v} for k, v in extra_env.items()]
+    for volume in pod.get("volumes", []):
+        if "secret" in volume:
+            secret = volume.pop("secret")
+            folder = secrets / service
+            folder.mkdir(mode=0o755)
+            for item in secret["items"]:
+                path = folder / item["path"]
+                shutil.copyfile(secrets / secret["secretName"] / item["key"], path)
+                path.chmod(item.get("mode", secret.get("defaultMode", 0o644)))
+                if fs_group is not None and os.geteuid() == 0:  # rootful podman runs as root
+                    os.chown(path, -1, fs_group)
+            volume["hostPath"] = {"path": str(folder), "type": "Directory"}
+
+
+def _pods(manifests: list[Manifest], ports: dict[str, int], run_id: str) -> dict[str, Pod]:
+    """Each Deployment's probe paths (all on its one port) and podman's container name."""
+    pods = {}
+    for doc in manifests:
+        if doc["kind"] != "Deployment":
+            continue
+        service = doc["metadata"]["name"]
+        [container] = doc["spec"]["template"]["spec"]["containers"]
+        [port] = container["ports"]
+        assert all(container[kind]["httpGet"]["port"] == port["name"] for kind in PROBES)
+        probes = {kind: container[kind]["httpGet"]["path"] for kind in PROBES}
+        # podman kube play names a Deployment's pod <name>-pod-0 and its containers <pod>-<c>.
+        name = f"shop-{run_id}-{service}-pod-0-{container['name']}"
+        pods[service] = Pod(port=ports[service], container=name, probes=probes)
+    return pods
 
 
 def _secrets(folder: Path, d: Deployment, mysql: MysqlDatabases) -> None:
@@ -111,34 +214,38 @@ def _secrets(folder: Path, d: Deployment, mysql: MysqlDatabases) -> None:
         path = folder / f"{service}-database-url"
         path.unlink()
         path.write_text(mysql.new_url())
-        path.chmod(0o444)
-    folder.chmod(0o755)  # the containers' user (10001) reads the mounted folder
 
 
 def _logs(d: Deployment) -> str:
     parts = []
-    for service, name in d.containers.items():
+    for service, pod in d.pods.items():
         out = subprocess.run(
-            ["podman", "logs", "--tail", "30", name], capture_output=True, text=True, check=False
-        )
+            ["podman", "logs", "--tail", "30", pod.container],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
         parts.append(f"--- {service}\n{out.stdout}{out.stderr}")
     return "\n".join(parts)
 
 
 def _wait_ready(d: Deployment, service: str) -> None:
+    """The kubelet's part: started (startup probe), then ready, then live, on the pod's port."""
+    pod = d.pods[service]
     deadline = time.monotonic() + READY_TIMEOUT_S
-    with httpx.Client(timeout=2.0) as client:
-        while time.monotonic() < deadline:
-            state = _podman("inspect", "--format", "{{.State.Status}}", d.containers[service])
-            if state.strip() != "running":
-                pytest.fail(f"{service} is {state.strip()}:\n{_logs(d)}")
-            try:
-                if client.get(f"{d.url(service)}/health/ready").status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)  # polling a process in another container: no event to wait on
-    pytest.fail(f"{service} not ready within {READY_TIMEOUT_S} s:\n{_logs(d)}")
+    with httpx.Client(base_url=d.url(service), timeout=2.0) as client:
+        for kind in PROBES:
+            while True:
+                state = _podman("inspect", "--format", "{{.State.Status}}", pod.container)
+                if state.strip() != "running":
+                    pytest.fail(f"{service} is {state.strip()}:\n{_logs(d)}")
+                try:
+                    if client.get(pod.probes[kind]).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    late = f"{service}: {kind} not 200 within {READY_TIMEOUT_S} s"
+                    pytest.fail(f"{late}:\n{_logs(d)}")
+                time.sleep(0.25)  # polling a process in another container: no event to wait on
 
 
 @pytest.fixture(scope="module")
@@ -148,40 +255,44 @@ def deployment(
     mongo_server_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Deployment]:
-    if shutil.which("podman") is None:
-        require_or_skip("podman is not installed (apt-get install podman runc mmdebstrap)")
+    for tool in ("podman", "kubectl"):
+        if shutil.which(tool) is None:
+            require_or_skip(f"{tool} is not installed (docs/deploy.md: the machine)")
     if subprocess.run(["podman", "image", "exists", IMAGE], check=False).returncode != 0:
         pytest.fail(f"no image {IMAGE}: run deploy/build-image.sh first", pytrace=False)
     run_id = uuid.uuid4().hex[:8]
-    folder = tmp_path_factory.mktemp("secrets")
-    d = Deployment(run_id=run_id, ports={s: free_port() for s in SERVICES}, admin_password="")
-    _secrets(folder, d, session_mysql)
-    d.admin_password = (folder / "auth-admin-password").read_text()
+    ports = {s: free_port() for s in SERVICES}
+    manifests = rendered()
+    d = Deployment(run_id, ports, admin_password="", pods=_pods(manifests, ports, run_id))
+    secrets = tmp_path_factory.mktemp("secrets")
+    _secrets(secrets / "shop-secrets", d, session_mysql)
+    d.admin_password = (secrets / "shop-secrets" / "auth-admin-password").read_text()
     base, _, query = mongo_server_url.partition("?")
-    mongo = f"{base.rstrip('/')}/shop_deploy_{run_id}?{query}"
+    config = {
+        ("shop-config", "SHOP_JWKS_URL"): f"{d.url('auth')}/auth/.well-known/jwks.json",
+        ("shop-config", "SHOP_AUTH_URL"): d.url("auth"),
+        ("shop-config", "SHOP_EVENT_BUS_URL"): kafka_server.url,
+        ("shop-endpoints", "product-database-url"): f"{base.rstrip('/')}/shop_{run_id}?{query}",
+        ("shop-endpoints", "gateway-rate-limit-storage-url"): "redis://127.0.0.1:6379/0",
+    }
+    extra_env = {"gateway": {"GATEWAY_RATE_LIMIT_KEY_PREFIX": f"shop-deploy-{run_id}"}}
+    played = for_podman(
+        manifests, run_id=run_id, ports=ports, config=config, secrets=secrets,
+        extra_env=extra_env,
+    )  # fmt: skip
+    kube = secrets / "played.yaml"
+    kube.write_text(yaml.safe_dump_all(played, sort_keys=False))
     try:
-        for service in SERVICES:
-            name = f"shop-deploy-{run_id}-{service}"
-            env = _environment(service, d, kafka_server, mongo)
-            # Each started as soon as the last one runs: they retry the registry until it is up.
-            _podman(
-                "run", "--detach", "--init", "--network", "host", "--name", name,
-                "--label", f"shop-deploy-test={run_id}",
-                "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-                "--security-opt", "no-new-privileges",
-                "--volume", f"{folder}:{SECRETS}:ro",
-                *(arg for key, value in env.items() for arg in ("--env", f"{key}={value}")),
-                IMAGE,
-            )  # fmt: skip
-            d.containers[service] = name
+        _podman("kube", "play", str(kube), timeout=180)
         for service in SERVICES:
             _wait_ready(d, service)
         yield d
     finally:
         # Whatever happened: nothing this run started outlives it.
-        names = _podman("ps", "--all", "--quiet", "--filter", f"label=shop-deploy-test={run_id}")
-        if names.split():
-            _podman("rm", "--force", "--time", "0", *names.split(), check=False)
+        _podman("kube", "down", str(kube), check=False, timeout=120)
+        left = _podman("pod", "ps", "--quiet", "--filter", f"label={LABEL}={run_id}", check=False)
+        if left.split():
+            _podman("pod", "rm", "--force", "--time", "0", *left.split(), check=False)
 
 
 def _eventually(probe: Callable[[], T | None], *, timeout: float = 30.0) -> T:
@@ -207,8 +318,11 @@ def _token(gateway: httpx.Client, email: str, password: str) -> str:
 
 
 def test_the_image_health_check_answers(deployment: Deployment) -> None:
+    """The image's HEALTHCHECK command, run in each container (kube play drops image checks)."""
+    check = _podman("image", "inspect", "--format", "{{json .HealthCheck.Test}}", IMAGE)
+    assert check.strip() == '["CMD","/usr/local/bin/shop-entrypoint","healthcheck"]', check
     for service in SERVICES:
-        _podman("healthcheck", "run", deployment.containers[service])
+        _podman("exec", deployment.pods[service].container, "shop-entrypoint", "healthcheck")
 
 
 def test_an_order_through_the_gateway_gets_exactly_one_notification(
@@ -255,7 +369,7 @@ def test_an_order_through_the_gateway_gets_exactly_one_notification(
 def test_sigterm_stops_every_container_within_10_s(deployment: Deployment) -> None:
     """Stopped in reverse order, as `shop up` does: each must exit on SIGTERM, not SIGKILL."""
     for service in reversed(SERVICES):
-        name = deployment.containers[service]
+        name = deployment.pods[service].container
         started = time.monotonic()
         _podman("stop", "--time", str(int(STOP_LIMIT_S)), name, timeout=STOP_LIMIT_S + 20)
         took = time.monotonic() - started

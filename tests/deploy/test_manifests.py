@@ -39,6 +39,7 @@ from shop.order.settings import OrderSettings
 from shop.platform.settings import PlatformSettings, ServiceSettings, load_settings
 from shop.product.settings import ProductSettings
 from shop.registry.settings import RegistrySettings
+from tests.deploy.system_in_containers import for_podman
 from tests.support import require_or_skip
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -244,6 +245,45 @@ def test_each_pod_environment_passes_its_production_checks(
 
 
 # --- compose ----------------------------------------------------------------------------------
+
+
+def test_the_deploy_test_plays_the_manifests_as_written(secret_files: Path, tmp_path: Path) -> None:
+    """`make test-deploy` plays the base through for_podman: only the changes it lists."""
+    base = _kustomize(K8S / "base")
+    secrets = tmp_path / "played"
+    (secrets / "shop-secrets").mkdir(parents=True)
+    shutil.copytree(secret_files, secrets / "shop-secrets", dirs_exist_ok=True)
+    ports = {name: 20000 + i for i, name in enumerate(_of_kind(base, "Deployment"))}
+    config = {("shop-config", "SHOP_EVENT_BUS_URL"): "kafka://127.0.0.1:1"}
+    played = for_podman(base, run_id="r", ports=ports, config=config, secrets=secrets, extra_env={})
+
+    assert {o["kind"] for o in played} == {"ConfigMap", "Deployment"}
+    assert _of_kind(played, "ConfigMap")["shop-config"]["data"]["SHOP_EVENT_BUS_URL"] == (
+        "kafka://127.0.0.1:1"
+    )
+    for name, original in _of_kind(base, "Deployment").items():
+        deployment = _of_kind(played, "Deployment")[f"shop-r-{name}"]
+        pod, was = deployment["spec"]["template"]["spec"], original["spec"]["template"]["spec"]
+        assert pod["hostNetwork"] is True
+        assert pod["securityContext"] == was["securityContext"]
+        container, before = _container(deployment), _container(original)
+        for key in ("command", "args", "envFrom", "resources", "securityContext", "volumeMounts"):
+            assert container.get(key) == before.get(key), (name, key)
+        env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+        env_before = {e["name"]: e.get("value", e.get("valueFrom")) for e in before["env"]}
+        assert env.pop("SHOP_ADVERTISE_HOST") == "127.0.0.1"
+        assert env.pop("PORT") == str(ports[name])
+        env_before.pop("SHOP_ADVERTISE_HOST")
+        assert env == env_before, name
+        # The Secret's items, in a folder of the pod's own: nothing more, nothing less.
+        [secret] = [v for v in was["volumes"] if "secret" in v]
+        [folder] = [v["hostPath"]["path"] for v in pod["volumes"] if v["name"] == secret["name"]]
+        items = {i["path"] for i in secret["secret"]["items"]}
+        assert {p.name for p in Path(folder).iterdir()} == items
+        assert all(
+            (Path(folder) / i).stat().st_mode & 0o777 == secret["secret"]["defaultMode"]
+            for i in items
+        )
 
 
 @pytest.fixture(scope="module")
