@@ -2,19 +2,26 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The uv that installs the lock; deploy/Dockerfile's UV_VERSION is the same.
+UV_VERSION := 0.13.9
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: up test test-deploy lint typecheck contracts unit bench fuzz install clean
+.PHONY: compile up test test-deploy lint typecheck contracts unit bench fuzz install clean
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@$(BIN)/python -m pip install -q --disable-pip-version-check uv
-	@$(BIN)/uv pip install -q --python $(BIN)/python -c requirements.lock -e '.[dev]'
+	@$(BIN)/python -m pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+	@$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c requirements.lock -e '.[dev]'
 	@rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
 
-up: $(STAMP)
+# Bytecode for Shop's own modules as pip would write it for an installed package: where
+# PYTHONDONTWRITEBYTECODE is set, every start would compile them again (docs/launcher.md).
+compile: $(STAMP)
+	@$(BIN)/python -m compileall -q src
+
+up: compile
 	@$(BIN)/shop up
 
 lint: $(STAMP)
@@ -46,7 +53,7 @@ fuzz: $(STAMP)
 # The whole system against issue 8's targets (about 3 min; needs wrk and nginx; not part of
 # `make test`). `make bench BENCH_ARGS=--mariadb` adds a run on MariaDB stores.
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: compile
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
