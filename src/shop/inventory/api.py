@@ -13,6 +13,7 @@ from shop.inventory.domain import (
     MAX_QUANTITY,
     InventoryError,
     OutOfStock,
+    Reservation,
     ReservationConflict,
     ReservationLine,
     StockBusy,
@@ -22,11 +23,12 @@ from shop.inventory.domain import (
     sku_codes_from_query,
 )
 from shop.inventory.service import InvalidRequest, InventoryService
+from shop.platform.fastpath import LeanRequest, Reply, json_reply
 from shop.platform.problems import Problem, from_problem
 from shop.platform.security import AdminUser, CurrentUser, internal_caller
 from shop.platform.tokens import Principal
 
-__all__ = ["install_error_answers", "internal_router", "router"]
+__all__ = ["install_error_answers", "internal_router", "reserve_lean", "router"]
 
 VALIDATION_DETAIL = "The request is not valid; see errors."
 
@@ -111,7 +113,8 @@ InventoryDep = Annotated[InventoryService, Depends(get_inventory)]
 router = APIRouter(prefix="/api/inventory", tags=["inventory"])
 internal_router = APIRouter(prefix="/internal", tags=["internal"])
 # Reservations are the order service's to make and release; no other service's token will do.
-OrderServiceCaller = Annotated[Principal, Depends(internal_caller("order-service"))]
+ORDER_SERVICE = internal_caller("order-service")
+OrderServiceCaller = Annotated[Principal, Depends(ORDER_SERVICE)]
 
 _SKUS = "Repeatable, or comma-separated; up to 100 SKU codes in all."
 _LISTING = "Paging of the admin's list of every SKU (no skuCode given)."
@@ -182,18 +185,37 @@ async def reserve(
     """Reserve every line or none; a repeat with the same order number answers the same."""
     lines = [ReservationLine(line.skuCode, line.quantity) for line in body.lines]
     reservation = await inventory.reserve(body.orderNumber, lines)
+    return JSONResponse(_reservation_document(reservation), status_code=201)
+
+
+def _reservation_document(reservation: Reservation) -> dict[str, Any]:
     # The body ReservationView documents, written directly: the hot path of every order
     # skips validating and serialising a model of what it has just built.
-    return JSONResponse(
-        {
-            "orderNumber": reservation.order_number,
-            "status": "RESERVED",
-            "lines": [
-                {"skuCode": line.sku_code, "quantity": line.quantity} for line in reservation.lines
-            ],
-        },
-        status_code=201,
+    return {
+        "orderNumber": reservation.order_number,
+        "status": "RESERVED",
+        "lines": [
+            {"skuCode": line.sku_code, "quantity": line.quantity} for line in reservation.lines
+        ],
+    }
+
+
+async def reserve_lean(request: LeanRequest) -> Reply:
+    """``reserve`` as the lean path serves it (platform/fastpath.py): the caller's token,
+    then the body, as FastAPI checks them."""
+    runtime = request.app.state.runtime
+    await ORDER_SERVICE.admit(
+        request.header(b"authorization"),
+        verifier=runtime.tokens,
+        internal_audience=str(runtime.platform.internal_audience),
+        origin=runtime.origin,
     )
+    body = request.valid(ReservationRequest)
+    inventory: InventoryService = request.app.state.inventory
+    reservation = await inventory.reserve(
+        body.orderNumber, [ReservationLine(line.skuCode, line.quantity) for line in body.lines]
+    )
+    return json_reply(_reservation_document(reservation), 201)
 
 
 @internal_router.delete("/reservations/{orderNumber}", status_code=204, responses=_SERVICE)

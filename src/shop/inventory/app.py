@@ -8,12 +8,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from shop.inventory import events
-from shop.inventory.api import install_error_answers, internal_router, router
+from shop.inventory.api import install_error_answers, internal_router, reserve_lean, router
 from shop.inventory.domain import DEMO_STOCK
 from shop.inventory.service import InventoryService
 from shop.inventory.settings import InventorySettings
 from shop.inventory.store import SqlInventoryStore
-from shop.platform.app import Runtime, create_app, service_database, service_events
+from shop.platform.app import (
+    Runtime,
+    add_lean_route,
+    create_app,
+    service_database,
+    service_events,
+)
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app"]
@@ -55,4 +61,6 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
         lifespan=lifespan,
     )
     install_error_answers(app)
+    # The route every order takes, without FastAPI's routing and dependency solving.
+    add_lean_route(app, "POST", "/internal/reservations", reserve_lean)
     return app

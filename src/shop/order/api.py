@@ -25,13 +25,15 @@ from shop.order.domain import (
     order_document,
 )
 from shop.order.service import Answer, OrderService
+from shop.platform.fastpath import LeanRequest, Reply, json_reply
 from shop.platform.problems import Problem, from_problem
-from shop.platform.security import CurrentUser
+from shop.platform.security import CurrentUser, user_principal
 
 __all__ = [
     "IDEMPOTENCY_IN_PROGRESS",
     "IDEMPOTENCY_MISMATCH",
     "install_error_answers",
+    "place_order_lean",
     "router",
 ]
 
@@ -88,10 +90,15 @@ Orders = Annotated[OrderService, Depends(_service)]
 router = APIRouter(prefix="/api/order", tags=["order"])
 
 
-def _order_answer(answer: Answer) -> Response:
+def _answer_headers(answer: Answer) -> dict[str, str]:
     headers = {"Location": f"/api/order/{answer.body['orderNumber']}"}
     if answer.replayed:
         headers["Idempotent-Replayed"] = "true"
+    return headers
+
+
+def _order_answer(answer: Answer) -> Response:
+    headers = _answer_headers(answer)
     return JSONResponse(answer.body, status_code=answer.status_code, headers=headers)
 
 
@@ -121,6 +128,31 @@ async def place_order(
         idempotency_key=idempotency_key,
     )
     return _order_answer(answer)
+
+
+_IDEMPOTENCY_HEADER = IDEMPOTENCY_KEY.lower().encode("latin-1")
+
+
+async def place_order_lean(request: LeanRequest) -> Reply:
+    """``place_order`` as the lean path serves it (platform/fastpath.py): the same checks in
+    the order FastAPI makes them (the body's JSON, the token, the body's shape, the key)."""
+    runtime = request.app.state.runtime
+    buyer = await user_principal(
+        request.header(b"authorization"),
+        verifier=runtime.tokens,
+        audience=str(runtime.platform.auth_audience),
+    )
+    placed = request.valid(PlaceOrderRequest)
+    idempotency_key = request.header(_IDEMPOTENCY_HEADER)
+    if idempotency_key is not None and (problem := idempotency_key_problem(idempotency_key)):
+        raise InvalidOrder({IDEMPOTENCY_KEY: problem})
+    orders: OrderService = request.app.state.orders
+    answer = await orders.place_order(
+        buyer,
+        [RequestedLine(line.sku_code, line.quantity) for line in placed.lines],
+        idempotency_key=idempotency_key,
+    )
+    return json_reply(answer.body, answer.status_code, _answer_headers(answer))
 
 
 @router.get("", response_model=list[OrderView])

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -14,17 +15,24 @@ from datetime import timedelta
 from fastapi import FastAPI
 
 from shop.order import events
-from shop.order.api import install_error_answers, router
+from shop.order.api import install_error_answers, place_order_lean, router
 from shop.order.breaker import CircuitBreaker
 from shop.order.peers import INVENTORY_SERVICE, HttpCatalogue, HttpInventory
 from shop.order.releases import ReleaseReconciler
 from shop.order.service import OrderService
 from shop.order.settings import OrderSettings
 from shop.order.store import SqlOrderStore
-from shop.platform.app import Runtime, create_app, service_database, service_events
+from shop.platform.app import (
+    Runtime,
+    add_lean_route,
+    create_app,
+    service_database,
+    service_events,
+)
 from shop.platform.lease import Lease
 from shop.platform.outbox import OutboxRelay, SqlOutbox
 from shop.platform.settings import PlatformSettings
+from shop.platform.upstream import UpstreamPool
 
 __all__ = ["SERVICE_NAME", "build_app"]
 
@@ -43,6 +51,10 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
             # replaced while the app runs (tests do).
             return await runtime.service_tokens.bearer(target)
 
+        # Kept-alive connections to the inventory, for the reservations (order/peers.py).
+        cafile = platform.tls_cafile
+        context = ssl.create_default_context(cafile=cafile) if cafile else None
+        pool = UpstreamPool(ssl_context=context)
         breaker = CircuitBreaker(
             name=INVENTORY_SERVICE,
             failure_threshold=settings.breaker_failure_threshold,
@@ -50,12 +62,13 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
         )
         inventory = HttpInventory(
             registry=runtime.registry,
-            http=runtime.http,
+            pool=pool,
             breaker=breaker,
             credentials=credentials,
             timeout_s=settings.inventory_timeout_s,
         )
         async with (
+            _closing(pool),
             service_database(runtime, url=url, package="shop.order") as engine,
             service_events(runtime) as bus,
             OutboxRelay(
@@ -107,7 +120,18 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
         lifespan=lifespan,
     )
     install_error_answers(app)
+    # The route every order takes, without FastAPI's routing and dependency solving.
+    add_lean_route(app, "POST", "/api/order", place_order_lean)
     return app
+
+
+@asynccontextmanager
+async def _closing(pool: UpstreamPool) -> AsyncIterator[None]:
+    """The pool's connections closed on the way out, after everything that calls with it."""
+    try:
+        yield
+    finally:
+        pool.close()
 
 
 def _coalesced(wake: Callable[[], None], *, delay_s: float) -> Callable[[], None]:

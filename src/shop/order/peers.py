@@ -9,10 +9,17 @@ internal audience (no user route takes it), and the secret behind it goes to the
 ``SHOP_AUTH_URL`` only (platform/security.py). Users' tokens are never forwarded. Calls
 to the inventory go through a circuit breaker (unless asked not to): an inventory that
 fails is left alone for a while instead of making every order wait for its timeout.
+
+The inventory is called on every order, so those calls use the kept-alive httptools client
+of platform/upstream.py rather than aiohttp's (whose request, URL and header objects were
+about 5 % of the order process); the catalogue, asked only when the price list misses a
+SKU, keeps the aiohttp session.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
@@ -32,6 +39,7 @@ from shop.order.domain import (
 from shop.platform.context import outgoing_headers
 from shop.platform.discovery import RegistryClient, RegistryUnavailable
 from shop.platform.security import ServiceTokenUnavailable
+from shop.platform.upstream import ConnectFailed, UpstreamBroken, UpstreamPool
 
 __all__ = [
     "CIRCUIT_OPEN",
@@ -177,16 +185,16 @@ class HttpInventory:
         self,
         *,
         registry: RegistryClient,
-        http: aiohttp.ClientSession,
+        pool: UpstreamPool,
         breaker: CircuitBreaker,
         credentials: Credentials,
         timeout_s: float,
     ) -> None:
         self._registry = registry
-        self._http = http
+        self._pool = pool
         self._breaker = breaker
         self._credentials = credentials
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout_s = timeout_s
 
     async def reserve(self, order_number: str, lines: Sequence[RequestedLine]) -> None:
         body = {
@@ -265,24 +273,57 @@ class HttpInventory:
         headers = await _headers(
             self._credentials, peer=INVENTORY_SERVICE, target=instance.base_url
         )
+        head, body = _request(method, path, headers, json)
         try:
-            async with self._http.request(
-                method,
-                instance.base_url + path,
-                json=json,
-                headers=headers,
-                timeout=self._timeout,
-            ) as resp:
-                if resp.status >= 500:
-                    raise _CallFailed(f"answered {resp.status}", maybe_done=True)
-                return resp.status, await _json(resp)
-        except aiohttp.ClientConnectorError as exc:
+            # One deadline for the whole exchange, as aiohttp's ``total`` timeout was.
+            async with asyncio.timeout(self._timeout_s):
+                answer = await self._pool.request(
+                    instance.base_url,
+                    head,
+                    body,
+                    head_only=False,
+                    # Both calls are idempotent (a reservation is keyed by its order
+                    # number), so one sent on a kept-alive connection the inventory had
+                    # just closed may go again.
+                    idempotent=True,
+                    connect_timeout_s=self._timeout_s,
+                    timeout_s=self._timeout_s,
+                )
+                if answer.status >= 500:
+                    answer.abandon()
+                    raise _CallFailed(f"answered {answer.status}", maybe_done=True)
+                raw = answer.whole_body()
+                if raw is None:
+                    raw = b"".join([chunk async for chunk in answer.body()])
+        except ConnectFailed as exc:
             self._registry.forget(INVENTORY_SERVICE)
             raise _CallFailed("connection refused", maybe_done=False) from exc
         except TimeoutError as exc:
             raise _CallFailed("timed out", maybe_done=True) from exc
-        except aiohttp.ClientError as exc:
-            raise _CallFailed(type(exc).__name__, maybe_done=True) from exc
+        except UpstreamBroken as exc:
+            raise _CallFailed("connection broken", maybe_done=True) from exc
+        return answer.status, _parsed(raw)
+
+
+def _request(
+    method: str, path: str, headers: Mapping[str, str], document: Mapping[str, Any] | None
+) -> tuple[bytes, bytes]:
+    """The request line and headers (``UpstreamPool`` adds ``Host``), and the JSON body."""
+    lines = [f"{method} {path} HTTP/1.1\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    body = b""
+    if document is not None:
+        body = json.dumps(document, separators=(",", ":")).encode()
+        lines.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1"), body
+
+
+def _parsed(raw: bytes) -> Any:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
 
 
 def _shortages_from(answer: Any) -> list[Shortage]:

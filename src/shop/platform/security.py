@@ -37,6 +37,7 @@ __all__ = [
     "SERVICE_TOKEN_PATH",
     "AdminUser",
     "CurrentUser",
+    "InternalCallers",
     "JwksUnavailable",
     "ServiceTokenUnavailable",
     "ServiceTokens",
@@ -48,6 +49,7 @@ __all__ = [
     "no_jwks_source",
     "pinned_jwks",
     "refuse_service_identity",
+    "user_principal",
 ]
 
 JWKS_PATH = "/auth/.well-known/jwks.json"
@@ -169,6 +171,16 @@ async def _caller(request: Request) -> Principal:
     return await authenticate(request.headers.get("authorization"), verifier=verifier)
 
 
+async def user_principal(
+    authorization: str | None, *, verifier: JwksVerifier, audience: str
+) -> Principal:
+    """The user behind an ``Authorization`` header (``CurrentUser`` without FastAPI, for
+    the lean routes of platform/fastpath.py): 401 without a valid token, 403 for a service
+    token or one meant for another API."""
+    principal = await authenticate(authorization, verifier=verifier)
+    return refuse_service_identity(principal, audience=audience)
+
+
 async def _current_user(request: Request) -> Principal:
     users, _ = _audiences(request)
     return refuse_service_identity(await _caller(request), audience=users)
@@ -186,30 +198,50 @@ async def _admin_user(principal: CurrentUser) -> Principal:
 AdminUser = Annotated[Principal, Depends(_admin_user)]
 
 
-def internal_caller(*services: str) -> Callable[[Request], Awaitable[Principal]]:
+class InternalCallers:
+    """The check of ``internal_caller``: a FastAPI dependency, and ``admit`` for code that
+    has the header and the runtime's values at hand (the lean routes)."""
+
+    def __init__(self, *services: str) -> None:
+        self.accepted = frozenset(services)
+        if not self.accepted:
+            raise ValueError("an internal route names at least one caller")
+        self._listed = ", ".join(sorted(self.accepted))
+
+    async def __call__(self, request: Request) -> Principal:
+        runtime = request.app.state.runtime
+        return await self.admit(
+            request.headers.get("authorization"),
+            verifier=runtime.tokens,
+            internal_audience=str(runtime.platform.internal_audience),
+            origin=runtime.origin,
+        )
+
+    async def admit(
+        self,
+        authorization: str | None,
+        *,
+        verifier: JwksVerifier,
+        internal_audience: str,
+        origin: str | None,
+    ) -> Principal:
+        principal = await authenticate(authorization, verifier=verifier)
+        if SERVICE_ROLE not in principal.roles or principal.audience != internal_audience:
+            raise Problem(403, "This is an internal API: only services may call it.")
+        if principal.service_name not in self.accepted:
+            raise Problem(403, f"This internal API accepts calls from {self._listed} only.")
+        if origin is None or principal.target != origin:
+            raise Problem(403, "This service token was issued for another instance.")
+        return principal
+
+
+def internal_caller(*services: str) -> InternalCallers:
     """For ``/internal/*`` routes, as ``Annotated[Principal, Depends(internal_caller(...))]``:
     a service token (internal audience, role ``service``) of one of ``services`` only, issued
     for this very instance (its ``target`` is this instance's registered base URL); 401
     without a valid token, 403 for a user's token, another service's, or one issued for
     another instance (what a registered impostor received and tries to replay here)."""
-    accepted = frozenset(services)
-    if not accepted:
-        raise ValueError("an internal route names at least one caller")
-    listed = ", ".join(sorted(accepted))
-
-    async def caller(request: Request) -> Principal:
-        principal = await _caller(request)
-        _, internal = _audiences(request)
-        if SERVICE_ROLE not in principal.roles or principal.audience != internal:
-            raise Problem(403, "This is an internal API: only services may call it.")
-        if principal.service_name not in accepted:
-            raise Problem(403, f"This internal API accepts calls from {listed} only.")
-        origin: str | None = request.app.state.runtime.origin
-        if origin is None or principal.target != origin:
-            raise Problem(403, "This service token was issued for another instance.")
-        return principal
-
-    return caller
+    return InternalCallers(*services)
 
 
 class ServiceTokenUnavailable(Exception):
