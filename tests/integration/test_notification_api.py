@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from shop.notification.app import build_app
 from shop.notification.couriers import LogCourier
-from shop.notification.domain import Notification
+from shop.notification.domain import Channel, Notification
 from shop.notification.events import CONSUMER_GROUP, ORDERS_TOPIC, subscribe
 from shop.notification.service import NotificationService
 from shop.notification.settings import NotificationSettings
@@ -372,30 +372,54 @@ class FlakyStore(SqlNotificationStore):
         self.fail_after_commit = fail_after_commit
         self.calls = 0
 
-    async def record_event(self, event_id: str, notification: Notification | None) -> bool:
+    async def record_event(
+        self,
+        event_id: str,
+        notification: Notification | None,
+        *,
+        announce: Callable[[Notification], None] | None = None,
+    ) -> bool:
         self.calls += 1
         if self.calls == 1 and not self.fail_after_commit:
             raise ConnectionError("database went away")
-        recorded = await super().record_event(event_id, notification)
+        recorded = await super().record_event(event_id, notification, announce=announce)
         if self.calls == 1:
             raise ConnectionError("connection lost while committing")
         return recorded
+
+
+class MailCourier:
+    """Stands for the SMTP server: a courier that is not announced in the transaction."""
+
+    channel: Channel = "EMAIL"
+
+    def __init__(self) -> None:
+        self.delivered: list[Notification] = []
+
+    async def deliver(self, notification: Notification) -> None:
+        self.delivered.append(notification)
+
+
+class LogLines(LogCourier):
+    """The log courier, its lines kept."""
+
+    def __init__(self) -> None:
+        self.delivered: list[Notification] = []
+
+    def announce(self, notification: Notification) -> None:
+        self.delivered.append(notification)
 
 
 @pytest.mark.parametrize("fail_after_commit", [False, True], ids=["before-commit", "after-commit"])
 async def test_a_failing_handler_gets_the_event_again_and_records_it_once(
     database_url: str, bus_url: str, orders: Orders, fail_after_commit: bool
 ) -> None:
+    """E-mail: a record whose commit failed after the fact is the sweeper's to send."""
     engine = create_engine(database_url)
     await migrate(engine, package="shop.notification", service="notification")
-    delivered: list[Notification] = []
-
-    class Courier(LogCourier):
-        async def deliver(self, notification: Notification) -> None:
-            delivered.append(notification)
-
+    courier = MailCourier()
     store = FlakyStore(engine, fail_after_commit=fail_after_commit)
-    service = NotificationService(store=store, couriers=[Courier()], claim_s=0.2)
+    service = NotificationService(store=store, couriers=[courier], claim_s=0.2)
     bus = SqliteEventLog(bus_url, client_id="notification-test", retry_backoff_s=0.01)
     try:
         subscribe(bus, service)
@@ -405,12 +429,41 @@ async def test_a_failing_handler_gets_the_event_again_and_records_it_once(
         assert store.calls == 2
         if fail_after_commit:
             # Recorded but never sent: the sweeper's case, once the claim has lapsed.
-            assert delivered == []
+            assert courier.delivered == []
             await asyncio.sleep(0.25)
             assert await service.retry_due() == 1
         (notice,) = await service.notifications_of("u-ada")
-        assert notice.status == "LOGGED"
-        assert [n.order_number for n in delivered] == ["ord-4004"]
+        assert notice.status == "SENT"
+        assert [n.order_number for n in courier.delivered] == ["ord-4004"]
+    finally:
+        await bus.close()
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("fail_after_commit", [False, True], ids=["before-commit", "after-commit"])
+async def test_a_log_notification_is_recorded_logged_with_its_line_in_one_transaction(
+    database_url: str, bus_url: str, orders: Orders, fail_after_commit: bool
+) -> None:
+    """The log line is written inside the recording transaction: one record however the
+    commit fails, the line at least once, and nothing left for the sweeper."""
+    engine = create_engine(database_url)
+    await migrate(engine, package="shop.notification", service="notification")
+    courier = LogLines()
+    store = FlakyStore(engine, fail_after_commit=fail_after_commit)
+    service = NotificationService(store=store, couriers=[courier], claim_s=0.2)
+    bus = SqliteEventLog(bus_url, client_id="notification-test", retry_backoff_s=0.01)
+    try:
+        subscribe(bus, service)
+        await bus.start()
+        await orders.publish(order_event("ord-4005"))
+        await orders.all_handled()
+        assert store.calls == 2
+        (notice,) = await service.notifications_of("u-ada")
+        assert (notice.status, notice.attempts) == ("LOGGED", 1)
+        assert notice.sent_at is not None
+        assert [n.order_number for n in courier.delivered] == ["ord-4005"]
+        await asyncio.sleep(0.25)
+        assert await service.retry_due() == 0
     finally:
         await bus.close()
         await engine.dispose()

@@ -6,13 +6,13 @@ import asyncio
 import logging
 from email.message import EmailMessage
 from email.utils import format_datetime
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import aiosmtplib
 
 from shop.notification.domain import Channel, Notification, message_id
 
-__all__ = ["Courier", "EmailCourier", "LogCourier"]
+__all__ = ["Announcer", "Courier", "EmailCourier", "LogCourier"]
 
 log = logging.getLogger("shop.notification")
 
@@ -25,10 +25,22 @@ class Courier(Protocol):
         """Hand the notification over; raise if it could not be."""
 
 
+@runtime_checkable
+class Announcer(Protocol):
+    """A courier that hands a notification over at once, without waiting and without
+    failing (the log): the service records its notifications already done, and announces
+    them inside the recording transaction, instead of a second transaction to mark them."""
+
+    def announce(self, notification: Notification) -> None: ...
+
+
 class LogCourier:
     channel: Channel = "LOG"
 
     async def deliver(self, notification: Notification) -> None:
+        self.announce(notification)
+
+    def announce(self, notification: Notification) -> None:
         log.info(
             "notification %s to %s (user %s) about order %s: %s",
             notification.type,

@@ -34,6 +34,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     insert,
     select,
@@ -119,6 +120,21 @@ class OutboxSource(Protocol):
         """A lease in the same database, so the relays of one outbox take turns."""
 
 
+# The relay's statements, built once (a statement built per batch cost more to build than
+# to run on SQLite); the ``IN`` list expands per call.
+_UNPUBLISHED = (
+    select(outbox.c.seq, outbox.c.topic, outbox.c.payload)
+    .where(outbox.c.published_at.is_(None))
+    .order_by(outbox.c.seq)
+    .limit(bindparam("limit"))
+)
+_MARK_PUBLISHED = (
+    update(outbox)
+    .where(outbox.c.seq.in_(bindparam("positions", expanding=True)))
+    .values(published_at=bindparam("now"))
+)
+
+
 class SqlOutbox:
     """The ``outbox`` table of a service's SQL database (SQLite, MySQL/MariaDB)."""
 
@@ -127,23 +143,12 @@ class SqlOutbox:
 
     async def unpublished(self, limit: int) -> list[OutboxEntry]:
         async with self._engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(outbox.c.seq, outbox.c.topic, outbox.c.payload)
-                    .where(outbox.c.published_at.is_(None))
-                    .order_by(outbox.c.seq)
-                    .limit(limit)
-                )
-            ).all()
-        return [OutboxEntry(row.seq, row.topic, Event.from_json(row.payload)) for row in rows]
+            rows = (await conn.execute(_UNPUBLISHED, {"limit": limit})).all()
+        return [OutboxEntry(seq, topic, Event.from_json(payload)) for seq, topic, payload in rows]
 
     async def mark_published(self, positions: Sequence[int]) -> None:
         async with self._engine.begin() as conn:
-            await conn.execute(
-                update(outbox)
-                .where(outbox.c.seq.in_(list(positions)))
-                .values(published_at=time.time())
-            )
+            await conn.execute(_MARK_PUBLISHED, {"positions": list(positions), "now": time.time()})
 
     async def purge(self, before: float) -> None:
         async with self._engine.begin() as conn:
