@@ -62,3 +62,19 @@ async def test_the_memory_sweep_runs_at_most_once_a_second() -> None:
     for key in range(100):
         await storage.incr(f"k{key}", 60)
     assert storage.timer is first
+
+
+async def test_the_fast_lanes_check_counts_like_check_client_and_never_refuses_itself() -> None:
+    limits = _limits(per_client="5/minute;2/second")
+    try:
+        assert limits.admit_client_now("10.0.0.1")
+        await limits.check_client("10.0.0.1")  # the second of 2 a second
+        # At a limit it counts nothing and leaves the answer (429) to check_client.
+        assert not limits.admit_client_now("10.0.0.1")
+        assert not limits.admit_client_now("10.0.0.1")
+        with pytest.raises(Problem) as refused:
+            await limits.check_client("10.0.0.1")
+        assert refused.value.status == 429
+        assert limits.admit_client_now("10.0.0.2")
+    finally:
+        await limits.close()

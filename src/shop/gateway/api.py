@@ -42,7 +42,16 @@ from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
 from shop.platform.upstream import Answer, UpstreamBroken, UpstreamPool
 
-__all__ = ["OPS_PATHS", "GatewayRuntime", "Proxy", "ReadinessCheck", "ops_routes"]
+__all__ = [
+    "HANDOVER",
+    "OPS_PATHS",
+    "GatewayRuntime",
+    "Handover",
+    "Identity",
+    "Proxy",
+    "ReadinessCheck",
+    "ops_routes",
+]
 
 log = logging.getLogger("shop.gateway")
 
@@ -69,6 +78,36 @@ class GatewayRuntime:
 
 class _AnswerStarted(Exception):
     """The service failed mid-answer: the caller's connection must be cut, not answered."""
+
+
+@dataclass(slots=True)
+class Identity:
+    """What one pass over a request's headers finds, and the ids the gateway gives it."""
+
+    request_id: str
+    trace: context.TraceContext
+    stamp: tuple[bytes, bytes]  # the answer's X-Request-ID
+    upstream: tuple[tuple[bytes, bytes], ...]  # the service's X-Request-ID and traceparent
+    declared: bytes | None  # Content-Length
+    has_body: bool
+
+
+# The scope key of a request the fast lane (gateway/fastlane.py) began and hands over.
+HANDOVER = "shop.gateway.handover"
+
+
+@dataclass(slots=True)
+class Handover:
+    """A request the fast lane admitted and sent, finished on the ASGI path: ``outcome`` is
+    the service's answer to relay (it streams), the problem to answer (504, 502), or None to
+    send the request again on a new connection (a kept-alive one broke before any answer)."""
+
+    identity: Identity
+    began: float  # time.perf_counter() when the request's head was in
+    service: str
+    method: str
+    head: bytes
+    outcome: Answer | Problem | None
 
 
 class Proxy:
@@ -103,43 +142,21 @@ class Proxy:
         self._random_bits = random.Random(os.urandom(32)).getrandbits  # noqa: S311
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        began = time.perf_counter()
-        caller_request_id = caller_trace = declared = None
-        has_body = False
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                if caller_request_id is None:
-                    caller_request_id = value
-            elif name == b"traceparent":
-                if caller_trace is None:
-                    caller_trace = value
-            elif name == b"content-length":
-                if declared is None:
-                    declared = value
-                has_body = True
-            elif name == b"transfer-encoding":
-                has_body = True
-        fresh = f"{self._random_bits(384):096x}"
-        request_id = (
-            context.accept_request_id(caller_request_id.decode("latin-1"))
-            if caller_request_id
-            else fresh[:32]
-        )
-        trace = (
-            context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
-        ) or context.TraceContext(trace_id=fresh[32:64], span_id=fresh[64:80])
-        context.bind(request_id=request_id, trace=trace)
-        stamp = (b"x-request-id", request_id.encode("latin-1"))
-        identity = (
-            stamp,
-            (b"traceparent", f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()),
-        )
+        handover: Handover | None = scope.get(HANDOVER)
+        if handover is None:
+            began = time.perf_counter()
+            identity = self.identify(scope["headers"])
+        else:
+            began, identity = handover.began, handover.identity
+        context.bind(request_id=identity.request_id, trace=identity.trace)
+        stamp = identity.stamp
         status = 500
         started = False
         try:
-            answer = await self._admit_and_forward(
-                scope, receive, identity=identity, declared=declared, has_body=has_body
-            )
+            if handover is None:
+                answer = await self._admit_and_forward(scope, receive, identity)
+            else:
+                answer = await self._finish(handover)
             if answer is not None:
                 status, started = answer.status, True
                 await _relay(answer, send, stamp)
@@ -165,12 +182,51 @@ class Proxy:
                 instance=scope["path"],
             )
         finally:
-            self._observe(scope, status, time.perf_counter() - began)
+            route = scope.get("route")
+            self.observe(scope["method"], route.path if route else None, status, began)
 
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        key = (scope["method"], template, status)
+    def identify(self, headers: list[tuple[bytes, bytes]]) -> Identity:
+        """Request id and trace (the caller's when valid, else new ones), the body's length."""
+        caller_request_id = caller_trace = declared = None
+        has_body = False
+        for name, value in headers:
+            if name == b"x-request-id":
+                if caller_request_id is None:
+                    caller_request_id = value
+            elif name == b"traceparent":
+                if caller_trace is None:
+                    caller_trace = value
+            elif name == b"content-length":
+                if declared is None:
+                    declared = value
+                has_body = True
+            elif name == b"transfer-encoding":
+                has_body = True
+        fresh = f"{self._random_bits(384):096x}"
+        request_id = (
+            context.accept_request_id(caller_request_id.decode("latin-1"))
+            if caller_request_id
+            else fresh[:32]
+        )
+        trace = (
+            context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
+        ) or context.TraceContext(trace_id=fresh[32:64], span_id=fresh[64:80])
+        stamp = (b"x-request-id", request_id.encode("latin-1"))
+        child = f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()
+        return Identity(
+            request_id=request_id,
+            trace=trace,
+            stamp=stamp,
+            upstream=(stamp, (b"traceparent", child)),
+            declared=declared,
+            has_body=has_body,
+        )
+
+    def observe(self, method: str, template: str | None, status: int, began: float) -> None:
+        """Count the request under its route (never the raw path) and its status."""
+        seconds = time.perf_counter() - began
+        template = template or "unmatched"
+        key = (method, template, status)
         observers = self._observers.get(key)
         if observers is None:
             metrics = self.metrics
@@ -183,29 +239,62 @@ class Proxy:
         observers[0].inc()
         observers[1].observe(seconds)
 
-    def _client(self, scope: Scope) -> str:
+    def client_of(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
         """The peer, or behind a trusted load balancer the address it appended last."""
-        client = scope.get("client")
-        peer: str = client[0] if client else "unknown"
         if peer not in self.trusted_proxies:
             return peer
-        forwarded = [v for n, v in scope["headers"] if n == b"x-forwarded-for"]
+        forwarded = [v for n, v in headers if n == b"x-forwarded-for"]
         if not forwarded:
             return peer
         # The balancer appends its hop last; anything before it a client may have written.
         last = forwarded[-1].decode("latin-1").rsplit(",", 1)[-1].strip()
         return last[:64] or peer
 
+    def upstream_head(
+        self, scope: Scope, target: str, identity: Identity, body_length: int | None
+    ) -> bytes:
+        """The request line and headers the service gets (``target``: the canonical path)."""
+        client = scope.get("client")
+        headers = upstream_headers(
+            scope["headers"],
+            client_ip=client[0] if client else None,
+            scheme=scope.get("scheme", "http"),
+            identity=identity.upstream,
+            trusted_proxies=self.trusted_proxies,
+        )
+        if body_length is not None:
+            headers.append((b"content-length", b"%d" % body_length))
+        query: bytes = scope.get("query_string", b"")
+        if query:
+            target += "?" + query.decode("latin-1")
+        return request_head(scope["method"], target, headers)
+
+    async def _finish(self, handover: Handover) -> Answer:
+        """The rest of a request the fast lane began (see Handover)."""
+        outcome = handover.outcome
+        if isinstance(outcome, Answer):
+            return outcome
+        if isinstance(outcome, Problem):
+            raise outcome
+        runtime = self.runtime
+        assert runtime is not None  # noqa: S101 - the fast lane runs only once it is set
+        return await forward(
+            upstreams=runtime.upstreams,
+            service=handover.service,
+            pool=runtime.pool,
+            head=handover.head,
+            body=b"",
+            method=handover.method,
+            timeout_s=runtime.settings.upstream_timeout_s,
+            retry_after_s=runtime.platform.registry_cache_ttl_s,
+            new_connection=True,
+        )
+
     async def _admit_and_forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        *,
-        identity: tuple[tuple[bytes, bytes], ...],
-        declared: bytes | None,
-        has_body: bool,
+        self, scope: Scope, receive: Receive, identity: Identity
     ) -> Answer | None:
         """The service's answer, or None when the caller left before its request was whole."""
+        declared = identity.declared
         if declared is not None:
             try:
                 too_big = int(declared) > self.max_body_bytes
@@ -216,7 +305,10 @@ class Proxy:
         runtime = self.runtime
         assert runtime is not None  # noqa: S101 - the lifespan sets it before serving
         # First, before any other work: a flood of refused paths or bad tokens counts too.
-        await runtime.limits.check_client(self._client(scope))
+        client = scope.get("client")
+        await runtime.limits.check_client(
+            self.client_of(client[0] if client else "unknown", scope["headers"])
+        )
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         # Some servers leave the query on raw_path; it is not part of what routes match.
         raw_path = raw_path.split(b"?", 1)[0]
@@ -251,29 +343,17 @@ class Proxy:
                 # Only where a token is verified anyway: public routes are limited per client.
                 await runtime.limits.check_user(principal.user_id)
         body = b""
-        if has_body:
+        if identity.has_body:
             read = await self._read_body(receive)
             if read is None:
                 return None  # the caller left
             body = read
-        client = scope.get("client")
-        headers = upstream_headers(
-            scope["headers"],
-            client_ip=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            identity=identity,
-            trusted_proxies=self.trusted_proxies,
-        )
-        if body or method in _BODY_METHODS:
-            headers.append((b"content-length", b"%d" % len(body)))
-        query: bytes = scope.get("query_string", b"")
-        if query:
-            target += "?" + query.decode("latin-1")
+        length = len(body) if body or method in _BODY_METHODS else None
         return await forward(
             upstreams=runtime.upstreams,
             service=route.service,
             pool=runtime.pool,
-            head=request_head(method, target, headers),
+            head=self.upstream_head(scope, target, identity, length),
             body=body,
             method=method,
             timeout_s=runtime.settings.upstream_timeout_s,

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from shop.gateway.api import OPS_PATHS, GatewayRuntime, Proxy, ReadinessCheck, ops_routes
 from shop.gateway.domain import DASHBOARD, Access, public_route_table
+from shop.gateway.fastlane import GatewayProtocol
 from shop.gateway.ratelimit import RateLimits, parse_limits
 from shop.gateway.service import ApiCatalogue, Upstreams
 from shop.gateway.settings import GatewaySettings
@@ -42,7 +43,10 @@ NAME = "api-gateway"
 class GatewayApp(Starlette):
     """Starlette for the gateway's own endpoints and the lifespan; every other request goes
     straight to the proxy, past Starlette's routing and middleware stack (see docs/gateway.md,
-    Performance)."""
+    Performance). Served with ``GatewayProtocol``, whose fast lane proxies the common
+    request without calling the app at all (gateway/fastlane.py)."""
+
+    http_protocol = GatewayProtocol
 
     def __init__(self, *, proxy: Proxy, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -97,7 +101,9 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                 cache_ttl_s=platform.registry_cache_ttl_s,
             )
             upstreams = Upstreams(
-                registry=registry, fixed={DASHBOARD: settings.dashboard_url(platform)}
+                registry=registry,
+                fixed={DASHBOARD: settings.dashboard_url(platform)},
+                cache_ttl_s=platform.registry_cache_ttl_s,
             )
             runtime = GatewayRuntime(
                 platform=platform,

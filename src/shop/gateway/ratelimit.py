@@ -101,6 +101,8 @@ class RateLimits:
         # In memory a hit is counted without a coroutine (see _SweptMemoryStorage.count).
         self._memory = self._storage if isinstance(self._storage, _SweptMemoryStorage) else None
         self._keys: dict[tuple[RateLimitItem, str, str], str] = {}
+        # Per client: (key, amount, expiry) of each per-client limit, for admit_client_now.
+        self._client_counters: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._limiter = FixedWindowRateLimiter(self._storage)
         self._per_client = tuple(per_client)
         self._per_user = tuple(per_user)
@@ -108,6 +110,31 @@ class RateLimits:
 
     async def check_client(self, client: str) -> None:
         await self._check(self._per_client, "client", client)
+
+    def admit_client_now(self, client: str) -> bool:
+        """``check_client`` without an await, for the gateway's fast lane: True with the hit
+        counted when the client is within every limit; False, nothing counted, when it may
+        not be or the counts are not in memory (then ``check_client`` decides and answers).
+        """
+        memory = self._memory
+        if memory is None:
+            return False
+        counters = self._client_counters.get(client)
+        if counters is None:
+            if len(self._client_counters) >= 10_000:
+                self._client_counters.clear()
+            counters = self._client_counters[client] = tuple(
+                (self._key(item, "client", client), item.amount, item.get_expiry())
+                for item in self._per_client
+            )
+        now = time.time()
+        expirations, counts = memory.expirations, memory.storage
+        for key, amount, _ in counters:
+            if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+                return False
+        for key, _, expiry in counters:
+            memory.count(key, expiry)
+        return True
 
     async def check_user(self, user: str) -> None:
         await self._check(self._per_user, "user", user)

@@ -65,13 +65,18 @@ class Upstreams:
         registry: RegistryClient,
         fixed: Mapping[str, str],
         pass_over_s: float = 5.0,
+        cache_ttl_s: float = 0.0,
     ) -> None:
         self.registry = registry
         self._fixed = dict(fixed)
         self._pass_over_s = pass_over_s
+        self._cache_ttl_s = cache_ttl_s
         self._failed_until: dict[str, float] = {}
-        self._urls: dict[str, tuple[list[Instance], list[str]]] = {}
+        # Per service: the registry client's list, its base URLs, and until when that list is
+        # certainly still the registry client's cached answer (see ready_candidates).
+        self._urls: dict[str, tuple[list[Instance], list[str], float]] = {}
         self._cursors: dict[str, Iterator[int]] = {}
+        self._ready_cursors: dict[str, Iterator[int]] = {}
 
     async def candidates(self, service: str) -> list[str]:
         """Base URLs to try in order: the round-robin choice, then one other as a fallback."""
@@ -79,15 +84,32 @@ class Upstreams:
         if fixed is not None:
             return [fixed]
         instances = await self.registry.instances(service)
-        if not instances:
-            return []
         known = self._urls.get(service)
         if known is None or known[0] is not instances:
-            # The registry client hands back the same list until it looks the service up again.
-            known = self._urls[service] = (instances, [i.base_url for i in instances])
-        urls = known[1]
+            # The registry client hands back the same list until it looks the service up again
+            # (a new list: it has just done so, and keeps it for its cache TTL).
+            fresh_until = time.monotonic() + self._cache_ttl_s
+            known = self._urls[service] = (instances, [i.base_url for i in instances], fresh_until)
+        return self._order(service, known[1], self._cursors)
+
+    def ready_candidates(self, service: str) -> list[str] | None:
+        """``candidates`` without an await, for the gateway's fast lane: None when the
+        registry client would have to be asked (nothing known, or its cache may be stale).
+        Its round-robin turn is its own: requests it declines go on to ``candidates``, and a
+        shared turn would send all of those to the same instance."""
+        fixed = self._fixed.get(service)
+        if fixed is not None:
+            return [fixed]
+        known = self._urls.get(service)
+        if known is None or time.monotonic() >= known[2]:
+            return None
+        return self._order(service, known[1], self._ready_cursors)
+
+    def _order(self, service: str, urls: list[str], cursors: dict[str, Iterator[int]]) -> list[str]:
+        if not urls:
+            return []
         if len(urls) > 1:
-            turn = next(self._cursors.setdefault(service, itertools.count())) % len(urls)
+            turn = next(cursors.setdefault(service, itertools.count())) % len(urls)
             urls = urls[turn:] + urls[:turn]
         if self._failed_until:
             now = time.monotonic()
@@ -120,12 +142,14 @@ async def forward(
     method: str,
     timeout_s: float,
     retry_after_s: float,
+    new_connection: bool = False,
 ) -> Answer:
     """Send the request to one instance of ``service``; its answer's status and headers.
 
     ``head`` is the request line and headers exactly as the caller's request is to reach the
     service (the target already canonical). Failing before the answer starts raises a
     Problem: 503 (no instance, refused), 504 (too slow), 502 (broke off).
+    ``new_connection``: the request already broke on a kept-alive connection (the fast lane).
     """
     try:
         candidates = await upstreams.candidates(service)
@@ -144,6 +168,7 @@ async def forward(
                 idempotent=method in _IDEMPOTENT,
                 connect_timeout_s=min(2.0, timeout_s),
                 timeout_s=timeout_s,
+                new_connection=new_connection,
             )
         except ConnectFailed as exc:
             # Nothing reached the instance, so trying another one is safe for any method.

@@ -4,11 +4,8 @@ and register it."""
 from __future__ import annotations
 
 import asyncio
-import atexit
 import json
 import logging
-import logging.handlers
-import queue
 import socket
 import sys
 from collections.abc import Callable
@@ -21,11 +18,13 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from shop.platform.logs import configure_logging
 from shop.platform.problems import PROBLEM_JSON, problem_body
 from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused, load_settings
 
 __all__ = [
     "EXIT_REFUSED",
+    "GuardedProtocol",
     "ServerLimits",
     "TlsFiles",
     "bind_socket",
@@ -46,37 +45,6 @@ S_contra = TypeVar("S_contra", bound=ServiceSettings, contravariant=True)
 
 class AppBuilder(Protocol[S_contra]):
     def __call__(self, *, platform: PlatformSettings, settings: S_contra) -> Starlette: ...
-
-
-_LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
-_log_listener: logging.handlers.QueueListener | None = None
-
-
-def configure_logging(level: str = "INFO") -> None:
-    """Log lines go to stdout from a thread of their own: the event loop only queues a
-    record, so a reader that drains stdout slowly (a busy launcher, a full pipe) never
-    stops a service's requests. The queue is emptied when the process exits."""
-    global _log_listener  # noqa: PLW0603 - one listener per process
-    if _log_listener is None:
-        atexit.register(_stop_logging)
-    else:
-        _log_listener.stop()
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter(_LOG_FORMAT))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    logging.basicConfig(
-        level=level.upper(), handlers=[logging.handlers.QueueHandler(records)], force=True
-    )
-    _log_listener = logging.handlers.QueueListener(records, out)
-    _log_listener.start()
-
-
-def _stop_logging() -> None:
-    """Write out what is still queued (at exit)."""
-    global _log_listener  # noqa: PLW0603 - one listener per process
-    if _log_listener is not None:
-        _log_listener.stop()
-        _log_listener = None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -122,6 +90,14 @@ class _CoalescedWrites:
         if self._pending:
             data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
             self._pending.clear()
+            self._transport.write(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Write at once, after whatever is pending (an answer known to be whole)."""
+        if self._pending:
+            self._pending.append(data)
+            self.flush()
+        else:
             self._transport.write(data)
 
     def close(self) -> None:
@@ -183,6 +159,11 @@ class _GuardedProtocol(HttpToolsProtocol):
         if size > self.limits.max_header_bytes:
             self._refuse(431, "The request line and headers are too large.")
             return
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """A request's head is in and within the limits: start its ASGI cycle. An app's own
+        protocol (``http_protocol``, see ``server_config``) may answer some without one."""
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -199,6 +180,10 @@ class _GuardedProtocol(HttpToolsProtocol):
     def on_response_complete(self) -> None:
         cast(_CoalescedWrites, self.transport).flush()
         super().on_response_complete()
+
+    def write_whole(self, data: bytes) -> None:
+        """Write a whole answer at once (no loop step's coalescing: nothing follows it)."""
+        cast(_CoalescedWrites, self.transport).write_now(data)
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -246,9 +231,14 @@ class _GuardedProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def guarded_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
+GuardedProtocol = _GuardedProtocol
+
+
+def guarded_protocol(
+    limits: ServerLimits, base: type[GuardedProtocol] = GuardedProtocol
+) -> type[asyncio.Protocol]:
     """uvicorn's HTTP protocol class with ``limits`` (uvicorn instantiates it per connection)."""
-    return type("GuardedHttpProtocol", (_GuardedProtocol,), {"limits": limits})
+    return type("GuardedHttpProtocol", (base,), {"limits": limits})
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,11 +264,13 @@ def server_config(
     tls: TlsFiles | None = None,
 ) -> uvicorn.Config:
     limits = limits or ServerLimits()
+    # An app may bring its own subclass of the guarded protocol (the gateway's fast lane).
+    base: type[GuardedProtocol] = getattr(app, "http_protocol", GuardedProtocol)
     return uvicorn.Config(
         app,
         ssl_certfile=tls.certfile if tls else None,
         ssl_keyfile=tls.keyfile if tls else None,
-        http=guarded_protocol(limits),
+        http=guarded_protocol(limits, base),
         timeout_keep_alive=int(max(1, limits.keep_alive_s)),
         proxy_headers=proxy_headers,
         log_level=log_level.lower(),

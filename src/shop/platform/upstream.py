@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -80,6 +80,9 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.delimited = False  # Content-Length or chunked: the end is known, not the close
         self.informational = False
+        # Instead of a waiter: called on every event (the gateway's fast lane, no task).
+        self.listener: Callable[[], None] | None = None
+        self.listen_timeout_s = 0.0
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -154,11 +157,30 @@ class _Connection(asyncio.Protocol):
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        listener = self.listener
+        if listener is not None:
+            self.deadline = self.loop.time() + self.listen_timeout_s
+            listener()
+
+    def listen(self, listener: Callable[[], None] | None, timeout_s: float = 0.0) -> None:
+        """Call ``listener`` on every event of the answer in progress (bytes, the end, an
+        error in ``error``: TimeoutError after ``timeout_s`` of silence) rather than waking a
+        waiter; ``None`` stops it. For callers with no task to wait in (the gateway's fast
+        lane); ``Answer.body`` needs it stopped."""
+        self.listener = listener
+        if listener is None:
+            return
+        self.listen_timeout_s = timeout_s
+        self.deadline = self.loop.time() + timeout_s
+        if self.timer is None:
+            self.timer = self.loop.call_later(timeout_s, self._check_deadline)
 
     def _close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+
+    close = _close  # for a caller driving the connection itself (``send_now``)
 
     def start(self, request: bytes, *, head_only: bool) -> None:
         self.head_only = head_only
@@ -192,13 +214,20 @@ class _Connection(asyncio.Protocol):
     def _check_deadline(self) -> None:
         self.timer = None
         waiter = self.waiter
-        if waiter is None or waiter.done():
+        listener = self.listener
+        waiting = waiter is not None and not waiter.done()
+        if not waiting and listener is None:
             return  # nothing is waiting: the next wait arms the timer again
         remaining = self.deadline - self.loop.time()
         if remaining > 0:
             self.timer = self.loop.call_later(remaining, self._check_deadline)
-        else:
+        elif waiting:
+            assert waiter is not None  # noqa: S101 - waiting says so
             waiter.set_exception(TimeoutError())
+        elif listener is not None:
+            self.listener = None
+            self.error = TimeoutError()
+            listener()
 
     def take(self) -> bytes:
         chunk = self.chunks.popleft() if len(self.chunks) == 1 else b"".join(self.chunks)
@@ -288,6 +317,28 @@ class UpstreamPool:
             raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         return conn
 
+    def send_now(self, base_url: str, head: bytes, *, head_only: bool) -> _Connection | None:
+        """``request`` without waiting, for a caller with no task (the gateway's fast lane):
+        ``head`` (no body) sent on a kept-alive connection, which is returned with the answer
+        to come on it (see ``_Connection.listen``, ``Answer``); None, nothing sent, when no
+        connection is idle."""
+        idle = self._idle.get(base_url)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.start(self._compose(self.origin(base_url), head, b""), head_only=head_only)
+                return conn
+        return None
+
+    def has_idle(self, base_url: str) -> bool:
+        """Whether ``send_now`` will probably find a connection (it may have closed since)."""
+        return bool(self._idle.get(base_url))
+
+    @staticmethod
+    def _compose(origin: Origin, head: bytes, body: bytes) -> bytes:
+        line_end = head.index(b"\r\n") + 2
+        return b"%sHost: %s\r\n%s%s" % (head[:line_end], origin.host_header, head[line_end:], body)
+
     async def request(
         self,
         base_url: str,
@@ -298,15 +349,17 @@ class UpstreamPool:
         idempotent: bool,
         connect_timeout_s: float,
         timeout_s: float,
+        new_connection: bool = False,
     ) -> Answer:
         """Send ``head`` (everything but the ``Host`` line, which is added here, and ends with
         the blank line) and ``body``; wait for the answer's status and headers.
 
         ``head`` is ``b"GET /path HTTP/1.1\\r\\n"`` + header lines + ``b"\\r\\n"``; the
-        ``Host`` header is inserted right after the request line.
+        ``Host`` header is inserted right after the request line. ``new_connection``: on a new
+        connection (the request already broke on a kept-alive one).
         """
         origin = self.origin(base_url)
-        idle = self._idle.get(base_url)
+        idle = None if new_connection else self._idle.get(base_url)
         conn: _Connection | None = None
         while idle:
             candidate = idle.pop()
@@ -316,14 +369,7 @@ class UpstreamPool:
         fresh = conn is None
         if conn is None:
             conn = await self._connect(origin, connect_timeout_s)
-        line_end = head.index(b"\r\n") + 2
-        request = b"%sHost: %s\r\n%s%s" % (
-            head[:line_end],
-            origin.host_header,
-            head[line_end:],
-            body,
-        )
-        conn.start(request, head_only=head_only)
+        conn.start(self._compose(origin, head, body), head_only=head_only)
         try:
             while not conn.head_done:
                 await conn.wait(timeout_s)

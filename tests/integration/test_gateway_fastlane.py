@@ -1,0 +1,175 @@
+"""The gateway's fast lane (gateway/fastlane.py) over real HTTP: a public GET or HEAD that
+finds a kept-alive connection to its service is proxied from the protocol's callbacks, and
+must be answered exactly as the ASGI path answers it, failures included."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from shop.gateway.fastlane import GatewayProtocol
+from tests.integration import test_gateway
+from tests.integration.test_gateway import STREAMED_PARTS, World, assert_problem, call
+
+world = test_gateway.world  # the same world around a gateway, one for this module
+
+# Vary from request to request, or name the instance (two product-service instances answer).
+_VARYING = {"x-request-id", "date", "content-length"}
+
+
+@pytest.fixture
+def fast_lane(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """Whether each request was taken by the fast lane, in order."""
+    taken: list[bool] = []
+    original = GatewayProtocol._take
+
+    def spy(self: GatewayProtocol, proxy: Any) -> bool:
+        took = original(self, proxy)
+        taken.append(took)
+        return took
+
+    monkeypatch.setattr(GatewayProtocol, "_take", spy)
+    yield taken
+
+
+async def _warm(world: World) -> None:
+    """Instances known and a kept-alive connection idle to each product instance."""
+    for _ in range(4):
+        status, _, _ = await call(world, "GET", "/api/product")
+        assert status == 200
+
+
+def _comparable(headers: Any) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower() not in _VARYING}
+
+
+async def test_the_fast_lane_answers_as_the_asgi_path_does(
+    world: World, fast_lane: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _warm(world)
+    sent = {"X-Request-ID": "caller-chosen-id-1", "X-Forwarded-For": "6.6.6.6", "TE": "trailers"}
+    fast_lane.clear()
+    world.forget_requests()
+    fast = await call(world, "GET", "/api/product/7?q=a%20b", headers=sent)
+    assert fast_lane == [True]
+    monkeypatch.setattr(GatewayProtocol, "_take", lambda self, proxy: False)
+    slow = await call(world, "GET", "/api/product/7?q=a%20b", headers=sent)
+
+    (status, headers, body), (asgi_status, asgi_headers, asgi_body) = fast, slow
+    assert status == asgi_status == 200
+    assert _comparable(headers) == _comparable(asgi_headers)
+    assert headers["X-Request-ID"] == asgi_headers["X-Request-ID"] == "caller-chosen-id-1"
+    assert "Keep-Alive" not in headers and "X-Upstream-Hop" not in headers
+    assert json.loads(body)["path"] == json.loads(asgi_body)["path"] == "/api/product/7?q=a%20b"
+    assert int(headers["Content-Length"]) == len(body)
+    reached = world.reached()
+    assert len(reached) == 2
+    seen = [{k.lower(): v for k, v in r.headers.items()} for r in reached]
+    for one in seen:
+        assert one["x-forwarded-for"] == "127.0.0.1"
+        assert one["x-request-id"] == "caller-chosen-id-1"
+        assert "te" not in one
+    # Each request has a trace span of its own; the two product instances have two hosts.
+    assert {k: v for k, v in seen[0].items() if k not in {"traceparent", "host"}} == {
+        k: v for k, v in seen[1].items() if k not in {"traceparent", "host"}
+    }
+
+
+async def test_head_on_the_fast_lane_has_the_length_and_no_body(
+    world: World, fast_lane: list[bool]
+) -> None:
+    await _warm(world)
+    _, _, get_body = await call(world, "GET", "/api/product/1")
+    fast_lane.clear()
+    status, headers, body = await call(world, "HEAD", "/api/product/1")
+    assert fast_lane == [True]
+    assert status == 200
+    assert body == b""
+    assert headers["Content-Length"] == str(len(get_body))
+    status, _, body = await call(world, "GET", "/api/product/1")
+    assert status == 200
+    assert json.loads(body)["path"] == "/api/product/1"
+
+
+async def test_a_slow_service_is_504_from_the_fast_lane_too(
+    world: World, fast_lane: list[bool]
+) -> None:
+    await _warm(world)
+    fast_lane.clear()
+    status, headers, body = await call(world, "GET", "/api/product/slow")
+    assert fast_lane == [True]
+    assert_problem(status, headers, body, 504)
+    assert headers["X-Request-ID"]
+
+
+async def test_streamed_and_broken_answers_from_the_fast_lane(
+    world: World, fast_lane: list[bool]
+) -> None:
+    await _warm(world)
+    fast_lane.clear()
+    status, _, body = await call(world, "GET", "/api/product/streamed")
+    assert (status, body) == (200, b"".join(STREAMED_PARTS))
+    await _warm(world)
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await call(world, "GET", "/api/product/broken")
+    assert fast_lane[0] is True
+    status, _, _ = await call(world, "GET", "/api/product")
+    assert status == 200
+
+
+async def test_a_kept_alive_connection_the_service_closed_is_retried(
+    world: World, fast_lane: list[bool]
+) -> None:
+    for _ in range(3):
+        await _warm(world)
+        status, _, _ = await call(world, "GET", "/api/product/then-hang-up")
+        assert status == 200
+        await asyncio.sleep(0.2)  # the service has closed the kept-alive connection by now
+        fast_lane.clear()
+        status, _, _ = await call(world, "GET", "/api/product/after")
+        assert status == 200
+    assert True in fast_lane
+
+
+async def test_pipelined_requests_are_answered_in_order(world: World) -> None:
+    await _warm(world)
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.gateway.port)
+    try:
+        paths = ["/api/product/1", "/health/live", "/api/product/2", "/api/product/3"]
+        writer.write(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in paths))
+        got = []
+        for _ in paths:
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            got.append(json.loads(await reader.readexactly(length)))
+        assert [g.get("path") for g in got] == [paths[0], None, paths[2], paths[3]]
+    finally:
+        writer.close()
+
+
+async def test_connection_close_is_honoured_on_the_fast_lane(
+    world: World, fast_lane: list[bool]
+) -> None:
+    await _warm(world)
+    fast_lane.clear()
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.gateway.port)
+    try:
+        writer.write(b"GET /api/product/9 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
+    finally:
+        writer.close()
+    assert fast_lane == [True]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\nconnection: close" in head.lower()
+    assert json.loads(body)["path"] == "/api/product/9"
