@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from shop.gateway.api import OPS_PATHS, GatewayRuntime, Proxy, ReadinessCheck, ops_routes
+from shop.gateway.console import console_routes, serves
 from shop.gateway.domain import DASHBOARD, Access, public_route_table
 from shop.gateway.fastlane import GatewayProtocol
 from shop.gateway.ratelimit import RateLimits, parse_limits
@@ -44,7 +45,8 @@ class GatewayApp(Starlette):
     """Starlette for the gateway's own endpoints and the lifespan; every other request goes
     straight to the proxy, past Starlette's routing and middleware stack (see docs/gateway.md,
     Performance). Served with ``GatewayProtocol``, whose fast lane proxies the common
-    request without calling the app at all (gateway/fastlane.py)."""
+    request without calling the app at all (gateway/fastlane.py). The operations console and
+    the docs' assets (gateway/console.py) are the gateway's own too."""
 
     http_protocol = GatewayProtocol
 
@@ -53,7 +55,7 @@ class GatewayApp(Starlette):
         self.proxy = proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPS_PATHS:
+        if scope["type"] == "http" and scope["path"] not in OPS_PATHS and not serves(scope["path"]):
             scope["app"] = self
             await self.proxy(scope, receive, send)
             return
@@ -160,7 +162,8 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
 
     app = GatewayApp(
         proxy=proxy,
-        routes=ops_routes(),
+        # The console's routes first: its /docs (assets served here) is the one answered.
+        routes=[*console_routes(), *ops_routes()],
         # First listed = outermost: request identity wraps even the 413 and the metrics.
         middleware=[
             Middleware(RequestContextMiddleware),

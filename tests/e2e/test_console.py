@@ -1,0 +1,187 @@
+"""In a real headless Chromium (Debian's, driven by Playwright): the gateway's /docs and
+/redoc render with every request kept to the system's own origin, and the operations
+console shows every service UP to an admin and refuses anyone else.
+
+Screenshots of what the browser saw go to ``.artifacts/screenshots/`` (docs/console.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import System
+from tests.support import require_or_skip
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, Route
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package `chromium`: never a downloaded browser
+SCREENSHOTS = Path(__file__).resolve().parents[2] / ".artifacts" / "screenshots"
+# Started by `shop up`: the console must show each of them, every instance UP.
+SERVICES = (
+    "api-gateway",
+    "auth-service",
+    "product-service",
+    "inventory-service",
+    "order-service",
+    "notification-service",
+)
+PROBLEM_JSON = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require_or_skip("the Python package playwright is not installed")
+    if shutil.which(CHROMIUM) is None:
+        require_or_skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser, system: System) -> Iterator[Page]:
+    """A fresh tab that may reach the system's own origin and nothing else: a request to any
+    other host (a CDN) is aborted and remembered, and the test fails on it."""
+    own = urlsplit(system.gateway).netloc
+    elsewhere: list[str] = []
+
+    def keep_home(route: Route) -> None:
+        if urlsplit(route.request.url).netloc == own:
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    context = browser.new_context()
+    context.route("**/*", keep_home)
+    tab = context.new_page()
+    tab.set_default_timeout(20_000)
+    try:
+        yield tab
+    finally:
+        context.close()
+    assert not elsewhere, f"the page tried to load from another origin: {elsewhere}"
+
+
+def _screenshot(page: Page, name: str, system: System) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / f"{name}-{system.profile}.png"), full_page=True)
+
+
+def _customer(system: System) -> tuple[str, str]:
+    email = f"console-{uuid.uuid4().hex[:10]}@example.com"
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        created = gateway.post(
+            "/auth/register", json={"name": "Ada", "email": email, "password": "engine-1843"}
+        )
+    assert created.status_code == 201, created.text
+    return email, "engine-1843"
+
+
+def _log_in(page: Page, system: System, email: str, password: str) -> None:
+    page.goto(f"{system.gateway}/console")
+    page.fill("#email", email)
+    page.fill("#password", password)
+    page.click("#login-form button[type=submit]")
+
+
+def test_swagger_ui_lists_every_operation_offline(page: Page, system: System) -> None:
+    page.goto(f"{system.gateway}/docs")
+    operations = page.locator(".opblock")
+    operations.first.wait_for()
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        document = gateway.get("/openapi.json").json()
+    expected = sum(
+        1
+        for item in document["paths"].values()
+        for method in item
+        if method in {"get", "put", "post", "delete", "patch", "head", "options"}
+    )
+    assert operations.count() == expected > 5
+    assert page.locator(".opblock-summary-path", has_text="/api/order").count() >= 1
+    _screenshot(page, "docs", system)
+
+
+def test_redoc_renders_offline(page: Page, system: System) -> None:
+    page.goto(f"{system.gateway}/redoc")
+    page.locator("[data-section-id*='operation/']").first.wait_for()
+    _screenshot(page, "redoc", system)
+
+
+def test_the_console_shows_every_service_up_to_an_admin(page: Page, system: System) -> None:
+    _log_in(page, system, "admin@example.com", system.admin_password)
+    for service in SERVICES:
+        page.locator(f"#services tr[data-service='{service}']").first.wait_for()
+    # Live: the rows settle on UP within a few polls (an instance may still be starting).
+    page.wait_for_function(
+        """(services) => {
+            const rows = [...document.querySelectorAll("#services tr")];
+            return services.every((s) => rows.some((r) => r.dataset.service === s))
+                && rows.length > 0
+                && rows.every((r) => [...r.querySelectorAll(".status")]
+                    .every((c) => c.textContent === "UP"));
+        }""",
+        arg=list(SERVICES),
+        timeout=20_000,
+    )
+    assert page.text_content("#registry-status") == "UP"
+    # The token is kept in this tab's sessionStorage, never in the address.
+    assert "token" not in page.url and page.evaluate("sessionStorage.length") == 1
+    first_update = page.text_content("#updated")
+    page.wait_for_function(
+        "(before) => document.getElementById('updated').textContent !== before",
+        arg=first_update,
+        timeout=10_000,
+    )
+    _screenshot(page, "console", system)
+
+
+def test_the_console_refuses_a_customer(page: Page, system: System) -> None:
+    email, password = _customer(system)
+    _log_in(page, system, email, password)
+    refusal = page.locator("#login-error")
+    refusal.filter(has_text="admins only").wait_for()
+    assert page.is_hidden("#overview")
+    assert page.evaluate("sessionStorage.length") == 0
+    _screenshot(page, "console-refused", system)
+
+
+def test_the_console_api_is_admin_only(system: System) -> None:
+    email, password = _customer(system)
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        anonymous = gateway.get("/console/api/services")
+        token = gateway.post("/auth/token", json={"email": email, "password": password})
+        customer = gateway.get(
+            "/console/api/services",
+            headers={"Authorization": f"Bearer {token.json()['access_token']}"},
+        )
+    assert anonymous.status_code == 401
+    assert anonymous.headers["content-type"] == PROBLEM_JSON
+    assert anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert customer.status_code == 403
+    assert customer.headers["content-type"] == PROBLEM_JSON
+
+
+def test_the_console_page_allows_only_its_own_origin(system: System) -> None:
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        console = gateway.get("/console")
+    assert console.status_code == 200
+    policy = console.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
