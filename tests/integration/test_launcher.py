@@ -25,6 +25,7 @@ from shop.launcher import supervisor as supervisor_module
 from shop.launcher.console import Console
 from shop.launcher.services import with_ports
 from shop.launcher.settings import child_environment
+from shop.launcher.supervisor import RestartPolicy
 from tests.support import free_port
 
 STAND_IN = r"""
@@ -103,9 +104,11 @@ if mode == "crash-on-request":
     def crash_when_asked():
         while not os.path.exists(trigger):
             time.sleep(0.02)
+        with open(trigger) as told:
+            code = int(told.read().strip() or 4)  # the exit code the test asks for, else 4
         print(f"{name} lost its database", file=sys.stderr)
         sys.stderr.flush()
-        os._exit(4)
+        os._exit(code)
     threading.Thread(target=crash_when_asked, daemon=True).start()
 
 if mode == "ready-later":
@@ -186,6 +189,7 @@ def supervisor(
     output: io.StringIO,
     ready_timeout_s: float = 15.0,
     stop_timeout_s: float = 5.0,
+    restart: RestartPolicy | None = None,
 ) -> Supervisor:
     data_dir.mkdir(parents=True, exist_ok=True)
     environment = child_environment(
@@ -200,6 +204,7 @@ def supervisor(
         console=Console(output, names=[s.name for s in services], colour=False),
         ready_timeout_s=ready_timeout_s,
         stop_timeout_s=stop_timeout_s,
+        restart=restart,
     )
 
 
@@ -424,10 +429,15 @@ async def test_a_service_that_never_announces_its_port_times_out(
     assert await eventually_gone(list(shop.pids.values()), within_s=0.5) == []
 
 
-async def test_a_crash_after_start_is_reported_by_wait(stand_in: Path, tmp_path: Path) -> None:
+async def test_without_restarts_a_crash_after_start_is_reported_by_wait(
+    stand_in: Path, tmp_path: Path
+) -> None:
     output = io.StringIO()
     async with supervisor(
-        table(stand_in, auth="crash-on-request"), data_dir=tmp_path, output=output
+        table(stand_in, auth="crash-on-request"),
+        data_dir=tmp_path,
+        output=output,
+        restart=RestartPolicy(limit=0),
     ) as shop:
         (tmp_path / "auth.crash").touch()
         failure = await asyncio.wait_for(shop.wait(), 5)
@@ -602,7 +612,7 @@ async def test_shop_up_prints_where_everything_is_and_stops_cleanly_on_a_signal(
     assert (tmp_path / ".data" / "auth.starts").exists()
 
 
-async def test_shop_up_exits_non_zero_when_a_service_crashes(
+async def test_shop_up_with_no_restarts_exits_non_zero_when_a_service_crashes(
     stand_in: Path, tmp_path: Path
 ) -> None:
     up = await shop_up(
@@ -612,6 +622,8 @@ async def test_shop_up_exits_non_zero_when_a_service_crashes(
         "--registry-port",
         "0",
         "--gateway-port",
+        "0",
+        "--max-restarts",
         "0",
     )
     await up.read_until("Press Ctrl-C to stop.")

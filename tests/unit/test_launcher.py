@@ -28,7 +28,8 @@ from shop.launcher.settings import (
     service_clients,
     with_credentials,
 )
-from shop.launcher.supervisor import describe_exit, parse_listening
+from shop.launcher.supervisor import RestartBudget, RestartPolicy, describe_exit, parse_listening
+from tests.support import ManualClock
 
 
 @pytest.mark.parametrize(
@@ -425,3 +426,51 @@ def test_the_zygote_is_given_no_secret_and_keeps_what_forks_cannot_change() -> N
     assert env["PYTHONPATH"] == "/x" and env["MALLOC_ARENA_MAX"] == "2"
     assert env["MALLOC_MMAP_THRESHOLD_"] == "1048576"
     assert zygote_environment({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"
+
+
+def test_restarts_back_off_doubling_and_give_up_past_the_limit_within_the_window() -> None:
+    clock = ManualClock()
+    budget = RestartBudget(RestartPolicy(limit=5, window_s=60, first_delay_s=0.5, clock=clock))
+    delays = []
+    for _ in range(5):
+        delays.append(budget.crashed())
+        clock.advance(1)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert budget.crashed() is None, "a sixth crash within a minute: give up"
+
+
+def test_the_backoff_is_capped_and_old_crashes_are_forgotten() -> None:
+    clock = ManualClock()
+    policy = RestartPolicy(limit=10, window_s=60, first_delay_s=0.5, max_delay_s=10, clock=clock)
+    budget = RestartBudget(policy)
+    assert [budget.crashed() for _ in range(7)][-3:] == [8.0, 10.0, 10.0]
+    clock.advance(61)
+    assert budget.crashed() == 0.5, "a crash after a quiet minute starts the backoff again"
+    assert budget.crashes == 1
+
+
+def test_no_restarts_is_fail_fast_and_a_nonsense_policy_is_refused() -> None:
+    assert RestartBudget(RestartPolicy(limit=0)).crashed() is None
+    with pytest.raises(ValueError, match="not a restart policy"):
+        RestartPolicy(first_delay_s=20, max_delay_s=10)
+
+
+def test_each_service_is_told_its_port_so_a_restart_gets_the_same_one() -> None:
+    ports = {s.name: s.port_env for s in SERVICES}
+    assert ports == {
+        "registry": "REGISTRY_PORT",
+        "gateway": "GATEWAY_PORT",
+        "auth": "AUTH_PORT",
+        "product": "PRODUCT_PORT",
+        "inventory": "INVENTORY_PORT",
+        "order": "ORDER_PORT",
+        "notification": "NOTIFICATION_PORT",
+    }
+
+
+@pytest.mark.parametrize("value", ["-1", "x", "101"])
+def test_a_bad_restart_limit_is_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["up", "--max-restarts", value])
+    assert refused.value.code == 2
+    assert "--max-restarts" in capsys.readouterr().err

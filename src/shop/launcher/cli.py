@@ -5,7 +5,7 @@ launcher's own (pydantic: ~0.5 s) on another core instead of after them: this mo
 imports only the standard library and ``shop.launcher.zygote`` before it starts it.
 
 Exit codes: 0 after Ctrl-C, SIGTERM or SIGHUP stopped everything cleanly; 1 when a service
-crashed or was not ready in time (everything else is stopped too); 2 for bad usage.
+could not start or be kept running (everything else is stopped too); 2 for bad usage.
 """
 
 from __future__ import annotations

@@ -103,13 +103,31 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port_env="AUTH_PORT",
         registers_as="auth-service",
     ),
-    ServiceSpec(name="product", module="shop.product", registers_as="product-service"),
-    ServiceSpec(name="inventory", module="shop.inventory", registers_as="inventory-service"),
+    # Port 0: any free one at start; a restart is told the one it had (``port_env``).
     ServiceSpec(
-        name="order", module="shop.order", registers_as="order-service", calls_internal=True
+        name="product",
+        module="shop.product",
+        port_env="PRODUCT_PORT",
+        registers_as="product-service",
     ),
     ServiceSpec(
-        name="notification", module="shop.notification", registers_as="notification-service"
+        name="inventory",
+        module="shop.inventory",
+        port_env="INVENTORY_PORT",
+        registers_as="inventory-service",
+    ),
+    ServiceSpec(
+        name="order",
+        module="shop.order",
+        port_env="ORDER_PORT",
+        registers_as="order-service",
+        calls_internal=True,
+    ),
+    ServiceSpec(
+        name="notification",
+        module="shop.notification",
+        port_env="NOTIFICATION_PORT",
+        registers_as="notification-service",
     ),
 )
 

@@ -47,6 +47,9 @@ class LauncherSettings(BaseSettings):
     gateway_port: int = Field(default=8765, ge=0, le=65535, validation_alias="GATEWAY_PORT")
     ready_timeout_s: float = Field(default=60.0, gt=0, validation_alias="SHOP_READY_TIMEOUT")
     stop_timeout_s: float = Field(default=10.0, gt=0, validation_alias="SHOP_STOP_TIMEOUT")
+    # Restarts of one crashed service within a minute before the launcher gives up; 0 is
+    # fail-fast (the first crash stops everything).
+    max_restarts: int = Field(default=5, ge=0, le=100, validation_alias="SHOP_MAX_RESTARTS")
     admin_email: str = Field(default="admin@example.com", validation_alias="AUTH_ADMIN_EMAIL")
     admin_password: str = Field(default="admin-password", validation_alias="AUTH_ADMIN_PASSWORD")
 

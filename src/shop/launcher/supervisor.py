@@ -1,4 +1,5 @@
-"""Start the Shop's processes, learn their ports, wait until each is ready, stop them all.
+"""Start the Shop's processes, learn their ports, wait until each is ready, restart one that
+crashes later, stop them all.
 
 Each child runs in its own session (so a terminal's Ctrl-C reaches only the launcher,
 which then stops the children in order) and, on Linux, is told to die with the
@@ -19,7 +20,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, TextIO
@@ -39,7 +40,16 @@ from shop.launcher.settings import (
 )
 from shop.launcher.zygote import Zygote, die_with_launcher, fork_server_wanted
 
-__all__ = ["ServiceFailed", "Supervisor", "describe_exit", "parse_listening", "shop_system"]
+__all__ = [
+    "EXIT_REFUSED",
+    "RestartBudget",
+    "RestartPolicy",
+    "ServiceFailed",
+    "Supervisor",
+    "describe_exit",
+    "parse_listening",
+    "shop_system",
+]
 
 _LISTENING = re.compile(
     r"listening on http://(?P<host>\[[^\]]*\]|[^\s/]+?):(?P<port>\d{1,5})(?=[\s/]|$)"
@@ -54,6 +64,52 @@ _FIRST_POLL_S = 0.05
 _LAST_POLL_S = 0.1
 JWKS_PATH = "/auth/.well-known/jwks.json"
 _PROBE_TIMEOUT_S = 2.0
+# What a service exits with when it refuses its settings (shop.platform.serve.EXIT_REFUSED,
+# which the launcher does not import): a configuration error, which no restart mends.
+EXIT_REFUSED = 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RestartPolicy:
+    """When a service that crashed after start-up is started again.
+
+    The n-th crash within ``window_s`` waits ``first_delay_s * 2**(n-1)`` (at most
+    ``max_delay_s``) before the restart; one more than ``limit`` within the window stops the
+    whole Shop. ``limit=0`` is fail-fast: the first crash stops everything."""
+
+    limit: int = 5
+    window_s: float = 60.0
+    first_delay_s: float = 0.5
+    max_delay_s: float = 10.0
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self) -> None:
+        if self.limit < 0 or self.window_s <= 0 or not 0 <= self.first_delay_s <= self.max_delay_s:
+            raise ValueError(f"not a restart policy: {self}")
+
+
+class RestartBudget:
+    """One service's crashes within the policy's window: how long to wait before restarting it,
+    or None once it has crashed more often than the limit allows."""
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self._crashes: deque[float] = deque()
+
+    @property
+    def crashes(self) -> int:
+        """Crashes within the window, as of the last ``crashed()``."""
+        return len(self._crashes)
+
+    def crashed(self) -> float | None:
+        now = self.policy.clock()
+        self._crashes.append(now)
+        while now - self._crashes[0] > self.policy.window_s:
+            self._crashes.popleft()
+        if len(self._crashes) > self.policy.limit:
+            return None
+        delay = self.policy.first_delay_s * 2 ** (len(self._crashes) - 1)
+        return float(min(delay, self.policy.max_delay_s))
 
 
 def _free_port(host: str) -> int:
@@ -62,6 +118,10 @@ def _free_port(host: str) -> int:
         probe.bind((host, 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def _port_of(url: str) -> int:
+    return urlsplit(url).port or 0
 
 
 def parse_listening(line: str) -> str | None:
@@ -222,8 +282,10 @@ class Supervisor:
     (modules forked by the zygote, commands exec'd); stops them registry last.
 
     ``start()`` returns when every service answered 200 on ``/health/ready``, or raises
-    ``ServiceFailed`` after stopping whatever it had started. ``wait()`` returns the
-    failure of a service that exits on its own, or ``None`` once ``stop()`` is called.
+    ``ServiceFailed`` after stopping whatever it had started (fail-fast). ``wait()`` then
+    restarts a service that exits on its own (``restart``: backoff and limit), and returns the
+    failure it gives up on (the limit, a refused configuration, the fork server gone, a
+    restart never ready), or ``None`` once ``stop()`` is called.
     """
 
     def __init__(
@@ -235,9 +297,11 @@ class Supervisor:
         ready_timeout_s: float = 60.0,
         stop_timeout_s: float = 10.0,
         zygote: Zygote | None = None,
+        restart: RestartPolicy | None = None,
     ) -> None:
         """``zygote``: a fork server already importing (``shop up`` starts it first thing);
-        the supervisor closes it when it stops. Without one it starts its own if needed."""
+        the supervisor closes it when it stops. Without one it starts its own if needed.
+        ``restart``: when ``wait()`` restarts a crashed service (default ``RestartPolicy()``)."""
         check_table(services)
         self._services = list(services)
         self._environment = dict(environment)
@@ -275,6 +339,9 @@ class Supervisor:
         self._hurry = asyncio.Event()
         self._preexec = die_with_launcher()
         self._zygote = zygote
+        self._restart = restart or RestartPolicy()
+        # Restarts being spawned: stop() lets them finish, then stops what they started.
+        self._respawns: set[asyncio.Task[_Child]] = set()
 
     # -- what callers learn ------------------------------------------------------------
 
@@ -529,11 +596,6 @@ class Supervisor:
         took = time.monotonic() - child.began
         self._console.note(f"{child.name} is ready at {child.url} ({took:.1f} s)")
 
-    async def _raise_first_exit(self, children: Sequence[_Child]) -> None:
-        waiting = {c.exited: c for c in children}
-        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        raise await self._failure(waiting[next(iter(done))], "exited unexpectedly")
-
     async def _failure(self, child: _Child, reason: str) -> ServiceFailed:
         code = child.process.returncode
         if code is not None:
@@ -551,25 +613,96 @@ class Supervisor:
     # -- run -----------------------------------------------------------------------------
 
     async def wait(self) -> ServiceFailed | None:
-        """Until a service exits on its own (reported, returned) or ``stop()`` is called."""
-        children = [c for stage in self._stages for c in stage]
-        if not children:
+        """Keep every service running until ``stop()`` is called (``None``): one that exits on
+        its own is restarted, after a backoff, and asked ``/health/ready`` again. Returns the
+        failure it gives up on, reported in a banner; the caller then stops everything."""
+        slots = [(stage, index) for stage in self._stages for index in range(len(stage))]
+        if not slots:
             return None
-        crash = asyncio.create_task(self._raise_first_exit(children))
+        keepers = {asyncio.create_task(self._keep(stage, index)) for stage, index in slots}
         stopping = asyncio.create_task(self._stop_requested.wait())
+        failure: ServiceFailed | None = None
         try:
-            await asyncio.wait({crash, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            pending = {*keepers, stopping}
+            while failure is None and not self._stop_requested.is_set():
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done & keepers:
+                    error = task.exception()
+                    if isinstance(error, ServiceFailed):
+                        failure = error
+                    elif error is not None:
+                        raise error
         finally:
-            for task in (crash, stopping):
+            for task in (*keepers, stopping):
                 task.cancel()
-            await asyncio.gather(crash, stopping, return_exceptions=True)
-        if self._stop_requested.is_set() or not crash.done() or crash.cancelled():
-            return None
-        failure = crash.exception()
-        if not isinstance(failure, ServiceFailed):
+            await asyncio.gather(*keepers, stopping, return_exceptions=True)
+        if failure is None or self._stop_requested.is_set():
             return None
         self._report(failure)
         return failure
+
+    async def _keep(self, stage: list[_Child], index: int) -> None:
+        """One service's place in the table: restart it each time it exits unasked. Returns once
+        stop() is called; raises the ServiceFailed that ends the Shop."""
+        budget = RestartBudget(self._restart)
+        table_port = stage[index].spec.port
+        while True:
+            child = stage[index]
+            # Shielded: cancelling the keeper must not cancel what stop() waits on.
+            code = await asyncio.shield(child.exited)
+            if self._stop_requested.is_set():
+                return
+            if self._zygote is not None and child.spec.module and not self._zygote.alive:
+                ended = await asyncio.to_thread(self._zygote.exit_code, 1.0)
+                zygote = "gone" if ended is None else describe_exit(ended)
+                raise await self._failure(
+                    child,
+                    f"exited with the fork server (pid {self._zygote.pid}, {zygote}), which"
+                    " took every service it forked along",
+                )
+            if code == EXIT_REFUSED:
+                raise await self._failure(child, "refused its settings and is not restarted")
+            delay = budget.crashed()
+            policy = self._restart
+            if delay is None:
+                if not policy.limit:
+                    raise await self._failure(child, "exited unexpectedly")
+                raise await self._failure(
+                    child, f"crashed {budget.crashes} times within {policy.window_s:g} s"
+                )
+            # What the dead instance started goes with it, as when it is stopped.
+            _signal_group(child.process.pid, signal.SIGKILL)
+            await child.drained(1.0)
+            self._console.note(
+                f"{child.name} crashed ({describe_exit(code)}): restarting it in {delay:g} s"
+                f" (restart {budget.crashes} of at most {policy.limit}"
+                f" within {policy.window_s:g} s)"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_requested.wait(), delay)
+            if self._stop_requested.is_set():
+                return
+            # The port it had: callers and the registry's entry (whose id is host:app:port) stay
+            # right. If it could not even announce a port, maybe someone else took it: any.
+            spec = child.spec
+            if spec.port_env:
+                spec = replace(spec, port=_port_of(child.url) if child.url else table_port)
+            respawn = asyncio.create_task(self._respawn(stage, index, spec))
+            self._respawns.add(respawn)
+            respawn.add_done_callback(self._respawns.discard)
+            # Shielded: a cancelled wait() must not leave a started process out of the table.
+            child = await asyncio.shield(respawn)
+            try:
+                await self._become_ready(child)
+            except ServiceFailed:
+                if not child.exited.done():
+                    raise  # alive but never ready: as at start-up, that ends the Shop
+                # It exited before it was ready: one more crash, counted as such.
+
+    async def _respawn(self, stage: list[_Child], index: int, spec: ServiceSpec) -> _Child:
+        child = await self._spawn(spec)
+        stage[index] = child
+        return child
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -585,6 +718,8 @@ class Supervisor:
         await asyncio.shield(self._stopping)
 
     async def _stop_all(self) -> None:
+        # A restart being spawned is let finish, so that what it started is stopped too.
+        await asyncio.gather(*self._respawns, return_exceptions=True)
         running = [c for stage in self._stages for c in stage if c.process.returncode is None]
         if running:
             self._console.note(f"stopping {', '.join(c.name for c in reversed(running))}")
@@ -631,11 +766,13 @@ def shop_system(
     ready_timeout_s: float = 60.0,
     stop_timeout_s: float = 10.0,
     output: TextIO | None = None,
+    restart: RestartPolicy | None = None,
 ) -> Supervisor:
     """The whole Shop on the embedded profile, for end-to-end tests: ``async with`` it.
 
     Ports default to 0 (any free one); read them back with ``url("gateway")``.
-    ``extra_environment`` is added to this process's environment for every service.
+    ``extra_environment`` is added to this process's environment for every service;
+    ``restart`` says when ``wait()`` restarts a crashed one.
     """
     table = with_ports(services, registry=registry_port, gateway=gateway_port)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -653,4 +790,5 @@ def shop_system(
         console=console,
         ready_timeout_s=ready_timeout_s,
         stop_timeout_s=stop_timeout_s,
+        restart=restart,
     )

@@ -1,7 +1,8 @@
 """``shop up`` itself, once ``shop.launcher.cli`` has started the fork server.
 
 Exit codes: 0 after Ctrl-C, SIGTERM or SIGHUP stopped everything cleanly; 1 when a service
-crashed or was not ready in time (everything else is stopped too); 2 for bad usage.
+failed to start, crashed more often than ``--max-restarts`` allows, refused its settings, or was
+not ready in time (everything else is stopped too); 2 for bad usage.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shop.launcher.services import (
     with_ports,
 )
 from shop.launcher.settings import LauncherSettings, child_environment
-from shop.launcher.supervisor import ServiceFailed, Supervisor
+from shop.launcher.supervisor import RestartPolicy, ServiceFailed, Supervisor
 from shop.launcher.zygote import Zygote
 from shop.platform.settings import PlatformSettings, Profile, describe_invalid
 
@@ -62,6 +63,12 @@ def _seconds(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
+
+
+def _restarts(text: str) -> int:
+    if not text.isdigit() or int(text) > 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of restarts from 0 to 100")
+    return int(text)
 
 
 def _scale(text: str) -> dict[str, int]:
@@ -130,6 +137,15 @@ def _parser(settings: LauncherSettings, platform: PlatformSettings) -> argparse.
         metavar="SECONDS",
         help="how long each service may take to stop before it is killed "
         "(env SHOP_STOP_TIMEOUT, default 10)",
+    )
+    up.add_argument(
+        "--max-restarts",
+        type=_restarts,
+        default=settings.max_restarts,
+        metavar="N",
+        help="restart a service that crashes after start-up at most N times within 60 s, "
+        "then stop everything; 0 stops everything at the first crash "
+        "(env SHOP_MAX_RESTARTS, default 5)",
     )
     up.add_argument(
         "--services-file",
@@ -202,6 +218,7 @@ def _up(
             ready_timeout_s=args.ready_timeout,
             stop_timeout_s=args.stop_timeout,
             zygote=zygote,
+            restart=RestartPolicy(limit=args.max_restarts),
         )
     except ValueError as exc:
         print(f"shop up: {exc}", file=sys.stderr)

@@ -338,6 +338,7 @@ class Zygote:
         self._control: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._watchers: set[asyncio.Task[None]] = set()
+        self._lost = False
 
     @classmethod
     def begin(cls, environment: Mapping[str, str], *, limit: int = 1 << 20) -> Zygote:
@@ -373,6 +374,23 @@ class Zygote:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def alive(self) -> bool:
+        """False once it has died (or was closed): its services were sent SIGTERM with it, and
+        it forks nothing more. Known as soon as a service's exit went unanswered."""
+        return self._process is not None and self._process.poll() is None and not self._lost
+
+    def exit_code(self, timeout_s: float = 0.0) -> int | None:
+        """Its own exit code (``-N`` for a signal) once it has ended, waiting up to ``timeout_s``
+        (blocking: from a thread), else None. Its sockets close a moment before it can be
+        reaped, so whoever learns of its death that way waits a little for the code."""
+        if self._process is None:
+            return None
+        try:
+            return self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
     async def fork(self, module: str, *, env: Mapping[str, str]) -> ForkedProcess:
         """``python -m module`` as a fork of the zygote; OSError if it cannot be made."""
         if self._control is None:
@@ -406,16 +424,23 @@ class Zygote:
         watcher.add_done_callback(self._watchers.discard)
         return ForkedProcess(int(first[1]), stdout, exited)
 
-    @staticmethod
     async def _watch(
-        answers: asyncio.StreamReader, writer: asyncio.StreamWriter, exited: asyncio.Future[int]
+        self,
+        answers: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        exited: asyncio.Future[int],
     ) -> None:
         try:
             last = (await answers.readline()).decode().split()
         finally:
             writer.close()
-        # No answer: the zygote itself died; its children were sent SIGTERM with it.
-        code = int(last[1]) if len(last) == 2 and last[0] == "exit" else -int(signal.SIGTERM)
+        if len(last) == 2 and last[0] == "exit":
+            code = int(last[1])
+        else:
+            # No answer: the zygote itself died; its children were sent SIGTERM with it. Said
+            # before the exit is, so that whoever learns of the exit learns of this too.
+            self._lost = True
+            code = -int(signal.SIGTERM)
         if not exited.done():
             exited.set_result(code)
 
