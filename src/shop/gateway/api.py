@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
-from fastapi.openapi.docs import get_swagger_ui_html
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -34,7 +33,7 @@ from shop.gateway.domain import (
 from shop.gateway.ratelimit import RateLimits
 from shop.gateway.service import ApiCatalogue, Upstreams, admit, forward
 from shop.gateway.settings import GatewaySettings
-from shop.platform import context
+from shop.platform import context, telemetry
 from shop.platform.discovery import Heartbeat, RegistryClient
 from shop.platform.middleware import HttpMetrics
 from shop.platform.problems import Problem, problem_response, send_problem
@@ -90,6 +89,7 @@ class Identity:
     upstream: tuple[tuple[bytes, bytes], ...]  # the service's X-Request-ID and traceparent
     declared: bytes | None  # Content-Length
     has_body: bool
+    span: Any = None  # the request's server span, when spans are exported
 
 
 # The scope key of a request the fast lane (gateway/fastlane.py) began and hands over.
@@ -129,6 +129,7 @@ class Proxy:
         max_body_bytes: int,
         body_timeout_s: float,
         trusted_proxies: frozenset[str] = frozenset(),
+        service: str = "api-gateway",
     ) -> None:
         self.routes = routes
         self.metrics = metrics
@@ -140,6 +141,9 @@ class Proxy:
         # Request and trace ids only need to be unique, not unpredictable: one draw of a
         # seeded PRNG instead of three reads of the OS's entropy per request.
         self._random_bits = random.Random(os.urandom(32)).getrandbits  # noqa: S311
+        provider = telemetry.tracer_provider(service)
+        # The proxy's own server span (no ASGI instrumentation wraps it); None: tracing off.
+        self.tracer = provider.get_tracer("shop.gateway") if provider is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handover: Handover | None = scope.get(HANDOVER)
@@ -183,7 +187,10 @@ class Proxy:
             )
         finally:
             route = scope.get("route")
-            self.observe(scope["method"], route.path if route else None, status, began)
+            template = route.path if route else None
+            self.observe(scope["method"], template, status, began)
+            if identity.span is not None:
+                _end_span(identity.span, scope["method"], template, status)
 
     def identify(self, headers: list[tuple[bytes, bytes]]) -> Identity:
         """Request id and trace (the caller's when valid, else new ones), the body's length."""
@@ -208,11 +215,16 @@ class Proxy:
             if caller_request_id
             else fresh[:32]
         )
-        trace = (
-            context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
-        ) or context.TraceContext(trace_id=fresh[32:64], span_id=fresh[64:80])
+        caller = context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
+        span = None
+        if self.tracer is None:
+            trace = caller or context.TraceContext(trace_id=fresh[32:64], span_id=fresh[64:80])
+            child = f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()
+        else:  # the service's parent is the gateway's span
+            span = telemetry.start_span(self.tracer, "proxy", kind="server", parent=caller)
+            trace = telemetry.span_trace(span)
+            child = trace.traceparent.encode()
         stamp = (b"x-request-id", request_id.encode("latin-1"))
-        child = f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()
         return Identity(
             request_id=request_id,
             trace=trace,
@@ -220,6 +232,7 @@ class Proxy:
             upstream=(stamp, (b"traceparent", child)),
             declared=declared,
             has_body=has_body,
+            span=span,
         )
 
     def observe(self, method: str, template: str | None, status: int, began: float) -> None:
@@ -396,6 +409,20 @@ class Proxy:
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
+def _end_span(span: Any, method: str, template: str | None, status: int) -> None:
+    """Name the proxy's span by its route template (bounded, like the metrics) and end it."""
+    span.update_name(f"{method} {template}" if template else method)
+    span.set_attribute("http.request.method", method)
+    span.set_attribute("http.response.status_code", status)
+    if template:
+        span.set_attribute("http.route", template)
+    if status >= 500:
+        from opentelemetry.trace import StatusCode
+
+        span.set_status(StatusCode.ERROR)
+    span.end()
+
+
 async def _relay(answer: Answer, send: Send, stamp: tuple[bytes, bytes]) -> None:
     headers = response_headers(answer.headers)
     headers.append(stamp)
@@ -469,15 +496,10 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(await _runtime(request).catalogue.document())
 
 
-async def docs(_request: Request) -> Response:
-    return get_swagger_ui_html(openapi_url="/openapi.json", title="Shop API")
-
-
 def ops_routes() -> list[StarletteRoute]:
     return [
         StarletteRoute("/health/live", live, methods=["GET"]),
         StarletteRoute("/health/ready", ready, methods=["GET"]),
         StarletteRoute("/metrics", metrics, methods=["GET"]),
         StarletteRoute("/openapi.json", openapi, methods=["GET"]),
-        StarletteRoute("/docs", docs, methods=["GET"]),
     ]

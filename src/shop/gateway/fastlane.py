@@ -63,8 +63,8 @@ class GatewayProtocol(GuardedProtocol):
         """Send the request on the fast lane; False, with nothing counted or sent, if it is
         not one the fast lane may take."""
         runtime = proxy.runtime
-        if runtime is None:
-            return False
+        if runtime is None or proxy.tracer is not None:
+            return False  # not started yet; or traced, which the ASGI path does
         cycle = self.cycle
         if (cycle is not None and not cycle.response_complete) or self.pipeline:
             return False

@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 import aiosmtplib
 
 from shop.notification.domain import Channel, Notification, message_id
+from shop.platform import context, telemetry
 
 __all__ = ["Announcer", "Courier", "EmailCourier", "LogCourier"]
 
@@ -86,13 +87,25 @@ class EmailCourier:
     async def deliver(self, notification: Notification) -> None:
         # One deadline for the whole conversation (aiosmtplib's is per step), so a send never
         # outlives the claim that keeps the sweeper from sending it too.
-        async with asyncio.timeout(self._timeout_s):
-            await aiosmtplib.send(
-                self.message(notification),
-                hostname=self._host,
-                port=self._port,
-                username=self._username,
-                password=self._password,
-                start_tls=self._starttls,
-                timeout=self._timeout_s,
+        span = None
+        if context.spans_exported:  # a CLIENT span under the event's consumer span
+            span = telemetry.start_process_span(
+                "smtp send",
+                kind="client",
+                parent=context.current_trace(),
+                attributes={"server.address": self._host, "server.port": self._port},
             )
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await aiosmtplib.send(
+                    self.message(notification),
+                    hostname=self._host,
+                    port=self._port,
+                    username=self._username,
+                    password=self._password,
+                    start_tls=self._starttls,
+                    timeout=self._timeout_s,
+                )
+        finally:
+            if span is not None:
+                span.end()

@@ -25,9 +25,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shop.platform import telemetry
 from shop.platform.buses import open_event_bus
 from shop.platform.db import create_engine, migrate, ping
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
+from shop.platform.docs import install_offline_docs
 from shop.platform.events import EventBus, RetryPolicy
 from shop.platform.fastpath import LeanHandler, LeanRoutes
 from shop.platform.http import http_session
@@ -243,6 +245,7 @@ def create_app(
     the app registers that port with the discovery server (``register=True``).
     """
     metrics = HttpMetrics(name)
+    tracing = telemetry.tracer_provider(name)  # None unless OTEL_TRACES_EXPORTER names one
 
     @asynccontextmanager
     async def platform_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -292,6 +295,8 @@ def create_app(
                 finally:
                     if runtime.heartbeat is not None:
                         await runtime.heartbeat.stop()
+                    if tracing is not None:  # bounded: a collector that is down must not
+                        tracing.force_flush(timeout_millis=2000)  # hold the shutdown
 
     app = FastAPI(
         title=title,
@@ -307,6 +312,8 @@ def create_app(
     app.include_router(_ops_router(metrics))
     for router in routers:
         app.include_router(router)
+    # /docs and /redoc from this process's own files: no CDN, so they work offline.
+    install_offline_docs(app)
     _document_problems(app)
     # Added last = outermost: request identity wraps everything, even the 413 and metrics.
     app.add_middleware(HeadAsGetMiddleware)
@@ -317,6 +324,17 @@ def create_app(
     lean: dict[tuple[str, str], LeanHandler] = {}
     app.state.lean_routes = lean
     app.add_middleware(LeanRoutes, routes=lean, metrics=metrics, max_bytes=platform.max_body_bytes)
+    if tracing is not None:
+        # Outside even the lean routes: a server span for every request (the maintained ASGI
+        # instrumentation), whose ids the layers inside bind as the request's trace.
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+        app.add_middleware(
+            OpenTelemetryMiddleware,
+            tracer_provider=tracing,
+            excluded_urls="/health/,/metrics",
+            exclude_spans=["receive", "send"],
+        )
     return app
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "outgoing_headers",
     "parse_traceparent",
     "bind",
+    "next_hop",
 ]
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -39,6 +40,10 @@ class TraceContext:
     def traceparent(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
 
+
+# Set by shop.platform.telemetry while spans are exported: the bound trace is then a real
+# span's, and the next hop is its child. Off, each hop gets a fresh span id of its own.
+spans_exported = False
 
 _request_id: ContextVar[str | None] = ContextVar("shop_request_id", default=None)
 _trace: ContextVar[TraceContext | None] = ContextVar("shop_trace", default=None)
@@ -85,5 +90,10 @@ def outgoing_headers() -> dict[str, str]:
         headers["X-Request-ID"] = request_id
     trace = _trace.get()
     if trace:
-        headers["traceparent"] = trace.child().traceparent
+        headers["traceparent"] = next_hop(trace)
     return headers
+
+
+def next_hop(trace: TraceContext) -> str:
+    """The ``traceparent`` a call or an event caused by ``trace`` carries."""
+    return trace.traceparent if spans_exported else trace.child().traceparent

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from shop.platform import context
+from shop.platform import context, telemetry
 from shop.platform.db import create_engine
 from shop.platform.events import Event, Handler, MalformedEvent, RetryPolicy
 from shop.platform.lease import LEASES_DDL, Lease
@@ -496,8 +496,34 @@ class SqliteEventLog:
             event = Event.from_json(payload)
         except MalformedEvent as exc:
             return True, str(exc), False  # no retry can make it readable
-        trace = context.parse_traceparent(event.traceparent) or context.TraceContext.new()
-        context.bind(request_id=event.id, trace=trace)
+        trace = context.parse_traceparent(event.traceparent)
+        span = None
+        if context.spans_exported:
+            span = telemetry.start_process_span(
+                f"{sub.topic} process",
+                kind="consumer",
+                parent=trace,
+                attributes=_consume_attributes(sub.topic, sub.group, event),
+            )
+            trace = telemetry.span_trace(span) if span is not None else trace
+        context.bind(request_id=event.id, trace=trace or context.TraceContext.new())
+        try:
+            return await self._attempts(engine, sub, event, seq=seq, tried=tried, held=held)
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _attempts(
+        self,
+        engine: AsyncEngine,
+        sub: _Subscription,
+        event: Event,
+        *,
+        seq: int,
+        tried: int,
+        held: asyncio.Event,
+    ) -> tuple[bool, str | None, bool]:
+        """The handler's attempts at ``event`` (see ``_deliver``)."""
         key = {"g": sub.group, "t": sub.topic, "s": seq}
         attempted = False
         for attempt in range(tried + 1, self._retry.max_attempts + 1):
@@ -560,6 +586,16 @@ class SqliteEventLog:
                     _SET_ASIDE, {**key, "p": payload, "e": error[:2000], "now": time.time()}
                 )
         return True
+
+
+def _consume_attributes(topic: str, group: str, event: Event) -> dict[str, str | int]:
+    return {
+        "messaging.system": "shop-eventlog",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": topic,
+        "messaging.consumer.group.name": group,
+        "messaging.message.id": event.id,
+    }
 
 
 def from_url(

@@ -55,7 +55,7 @@ class Event:
             source=source,
             subject=subject,
             data=data,
-            traceparent=trace.child().traceparent if trace else None,
+            traceparent=context.next_hop(trace) if trace else None,
         )
 
     @property

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shop.platform import context
+from shop.platform import context, telemetry
 from shop.platform.middleware import HttpMetrics
 from shop.platform.problems import send_problem
 
@@ -184,9 +184,12 @@ class LeanRoutes:
         raw_id = headers.get(b"x-request-id")
         raw_trace = headers.get(b"traceparent")
         request_id = context.accept_request_id(raw_id.decode("latin-1") if raw_id else None)
-        trace = (
-            context.parse_traceparent(raw_trace.decode("latin-1")) if raw_trace else None
-        ) or context.TraceContext.new()
+        if context.spans_exported:  # the ASGI instrumentation's server span is current
+            trace = telemetry.current_trace()
+        else:
+            trace = (
+                context.parse_traceparent(raw_trace.decode("latin-1")) if raw_trace else None
+            ) or context.TraceContext.new()
         context.bind(request_id=request_id, trace=trace)
         scope.setdefault("state", {})["request_id"] = request_id
         stamp = (b"x-request-id", request_id.encode("latin-1"))

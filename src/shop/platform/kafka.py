@@ -36,7 +36,7 @@ from aiokafka.errors import (
 )
 from aiokafka.helpers import create_ssl_context
 
-from shop.platform import context
+from shop.platform import context, telemetry
 from shop.platform.events import Event, Handler, MalformedEvent, RetryPolicy
 from shop.platform.settings import PlatformSettings
 
@@ -731,11 +731,25 @@ class _GroupConsumer:
             await self._set_aside(tp, message, error=previous.error, attempts=attempts)
             return None
         header = _header(message.headers, TRACEPARENT)
-        trace = (
-            context.parse_traceparent(event.traceparent or (header.decode() if header else None))
-            or context.TraceContext.new()
+        trace = context.parse_traceparent(
+            event.traceparent or (header.decode() if header else None)
         )
-        context.bind(request_id=event.id, trace=trace)
+        span = None
+        if context.spans_exported:
+            span = telemetry.start_process_span(
+                f"{tp.topic} process",
+                kind="consumer",
+                parent=trace,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": tp.topic,
+                    "messaging.consumer.group.name": self.group,
+                    "messaging.message.id": event.id,
+                },
+            )
+            trace = telemetry.span_trace(span) if span is not None else trace
+        context.bind(request_id=event.id, trace=trace or context.TraceContext.new())
         try:
             # A handler that hangs would hold its partition for ever.
             async with asyncio.timeout(retry.handler_timeout_s):
@@ -763,6 +777,9 @@ class _GroupConsumer:
                 "%s failed on event %s (attempt %d): %r", self.group, event.id, attempts, exc
             )
             return delay
+        finally:
+            if span is not None:
+                span.end()
         self._retries.pop(tp, None)
         return None
 

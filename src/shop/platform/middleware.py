@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shop.platform import context
+from shop.platform import context, telemetry
 from shop.platform.problems import send_problem
 
 __all__ = [
@@ -40,7 +40,12 @@ class RequestContextMiddleware:
             return
         headers = Headers(scope=scope)
         request_id = context.accept_request_id(headers.get("x-request-id"))
-        trace = context.parse_traceparent(headers.get("traceparent")) or context.TraceContext.new()
+        if context.spans_exported:  # the ASGI instrumentation's server span is current
+            trace = telemetry.current_trace()
+        else:
+            trace = (
+                context.parse_traceparent(headers.get("traceparent")) or context.TraceContext.new()
+            )
         context.bind(request_id=request_id, trace=trace)
         scope.setdefault("state", {})
         scope["state"]["request_id"] = request_id

@@ -21,7 +21,7 @@ import socket
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -43,6 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import mysql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shop.platform import context, telemetry
 from shop.platform.events import Event, EventBus
 from shop.platform.lease import Lease, leases
 from shop.platform.worker import JobLease, LeasedLoop
@@ -158,6 +159,30 @@ class SqlOutbox:
         return Lease(self._engine, name=name, owner=owner, duration_s=duration_s)
 
 
+def _traced(topic: str, events: list[Event]) -> tuple[list[Event], list[Any]]:
+    """A PRODUCER span per event, a child of the request that wrote it; the event leaves
+    carrying that span as its ``traceparent``, so its consumers' spans are the span's
+    children: request -> publish -> process, one trace."""
+    sent: list[Event] = []
+    spans: list[Any] = []
+    for event in events:
+        span = telemetry.start_process_span(
+            f"{topic} publish",
+            kind="producer",
+            parent=context.parse_traceparent(event.traceparent),
+            attributes={
+                "messaging.operation.type": "send",
+                "messaging.destination.name": topic,
+                "messaging.message.id": event.id,
+            },
+        )
+        if span is None:
+            return events, spans
+        spans.append(span)
+        sent.append(replace(event, traceparent=telemetry.span_trace(span).traceparent))
+    return sent, spans
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -208,8 +233,15 @@ class OutboxRelay:
         start = 0
         for end in range(1, len(entries) + 1):
             if end == len(entries) or entries[end].topic != entries[start].topic:
-                events = [entry.event for entry in entries[start:end]]
-                await self._bus.publish(entries[start].topic, events)
+                topic, events = entries[start].topic, [e.event for e in entries[start:end]]
+                spans: list[Any] = []
+                if context.spans_exported:
+                    events, spans = _traced(topic, events)
+                try:
+                    await self._bus.publish(topic, events)
+                finally:
+                    for span in spans:
+                        span.end()
                 start = end
         await self._source.mark_published([entry.position for entry in entries])
         return len(entries)

@@ -1,0 +1,191 @@
+"""Tracing with OpenTelemetry, on only when an exporter is named (the standard ``OTEL_*``).
+
+Off (the default: no ``OTEL_TRACES_EXPORTER``, or ``none``, or ``OTEL_SDK_DISABLED=true``) no
+SDK is imported and no provider exists: the request paths test one module flag
+(``context.spans_exported``) and go on as before, with the hand-made ``traceparent`` of
+``shop.platform.context``. On, every process gets an SDK ``TracerProvider`` per service
+name: the SDK itself reads the sampler (``OTEL_TRACES_SAMPLER``/``_ARG``), the resource
+(``OTEL_RESOURCE_ATTRIBUTES``), the batch processor's timings (``OTEL_BSP_*``) and the
+exporter's endpoint (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_ZIPKIN_ENDPOINT``).
+
+The exporters are found as the SDK's own configurator finds them, by their
+``opentelemetry_traces_exporter`` entry points; ``otlp`` means OTLP over HTTP/protobuf (the
+one installed) and ``zipkin`` Zipkin's JSON. The ids a span gets are bound as the request's
+:class:`~shop.platform.context.TraceContext`, so the next hop's parent, an event's
+``traceparent`` and a problem's ``traceId`` are that span's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from shop.platform import context
+
+if TYPE_CHECKING:  # imported where used: with tracing off OpenTelemetry is never loaded
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import Span, SpanContext, Tracer
+
+__all__ = [
+    "current_trace",
+    "enabled",
+    "install",
+    "parent_of",
+    "process_tracer",
+    "shutdown",
+    "span_trace",
+    "start_process_span",
+    "start_span",
+    "tracer_provider",
+]
+
+log = logging.getLogger("shop.telemetry")
+
+# Names OTEL_TRACES_EXPORTER may use -> the entry point that provides them.
+_ALIASES = {"otlp": "otlp_proto_http", "zipkin": "zipkin_json"}
+_providers: dict[str, TracerProvider] = {}
+
+
+def _exporter_names(environ: Mapping[str, str]) -> list[str]:
+    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    names = [n.strip().lower() for n in environ.get("OTEL_TRACES_EXPORTER", "").split(",")]
+    return [n for n in names if n and n != "none"]
+
+
+def enabled(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether spans are to be exported (an exporter is named and the SDK not disabled)."""
+    return bool(_exporter_names(os.environ if environ is None else environ))
+
+
+def _exporter(name: str) -> Any:
+    target = _ALIASES.get(name, name)
+    found = entry_points(group="opentelemetry_traces_exporter", name=target)
+    if not found:
+        raise RuntimeError(f"OTEL_TRACES_EXPORTER names {name!r}, which is not installed")
+    return next(iter(found)).load()()
+
+
+def tracer_provider(service: str) -> TracerProvider | None:
+    """The provider whose spans name ``service`` (one per name and process), or None when
+    tracing is off."""
+    provider = _providers.get(service)
+    if provider is not None:
+        return provider
+    names = _exporter_names(os.environ)
+    if not names:
+        return None
+    # Imported here: with tracing off the SDK is never loaded.
+    from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    for name in names:
+        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
+    _providers[service] = provider
+    context.spans_exported = True
+    log.info("tracing %s to %s", service, ", ".join(names))
+    return provider
+
+
+def install(service: str, provider: TracerProvider) -> None:
+    """Trace ``service`` with a provider made elsewhere (tests, an embedding program),
+    whatever the environment says."""
+    _providers[service] = provider
+    context.spans_exported = True
+
+
+def process_tracer() -> Tracer | None:
+    """The tracer of the (first) service of this process, for work no request carries: the
+    outbox relay, event consumers. None when tracing is off."""
+    for provider in _providers.values():
+        return provider.get_tracer("shop")
+    return None
+
+
+def shutdown() -> None:
+    """Export what is buffered and stop the exporters (a process's last word)."""
+    while _providers:
+        _, provider = _providers.popitem()
+        provider.shutdown()
+    context.spans_exported = False
+
+
+def parent_of(trace_context: context.TraceContext | None) -> Any:
+    """An OpenTelemetry context whose current span is ``trace_context`` (a remote parent),
+    or None for a new trace."""
+    if trace_context is None:
+        return None
+    from opentelemetry import trace
+
+    return trace.set_span_in_context(trace.NonRecordingSpan(_span_context(trace_context)))
+
+
+def span_trace(span: Span) -> context.TraceContext:
+    """The span's ids as the request's trace (what the next hop and a problem get)."""
+    ids = span.get_span_context()
+    return context.TraceContext(
+        trace_id=format(ids.trace_id, "032x"),
+        span_id=format(ids.span_id, "016x"),
+        flags="01" if ids.trace_flags.sampled else "00",
+    )
+
+
+def start_span(
+    tracer: Tracer,
+    name: str,
+    *,
+    kind: str,
+    parent: context.TraceContext | None,
+    links: Sequence[context.TraceContext] = (),
+    attributes: Mapping[str, str | int] | None = None,
+) -> Span:
+    """A span (end it) of ``kind`` (``server``, ``client``, ``producer``, ``consumer``,
+    ``internal``) under ``parent``, linked to ``links`` (e.g. the other events of a batch)."""
+    from opentelemetry.trace import Link, SpanKind
+
+    return tracer.start_span(
+        name,
+        context=parent_of(parent),
+        kind=SpanKind[kind.upper()],
+        attributes=attributes,
+        links=[Link(_span_context(link)) for link in links],
+    )
+
+
+def start_process_span(
+    name: str,
+    *,
+    kind: str,
+    parent: context.TraceContext | None,
+    links: Sequence[context.TraceContext] = (),
+    attributes: Mapping[str, str | int] | None = None,
+) -> Span | None:
+    """:func:`start_span` with the process's tracer (work no request carries: the outbox
+    relay, event consumers, the mail sender); None when tracing is off."""
+    tracer = process_tracer()
+    if tracer is None:
+        return None
+    return start_span(tracer, name, kind=kind, parent=parent, links=links, attributes=attributes)
+
+
+def current_trace() -> context.TraceContext:
+    """The current OpenTelemetry span's ids (an instrumentation's server span)."""
+    from opentelemetry import trace
+
+    return span_trace(trace.get_current_span())
+
+
+def _span_context(trace_context: context.TraceContext) -> SpanContext:
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    return SpanContext(
+        trace_id=int(trace_context.trace_id, 16),
+        span_id=int(trace_context.span_id, 16),
+        is_remote=True,
+        trace_flags=TraceFlags(int(trace_context.flags, 16)),
+    )

@@ -1,0 +1,265 @@
+"""One order, one trace: the embedded system exporting spans over OTLP to a receiver here.
+
+The receiver is the collector's own wire format: OTLP/HTTP, the body decoded with the
+official protobuf definitions (``opentelemetry-proto``). The system is started for this
+module alone, with the standard ``OTEL_*`` variables an operator would set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from tests.e2e.conftest import REGISTRANTS, SERVICE_CLIENTS, System, _wait_until_serving
+from tests.support import free_port
+
+PRODUCER, CONSUMER = 4, 5  # SpanKind in OTLP's numbering
+SERVICES = ("api-gateway", "order-service", "inventory-service", "notification-service")
+
+
+@dataclass(frozen=True)
+class Span:
+    service: str
+    name: str
+    kind: int
+    trace_id: str
+    span_id: str
+    parent_id: str  # "" for a root
+
+
+class Receiver:
+    """An OTLP/HTTP trace endpoint keeping every span it is sent."""
+
+    def __init__(self) -> None:
+        self.spans: list[Span] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.path != "/v1/traces":
+                    self.send_error(404)
+                    return
+                receiver.take(ExportTraceServiceRequest.FromString(body))
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def take(self, request: ExportTraceServiceRequest) -> None:
+        spans = []
+        for resource_spans in request.resource_spans:
+            attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+            service = attributes.get("service.name", "")
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    spans.append(
+                        Span(
+                            service=service,
+                            name=span.name,
+                            kind=span.kind,
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                        )
+                    )
+        with self._lock:
+            self.spans.extend(spans)
+
+    def trace(self, trace_id: str) -> list[Span]:
+        with self._lock:
+            return [s for s in self.spans if s.trace_id == trace_id]
+
+    def __enter__(self) -> Receiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as receiver:
+        yield receiver
+
+
+@pytest.fixture(scope="module")
+def traced_system(receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """`shop up` on the embedded profile, every span exported to ``receiver``."""
+    root = tmp_path_factory.mktemp("system-traced")
+    registry_port, gateway_port = free_port(), free_port()
+    registry_clients = {name: secrets.token_urlsafe(32) for name in REGISTRANTS}
+    service_clients = {name: secrets.token_urlsafe(32) for name in SERVICE_CLIENTS}
+    env = {
+        **os.environ,
+        "SHOP_HEARTBEAT_INTERVAL_S": "1",
+        "SHOP_REGISTRY_CACHE_TTL_S": "1",
+        "REGISTRY_EVICTION_INTERVAL_S": "1",
+        "REGISTRY_CLIENTS": json.dumps(registry_clients),
+        "AUTH_SERVICE_CLIENTS": json.dumps(service_clients),
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans reach the receiver within the test
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "shop.launcher.cli",
+        "up",
+        "--profile",
+        "embedded",
+        "--registry-port",
+        str(registry_port),
+        "--gateway-port",
+        str(gateway_port),
+        "--data-dir",
+        str(root / "data"),
+    ]
+    system = System(
+        profile="embedded",
+        gateway=f"http://127.0.0.1:{gateway_port}",
+        registry=f"http://127.0.0.1:{registry_port}",
+        log=root / "shop-up.log",
+        data_dir=root / "data",
+        admin_password="admin-password",
+        registry_clients=registry_clients,
+        service_clients=service_clients,
+    )
+    with system.log.open("wb") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_until_serving(system, proc)
+        yield system
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def customer(traced_system: System) -> dict[str, str]:
+    email = f"tracer-{uuid.uuid4().hex[:10]}@example.com"
+    with httpx.Client(base_url=traced_system.gateway, timeout=10.0) as gateway:
+        registered = gateway.post(
+            "/auth/register", json={"name": "Ada", "email": email, "password": "engine-1843"}
+        )
+        assert registered.status_code == 201, registered.text
+        login = gateway.get("/auth/getToken", auth=(email, "engine-1843"))
+        assert login.status_code == 200, login.text
+    return {"Authorization": f"Bearer {login.json()['access_token']}"}
+
+
+def _eventually(check: Callable[[], Any], *, within_s: float = 20.0, what: str) -> Any:
+    deadline = time.monotonic() + within_s
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _whole(spans: list[Span]) -> bool:
+    """One root, and every other span's parent in the trace."""
+    ids = {s.span_id for s in spans}
+    roots = [s for s in spans if not s.parent_id]
+    return len(roots) == 1 and all(s.parent_id in ids for s in spans if s.parent_id)
+
+
+def test_one_order_is_one_trace_across_services_and_events(
+    traced_system: System, receiver: Receiver, customer: dict[str, str]
+) -> None:
+    with httpx.Client(base_url=traced_system.gateway, timeout=10.0) as gateway:
+        placed = gateway.post(
+            "/api/order",
+            headers=customer,
+            json={"orderLineItemDtoList": [{"skuCode": "pixel_8", "quantity": 1}]},
+        )
+        assert placed.status_code == 201, placed.text
+        number = placed.json()["orderNumber"]
+        _eventually(
+            lambda: gateway.get(
+                "/api/notifications", params={"orderNumber": number}, headers=customer
+            ).json(),
+            what="the order's notification",
+        )
+
+    def order_trace() -> str | None:
+        for span in list(receiver.spans):
+            if span.service == "order-service" and span.name == "POST /api/order":
+                return span.trace_id
+        return None
+
+    trace_id = _eventually(order_trace, what="the order service's span")
+
+    def whole_trace() -> list[Span] | None:
+        spans = receiver.trace(trace_id)
+        services = {s.service for s in spans}
+        kinds = {(s.service, s.kind) for s in spans}
+        evented = {("order-service", PRODUCER), ("notification-service", CONSUMER)} <= kinds
+        return spans if services >= set(SERVICES) and evented and _whole(spans) else None
+
+    spans = _eventually(whole_trace, what=f"the whole trace {trace_id}")
+    by_id = {s.span_id: s for s in spans}
+    root = next(s for s in spans if not s.parent_id)
+    assert root.service == "api-gateway", "the trace starts at the gateway"
+    # The reservation is the order's call to the inventory; the notification is caused by
+    # the event the order's outbox relay published.
+    reservation = next(s for s in spans if s.service == "inventory-service")
+    assert by_id[reservation.parent_id].service == "order-service"
+    consumer = next(s for s in spans if s.kind == CONSUMER)
+    producer = by_id[consumer.parent_id]
+    assert (producer.service, producer.kind) == ("order-service", PRODUCER)
+    assert by_id[producer.parent_id].service == "order-service"
+
+
+def test_a_problems_trace_id_is_its_trace(
+    traced_system: System, receiver: Receiver, customer: dict[str, str]
+) -> None:
+    with httpx.Client(base_url=traced_system.gateway, timeout=10.0) as gateway:
+        refused = gateway.post("/api/order", headers=customer, json={"orderLineItemDtoList": 7})
+    assert refused.status_code == 422, refused.text
+    trace_id = refused.json()["traceId"]
+
+    def spans() -> list[Span] | None:
+        found = receiver.trace(trace_id)
+        services = {s.service for s in found}
+        return found if {"api-gateway", "order-service"} <= services and _whole(found) else None
+
+    found = _eventually(spans, what=f"the spans of trace {trace_id}")
+    assert next(s for s in found if not s.parent_id).service == "api-gateway"

@@ -1,0 +1,213 @@
+"""Tracing: off by default and then invisible; on, spans whose ids the request carries on."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from shop.platform import context, telemetry
+from shop.platform.app import add_lean_route, create_app
+from shop.platform.events import Event, EventBus
+from shop.platform.fastpath import LeanRequest, Reply, json_reply
+from shop.platform.outbox import OutboxEntry, OutboxRelay
+from shop.platform.problems import Problem
+from shop.platform.settings import PlatformSettings
+from shop.platform.worker import JobLease
+
+CALLER = context.TraceContext(
+    trace_id="0af7651916cd43dd8448eb211c80319c", span_id="b7ad6b7169203331"
+)
+
+
+@pytest.mark.parametrize(
+    ("environ", "on"),
+    [
+        ({}, False),
+        ({"OTEL_TRACES_EXPORTER": "none"}, False),
+        ({"OTEL_TRACES_EXPORTER": "otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "zipkin,otlp"}, True),
+        ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, False),
+    ],
+)
+def test_spans_are_exported_only_when_an_exporter_is_named(
+    environ: dict[str, str], on: bool
+) -> None:
+    assert telemetry.enabled(environ) is on
+
+
+def test_off_there_is_no_provider_and_each_hop_gets_a_span_id_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert telemetry.tracer_provider("nobody-service") is None
+    assert context.spans_exported is False
+    hop = context.parse_traceparent(context.next_hop(CALLER))
+    assert hop is not None and hop.trace_id == CALLER.trace_id and hop.span_id != CALLER.span_id
+
+
+def test_an_exporter_that_is_not_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "no-such-exporter")
+    with pytest.raises(RuntimeError, match="no-such-exporter"):
+        telemetry.tracer_provider("refused-service")
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "test-service"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.install("test-service", provider)
+    try:
+        yield exporter
+    finally:
+        telemetry.shutdown()
+
+
+def test_on_the_next_hop_is_a_child_of_the_current_span(
+    exported: InMemorySpanExporter,
+) -> None:
+    assert context.next_hop(CALLER) == CALLER.traceparent
+
+
+async def _lean(_request: LeanRequest) -> Reply:
+    return json_reply({"next": context.outgoing_headers()["traceparent"]}, 201)
+
+
+def _router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/lean")
+    async def lean() -> None:
+        """Answered by the lean route."""
+
+    @router.get("/refused")
+    async def refused() -> None:
+        raise Problem(409, "Refused.")
+
+    return router
+
+
+@pytest.fixture
+async def client(exported: InMemorySpanExporter) -> AsyncIterator[httpx.AsyncClient]:
+    platform = PlatformSettings(registry_url="http://127.0.0.1:9/eureka")
+    app = create_app(name="test-service", title="Test", platform=platform, routers=[_router()])
+    add_lean_route(app, "POST", "/lean", _lean)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+def _server_span(exporter: InMemorySpanExporter) -> Any:
+    (span,) = [s for s in exporter.get_finished_spans() if s.kind is SpanKind.SERVER]
+    return span
+
+
+async def test_a_lean_route_is_a_server_span_under_the_callers_and_parent_of_its_calls(
+    client: httpx.AsyncClient, exported: InMemorySpanExporter
+) -> None:
+    answer = await client.post("/lean", headers={"traceparent": CALLER.traceparent})
+    assert answer.status_code == 201
+    span = _server_span(exported)
+    assert format(span.context.trace_id, "032x") == CALLER.trace_id
+    assert format(span.parent.span_id, "016x") == CALLER.span_id
+    hop = context.parse_traceparent(answer.json()["next"])
+    assert hop is not None and hop.span_id == format(span.context.span_id, "016x")
+
+
+async def test_a_problems_trace_id_is_its_spans(
+    client: httpx.AsyncClient, exported: InMemorySpanExporter
+) -> None:
+    answer = await client.get("/refused")
+    assert answer.status_code == 409
+    span = _server_span(exported)
+    assert span.parent is None, "no caller: the service's span starts the trace"
+    assert answer.json()["traceId"] == format(span.context.trace_id, "032x")
+
+
+class _Source:
+    """One unpublished event, as an outbox holds it."""
+
+    def __init__(self, entries: Sequence[OutboxEntry]) -> None:
+        self.entries = list(entries)
+
+    async def unpublished(self, limit: int) -> list[OutboxEntry]:
+        return self.entries[:limit]
+
+    async def mark_published(self, positions: Sequence[int]) -> None:
+        self.entries = [e for e in self.entries if e.position not in positions]
+
+    async def purge(self, before: float) -> None:
+        pass
+
+    def lease(self, *, name: str, owner: str, duration_s: float) -> JobLease:
+        return cast(JobLease, None)  # the relay's loop is never started here
+
+
+class _Bus:
+    def __init__(self) -> None:
+        self.published: list[Event] = []
+
+    async def publish(self, topic: str, events: Sequence[Event]) -> None:
+        self.published.extend(events)
+
+
+async def test_the_relay_publishes_each_event_under_a_producer_span_of_its_request(
+    exported: InMemorySpanExporter,
+) -> None:
+    event = Event(type="t", source="s", subject="k", data={}, traceparent=CALLER.traceparent)
+    bus = _Bus()
+    source = _Source([OutboxEntry(1, "orders", event)])
+    relay = OutboxRelay(source, cast(EventBus, bus), service="test")
+    assert await relay.relay_once() == 1
+    (span,) = exported.get_finished_spans()
+    assert span.kind is SpanKind.PRODUCER and span.name == "orders publish"
+    assert span.parent is not None and format(span.parent.span_id, "016x") == CALLER.span_id
+    (sent,) = bus.published
+    carried = context.parse_traceparent(sent.traceparent)
+    assert carried is not None and carried.span_id == format(span.context.span_id, "016x")
+    assert sent.id == event.id and sent.data == event.data
+
+
+def test_zipkin_is_sent_spans_as_zipkin_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference's exporter, up to its request (no Zipkin server runs here)."""
+    received: list[Any] = []
+
+    class Zipkin(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(202)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Zipkin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}/api/v2/spans"
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    monkeypatch.setenv("OTEL_EXPORTER_ZIPKIN_ENDPOINT", endpoint)
+    try:
+        provider = telemetry.tracer_provider("zipkin-service")
+        assert provider is not None
+        provider.get_tracer("test").start_span("checkout").end()
+        provider.force_flush()
+        ((span,),) = received
+        assert span["name"] == "checkout"
+        assert span["localEndpoint"]["serviceName"] == "zipkin-service"
+    finally:
+        telemetry.shutdown()
+        server.shutdown()
+        server.server_close()
