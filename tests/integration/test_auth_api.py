@@ -25,6 +25,7 @@ from shop.auth.store import users
 from shop.platform.db import create_engine
 from shop.platform.settings import PlatformSettings, SettingsRefused
 from shop.platform.tokens import InvalidToken, JwksVerifier
+from tests.prometheus import metric
 
 PASSWORD = "correct horse"
 IGNORED_IN_COMPARISON = {"requestId", "traceId"}
@@ -460,6 +461,10 @@ async def test_too_many_failures_for_an_account_from_one_client_is_429(tmp_path:
         basic = await auth.get("/auth/getToken", auth=("ADA@example.com", PASSWORD))
         assert basic.status_code == 429
         await _log_in(auth, email="admin@example.com", password="admin-password")
+        # What an operator sees of it.
+        assert await metric(auth, "shop_auth_logins_total", outcome="bad_credentials") == 3
+        assert await metric(auth, "shop_auth_logins_total", outcome="throttled") == 2
+        assert await metric(auth, "shop_auth_logins_total", outcome="success") == 1
 
 
 async def test_someone_elses_failures_do_not_lock_the_owner_out(tmp_path: Path) -> None:

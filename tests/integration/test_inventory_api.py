@@ -28,6 +28,7 @@ from shop.platform.eventlog import SqliteEventLog
 from shop.platform.events import Event
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
+from tests.prometheus import metric
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 KID = "inventory-test-key"
@@ -351,6 +352,9 @@ async def test_a_short_line_reserves_nothing_and_names_each_shortage(
     answer = await inventory.post("/internal/reservations", json=body, headers=SERVICE)
     problem = _assert_problem(answer, 409)
     assert problem["title"] == "Out of stock"
+    # The oversell it refused is counted for the operator.
+    assert await metric(inventory, "shop_reservations_refused_total", reason="out_of_stock") == 1
+    assert await metric(inventory, "shop_reservations_total") == 0
     assert sorted(problem["shortages"], key=lambda s: s["skuCode"]) == [
         {"skuCode": "galaxy_s24", "requested": 31, "available": 30},
         {"skuCode": "kindle_paperwhite", "requested": 1, "available": 0},

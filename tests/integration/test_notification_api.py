@@ -35,6 +35,7 @@ from shop.platform.eventlog import SqliteEventLog
 from shop.platform.events import Event
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
+from tests.prometheus import metric
 from tests.support import free_port
 
 ISSUER, AUDIENCE, KID = "shop-auth", "shop", "test-key"
@@ -245,6 +246,7 @@ async def test_order_mail_arrives_once_despite_redelivery_and_restart(
         ]
         assert set(mine[0]) == {"id", "orderNumber", "type", "channel", "status", "createdAt"}
         assert mine[0]["createdAt"].endswith("Z")
+        assert await metric(client, "shop_notifications_sent_total", channel="EMAIL") == 1
         assert await listed(client, signing_key, "u-bob") == []
         assert await listed(client, signing_key, "admin-1", orderNumber="ord-1001") == []
 
@@ -313,6 +315,7 @@ async def test_without_smtp_the_notification_is_logged(
             await orders.all_handled()
             mine = await listed(client, signing_key, "u-ada")
             ready = await client.get("/health/ready")
+            logged = await metric(client, "shop_notifications_sent_total", channel="LOG")
     assert [(n["orderNumber"], n["channel"], n["status"]) for n in mine] == [
         ("ord-2002", "LOG", "LOGGED")
     ]
@@ -321,6 +324,7 @@ async def test_without_smtp_the_notification_is_logged(
     )
     assert ready.status_code == 200
     assert ready.json()["checks"] == {"database": "UP", "events": "UP"}
+    assert logged == 1
 
 
 async def test_malformed_events_are_skipped_and_the_next_one_is_handled(
@@ -348,6 +352,8 @@ async def test_a_mail_server_outage_is_retried_until_the_mail_goes_out(
         await orders.all_handled()
         (failed,) = await listed(client, signing_key, "u-ada")
         assert (failed["channel"], failed["status"]) == ("EMAIL", "FAILED")
+        failures = await metric(client, "shop_notifications_failed_total", channel="EMAIL")
+        assert failures is not None and failures >= 1
         async with server.running():
             await until(lambda: len(server.received) == 1)
 
@@ -359,6 +365,7 @@ async def test_a_mail_server_outage_is_retried_until_the_mail_goes_out(
             await asyncio.sleep(0.3)  # a few more sweeps: nothing goes out twice
         assert len(server.received) == 1
         assert "ord-3003" in server.received[0]["Subject"]
+        assert await metric(client, "shop_notifications_sent_total", channel="EMAIL") == 1
 
 
 # --- the consumer when the handler fails -----------------------------------------------

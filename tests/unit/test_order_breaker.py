@@ -107,3 +107,30 @@ def test_settings_that_would_never_close_or_never_open_are_refused() -> None:
         CircuitBreaker(name="x", failure_threshold=0, open_for_s=1.0)
     with pytest.raises(ValueError):
         CircuitBreaker(name="x", failure_threshold=1, open_for_s=0.0)
+
+
+def test_every_transition_is_heard_once(clock: ManualClock) -> None:
+    heard: list[BreakerState] = []
+    breaker = CircuitBreaker(
+        name="inventory-service",
+        failure_threshold=2,
+        open_for_s=10.0,
+        clock=clock,
+        on_change=heard.append,
+    )
+    _fail(breaker, 2)
+    breaker.failed()  # a call let in before it opened: no new transition
+    clock.advance(10)
+    breaker.acquire()
+    breaker.failed()  # the probe fails: open again
+    clock.advance(10)
+    breaker.acquire()
+    breaker.succeeded()
+    breaker.succeeded()  # closed already: nothing
+    assert heard == [
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.OPEN,
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+    ]

@@ -14,7 +14,7 @@ from shop.auth.api import install_error_answers, internal, router
 from shop.auth.domain import normalise_email
 from shop.auth.keys import KeyProblem, Keyring, keyring_from_pems, load_or_create_keyring
 from shop.auth.passwords import Passwords
-from shop.auth.service import AuthService
+from shop.auth.service import AuthService, LoginMetrics
 from shop.auth.settings import DEV_ADMIN_PASSWORD, AuthSettings, UnsafeSettings
 from shop.auth.store import SqlAuthStore
 from shop.auth.throttle import LoginThrottle
@@ -118,6 +118,7 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                 refresh_ttl=timedelta(seconds=settings.refresh_token_ttl_s),
                 internal_audience=platform.internal_audience,
                 service_clients=service_clients,
+                metrics=login_metrics,
             )
             if admin_password:
                 await auth.ensure_admin(
@@ -137,4 +138,5 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
     app.state.trusted_proxies = frozenset(settings.trusted_proxies)
     app.state.jwks_max_age_s = settings.jwks_max_age_s
     install_error_answers(app)
+    login_metrics = LoginMetrics(app.state.metrics.registry)
     return app

@@ -9,6 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client import CollectorRegistry, Counter
+
 from shop.auth.domain import (
     ADMIN,
     CUSTOMER,
@@ -16,6 +18,7 @@ from shop.auth.domain import (
     EmailTaken,
     InvalidRefreshToken,
     RefreshVerdict,
+    TooManyAttempts,
     UnknownService,
     User,
     access_claims,
@@ -33,7 +36,7 @@ from shop.auth.store import AuthStore
 from shop.auth.throttle import LoginThrottle
 from shop.platform.tokens import InvalidToken, Principal, principal_from_claims
 
-__all__ = ["AuthService", "TokenPair"]
+__all__ = ["AuthService", "LoginMetrics", "TokenPair"]
 
 log = logging.getLogger("shop.auth")
 
@@ -47,6 +50,22 @@ class TokenPair:
     access_token: str
     expires_in: int
     refresh_token: str
+
+
+class LoginMetrics:
+    """``shop_auth_logins_total{outcome}``: ``success``, ``bad_credentials`` (a failure) or
+    ``throttled`` (refused before any check)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        logins = Counter(
+            "shop_auth_logins",
+            "Log-in attempts, by outcome",
+            ["outcome"],
+            registry=registry if registry is not None else CollectorRegistry(),
+        )
+        self.success = logins.labels("success")
+        self.bad_credentials = logins.labels("bad_credentials")
+        self.throttled = logins.labels("throttled")
 
 
 class AuthService:
@@ -64,7 +83,12 @@ class AuthService:
         internal_audience: str = "shop-internal",
         service_clients: Mapping[str, str] | None = None,
         clock: Callable[[], datetime] = _utcnow,
+        metrics: LoginMetrics | None = None,
     ) -> None:
+        metrics = metrics if metrics is not None else LoginMetrics()
+        self._logged_in = metrics.success
+        self._bad_credentials = metrics.bad_credentials
+        self._throttled = metrics.throttled
         # Each calling service's own secret, by name: one secret mints one identity.
         self.service_clients = dict(service_clients or {})
         self.internal_audience = internal_audience
@@ -89,7 +113,11 @@ class AuthService:
 
     async def log_in(self, *, email: str, password: str, client: str) -> TokenPair:
         email = normalise_email(email)
-        attempt = self.throttle.admit(email=email, client=client)
+        try:
+            attempt = self.throttle.admit(email=email, client=client)
+        except TooManyAttempts:
+            self._throttled.inc()
+            raise
         try:
             found = await self.store.credentials(email)
             if found is None:
@@ -103,8 +131,10 @@ class AuthService:
             self.throttle.abandoned(attempt)
             raise
         if found is None or not ok:
+            self._bad_credentials.inc()
             raise BadCredentials
         self.throttle.succeeded(attempt)
+        self._logged_in.inc()
         if self.passwords.needs_rehash(found.password_hash):
             await self.store.set_password_hash(found.user.id, await self.passwords.hash(password))
         now = self.clock()

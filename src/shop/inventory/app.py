@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from shop.inventory import events
 from shop.inventory.api import install_error_answers, internal_router, reserve_lean, router
 from shop.inventory.domain import DEMO_STOCK
-from shop.inventory.service import InventoryService
+from shop.inventory.service import InventoryService, ReservationMetrics
 from shop.inventory.settings import InventorySettings
 from shop.inventory.store import SqlInventoryStore
 from shop.platform.app import (
@@ -20,6 +20,7 @@ from shop.platform.app import (
     service_database,
     service_events,
 )
+from shop.platform.observe import Watch, install_health, metrics_registry
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app"]
@@ -41,7 +42,8 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
                     attempts=settings.reserve_attempts,
                     group_window_s=settings.reserve_group_window_ms / 1000,
                     group_max_asks=settings.reserve_group_size,
-                )
+                ),
+                metrics=reservation_metrics,
             )
             # Seeded before consuming: the demo stock goes into an empty table, and the
             # catalogue's events for the same SKUs then find them known.
@@ -50,7 +52,10 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
             app.state.inventory = inventory
             events.subscribe(bus, inventory)
             await bus.start()
-            yield
+            watch.consumer(bus, topic=events.PRODUCTS_TOPIC, group=events.CONSUMER_GROUP)
+            watch.report_to(lambda: runtime.heartbeat)
+            async with watch:
+                yield
 
     app = create_app(
         name=SERVICE_NAME,
@@ -61,6 +66,9 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
         lifespan=lifespan,
     )
     install_error_answers(app)
+    registry = metrics_registry(app)
+    reservation_metrics = ReservationMetrics(registry)
+    watch = Watch(service=SERVICE_NAME, registry=registry, health=install_health(app))
     # The route every order takes, without FastAPI's routing and dependency solving.
     add_lean_route(app, "POST", "/internal/reservations", reserve_lean)
     return app

@@ -6,11 +6,16 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
+from prometheus_client import CollectorRegistry, Counter
+
 from shop.inventory.domain import (
     InventoryError,
     MalformedProductEvent,
+    OutOfStock,
     Reservation,
+    ReservationConflict,
     ReservationLine,
+    StockBusy,
     StockLevel,
     line_problems,
     listed_sku_code,
@@ -21,7 +26,7 @@ from shop.inventory.domain import (
 from shop.inventory.store import InventoryStore
 from shop.platform.events import Event
 
-__all__ = ["InvalidRequest", "InventoryService"]
+__all__ = ["InvalidRequest", "InventoryService", "ReservationMetrics"]
 
 log = logging.getLogger("shop.inventory")
 
@@ -38,10 +43,51 @@ class InvalidRequest(InventoryError):
         self.errors = dict(errors)
 
 
+class ReservationMetrics:
+    """``shop_reservations_total`` and ``shop_reservations_refused_total{reason}``; a refusal
+    with reason ``out_of_stock`` is an oversell the inventory prevented.
+
+    Children resolved once: on the reservation path a count is one ``inc()``.
+    """
+
+    REASONS: dict[type[InventoryError], str] = {
+        OutOfStock: "out_of_stock",
+        ReservationConflict: "conflict",
+        StockBusy: "busy",
+        InvalidRequest: "invalid",
+    }
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.reserved = Counter(
+            "shop_reservations",
+            "Reservations answered 201 (an idempotent repeat included)",
+            registry=registry,
+        )
+        refused = Counter(
+            "shop_reservations_refused",
+            "Reservations refused, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self._refused = {kind: refused.labels(reason) for kind, reason in self.REASONS.items()}
+        self._other = refused.labels("other")
+
+    def refused(self, error: InventoryError) -> None:
+        self._refused.get(type(error), self._other).inc()
+
+
 class InventoryService:
-    def __init__(self, *, store: InventoryStore, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        *,
+        store: InventoryStore,
+        clock: Callable[[], datetime] = _utcnow,
+        metrics: ReservationMetrics | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        self._metrics = metrics if metrics is not None else ReservationMetrics()
 
     async def stock_levels(self, sku_codes: Sequence[str]) -> list[StockLevel]:
         return stock_levels(sku_codes, await self._store.quantities(sku_codes))
@@ -77,15 +123,22 @@ class InventoryService:
         return StockLevel(sku_code, total)
 
     async def reserve(self, order_number: str, lines: Sequence[ReservationLine]) -> Reservation:
-        """Raises InvalidRequest, OutOfStock, ReservationConflict or StockBusy."""
-        problems = line_problems(lines)
-        if problem := order_number_problem(order_number):
-            problems = {"orderNumber": problem, **problems}
-        if problems:
-            raise InvalidRequest(problems)
-        return await self._store.reserve(
-            normalise_order_number(order_number), lines, now=self._clock()
-        )
+        """Raises InvalidRequest, OutOfStock, ReservationConflict or StockBusy; each answer
+        is counted."""
+        try:
+            problems = line_problems(lines)
+            if problem := order_number_problem(order_number):
+                problems = {"orderNumber": problem, **problems}
+            if problems:
+                raise InvalidRequest(problems)
+            reservation = await self._store.reserve(
+                normalise_order_number(order_number), lines, now=self._clock()
+            )
+        except InventoryError as error:
+            self._metrics.refused(error)
+            raise
+        self._metrics.reserved.inc()
+        return reservation
 
     async def release(self, order_number: str) -> None:
         if problem := order_number_problem(order_number):

@@ -14,6 +14,7 @@ from shop.notification.service import NotificationService, Sweeper
 from shop.notification.settings import NotificationSettings
 from shop.notification.store import SqlNotificationStore
 from shop.platform.app import Runtime, create_app, service_database, service_events
+from shop.platform.observe import Watch, install_health, metrics_registry
 from shop.platform.settings import PlatformSettings
 
 __all__ = ["SERVICE_NAME", "build_app", "couriers_for"]
@@ -57,18 +58,22 @@ def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> 
                 retry_base_s=settings.retry_base_s,
                 retry_max_s=settings.retry_max_s,
                 max_attempts=settings.max_attempts,
+                registry=registry,
             )
             app.state.notifications = service
             events.subscribe(bus, service)
             await bus.start()
             sweeper = Sweeper(service, interval_s=settings.sweep_interval_s)
             sweeper.start()
+            watch.consumer(bus, topic=events.ORDERS_TOPIC, group=events.CONSUMER_GROUP)
             try:
-                yield
+                watch.report_to(lambda: runtime.heartbeat)
+                async with watch:
+                    yield
             finally:
                 await sweeper.stop()
 
-    return create_app(
+    app = create_app(
         name=SERVICE_NAME,
         title="Shop notification service",
         description="Tells buyers about their orders, once per order event; lists what was sent.",
@@ -76,3 +81,6 @@ def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> 
         routers=[router],
         lifespan=lifespan,
     )
+    registry = metrics_registry(app)
+    watch = Watch(service=SERVICE_NAME, registry=registry, health=install_health(app))
+    return app

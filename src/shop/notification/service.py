@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
+from prometheus_client import CollectorRegistry, Counter
+
 from shop.notification.couriers import Announcer, Courier
 from shop.notification.domain import (
     MalformedOrder,
@@ -50,9 +52,11 @@ class NotificationService:
         max_attempts: int = 10,
         sweep_batch: int = 50,
         clock: Clock = _utc_now,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         """``couriers[0]`` carries new notifications; the others finish older ones that
-        were recorded for their channel (e.g. LOG ones after SMTP was configured)."""
+        were recorded for their channel (e.g. LOG ones after SMTP was configured).
+        ``registry`` gets ``shop_notifications_sent_total`` and ``..._failed_total`` by channel."""
         if not couriers:
             raise ValueError("at least one courier is needed")
         self._store = store
@@ -66,6 +70,22 @@ class NotificationService:
         self._max_attempts = max_attempts
         self._sweep_batch = sweep_batch
         self._clock = clock
+        registry = registry if registry is not None else CollectorRegistry()
+        sent = Counter(
+            "shop_notifications_sent",
+            "Notifications delivered (sent or logged), by channel",
+            ["channel"],
+            registry=registry,
+        )
+        failed = Counter(
+            "shop_notifications_failed",
+            "Failed delivery attempts, by channel",
+            ["channel"],
+            registry=registry,
+        )
+        # One child per channel, resolved once: a count is one inc() per notification.
+        self._sent = {channel: sent.labels(channel) for channel in self._couriers}
+        self._failed = {channel: failed.labels(channel) for channel in self._couriers}
 
     async def on_order_event(self, event: Event) -> None:
         """Handler of the ``orders`` topic. Raises only when nothing was recorded, so the
@@ -147,6 +167,8 @@ class NotificationService:
         )
         if not await self._store.record_event(event.id, notification, announce=announcer.announce):
             log.info("event %s was already processed; nothing to do", event.id)
+            return
+        self._sent[notification.channel].inc()
 
     async def retry_due(self) -> int:
         """Send what is due again (PENDING left by a crash, FAILED after its back-off)."""
@@ -173,6 +195,7 @@ class NotificationService:
         try:
             await courier.deliver(notification)
         except Exception as exc:
+            self._failed[notification.channel].inc()
             attempts = notification.attempts
             retry = attempts < self._max_attempts
             next_attempt = (
@@ -199,6 +222,7 @@ class NotificationService:
             return
         status: Status = "SENT" if notification.channel == "EMAIL" else "LOGGED"
         await self._store.mark_done(notification.id, status=status, now=self._clock())
+        self._sent[notification.channel].inc()
 
 
 class Sweeper:

@@ -7,19 +7,22 @@ import logging
 import os
 import socket
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter
 
 from shop.order import events
 from shop.order.api import install_error_answers, place_order_lean, router
-from shop.order.breaker import CircuitBreaker
+from shop.order.breaker import BreakerState, CircuitBreaker
 from shop.order.peers import INVENTORY_SERVICE, HttpCatalogue, HttpInventory
 from shop.order.releases import ReleaseReconciler
-from shop.order.service import OrderService
+from shop.order.service import OrderMetrics, OrderService
 from shop.order.settings import OrderSettings
 from shop.order.store import SqlOrderStore
 from shop.platform.app import (
@@ -30,6 +33,7 @@ from shop.platform.app import (
     service_events,
 )
 from shop.platform.lease import Lease
+from shop.platform.observe import BreakerStates, Watch, install_health, metrics_registry
 from shop.platform.outbox import OutboxRelay, SqlOutbox
 from shop.platform.settings import PlatformSettings
 from shop.platform.upstream import UpstreamPool
@@ -41,7 +45,15 @@ SERVICE_NAME = "order-service"
 log = logging.getLogger("shop.order")
 
 
-def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI:
+def build_app(
+    *,
+    platform: PlatformSettings,
+    settings: OrderSettings,
+    clock: Callable[[], float] = time.monotonic,
+) -> FastAPI:
+    """``clock`` (monotonic seconds) times the breaker and the stuck-consumer check: tests
+    move it by hand."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI, runtime: Runtime) -> AsyncIterator[None]:
         url = settings.resolved_database_url(platform=platform, service="order")
@@ -59,7 +71,11 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
             name=INVENTORY_SERVICE,
             failure_threshold=settings.breaker_failure_threshold,
             open_for_s=settings.breaker_open_s,
+            on_change=transitions,
+            clock=clock,
         )
+        breaker_states.track(breaker)
+        health.add("breaker:" + INVENTORY_SERVICE, partial(_breaker_verdict, breaker))
         inventory = HttpInventory(
             registry=runtime.registry,
             pool=pool,
@@ -78,6 +94,8 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
                 poll_interval_s=settings.outbox_poll_interval_s,
             ) as relay,
         ):
+            watch.outbox(engine)
+            watch.consumer(bus, topic=events.PRODUCTS_TOPIC, group=events.CONSUMER_GROUP)
             store = SqlOrderStore(engine)
             owner = f"order@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
             async with ReleaseReconciler(
@@ -101,6 +119,7 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
                     events_added=_coalesced(relay.wake, delay_s=settings.outbox_wake_delay_s),
                     idempotency_stale_after=timedelta(seconds=settings.idempotency_stale_s),
                     release_hold=timedelta(seconds=settings.release_hold_s),
+                    metrics=order_metrics,
                 )
                 app.state.orders = orders
                 # The price list follows the catalogue from here on (docs/order.md).
@@ -109,7 +128,9 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
                 app.state.inventory_breaker = breaker
                 app.state.outbox_relay = relay
                 app.state.release_reconciler = releases
-                yield
+                watch.report_to(lambda: runtime.heartbeat)
+                async with watch:
+                    yield
 
     app = create_app(
         name=SERVICE_NAME,
@@ -120,6 +141,14 @@ def build_app(*, platform: PlatformSettings, settings: OrderSettings) -> FastAPI
         lifespan=lifespan,
     )
     install_error_answers(app)
+    registry = metrics_registry(app)
+    health = install_health(app)
+    order_metrics = OrderMetrics(registry)
+    transitions = _transition_counter(registry)
+    breaker_states = BreakerStates(SERVICE_NAME)
+    registry.register(breaker_states)
+    watch = Watch(service=SERVICE_NAME, registry=registry, health=health, clock=clock)
+    app.state.watch = watch
     # The route every order takes, without FastAPI's routing and dependency solving.
     add_lean_route(app, "POST", "/api/order", place_order_lean)
     return app
@@ -132,6 +161,26 @@ async def _closing(pool: UpstreamPool) -> AsyncIterator[None]:
         yield
     finally:
         pool.close()
+
+
+def _transition_counter(registry: CollectorRegistry) -> Callable[[BreakerState], None]:
+    """``shop_breaker_transitions_total{service, peer, to}``, one child per state."""
+    counter = Counter(
+        "shop_breaker_transitions",
+        "Circuit breaker transitions, by the state entered",
+        ["service", "peer", "to"],
+        registry=registry,
+    )
+    children = {s: counter.labels(SERVICE_NAME, INVENTORY_SERVICE, s.value) for s in BreakerState}
+    return lambda state: children[state].inc()
+
+
+def _breaker_verdict(breaker: CircuitBreaker) -> str | None:
+    """Degraded while the breaker is not closed: orders are refused with 503 meanwhile."""
+    state = breaker.state
+    if state is BreakerState.CLOSED:
+        return None
+    return f"circuit to {breaker.name} is {state.value}: orders are refused with 503"
 
 
 def _coalesced(wake: Callable[[], None], *, delay_s: float) -> Callable[[], None]:

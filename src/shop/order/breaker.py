@@ -42,7 +42,9 @@ class CircuitBreaker:
         failure_threshold: int,
         open_for_s: float,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[BreakerState], None] = lambda _state: None,
     ) -> None:
+        """``on_change`` hears every transition (to open, half-open, closed): metrics."""
         if failure_threshold < 1 or open_for_s <= 0:
             raise ValueError("failure_threshold must be >= 1 and open_for_s > 0")
         self.name = name
@@ -52,6 +54,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        self._on_change = on_change
 
     @property
     def state(self) -> BreakerState:
@@ -79,13 +82,16 @@ class CircuitBreaker:
             raise CircuitOpen(self.name, retry_after_s=wait)
         self._probing = True
         log.info("circuit %s half-open: letting one probe through", self.name)
+        self._on_change(BreakerState.HALF_OPEN)
 
     def succeeded(self) -> None:
-        if self._opened_at is not None:
-            log.info("circuit %s closed: %s answers again", self.name, self.name)
+        was_open = self._opened_at is not None
         self._failures = 0
         self._opened_at = None
         self._probing = False
+        if was_open:
+            log.info("circuit %s closed: %s answers again", self.name, self.name)
+            self._on_change(BreakerState.CLOSED)
 
     def failed(self) -> None:
         if self._opened_at is not None:
@@ -101,7 +107,8 @@ class CircuitBreaker:
         self._probing = False
 
     def _open(self) -> None:
-        if self._opened_at is None or self._probing:
+        changes = self._opened_at is None or self._probing
+        if changes:
             log.warning(
                 "circuit %s open for %.1fs after %d consecutive failures",
                 self.name,
@@ -110,3 +117,5 @@ class CircuitBreaker:
             )
         self._opened_at = self._clock()
         self._probing = False
+        if changes:
+            self._on_change(BreakerState.OPEN)

@@ -10,17 +10,21 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
+from prometheus_client import CollectorRegistry, Counter
+
 from shop.order.domain import (
     AlreadyCancelled,
     IdempotencyKeyReused,
     InvalidOrder,
     Order,
+    OrderError,
     OrderNotFound,
     OrderStatus,
     OutOfStock,
     RequestedLine,
     RequestInProgress,
     Unavailable,
+    UpstreamRefused,
     line_problems,
     new_order_number,
     order_document,
@@ -34,7 +38,7 @@ from shop.order.store import ClaimOutcome, KeyRequest, OrderStore, PendingHold, 
 from shop.platform.events import Event
 from shop.platform.tokens import Principal
 
-__all__ = ["Answer", "OrderService", "StockReleases"]
+__all__ = ["Answer", "OrderMetrics", "OrderService", "StockReleases"]
 
 log = logging.getLogger("shop.order")
 
@@ -51,6 +55,41 @@ class Answer:
     status_code: int
     body: dict[str, Any]
     replayed: bool = False
+
+
+class OrderMetrics:
+    """``shop_orders_placed_total`` and ``shop_orders_refused_total{reason}``.
+
+    Every child is resolved here, once: on the order path a count is one ``inc()``.
+    """
+
+    REASONS: dict[type[OrderError], str] = {
+        InvalidOrder: "invalid",
+        OutOfStock: "out_of_stock",
+        Unavailable: "unavailable",
+        IdempotencyKeyReused: "idempotency_key_reused",
+        RequestInProgress: "in_progress",
+        UpstreamRefused: "upstream_refused",
+    }
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
+        self.placed = Counter(
+            "shop_orders_placed", "Orders placed (replays not counted)", registry=registry
+        )
+        refused = Counter(
+            "shop_orders_refused", "Orders refused, by reason", ["reason"], registry=registry
+        )
+        self._refused = {kind: refused.labels(reason) for kind, reason in self.REASONS.items()}
+        # The breaker's refusals are Unavailable too, but an operator wants them apart.
+        self._circuit_open = refused.labels("circuit_open")
+        self._other = refused.labels("other")
+
+    def refused(self, error: OrderError) -> None:
+        if isinstance(error, Unavailable) and str(error) == CIRCUIT_OPEN:
+            self._circuit_open.inc()
+        else:
+            self._refused.get(type(error), self._other).inc()
 
 
 class StockReleases(Protocol):
@@ -76,6 +115,7 @@ class OrderService:
         idempotency_stale_after: timedelta = timedelta(seconds=60),
         release_hold: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = _utcnow,
+        metrics: OrderMetrics | None = None,
     ) -> None:
         self._store = store
         self._catalogue = catalogue
@@ -86,6 +126,7 @@ class OrderService:
         self._stale_after = idempotency_stale_after
         self._release_hold = release_hold
         self._clock = clock
+        self._metrics = metrics if metrics is not None else OrderMetrics()
 
     async def place_order(
         self,
@@ -94,9 +135,25 @@ class OrderService:
         *,
         idempotency_key: str | None = None,
     ) -> Answer:
-        """Raises InvalidOrder, OutOfStock, Unavailable, IdempotencyKeyReused, RequestInProgress.
+        """Raises InvalidOrder, OutOfStock, Unavailable, IdempotencyKeyReused, RequestInProgress
+        (see ``_place``); each placed or refused order is counted."""
+        try:
+            answer = await self._place(buyer, lines, idempotency_key=idempotency_key)
+        except OrderError as error:
+            self._metrics.refused(error)
+            raise
+        if not answer.replayed:
+            self._metrics.placed.inc()
+        return answer
 
-        Two transactions when all goes well: the first claims the Idempotency-Key, writes
+    async def _place(
+        self,
+        buyer: Principal,
+        lines: Sequence[RequestedLine],
+        *,
+        idempotency_key: str | None = None,
+    ) -> Answer:
+        """Two transactions when all goes well: the first claims the Idempotency-Key, writes
         the pending release and reads the price list; the second saves the order with its
         event and answer and drops the pending release. Between them, the inventory
         reserves the stock (and the catalogue is asked only for prices the list lacks).

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -301,6 +301,12 @@ class RegistryClient:
         self._cache.pop(app.lower(), None)
 
 
+# Eureka metadata keys saying what the instance's own GET /health says (UP or DEGRADED) and
+# why: its status stays UP (a degraded instance still serves), the dashboard shows them.
+HEALTH_KEY = "health"
+HEALTH_REASON_KEY = "healthReason"
+
+
 class Heartbeat:
     """Keeps one registration alive: registers, renews, registers again after eviction."""
 
@@ -309,6 +315,31 @@ class Heartbeat:
         self.registration = registration
         self.registered = False
         self._task: asyncio.Task[None] | None = None
+        # Set when the registration changed (report_health) and must be sent at once.
+        self._changed = asyncio.Event()
+
+    def report_health(self, status: str, reason: str | None = None) -> None:
+        """Tell the registry the instance's health (``DEGRADED`` and why) in its metadata, at
+        once if it changed; ``UP`` removes it. Eureka's statuses have no "degraded", and DOWN
+        or OUT_OF_SERVICE would take an instance that still serves out of callers' lists."""
+        metadata = {
+            k: v
+            for k, v in self.registration.metadata.items()
+            if k not in (HEALTH_KEY, HEALTH_REASON_KEY)
+        }
+        if status != "UP":
+            metadata[HEALTH_KEY] = status
+            if reason:
+                metadata[HEALTH_REASON_KEY] = reason[:500]
+        if metadata == self.registration.metadata:
+            return
+        self.registration = replace(self.registration, metadata=metadata)
+        self._changed.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep until the next renewal, or until the registration changed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.registration.app}")
@@ -322,24 +353,29 @@ class Heartbeat:
         retry = 0.2
         while True:
             try:
-                if not self.registered:
+                if not self.registered or self._changed.is_set():
+                    self._changed.clear()
+                    again = self.registered
                     await self.client.register(self.registration)
                     self.registered = True
                     retry = 0.2
                     log.info(
-                        "registered %s as %s",
+                        "%s %s as %s%s",
+                        "updated" if again else "registered",
                         self.registration.app,
                         self.registration.instance_id,
+                        f" ({self.registration.metadata.get(HEALTH_KEY, 'UP')})" if again else "",
                     )
-                    await asyncio.sleep(self.registration.renewal_interval_s)
+                    await self._pause(self.registration.renewal_interval_s)
                     continue
                 if not await self.client.renew(self.registration):
                     log.warning("registry forgot %s; registering again", self.registration.app)
                     self.registered = False
                     continue
-                await asyncio.sleep(self.registration.renewal_interval_s)
+                await self._pause(self.registration.renewal_interval_s)
             except (aiohttp.ClientError, TimeoutError, RegistryUnavailable) as exc:
                 self.registered = False
+                self._changed.clear()  # registering again sends the latest anyway
                 log.warning("registry unreachable (%s); retrying in %.1fs", exc, retry)
                 await asyncio.sleep(retry)
                 retry = min(retry * 2, 5.0)

@@ -16,7 +16,12 @@ from shop.platform.settings import PlatformSettings
 from shop.registry.access import Registrants, WriteThrottle
 from shop.registry.api import dashboard_router, eureka_router, install_error_answers
 from shop.registry.domain import Clock
-from shop.registry.service import Registry, evict_periodically
+from shop.registry.service import (
+    InstanceCounts,
+    Registry,
+    count_periodically,
+    evict_periodically,
+)
 from shop.registry.settings import RegistrySettings
 from shop.registry.store import InMemoryLeaseStore, LeaseStore
 
@@ -85,16 +90,24 @@ def build_app(
                 await registry.ping()
             except Exception as exc:  # readiness reports it; requests answer 503 meanwhile
                 log.warning("the registry's store is not reachable yet: %s", exc)
-            sweeper = asyncio.create_task(
-                evict_periodically(registry, interval_s=settings.eviction_interval_s),
-                name="registry-eviction",
-            )
+            tasks = [
+                asyncio.create_task(
+                    evict_periodically(registry, interval_s=settings.eviction_interval_s),
+                    name="registry-eviction",
+                ),
+                asyncio.create_task(
+                    count_periodically(registry, counts, interval_s=settings.metrics_interval_s),
+                    name="registry-counts",
+                ),
+            ]
             try:
                 yield
             finally:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     app = create_app(
         name="registry",
@@ -106,6 +119,8 @@ def build_app(
         # The registry is what others register with; it never registers itself.
         register=False,
     )
+    counts = InstanceCounts(app.state.metrics.registry)
+    app.state.instance_counts = counts
     app.state.eviction_interval_s = settings.eviction_interval_s
     app.state.registrants = Registrants(settings.client_secrets)
     app.state.write_throttle = WriteThrottle(

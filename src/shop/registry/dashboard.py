@@ -27,7 +27,7 @@ code{font-size:13px}
 .status{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;font-weight:600}
 .UP{background:#e3f9e5;color:#207227}
 .DOWN{background:#ffe3e3;color:#a61b1b}
-.OUT_OF_SERVICE{background:#fff3c4;color:#8d6a00}
+.OUT_OF_SERVICE,.DEGRADED{background:#fff3c4;color:#8d6a00}
 .STARTING,.UNKNOWN{background:#e4e7eb;color:#3e4c59}
 .empty{padding:24px 16px;color:#627d98}
 """
@@ -53,6 +53,12 @@ def _row(lease: Lease, now: float) -> str:
         status_cell = f'<span class="status {status}">{status}</span> <small>(override)</small>'
     else:
         status_cell = f'<span class="status {status}">{status}</span>'
+    if (said := lease.health) is not None:
+        # The instance's own word (GET /health): still listed, but a dependency fails.
+        health, reason = escape(said[0]), escape(said[1])
+        status_cell += f' <span class="status {health}" title="{reason}">{health}</span>'
+        if reason:
+            status_cell += f"<br><small>{reason}</small>"
     return (
         "<tr>"
         f"<td><code>{escape(lease.instance_id)}</code></td>"

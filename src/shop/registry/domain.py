@@ -107,6 +107,20 @@ class Lease:
         return self.override or self.reported_status
 
     @property
+    def health(self) -> tuple[str, str] | None:
+        """What the instance says of itself beyond its status, from its metadata (the
+        platform's heartbeat writes ``health``: ``DEGRADED``, and ``healthReason``); None
+        when it says nothing (it is as healthy as its status)."""
+        metadata = self.document.get("metadata")
+        if not isinstance(metadata, Mapping):
+            return None
+        health = metadata.get("health")
+        if not isinstance(health, str) or not health:
+            return None
+        reason = metadata.get("healthReason")
+        return health, reason if isinstance(reason, str) else ""
+
+    @property
     def expires_at(self) -> float:
         return self.renewed_at + self.duration_s
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Gauge
 
 from shop.registry.domain import (
     Clock,
@@ -18,7 +21,15 @@ from shop.registry.domain import (
 )
 from shop.registry.store import LeaseConflict, LeaseStore, StoredLease, StoreUnavailable
 
-__all__ = ["Listing", "Registry", "RegistryFull", "TooContended", "evict_periodically"]
+__all__ = [
+    "InstanceCounts",
+    "Listing",
+    "Registry",
+    "RegistryFull",
+    "TooContended",
+    "count_periodically",
+    "evict_periodically",
+]
 
 log = logging.getLogger("shop.registry")
 
@@ -266,3 +277,51 @@ async def evict_periodically(registry: Registry, *, interval_s: float) -> None:
             log.warning("eviction sweep skipped: %s", exc)
         except Exception:
             log.exception("eviction sweep failed")
+
+
+class InstanceCounts:
+    """``shop_registry_instances{app, status}`` (the status callers see) and
+    ``shop_registry_instances_degraded{app}`` (UP, but the instance says DEGRADED)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._by_status = Gauge(
+            "shop_registry_instances",
+            "Live registered instances, by application and status",
+            ["app", "status"],
+            registry=registry,
+        )
+        self._degraded = Gauge(
+            "shop_registry_instances_degraded",
+            "Live instances whose own health says DEGRADED, by application",
+            ["app"],
+            registry=registry,
+        )
+
+    def update(self, leases: list[Lease]) -> None:
+        """Set the gauges from the live leases; a pair no longer seen drops out."""
+        by_status = Counter((lease.app, lease.status) for lease in leases)
+        degraded = Counter(
+            lease.app
+            for lease in leases
+            if (said := lease.health) is not None and said[0] == "DEGRADED"
+        )
+        self._by_status.clear()
+        self._degraded.clear()
+        for (app, status), n in by_status.items():
+            self._by_status.labels(app, status).set(n)
+        for app in {lease.app for lease in leases}:
+            self._degraded.labels(app).set(degraded[app])
+
+
+async def count_periodically(
+    registry: Registry, counts: InstanceCounts, *, interval_s: float
+) -> None:
+    """Runs for the life of the app: the gauges follow the leases within ``interval_s``."""
+    while True:
+        try:
+            counts.update(await registry.leases())
+        except StoreUnavailable as exc:
+            log.warning("instance count skipped: %s", exc)
+        except Exception:
+            log.exception("instance count failed")
+        await asyncio.sleep(interval_s)

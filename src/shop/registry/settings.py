@@ -114,6 +114,12 @@ class RegistrySettings(ServiceSettings):
         gt=0,
         description="How often expired leases are swept out (they are hidden as soon as expired).",
     )
+    metrics_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often shop_registry_instances on /metrics follows the leases.",
+    )
     store_url: str = Field(
         default="",
         description=(
