@@ -372,6 +372,11 @@ async def test_the_eventlog_command_replays_dead_letters_off_the_table(
             lambda: len(dead_letters(bus_url)) == 2 and len(audit.seen) == 3 and len(mail) == 2
         )
         assert [int(e.data["n"]) for e in mail] == [0, 2]
+        counts = [
+            await bus.dead_letters(topic, group=group)
+            for topic, group in [("orders", "mail"), ("products", "mail"), ("orders", "audit")]
+        ]
+        assert counts == [1, 1, 0]
 
         broken.clear()
         # The same command in-process (saves starting Python twice more).
@@ -392,6 +397,7 @@ async def test_the_eventlog_command_replays_dead_letters_off_the_table(
         assert [int(e.data["n"]) for e in mail] == [0, 2, 1]
         assert audit.seen[3].id == audit.seen[1].id, "the same event, for the inbox to drop"
         assert dead_letters(bus_url) == [("mail", "products", 4)]
+        assert await bus.dead_letters("orders", group="mail") == 0
         assert await asyncio.to_thread(main, ["replay", "--url", bus_url, "--group", "mail"]) == 0
         assert capsys.readouterr().out == "replayed 1 dead letter(s) of group mail\n"
         await _until(lambda: len(mail) == 4)

@@ -94,22 +94,31 @@ def _registered(body: Any) -> list[Instance]:
 
 
 async def _probe(http: aiohttp.ClientSession, instance: Instance) -> str:
-    """The instance's own word on its readiness: its body's ``status`` (so a later DEGRADED
-    shows as such), else UP for 200 and DOWN for any other answer."""
+    """The instance's own word on its health: ``GET /health``'s ``status`` (UP or DEGRADED,
+    docs/observability.md), or ``/health/ready``'s where a process has no ``/health``; UP
+    for a 200 without a status word, DOWN for any other answer."""
     try:
-        async with http.get(
-            f"{instance.base_url}/health/ready", headers=_JSON, timeout=_PROBE_TIMEOUT
-        ) as resp:
-            try:
-                body = await resp.json(content_type=None)
-            except ValueError:
-                body = None
-            status = body.get("status") if isinstance(body, dict) else None
-            if isinstance(status, str) and status.replace("_", "").isalpha() and len(status) <= 32:
-                return status.upper() if resp.status == 200 else "DOWN"
-            return "UP" if resp.status == 200 else "DOWN"
+        status = await _health(http, f"{instance.base_url}/health")
+        if status is None:
+            status = await _health(http, f"{instance.base_url}/health/ready")
+        return status or "DOWN"
     except (aiohttp.ClientError, TimeoutError):
         return "UNREACHABLE"
+
+
+async def _health(http: aiohttp.ClientSession, url: str) -> str | None:
+    """The status one health route gives; None if the process has no such route (404)."""
+    async with http.get(url, headers=_JSON, timeout=_PROBE_TIMEOUT) as resp:
+        if resp.status == 404:
+            return None
+        try:
+            body = await resp.json(content_type=None)
+        except ValueError:
+            body = None
+        status = body.get("status") if isinstance(body, dict) else None
+        if isinstance(status, str) and status.replace("_", "").isalpha() and len(status) <= 32:
+            return status.upper() if resp.status == 200 else "DOWN"
+        return "UP" if resp.status == 200 else "DOWN"
 
 
 async def overview(http: aiohttp.ClientSession, registry_url: str) -> dict[str, Any]:

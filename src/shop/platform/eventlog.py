@@ -281,6 +281,17 @@ class SqliteEventLog:
             )
         return int(value or 0)
 
+    async def dead_letters(self, topic: str, *, group: str) -> int:
+        """How many of ``topic``'s events the group gave up on (``eventlog replay`` puts them
+        back); read by the operator metrics (platform/observe.py)."""
+        engine = await self._open()
+        async with engine.connect() as conn:
+            value = await conn.scalar(
+                text("SELECT count(*) FROM dead_letters WHERE grp = :g AND topic = :t"),
+                {"g": group, "t": topic},
+            )
+        return int(value or 0)
+
     async def pending(self, topic: str, *, group: str) -> int:
         """How many events of ``topic`` come after the group's committed offset."""
         engine = await self._open()

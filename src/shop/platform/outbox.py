@@ -142,6 +142,11 @@ class SqlOutbox:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
 
+    @property
+    def engine(self) -> AsyncEngine:
+        """The database the table is in (the operator metrics read its backlog there)."""
+        return self._engine
+
     async def unpublished(self, limit: int) -> list[OutboxEntry]:
         async with self._engine.connect() as conn:
             rows = (await conn.execute(_UNPUBLISHED, {"limit": limit})).all()

@@ -10,6 +10,7 @@ from functools import partial
 from fastapi import FastAPI
 
 from shop.platform.app import Runtime, create_app, service_database, service_events
+from shop.platform.observe import Watch, install_health, metrics_registry
 from shop.platform.outbox import OutboxRelay, OutboxSource, SqlOutbox
 from shop.platform.settings import PlatformSettings
 from shop.product.api import install_error_answers, internal, router
@@ -72,7 +73,12 @@ def build_app(*, platform: PlatformSettings, settings: ProductSettings) -> FastA
             app.state.outbox_relay = relay
             if settings.seeds_demo_catalogue(platform):
                 await products.seed_catalogue()
-            yield
+            # The SQL outbox's backlog is watched; MongoDB's is not yet (docs/observability.md).
+            if isinstance(outbox, SqlOutbox):
+                watch.outbox(outbox.engine)
+            watch.report_to(lambda: runtime.heartbeat)
+            async with watch:
+                yield
 
     app = create_app(
         name=SERVICE_NAME,
@@ -83,4 +89,6 @@ def build_app(*, platform: PlatformSettings, settings: ProductSettings) -> FastA
         lifespan=lifespan,
     )
     install_error_answers(app)
+    watch = Watch(service=SERVICE_NAME, registry=metrics_registry(app), health=install_health(app))
+    app.state.watch = watch
     return app
