@@ -112,21 +112,15 @@ class NotificationService:
         if self._announcer is not None:
             await self._record_announced(event, order, kind, message, now, self._announcer)
             return
-        notification = Notification(
-            id=str(uuid.uuid4()),
-            event_id=event.id,
-            user_id=order.user_id,
-            email=order.email,
-            order_number=order.order_number,
-            type=kind,
-            channel=self._channel,
+        notification = self._notification(
+            event,
+            order,
+            kind,
+            message,
+            now,
             status="PENDING",
-            subject=message.subject,
-            body=message.body,
-            created_at=now,
             # Recorded as already claimed by this first attempt: the sweeper sends it only
             # if this process dies before it is marked.
-            attempts=1,
             next_attempt_at=now + self._claim,
         )
         if not await self._store.record_event(event.id, notification):
@@ -136,6 +130,36 @@ class NotificationService:
             await self._deliver(notification)
         except Exception:
             log.exception("could not settle notification %s; the sweeper will", notification.id)
+
+    def _notification(
+        self,
+        event: Event,
+        order: OrderNotice,
+        kind: NotificationType,
+        message: Message,
+        now: datetime,
+        *,
+        status: Status,
+        next_attempt_at: datetime | None,
+        sent_at: datetime | None = None,
+    ) -> Notification:
+        """The record of ``event``'s notification, on its first attempt."""
+        return Notification(
+            id=str(uuid.uuid4()),
+            event_id=event.id,
+            user_id=order.user_id,
+            email=order.email,
+            order_number=order.order_number,
+            type=kind,
+            channel=self._channel,
+            status=status,
+            subject=message.subject,
+            body=message.body,
+            created_at=now,
+            attempts=1,
+            next_attempt_at=next_attempt_at,
+            sent_at=sent_at,
+        )
 
     async def _record_announced(
         self,
@@ -149,21 +173,8 @@ class NotificationService:
         """Record the notification as done and announce it before the commit: one
         transaction per event instead of two. A failure before the commit (the line may be
         out) raises, so the event comes again: the line at least once, the record once."""
-        notification = Notification(
-            id=str(uuid.uuid4()),
-            event_id=event.id,
-            user_id=order.user_id,
-            email=order.email,
-            order_number=order.order_number,
-            type=kind,
-            channel=self._channel,
-            status="LOGGED",
-            subject=message.subject,
-            body=message.body,
-            created_at=now,
-            attempts=1,
-            next_attempt_at=None,
-            sent_at=now,
+        notification = self._notification(
+            event, order, kind, message, now, status="LOGGED", next_attempt_at=None, sent_at=now
         )
         if not await self._store.record_event(event.id, notification, announce=announcer.announce):
             log.info("event %s was already processed; nothing to do", event.id)
