@@ -13,7 +13,7 @@ import pytest
 from shop.order.breaker import CircuitBreaker
 from shop.order.domain import OutOfStock, RequestedLine, Unavailable
 from shop.order.peers import HttpInventory
-from shop.platform import context
+from shop.platform import context, upstream
 from shop.platform.discovery import Instance
 from shop.platform.upstream import UpstreamPool
 
@@ -168,6 +168,20 @@ async def test_connections_are_kept_and_one_the_inventory_closed_is_replaced(ser
         await inventory.reserve(ORDER, LINES)
     assert closing.connections == 3
     assert breaker.retry_after_s() == 0
+
+
+async def test_a_connection_idle_too_long_is_not_reused(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One the inventory may be closing right now (its keep-alive time running out) would
+    reset the reservation written on it, and a reservation is not sent twice: a fresh one."""
+    ok = _answer(201, {})
+    server = Inventory(answers=[ok, ok])
+    inventory, _, _ = _client(await serve(server))
+    monkeypatch.setattr(upstream, "_IDLE_EXPIRY_S", 0.0)
+    await inventory.reserve(ORDER, LINES)
+    await inventory.reserve(ORDER, LINES)
+    assert server.connections == 2
 
 
 async def test_a_shortage_is_out_of_stock_and_the_breaker_stays_closed(serve: Serve) -> None:

@@ -28,6 +28,11 @@ __all__ = [
 ]
 
 _IDLE_LIMIT = 64  # kept-alive connections per instance; more are closed after their answer
+# A connection idle longer than this is closed instead of reused. Shop's servers close theirs
+# after 5 s idle (platform/serve.py ServerLimits.keep_alive_s): a request written as the
+# server closes meets a reset, which a POST cannot survive (not idempotent); staying well
+# inside the server's time, as nginx's and Go's upstream pools advise, avoids that race.
+_IDLE_EXPIRY_S = 2.0
 _HIGH_WATER = 256 * 1024  # buffered answer bytes before the service is asked to wait
 _LENGTH_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -65,6 +70,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reusable = False
         self.in_flight = False
+        self.idle_since = 0.0  # loop time it went back to the pool
         # The answer in progress
         self.head_only = False
         self.status = 0
@@ -322,12 +328,22 @@ class UpstreamPool:
         ``head`` (no body) sent on a kept-alive connection, which is returned with the answer
         to come on it (see ``_Connection.listen``, ``Answer``); None, nothing sent, when no
         connection is idle."""
+        conn = self._take(base_url)
+        if conn is not None:
+            conn.start(self._compose(self.origin(base_url), head, b""), head_only=head_only)
+        return conn
+
+    def _take(self, base_url: str) -> _Connection | None:
+        """The most recently used idle connection to ``base_url`` still worth using: open,
+        and idle for less than ``_IDLE_EXPIRY_S`` (older ones are closed on the way)."""
         idle = self._idle.get(base_url)
         while idle:
             conn = idle.pop()
-            if not conn.closed:
-                conn.start(self._compose(self.origin(base_url), head, b""), head_only=head_only)
+            if conn.closed:
+                continue
+            if conn.loop.time() - conn.idle_since < _IDLE_EXPIRY_S:
                 return conn
+            conn._close()
         return None
 
     def has_idle(self, base_url: str) -> bool:
@@ -359,13 +375,7 @@ class UpstreamPool:
         connection (the request already broke on a kept-alive one).
         """
         origin = self.origin(base_url)
-        idle = None if new_connection else self._idle.get(base_url)
-        conn: _Connection | None = None
-        while idle:
-            candidate = idle.pop()
-            if not candidate.closed:
-                conn = candidate
-                break
+        conn = None if new_connection else self._take(base_url)
         fresh = conn is None
         if conn is None:
             conn = await self._connect(origin, connect_timeout_s)
@@ -402,6 +412,7 @@ class UpstreamPool:
         if len(idle) >= _IDLE_LIMIT:
             conn._close()
             return
+        conn.idle_since = conn.loop.time()
         idle.append(conn)
 
     def close(self) -> None:
