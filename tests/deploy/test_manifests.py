@@ -29,6 +29,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from opentelemetry import environment_variables as otel_api_variables
+from opentelemetry.sdk import environment_variables as otel_sdk_variables
 from pydantic_settings import BaseSettings
 
 from shop.auth.settings import AuthSettings
@@ -73,6 +75,14 @@ ENTRYPOINT_FILE_SETTINGS = {
 }
 # Read by the image, not by a settings class.
 IMAGE_SETTINGS = {"SERVICE", "PORT"}
+# The OpenTelemetry SDK's own variables (docs/telemetry.md): read by the SDK, not by Shop's
+# settings classes; the names come from the SDK itself, so a misspelt one still fails.
+OTEL_SETTINGS = {
+    name
+    for module in (otel_api_variables, otel_sdk_variables)
+    for constant, name in vars(module).items()
+    if constant.startswith("OTEL_") and isinstance(name, str)
+}
 # What the image's ENV sets for every process (deploy/Dockerfile).
 IMAGE_DEFAULTS = {"SHOP_PROFILE": "production", "SHOP_DATA_DIR": "/tmp/shop"}
 
@@ -347,7 +357,9 @@ def _load_as_the_entrypoint_would(
 ) -> None:
     """Every variable is one Shop reads, and the service's settings refuse none of it."""
     model = SETTINGS[service]
-    known = _known_settings(PlatformSettings) | _known_settings(model) | IMAGE_SETTINGS
+    known = (
+        _known_settings(PlatformSettings) | _known_settings(model) | IMAGE_SETTINGS | OTEL_SETTINGS
+    )
     for key in list(os.environ):
         if key.startswith(("SHOP_", f"{service.upper()}_")):
             monkeypatch.delenv(key)
