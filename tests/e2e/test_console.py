@@ -1,13 +1,17 @@
 """In a real headless Chromium (Debian's, driven by Playwright): the gateway's /docs and
 /redoc render with every request kept to the system's own origin, and the operations
-console shows every service UP to an admin and refuses anyone else.
+console shows every service UP to an admin and refuses anyone else; with the inventory
+frozen it shows the order service's breaker open, and closed again once it is thawed.
 
 Screenshots of what the browser saw go to ``.artifacts/screenshots/`` (docs/console.md).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,3 +189,118 @@ def test_the_console_page_allows_only_its_own_origin(system: System) -> None:
     assert console.status_code == 200
     policy = console.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+
+
+def _token(gateway: httpx.Client, email: str, password: str) -> str:
+    resp = gateway.post("/auth/token", json={"email": email, "password": password})
+    assert resp.status_code == 200, resp.text
+    token: str = resp.json()["access_token"]
+    return token
+
+
+def _new_sku(gateway: httpx.Client, admin: str) -> str:
+    """A product of its own with plenty of stock: the buyer below may place hundreds."""
+    sku = f"sku_{uuid.uuid4().hex[:10]}"
+    bearer = {"Authorization": f"Bearer {admin}"}
+    product = {"name": f"Widget {sku}", "description": "A thing", "price": "9.99"}
+    created = gateway.post(
+        "/api/product", headers=bearer, json={**product, "skuCode": sku, "category": "widgets"}
+    )
+    assert created.status_code == 201, created.text
+    stocked = gateway.post(
+        "/api/inventory", headers=bearer, json={"skuCode": sku, "quantity": 1000}
+    )
+    assert stocked.status_code == 200, stocked.text
+    return sku
+
+
+class Buyer(threading.Thread):
+    """Places one order every ``PACE_S`` until stopped, keeping each answer's status: the
+    orders that fail while the inventory is frozen, and the ones whose half-open probe closes
+    the breaker again. Paced well under the gateway's rate limits (the console's polls share
+    this client address)."""
+
+    PACE_S = 0.1
+
+    def __init__(self, system: System, token: str, sku: str) -> None:
+        super().__init__(daemon=True)
+        self._gateway = system.gateway
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._body = {"orderLineItemDtoList": [{"skuCode": sku, "quantity": 1}]}
+        self._enough = threading.Event()
+        self.statuses: list[int] = []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self._gateway, timeout=10.0) as gateway:
+            while not self._enough.wait(self.PACE_S):
+                answer = gateway.post("/api/order", headers=self._headers, json=self._body)
+                self.statuses.append(answer.status_code)
+
+    def stop(self) -> None:
+        self._enough.set()
+        self.join(timeout=15)
+
+
+# Every order-service row of the table: its breaker's state, health, reason and orders/s.
+_ORDER_ROWS = """[...document.querySelectorAll("#services tr[data-service='order-service']")]
+    .map((row) => ({
+        breaker: row.querySelector(".breaker-state[data-peer='inventory-service']")
+            ?.dataset.state,
+        health: row.querySelector(".health .status")?.textContent,
+        reason: row.querySelector(".reasons li[data-check='breaker:inventory-service']")
+            ?.textContent ?? "",
+        outbox: row.querySelector("td.outbox")?.textContent,
+        rate: Number.parseFloat(row.querySelector("td.rate")?.textContent),
+    }))"""
+
+
+def _until_order_rows(page: Page, condition: str, timeout_ms: int) -> None:
+    """Wait on the page until ``condition`` (a JavaScript expression over ``rows``, the order
+    instances' rows as above) holds, with at least one order row shown."""
+    page.wait_for_function(
+        f"() => {{ const rows = {_ORDER_ROWS}; return rows.length > 0 && ({condition}); }}",
+        timeout=timeout_ms,
+    )
+
+
+_ALL_CLOSED = "rows.every((r) => r.breaker === 'closed' && r.health === 'UP')"
+
+
+def test_the_console_shows_the_breaker_open_while_inventory_is_frozen(
+    page: Page, system: System
+) -> None:
+    inventory = system.pids("inventory")
+    assert inventory, system.output()[-3000:]
+    email, password = _customer(system)
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        sku = _new_sku(gateway, _token(gateway, "admin@example.com", system.admin_password))
+        buyer = Buyer(system, _token(gateway, email, password), sku)
+    _log_in(page, system, "admin@example.com", system.admin_password)
+    # Before: every order instance's breaker closed, healthy, nothing waiting in its outbox.
+    _until_order_rows(page, f"{_ALL_CLOSED} && rows.every((r) => r.outbox === '0')", 20_000)
+    for pid in inventory:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        buyer.start()
+        # The orders fail (timeouts, then the breaker's fast 503s): the console says so.
+        _until_order_rows(
+            page,
+            "rows.some((r) => r.breaker === 'open' && r.health === 'DEGRADED'"
+            " && r.reason.includes('open'))",
+            20_000,
+        )
+        _screenshot(page, "console-breaker-open", system)
+    finally:
+        for pid in inventory:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        # The buyer's next order after the open window is the half-open probe: it succeeds
+        # now, and the breaker closes (on every order instance: each has its own); the
+        # orders it places then show as a rate.
+        _until_order_rows(page, _ALL_CLOSED, 30_000)
+        _until_order_rows(page, "rows.some((r) => r.rate > 0)", 15_000)
+    finally:
+        buyer.stop()
+    assert 503 in buyer.statuses, buyer.statuses
+    assert buyer.statuses[-1] == 201, buyer.statuses
+    _screenshot(page, "console-breaker-closed", system)

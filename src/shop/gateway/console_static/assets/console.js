@@ -1,5 +1,6 @@
 // The operations console (docs/console.md): log in as an admin through the public API,
-// then poll the gateway's admin-only /console/api/services every few seconds.
+// then poll the gateway's admin-only /console/api/services every few seconds: health (and
+// why, when DEGRADED), breaker, outbox backlog, consumer lag and orders/s per instance.
 // The token lives in sessionStorage (this tab only, gone when it closes), never in a URL.
 "use strict";
 
@@ -59,6 +60,72 @@ function cell(text, status) {
   return td;
 }
 
+// "–" where an instance does not export that figure (no breaker, outbox or consumer).
+const NONE = "–";
+
+function number(value, digits = 0) {
+  return value === null || value === undefined ? NONE : value.toFixed(digits);
+}
+
+// The health word, and under it each reason a DEGRADED (or DOWN) instance gives.
+function healthCell(instance) {
+  const td = document.createElement("td");
+  td.className = "health";
+  const word = document.createElement("span");
+  word.className = `status status-${instance.health}`;
+  word.textContent = instance.health;
+  td.append(word);
+  const reasons = Object.entries(instance.reasons || {});
+  if (reasons.length > 0) {
+    const list = document.createElement("ul");
+    list.className = "reasons";
+    for (const [check, reason] of reasons) {
+      const item = document.createElement("li");
+      item.dataset.check = check;
+      item.textContent = `${check}: ${reason}`;
+      list.append(item);
+    }
+    td.append(list);
+  }
+  return td;
+}
+
+// One line per peer: "inventory-service: open".
+function breakerCell(breaker) {
+  const td = document.createElement("td");
+  td.className = "breaker";
+  const peers = Object.entries(breaker || {});
+  if (peers.length === 0) {
+    td.textContent = NONE;
+  }
+  for (const [peer, state] of peers) {
+    const line = document.createElement("div");
+    line.className = `breaker-state breaker-${state}`;
+    line.dataset.peer = peer;
+    line.dataset.state = state;
+    line.textContent = `${peer}: ${state}`;
+    td.append(line);
+  }
+  return td;
+}
+
+function outboxCell(instance) {
+  const td = cell(number(instance.outboxBacklog));
+  td.className = "outbox";
+  if (instance.outboxBacklog) {
+    td.textContent += ` (oldest ${number(instance.outboxOldestAgeS, 1)} s)`;
+  }
+  return td;
+}
+
+function lagCell(lag) {
+  const td = document.createElement("td");
+  td.className = "lag";
+  const groups = Object.entries(lag || {});
+  td.textContent = groups.length === 0 ? NONE : groups.map(([g, n]) => `${g} ${n}`).join(", ");
+  return td;
+}
+
 function render(overview) {
   const registry = $("registry-status");
   registry.textContent = overview.registry;
@@ -69,14 +136,19 @@ function render(overview) {
       const row = document.createElement("tr");
       row.dataset.service = service.name;
       row.dataset.instance = instance.id;
+      const rate = cell(number(instance.ordersPerSecond, 1));
+      rate.className = "rate";
       row.append(
         cell(service.name),
         cell(instance.id),
         cell(instance.url),
         cell(instance.registry, true),
-        cell(instance.health, true),
+        healthCell(instance),
+        breakerCell(instance.breaker),
+        outboxCell(instance),
+        lagCell(instance.consumerLag),
+        rate,
       );
-      row.lastChild.classList.add("health");
       rows.push(row);
     }
   }
