@@ -134,3 +134,43 @@ def test_every_transition_is_heard_once(clock: ManualClock) -> None:
         BreakerState.HALF_OPEN,
         BreakerState.CLOSED,
     ]
+
+
+def test_probe_now_lets_one_probe_go_before_the_period_ends(
+    breaker: CircuitBreaker, clock: ManualClock
+) -> None:
+    """A peer known to be back (it registered again) is probed at once, still one at a time."""
+    _fail(breaker, 3)
+    clock.advance(1)
+    breaker.probe_now()
+    assert breaker.retry_after_s() == 0
+    breaker.acquire()
+    with pytest.raises(CircuitOpen):
+        breaker.acquire()
+    breaker.succeeded()
+    assert _state(breaker) is BreakerState.CLOSED
+
+
+def test_a_failed_early_probe_opens_it_for_a_full_period(
+    breaker: CircuitBreaker, clock: ManualClock
+) -> None:
+    _fail(breaker, 3)
+    breaker.probe_now()
+    breaker.acquire()
+    breaker.failed()
+    assert breaker.retry_after_s() == pytest.approx(10.0)
+    with pytest.raises(CircuitOpen):
+        breaker.acquire()
+
+
+def test_probe_now_changes_nothing_when_closed_or_while_the_probe_is_out(
+    breaker: CircuitBreaker, clock: ManualClock
+) -> None:
+    breaker.probe_now()
+    assert _state(breaker) is BreakerState.CLOSED
+    _fail(breaker, 3)
+    clock.advance(10)
+    breaker.acquire()
+    breaker.probe_now()
+    with pytest.raises(CircuitOpen):
+        breaker.acquire()

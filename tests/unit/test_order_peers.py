@@ -72,14 +72,25 @@ class Inventory:
 
 @dataclass
 class Registry:
+    """Hands out its instances in turn, skipping those reported as refusing (as
+    RegistryClient.choose does) until every one has refused."""
+
     instance: Instance
-    forgotten: list[str] = field(default_factory=list)
+    others: list[Instance] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)
+    turn: int = 0
 
     async def choose(self, name: str) -> Instance:
-        return self.instance
+        listed = [self.instance, *self.others]
+        healthy = [i for i in listed if i.instance_id not in self.refusals] or listed
+        self.turn += 1
+        return healthy[(self.turn - 1) % len(healthy)]
 
-    def forget(self, name: str) -> None:
-        self.forgotten.append(name)
+    def refused(self, instance: Instance) -> None:
+        self.refusals.append(instance.instance_id)
+
+    def registered_again(self, name: str) -> bool:
+        return False
 
 
 Serve = Callable[[Inventory], Awaitable[int]]
@@ -213,7 +224,26 @@ async def test_a_refused_connection_was_not_applied_and_the_instance_is_forgotte
     with pytest.raises(Unavailable) as refused:
         await inventory.reserve(ORDER, LINES)
     assert not refused.value.maybe_applied
-    assert registry.forgotten == ["inventory-service"]
+    assert registry.refusals == ["i"]
+
+
+async def test_an_instance_that_refuses_is_passed_over_for_the_next_one(serve: Serve) -> None:
+    """A refused connection reached nothing, so the same call goes on to another instance;
+    the breaker hears a success, and the refusing instance is reported to the registry."""
+    probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    dead = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    alive = Inventory(answers=[_answer(201, {"orderNumber": ORDER, "status": "RESERVED"})])
+    port = await serve(alive)
+    inventory, registry, breaker = _client(dead, failure_threshold=1)
+    registry.others.append(
+        Instance(app="inventory-service", instance_id="j", host="127.0.0.1", port=port)
+    )
+    await inventory.reserve(ORDER, LINES)
+    assert registry.refusals == ["i"]
+    assert len(alive.requests) == 1
+    assert breaker.retry_after_s() == 0
 
 
 async def test_one_deadline_covers_the_whole_exchange(serve: Serve) -> None:

@@ -54,9 +54,10 @@ async def admit(
 class Upstreams:
     """Where a service is reached: a fixed URL, or its UP instances from the registry.
 
-    An instance that refused a connection is passed over for a few seconds (its lease in the
-    registry may outlive it by a minute and a half), so one dead instance does not fail
-    every other request.
+    An instance that refused a connection or timed out is passed over for a few seconds (its
+    lease in the registry may outlive it by a minute and a half), so one dead instance does
+    not fail every other request; it is taken back at once when the registry shows it
+    registered again (a restarted process), see docs/registry.md "Discovery that heals".
     """
 
     def __init__(
@@ -72,6 +73,8 @@ class Upstreams:
         self._pass_over_s = pass_over_s
         self._cache_ttl_s = cache_ttl_s
         self._failed_until: dict[str, float] = {}
+        # Base URL passed over -> the registration time of its instance then (0: unknown).
+        self._failed_registration: dict[str, int] = {}
         # Per service: the registry client's list, its base URLs, and until when that list is
         # certainly still the registry client's cached answer (see ready_candidates).
         self._urls: dict[str, tuple[list[Instance], list[str], float]] = {}
@@ -90,7 +93,17 @@ class Upstreams:
             # (a new list: it has just done so, and keeps it for its cache TTL).
             fresh_until = time.monotonic() + self._cache_ttl_s
             known = self._urls[service] = (instances, [i.base_url for i in instances], fresh_until)
+            if self._failed_until:
+                self._take_back_registered(instances)
         return self._order(service, known[1], self._cursors)
+
+    def _take_back_registered(self, instances: list[Instance]) -> None:
+        """Stop passing over an instance the registry lists with a new registration."""
+        for instance in instances:
+            before = self._failed_registration.get(instance.base_url)
+            if before is not None and before != instance.registered_at_ms:
+                self._failed_until.pop(instance.base_url, None)
+                del self._failed_registration[instance.base_url]
 
     def ready_candidates(self, service: str) -> list[str] | None:
         """``candidates`` without an await, for the gateway's fast lane: None when the
@@ -117,8 +130,17 @@ class Upstreams:
             urls = healthy or urls
         return urls[:2]
 
-    def refused(self, base_url: str) -> None:
-        self._failed_until[base_url] = time.monotonic() + self._pass_over_s
+    def refused(self, base_url: str, service: str | None = None) -> None:
+        """``base_url`` refused or timed out: pass it over, and (the first time) have
+        ``service`` looked up afresh so a restart's new registration shows at once."""
+        now = time.monotonic()
+        first = self._failed_until.get(base_url, 0.0) <= now
+        self._failed_until[base_url] = now + self._pass_over_s
+        known = self._urls.get(service) if service is not None else None
+        listed = [i for i in known[0] if i.base_url == base_url] if known else []
+        self._failed_registration[base_url] = listed[0].registered_at_ms if listed else 0
+        if first and service is not None and service not in self._fixed:
+            self.registry.forget(service)
 
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -172,11 +194,13 @@ async def forward(
             )
         except ConnectFailed as exc:
             # Nothing reached the instance, so trying another one is safe for any method.
-            upstreams.refused(base_url)
+            upstreams.refused(base_url, service)
             log.warning("%s at %s unreachable (%s)", service, base_url, exc)
             if attempt == last:
                 raise _unavailable(service, retry_after_s, f"{service} is unreachable.") from exc
         except TimeoutError as exc:
+            # Not sent again (it may have been applied), but passed over by the next request.
+            upstreams.refused(base_url, service)
             raise Problem(504, f"{service} did not answer within {timeout_s:g} s.") from exc
         except UpstreamBroken as exc:
             raise Problem(502, f"{service} broke off its answer.") from exc

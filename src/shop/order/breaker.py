@@ -4,7 +4,9 @@ Closed: calls go through; ``failure_threshold`` consecutive failures open it. Op
 are refused at once with the seconds left (for ``Retry-After``). When the open time has
 passed, exactly one call is let through as a probe (half-open): its success closes the
 breaker, its failure opens it again for another full period. Other calls are refused
-while the probe is out. Hand-written rather than ``purgatory``: see docs/order.md.
+while the probe is out. ``probe_now`` lets the probe go before the period ends, when the
+peer is known to be back (a new registration). Hand-written rather than ``purgatory``: see
+docs/order.md.
 """
 
 from __future__ import annotations
@@ -101,6 +103,14 @@ class CircuitBreaker:
         self._failures += 1
         if self._failures >= self._threshold:
             self._open()
+
+    def probe_now(self) -> None:
+        """The peer proved alive out of band (it registered again after a restart): end the
+        open period now, so the next call is the one probe. Nothing when closed or while a
+        probe is out; a failed probe opens the breaker for a full period as usual."""
+        if self._opened_at is None or self._probing:
+            return
+        self._opened_at = min(self._opened_at, self._clock() - self._open_for)
 
     def abandon(self) -> None:
         """The call was given up without a verdict (cancelled): the next call may probe."""

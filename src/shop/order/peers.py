@@ -37,7 +37,7 @@ from shop.order.domain import (
     parse_price,
 )
 from shop.platform.context import outgoing_headers
-from shop.platform.discovery import RegistryClient, RegistryUnavailable
+from shop.platform.discovery import Instance, RegistryClient, RegistryUnavailable
 from shop.platform.security import ServiceTokenUnavailable
 from shop.platform.upstream import ConnectFailed, UpstreamBroken, UpstreamPool
 
@@ -148,7 +148,7 @@ class HttpCatalogue:
                     raise UpstreamRefused(f"{PRODUCT_SERVICE} answered {resp.status}")
                 body = await _json(resp)
         except aiohttp.ClientConnectorError as exc:
-            self._registry.forget(PRODUCT_SERVICE)
+            self._registry.refused(instance)
             log.warning("%s refused the connection: %s", PRODUCT_SERVICE, exc)
             raise Unavailable(unavailable, retry_after_s=CATALOGUE_RETRY_AFTER_S) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -223,7 +223,13 @@ class HttpInventory:
             raise UpstreamRefused(f"{INVENTORY_SERVICE} answered {status} to a release")
 
     def unavailable_for_s(self) -> float:
-        return self._breaker.retry_after_s()
+        wait = self._breaker.retry_after_s()
+        if wait and self._registry.registered_again(INVENTORY_SERVICE):
+            # A restarted inventory registers at once: probe it now, not when the period ends.
+            log.info("%s registered again: probing it now", INVENTORY_SERVICE)
+            self._breaker.probe_now()
+            return self._breaker.retry_after_s()
+        return wait
 
     def _unavailable(self, failure: _CallFailed, *, maybe_applied: bool) -> Unavailable:
         wait = self._breaker.retry_after_s() or INVENTORY_RETRY_AFTER_S
@@ -263,12 +269,29 @@ class HttpInventory:
     async def _send(
         self, method: str, path: str, json: Mapping[str, Any] | None
     ) -> tuple[int, Any]:
-        try:
-            instance = await self._registry.choose(INVENTORY_SERVICE)
-        except RegistryUnavailable as exc:
-            raise _CallFailed(f"registry: {exc}", maybe_done=False) from exc
-        if instance is None:
-            raise _CallFailed(f"no {INVENTORY_SERVICE} instance is UP", maybe_done=False)
+        """Send to one inventory instance; one that refuses the connection is passed over
+        and the next one tried (nothing reached it, so nothing was applied)."""
+        tried: set[str] = set()
+        while True:
+            try:
+                instance = await self._registry.choose(INVENTORY_SERVICE)
+            except RegistryUnavailable as exc:
+                raise _CallFailed(f"registry: {exc}", maybe_done=False) from exc
+            if instance is None:
+                raise _CallFailed(f"no {INVENTORY_SERVICE} instance is UP", maybe_done=False)
+            if instance.instance_id in tried:
+                # Every listed instance refused: the breaker hears one failure.
+                raise _CallFailed("connection refused", maybe_done=False)
+            tried.add(instance.instance_id)
+            try:
+                return await self._send_to(instance, method, path, json)
+            except ConnectFailed:
+                self._registry.refused(instance)
+                log.warning("%s refused the connection", instance.instance_id)
+
+    async def _send_to(
+        self, instance: Instance, method: str, path: str, json: Mapping[str, Any] | None
+    ) -> tuple[int, Any]:
         # A token for this instance alone: another cannot replay what this one receives.
         headers = await _headers(
             self._credentials, peer=INVENTORY_SERVICE, target=instance.base_url
@@ -295,10 +318,9 @@ class HttpInventory:
                 raw = answer.whole_body()
                 if raw is None:
                     raw = b"".join([chunk async for chunk in answer.body()])
-        except ConnectFailed as exc:
-            self._registry.forget(INVENTORY_SERVICE)
-            raise _CallFailed("connection refused", maybe_done=False) from exc
         except TimeoutError as exc:
+            # Not tried again (it may have been applied), but passed over by the next call.
+            self._registry.refused(instance)
             raise _CallFailed("timed out", maybe_done=True) from exc
         except UpstreamBroken as exc:
             raise _CallFailed("connection broken", maybe_done=True) from exc

@@ -2,7 +2,9 @@
 
 Lookups are cached per application for a few seconds and served stale if the registry
 is briefly unreachable, so no request pays a registry round trip. Given several registries,
-the client uses whichever answers.
+the client uses whichever answers. An instance a caller reports as refusing (or timing out)
+is passed over until it proves alive: its quarantine ends, or the registry shows a new
+registration of it (a restarted process registers again at once).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +32,10 @@ _JSON = {
     "Accept-Encoding": "identity",
     "Content-Type": "application/json",
 }
+
+
+# While an instance is passed over, how often ``registered_again`` looks the application up.
+_RECHECK_S = 1.0
 
 
 class RegistryUnavailable(Exception):
@@ -63,6 +69,9 @@ class Instance:
     port: int
     status: str = "UP"
     secure: bool = False
+    # When the registry took this registration (leaseInfo.registrationTimestamp, ms; 0 when
+    # unknown): a restarted process registers again, so a new value proves it is back.
+    registered_at_ms: int = field(default=0, compare=False)
 
     @property
     def base_url(self) -> str:
@@ -77,6 +86,8 @@ class Instance:
         port: Any = secure_port if secure else raw.get("port", 0)
         if isinstance(port, dict):
             port = port.get("$", 0)
+        lease = raw.get("leaseInfo")
+        registered: Any = lease.get("registrationTimestamp", 0) if isinstance(lease, dict) else 0
         return cls(
             app=str(raw.get("app", "")).lower(),
             instance_id=str(raw.get("instanceId") or raw.get("hostName")),
@@ -84,6 +95,7 @@ class Instance:
             port=int(port),
             status=str(raw.get("status", "UNKNOWN")),
             secure=secure,
+            registered_at_ms=int(registered) if str(registered).isdigit() else 0,
         )
 
 
@@ -144,6 +156,15 @@ class _Cached:
     fetched_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class _PassedOver:
+    """An instance that refused or timed out: skipped until ``until`` or a new registration."""
+
+    app: str
+    until: float
+    registered_at_ms: int
+
+
 class RegistryClient:
     """Talks to one registry out of several (``base_url``: a list, or URLs separated by
     commas): it keeps to the one that answered last and moves on to the next, in the given
@@ -151,7 +172,10 @@ class RegistryClient:
     serve the same view, so any of them will do.
 
     A URL's userinfo is this service's registry credential: it is sent as HTTP Basic with
-    register, renew and cancel, and kept out of ``base_urls`` and every message."""
+    register, renew and cancel, and kept out of ``base_urls`` and every message.
+
+    ``choose`` round-robins over the UP instances and skips one reported by ``refused``
+    for ``pass_over_s`` (see docs/registry.md, "Discovery that heals")."""
 
     def __init__(
         self,
@@ -160,6 +184,8 @@ class RegistryClient:
         session: aiohttp.ClientSession,
         cache_ttl_s: float = 5.0,
         timeout_s: float = 2.0,
+        pass_over_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         urls = base_url.split(",") if isinstance(base_url, str) else base_url
         endpoints = [_endpoint(url) for url in urls if url.strip()]
@@ -176,6 +202,12 @@ class RegistryClient:
         # Outlives each refresh of the cache: a fresh cursor would pick the first one again.
         self._cursors: dict[str, itertools.count[int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._pass_over_s = pass_over_s
+        self._clock = clock
+        # Instance id -> its quarantine; empty (the usual case) costs choose() one test.
+        self._passed_over: dict[str, _PassedOver] = {}
+        # Background lookups started by registered_again, one at a time per application.
+        self._rechecks: dict[str, asyncio.Task[None]] = {}
 
     @property
     def base_url(self) -> str:
@@ -270,34 +302,111 @@ class RegistryClient:
         """UP instances of ``app``, from the cache when it is fresh."""
         app = app.lower()
         cached = self._cache.get(app)
-        if cached and time.monotonic() - cached.fetched_at < self._ttl:
+        if cached and self._clock() - cached.fetched_at < self._ttl:
             return cached.instances
         lock = self._locks.setdefault(app, asyncio.Lock())
         async with lock:
             cached = self._cache.get(app)
-            if cached and time.monotonic() - cached.fetched_at < self._ttl:
+            if cached and self._clock() - cached.fetched_at < self._ttl:
                 return cached.instances
             try:
                 found = [i for i in await self.fetch(app) if i.status == "UP"]
             except RegistryUnavailable:
                 if cached:
                     log.warning("registry unreachable; serving cached instances of %s", app)
-                    cached.fetched_at = time.monotonic()
+                    cached.fetched_at = self._clock()
                     return cached.instances
                 raise
-            self._cache[app] = _Cached(instances=found, fetched_at=time.monotonic())
+            self._remember(app, found)
             return found
 
+    def _remember(self, app: str, found: list[Instance]) -> None:
+        self._cache[app] = _Cached(instances=found, fetched_at=self._clock())
+        if self._passed_over:
+            # The quarantine of an instance no longer listed would never be looked at again.
+            listed = {i.instance_id for i in found}
+            for gone in [
+                key
+                for key, held in self._passed_over.items()
+                if held.app == app and key not in listed
+            ]:
+                del self._passed_over[gone]
+
     async def choose(self, app: str) -> Instance | None:
-        """Round-robin over the UP instances of ``app``."""
+        """Round-robin over the UP instances of ``app``, passing over those that refused."""
         instances = await self.instances(app)
         if not instances:
             return None
         cursor = self._cursors.setdefault(app.lower(), itertools.count())
-        return instances[next(cursor) % len(instances)]
+        turn = next(cursor)
+        if not self._passed_over:
+            return instances[turn % len(instances)]
+        return self._healthy(instances, turn)
+
+    def _healthy(self, instances: list[Instance], turn: int) -> Instance:
+        """The first instance from ``turn`` on that is not passed over. One whose quarantine
+        ended, or that registered again since it refused, is taken back. When every one is
+        passed over, the one whose quarantine ends first: a caller still gets an answer (a
+        refused connection costs microseconds), and its breaker bounds how often it asks."""
+        now = self._clock()
+        count = len(instances)
+        for step in range(count):
+            instance = instances[(turn + step) % count]
+            held = self._passed_over.get(instance.instance_id)
+            if held is None:
+                return instance
+            if now >= held.until or instance.registered_at_ms != held.registered_at_ms:
+                del self._passed_over[instance.instance_id]
+                return instance
+        return min(instances, key=lambda i: self._passed_over[i.instance_id].until)
+
+    def refused(self, instance: Instance) -> None:
+        """``instance`` refused a connection or timed out: pass it over for ``pass_over_s``
+        (or until it registers again), and look ``app`` up afresh on the next choice, so a
+        removed or re-registered instance shows at once."""
+        self._passed_over[instance.instance_id] = _PassedOver(
+            app=instance.app.lower(),
+            until=self._clock() + self._pass_over_s,
+            registered_at_ms=instance.registered_at_ms,
+        )
+        self.forget(instance.app)
+
+    def registered_again(self, app: str) -> bool:
+        """Without waiting: whether an instance of ``app`` that was passed over has registered
+        again since (a restarted process does at once), in the latest lookup. While one is
+        passed over, ``app`` is looked up again in the background every ``_RECHECK_S``.
+        A breaker uses it to probe a restarted peer before its open period ends."""
+        app = app.lower()
+        if not self._passed_over:
+            return False
+        cached = self._cache.get(app)
+        if cached is None or self._clock() - cached.fetched_at >= _RECHECK_S:
+            running = self._rechecks.get(app)
+            if running is None or running.done():
+                self._rechecks[app] = asyncio.create_task(
+                    self._recheck(app), name=f"registry-recheck-{app}"
+                )
+        if cached is None:
+            return False
+        for instance in cached.instances:
+            held = self._passed_over.get(instance.instance_id)
+            if held is not None and instance.registered_at_ms != held.registered_at_ms:
+                return True
+        return False
+
+    async def _recheck(self, app: str) -> None:
+        """Look ``app`` up now, whatever the cache's age; an unreachable registry leaves the
+        cached answer as it is (the next recheck tries again)."""
+        async with self._locks.setdefault(app, asyncio.Lock()):
+            try:
+                found = [i for i in await self.fetch(app) if i.status == "UP"]
+            except RegistryUnavailable as exc:
+                log.debug("recheck of %s: registry unreachable (%s)", app, exc)
+                return
+            self._remember(app, found)
 
     def forget(self, app: str) -> None:
-        """Drop the cached lookup, e.g. after an instance refused a connection."""
+        """Drop the cached lookup of ``app``: the next choice asks the registry."""
         self._cache.pop(app.lower(), None)
 
 
