@@ -305,6 +305,11 @@ class Supervisor:
         check_table(services)
         self._services = list(services)
         self._environment = dict(environment)
+        # Everything runs on one machine: a heartbeat every 5 s and a 15 s lease (Eureka's are
+        # 30 and 90) let a dead instance leave the registry, and a restarted registry learn
+        # every service again, within seconds (docs/registry.md). The operator's values win.
+        self._environment.setdefault("SHOP_HEARTBEAT_INTERVAL_S", "5")
+        self._environment.setdefault("SHOP_LEASE_DURATION_S", "15")
         # Only the registry sees every credential; each service gets its own, in its URL.
         self._clients = registry_clients(self._environment)
         for name in (REGISTRY_CLIENTS, REGISTRY_CLIENTS_FILE):
