@@ -43,6 +43,11 @@ from tests.support import ManualClock
         ("registry listening on http://:::8761", "http://[::1]:8761"),
         ("registry listening on http://[::1]:8761/", "http://[::1]:8761"),
         ("x listening on http://shop.local:81 (pid 3)", "http://shop.local:81"),
+        # The production profile's JSON line (platform/logs.py).
+        (
+            '{"level": "INFO", "message": "order-service listening on http://0.0.0.0:8080"}',
+            "http://127.0.0.1:8080",
+        ),
     ],
 )
 def test_the_listening_line_gives_a_url_reachable_from_here(line: str, url: str) -> None:

@@ -1,11 +1,15 @@
 """Log lines of a service process: batched by a writer thread, yet complete, in order and
-prompt; written out at exit and on SIGTERM; a blocked stdout costs lines, never the loop."""
+prompt; written out at exit and on SIGTERM; a blocked stdout costs lines, never the loop.
+Inside a request they carry its ids; access lines come in the same two formats."""
 
 from __future__ import annotations
 
+import contextvars
 import io
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +17,10 @@ import textwrap
 import threading
 import time
 
-from shop.platform.logs import LOG_FORMAT, BatchingHandler
+import pytest
+
+from shop.platform import context, logs
+from shop.platform.logs import LOG_FORMAT, BatchingHandler, LineFormatter
 
 
 class SlowStream(io.StringIO):
@@ -121,3 +128,118 @@ def test_buffered_lines_are_written_at_exit_and_on_sigterm() -> None:
         lines = done.stdout.splitlines()
         assert [line.split(": ", 1)[1] for line in lines] == ["line 0", "line 1", "line 2"]
         assert done.returncode == (-signal.SIGTERM if how == "term" else 0)
+
+
+def collected(handler: BatchingHandler, out: io.StringIO) -> list[str]:
+    handler.close()
+    return out.getvalue().splitlines()
+
+
+def test_a_line_inside_a_request_carries_its_ids_and_the_service_outside_none() -> None:
+    out = io.StringIO()
+    handler = BatchingHandler(out)
+    handler.setFormatter(LineFormatter("text", service="order-service"))
+    log = logger_to(handler, "test.logs.ids")
+    trace = context.TraceContext.new()
+
+    def in_a_request() -> None:
+        context.bind(request_id="req-7", trace=trace)
+        log.warning("refused %s", "o-1")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("it failed")
+
+    log.info("outside")
+    contextvars.copy_context().run(in_a_request)
+    lines = collected(handler, out)
+    ids = f"service=order-service request_id=req-7 trace_id={trace.trace_id}"
+    ids += f" span_id={trace.span_id}"
+    assert lines[0].endswith(" INFO  test.logs.ids: outside")
+    assert lines[1].endswith(f" WARNING test.logs.ids: refused o-1 {ids}")
+    assert lines[2].endswith(f"it failed {ids}")  # the ids on the line, before the traceback
+    assert lines[3] == "Traceback (most recent call last):"
+
+
+def test_json_lines_are_one_object_each_with_the_ids_as_fields() -> None:
+    out = io.StringIO()
+    handler = BatchingHandler(out)
+    handler.setFormatter(LineFormatter("json", service="inventory-service"))
+    log = logger_to(handler, "test.logs.json")
+    trace = context.TraceContext.new()
+
+    def in_a_request() -> None:
+        context.bind(request_id="req-8", trace=trace)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.exception("it failed: %s", "line\nbreak")
+
+    contextvars.copy_context().run(in_a_request)
+    (line,) = collected(handler, out)
+    fields = json.loads(line)
+    assert fields["level"] == "ERROR"
+    assert fields["logger"] == "test.logs.json"
+    assert fields["message"] == "it failed: line\nbreak"
+    assert fields["service"] == "inventory-service"
+    assert (fields["request_id"], fields["trace_id"], fields["span_id"]) == (
+        "req-8",
+        trace.trace_id,
+        trace.span_id,
+    )
+    assert "RuntimeError: boom" in fields["exception"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", fields["ts"])
+
+
+def test_access_lines_are_written_by_the_writer_in_both_formats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trace = context.TraceContext.new()
+    for fmt in ("text", "json"):
+        out = io.StringIO()
+        handler = BatchingHandler(out)
+        handler.setFormatter(LineFormatter(fmt, service="order-service"))
+        monkeypatch.setattr(logs, "_access_handler", handler)
+        logs.access("order-service", "GET", "/orders/{id}", 404, 0.00125, "req-9", trace)
+        (line,) = collected(handler, out)
+        if fmt == "text":
+            assert line.endswith(
+                " INFO  access: GET /orders/{id} 404 1.25ms service=order-service"
+                f" request_id=req-9 trace_id={trace.trace_id} span_id={trace.span_id}"
+            )
+        else:
+            fields = json.loads(line)
+            assert {k: fields[k] for k in ("logger", "method", "route", "status")} == {
+                "logger": "access",
+                "method": "GET",
+                "route": "/orders/{id}",
+                "status": 404,
+            }
+            assert fields["duration_ms"] == 1.25
+            assert (fields["request_id"], fields["trace_id"]) == ("req-9", trace.trace_id)
+
+
+def test_no_access_lines_when_switched_off_or_above_info(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    monkeypatch.setenv("SHOP_ACCESS_LOG", "false")
+    try:
+        for level, on in (("INFO", False), ("WARNING", True), ("INFO", None)):
+            logs.configure_logging(level, stream=out, fmt="text", access_log=on)
+            logs.access("s", "GET", "/x", 200, 0.001, "req", None)
+            logs.stop_logging()
+    finally:
+        root.handlers, root.level = saved[0], saved[1]
+    assert out.getvalue() == ""
+
+
+def test_the_format_is_text_unless_json_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SHOP_LOG_FORMAT", raising=False)
+    assert logs.log_format() == "text"
+    monkeypatch.setenv("SHOP_LOG_FORMAT", "JSON")
+    assert logs.log_format() == "json"
+    monkeypatch.setenv("SHOP_LOG_FORMAT", "text")
+    assert logs.log_format() == "text"

@@ -33,7 +33,7 @@ from shop.gateway.domain import (
 from shop.gateway.ratelimit import RateLimits
 from shop.gateway.service import ApiCatalogue, Upstreams, admit, forward
 from shop.gateway.settings import GatewaySettings
-from shop.platform import context, telemetry
+from shop.platform import context, logs, telemetry
 from shop.platform.discovery import Heartbeat, RegistryClient
 from shop.platform.middleware import HttpMetrics
 from shop.platform.problems import Problem, problem_response, send_problem
@@ -188,7 +188,7 @@ class Proxy:
         finally:
             route = scope.get("route")
             template = route.path if route else None
-            self.observe(scope["method"], template, status, began)
+            self.observe(scope["method"], template, status, began, identity)
             if identity.span is not None:
                 _end_span(identity.span, scope["method"], template, status)
 
@@ -235,8 +235,11 @@ class Proxy:
             span=span,
         )
 
-    def observe(self, method: str, template: str | None, status: int, began: float) -> None:
-        """Count the request under its route (never the raw path) and its status."""
+    def observe(
+        self, method: str, template: str | None, status: int, began: float, identity: Identity
+    ) -> None:
+        """Count the request under its route (never the raw path) and its status, and write
+        its access line with ``identity``'s ids (the fast lane has no context bound)."""
         seconds = time.perf_counter() - began
         template = template or "unmatched"
         key = (method, template, status)
@@ -251,6 +254,15 @@ class Proxy:
                 self._observers[key] = observers
         observers[0].inc()
         observers[1].observe(seconds)
+        logs.access(
+            self.metrics.service,
+            method,
+            template,
+            status,
+            seconds,
+            identity.request_id,
+            identity.trace,
+        )
 
     def client_of(self, peer: str, headers: list[tuple[bytes, bytes]]) -> str:
         """The peer, or behind a trusted load balancer the address it appended last."""

@@ -229,7 +229,7 @@ class _Exchange:
         """Write the service's whole answer as uvicorn would have written the ASGI path's."""
         protocol = self.protocol
         self.response_complete = True
-        self.proxy.observe(self.method, self.scope["route"].path, status, self.began)
+        self.proxy.observe(self.method, self.scope["route"].path, status, self.began, self.identity)
         if self.disconnected or protocol.transport.is_closing():
             return
         out = [STATUS_LINE[status]]

@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 _LISTENING = re.compile(
-    r"listening on http://(?P<host>\[[^\]]*\]|[^\s/]+?):(?P<port>\d{1,5})(?=[\s/]|$)"
+    r'listening on http://(?P<host>\[[^\]]*\]|[^\s/]+?):(?P<port>\d{1,5})(?=[\s/"]|$)'
 )
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}  # noqa: S104 - mapped away
 _KEPT_LINES = 40

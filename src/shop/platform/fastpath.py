@@ -6,11 +6,11 @@ HEAD-as-GET, Starlette's exception middleware), FastAPI's router, its dependency
 processes' CPU, besides the work itself. :class:`LeanRoutes` sits in front of that stack
 and answers a few exact ``(method, path)`` pairs itself, doing in one layer what the
 wrappers do (request id and trace bound, ``X-Request-ID`` on the answer, the body limit,
-metrics by route template, a problem+json 500 for a crash) and what FastAPI does for a
-JSON body (strict content type, ``json.loads``, the pydantic model); every error goes
-through the app's own exception handlers, so refusals read exactly as FastAPI's. The routes
-stay declared on the FastAPI app for ``/openapi.json``; anything else (other methods, a
-trailing slash) falls through to the full stack unchanged.
+metrics and the access line by route template, a problem+json 500 for a crash) and what
+FastAPI does for a JSON body (strict content type, ``json.loads``, the pydantic model);
+every error goes through the app's own exception handlers, so refusals read exactly as
+FastAPI's. The routes stay declared on the FastAPI app for ``/openapi.json``; anything
+else (other methods, a trailing slash) falls through to the full stack unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shop.platform import context, telemetry
+from shop.platform import context, logs, telemetry
 from shop.platform.middleware import HttpMetrics
 from shop.platform.problems import send_problem
 
@@ -253,7 +253,9 @@ class LeanRoutes:
                 )
         finally:
             if status:
-                self._observe(scope["method"], path, status, time.perf_counter() - began)
+                self._observe(
+                    scope["method"], path, status, time.perf_counter() - began, request_id, trace
+                )
 
     async def _body(self, declared: bytes | None, receive: Receive) -> bytes:
         """The whole body: ValueError for a Content-Length that is not a number, _TooLarge
@@ -274,7 +276,16 @@ class LeanRoutes:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _observe(self, method: str, path: str, status: int, elapsed_s: float) -> None:
+    def _observe(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        elapsed_s: float,
+        request_id: str,
+        trace: context.TraceContext,
+    ) -> None:
+        """Metrics and the access line (the path is the route's template: fixed paths only)."""
         key = (method, path, status)
         instruments = self._instruments.get(key)
         if instruments is None:
@@ -285,6 +296,7 @@ class LeanRoutes:
             )
         instruments[0].inc()
         instruments[1].observe(elapsed_s)
+        logs.access(self.metrics.service, method, path, status, elapsed_s, request_id, trace)
 
 
 def _handler_for(app: Any, exc: Exception) -> Any:

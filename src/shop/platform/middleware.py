@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shop.platform import context, telemetry
+from shop.platform import context, logs, telemetry
 from shop.platform.problems import send_problem
 
 __all__ = [
@@ -211,7 +211,9 @@ class HttpMetrics:
 
 
 class MetricsMiddleware:
-    """Counts and times requests by route template (never the raw path: bounded cardinality)."""
+    """Counts, times and access-logs requests by route template (never the raw path: bounded
+    cardinality, and no user data in the log). Inside ``RequestContextMiddleware``, so the
+    request's ids are bound."""
 
     def __init__(self, app: ASGIApp, *, metrics: HttpMetrics) -> None:
         self.app = app
@@ -236,7 +238,16 @@ class MetricsMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
-            self.metrics.requests.labels(self.metrics.service, method, template, str(status)).inc()
-            self.metrics.latency.labels(self.metrics.service, method, template).observe(
-                time.perf_counter() - began
+            elapsed = time.perf_counter() - began
+            service = self.metrics.service
+            self.metrics.requests.labels(service, method, template, str(status)).inc()
+            self.metrics.latency.labels(service, method, template).observe(elapsed)
+            logs.access(
+                service,
+                method,
+                template,
+                status,
+                elapsed,
+                context.current_request_id() or "-",
+                context.current_trace(),
             )

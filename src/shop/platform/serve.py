@@ -353,7 +353,13 @@ def main(
         platform, loaded = load_settings(settings)
         if preflight is not None:
             preflight(platform, loaded)
-        configure_logging(platform.log_level)
+        configure_logging(
+            platform.log_level,
+            service=name,
+            # JSON for a log shipper on production, readable text on embedded, unless chosen.
+            fmt=platform.log_format or ("json" if platform.profile == "production" else "text"),
+            access_log=platform.access_log,
+        )
         app = build_app(platform=platform, settings=loaded)
     except SettingsRefused as exc:
         print(f"{name} refuses to start: {exc}", file=sys.stderr)

@@ -143,12 +143,24 @@ class PlatformSettings(BaseSettings):
     # Service tokens name this audience, so no user token passes for one and vice versa.
     internal_audience: str = Field(default="shop-internal", min_length=1)
     log_level: LogLevel = "INFO"
+    # Log lines as text (unset) or JSON, for a log shipper (shop.platform.logs.log_format
+    # reads the same variable, SHOP_LOG_FORMAT).
+    log_format: Literal["text", "json"] | None = None
+    # One access line per request (method, route template, status, duration, ids), at INFO.
+    access_log: bool = True
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 30)
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_in_any_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format_in_any_case(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.strip().lower() or None
+        return value
 
     @field_validator("event_bus_url", "service_secret", "jwks_url", "auth_url", mode="before")
     @classmethod
