@@ -133,7 +133,7 @@ async def test_a_kept_alive_connection_the_service_closed_is_retried(
         fast_lane.clear()
         status, _, _ = await call(world, "GET", "/api/product/after")
         assert status == 200
-    assert True in fast_lane
+    assert any(fast_lane), "no request took the fast lane"
 
 
 async def test_pipelined_requests_are_answered_in_order(world: World) -> None:
