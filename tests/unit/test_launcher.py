@@ -28,7 +28,13 @@ from shop.launcher.settings import (
     service_clients,
     with_credentials,
 )
-from shop.launcher.supervisor import RestartBudget, RestartPolicy, describe_exit, parse_listening
+from shop.launcher.supervisor import (
+    LineSplitter,
+    RestartBudget,
+    RestartPolicy,
+    describe_exit,
+    parse_listening,
+)
 from tests.support import ManualClock
 
 
@@ -211,8 +217,8 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
 def test_output_lines_are_prefixed_with_the_padded_service_name() -> None:
     stream = io.StringIO()
     console = Console(stream, names=["registry", "auth"])
-    console.service_line("registry", "up and running")
-    console.service_line("auth", "")
+    console.service_lines("registry", ["up and running"])
+    console.service_lines("auth", [""])
     console.note("all good")
     assert stream.getvalue().splitlines() == [
         "registry     | up and running",
@@ -225,8 +231,8 @@ def test_output_lines_are_prefixed_with_the_padded_service_name() -> None:
 def test_a_long_service_name_widens_every_prefix() -> None:
     stream = io.StringIO()
     console = Console(stream, names=["notification-service", "auth"])
-    console.service_line("auth", "x")
-    assert stream.getvalue() == "auth                 | x\n"
+    console.service_lines("auth", ["x", "y"])
+    assert stream.getvalue() == "auth                 | x\nauth                 | y\n"
 
 
 class _Terminal(io.StringIO):
@@ -241,8 +247,8 @@ def test_colour_is_used_at_a_terminal_unless_no_color_is_set(
     monkeypatch.setenv("TERM", "xterm")
     stream = _Terminal()
     console = Console(stream, names=["registry", "auth"])
-    console.service_line("registry", "hi")
-    console.service_line("auth", "hi")
+    console.service_lines("registry", ["hi"])
+    console.service_lines("auth", ["hi"])
     console.banner("auth crashed")
     first, second, *banner = stream.getvalue().splitlines()
     assert first.startswith("\033[36mregistry     |\033[0m")
@@ -479,3 +485,14 @@ def test_a_bad_restart_limit_is_refused(value: str, capsys: pytest.CaptureFixtur
         cli.main(["up", "--max-restarts", value])
     assert refused.value.code == 2
     assert "--max-restarts" in capsys.readouterr().err
+
+
+def test_output_is_cut_into_whole_lines_whatever_the_reads_bring() -> None:
+    lines = LineSplitter(limit=8)
+    assert lines.feed(b"one\ntw") == ["one"]
+    assert lines.feed(b"o\r\nthree\nfo") == ["two", "three"]
+    assert lines.feed(b"ur is far too long") == ["[a line longer than 8 bytes was cut]"]
+    assert lines.feed(b" still\nfive\n") == ["five"]
+    assert lines.feed(b"six") == []
+    assert lines.end() == ["six"]
+    assert lines.end() == []

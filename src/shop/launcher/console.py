@@ -43,8 +43,7 @@ class Console:
         if self._broken:
             return
         try:
-            for line in lines:
-                self._stream.write(line + "\n")
+            self._stream.write("".join(f"{line}\n" for line in lines))
             self._stream.flush()
         except (BrokenPipeError, ValueError):
             # Whoever read our output went away (``shop up | head``): keep supervising.
@@ -55,8 +54,10 @@ class Console:
         code = _BOLD if name == LAUNCHER else self._colours.get(name, _PALETTE[0])
         return self._paint(code, f"{label} |")
 
-    def service_line(self, name: str, line: str) -> None:
-        self._write([f"{self.prefix(name)} {line}"])
+    def service_lines(self, name: str, lines: Sequence[str]) -> None:
+        """Several lines of one service, written out together."""
+        prefix = self.prefix(name)
+        self._write([f"{prefix} {line}" for line in lines])
 
     def note(self, text: str) -> None:
         self._write([f"{self.prefix(LAUNCHER)} {text}"])

@@ -58,6 +58,7 @@ _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "[::1]"}  # noqa: S10
 _KEPT_LINES = 40
 _SHOWN_LINES = 15
 _LINE_LIMIT = 1 << 20
+_READ_SIZE = 1 << 16
 # /health/ready is asked again on each line the service prints (it logs what makes it ready:
 # migrated, started, registered) and at the latest after these pauses, doubling.
 _FIRST_POLL_S = 0.05
@@ -151,6 +152,36 @@ def _probe(url: str) -> str:
         return type(exc).__name__
     finally:
         connection.close()
+
+
+class LineSplitter:
+    """Bytes as they come from a pipe, cut into whole lines (decoded, line ends dropped); a
+    line over ``limit`` bytes is replaced by a note saying it was cut."""
+
+    def __init__(self, limit: int = _LINE_LIMIT) -> None:
+        self._limit = limit
+        self._pending = b""
+        self._cutting = False  # dropping the rest of an over-long line
+
+    def feed(self, chunk: bytes) -> list[str]:
+        *whole, self._pending = (self._pending + chunk).split(b"\n")
+        lines = []
+        for raw in whole:
+            if self._cutting:
+                self._cutting = False  # the end of the over-long line
+                continue
+            lines.append(raw.decode(errors="replace").rstrip("\r"))
+        if len(self._pending) > self._limit:
+            lines.append(f"[a line longer than {self._limit} bytes was cut]")
+            self._pending, self._cutting = b"", True
+        return lines
+
+    def end(self) -> list[str]:
+        """The last line, if the stream ended without a line end."""
+        rest, self._pending = self._pending, b""
+        if not rest or self._cutting:
+            return []
+        return [rest.decode(errors="replace").rstrip("\r")]
 
 
 def describe_exit(code: int | None) -> str:
@@ -506,25 +537,29 @@ class Supervisor:
         return child
 
     async def _pump(self, child: _Child) -> None:
+        """Relay what the child prints, a read at a time: every whole line a read brings is
+        written out in one write (under load a service prints a few lines per order, and a
+        write and a flush per line were the launcher's main cost)."""
         stream = child.process.stdout
         if stream is None:
             return
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:
-                line = f"[a line longer than {_LINE_LIMIT} bytes was cut]"
-            else:
-                if not raw:
-                    return
-                line = raw.decode(errors="replace").rstrip("\r\n")
-            child.last_lines.append(line)
-            child.spoke.set()
-            self._console.service_line(child.name, line)
-            if not child.listening.done():
+        lines = LineSplitter()
+        while chunk := await stream.read(_READ_SIZE):
+            if whole := lines.feed(chunk):
+                self._relay(child, whole)
+        if rest := lines.end():
+            self._relay(child, rest)
+
+    def _relay(self, child: _Child, lines: list[str]) -> None:
+        child.last_lines.extend(lines)
+        child.spoke.set()
+        self._console.service_lines(child.name, lines)
+        if not child.listening.done():
+            for line in lines:
                 url = parse_listening(line)
                 if url is not None:
                     child.listening.set_result(url)
+                    break
 
     async def _start_wave(self, stages: Sequence[Sequence[ServiceSpec]]) -> None:
         """Start these stages' services together; return when every one is ready."""
