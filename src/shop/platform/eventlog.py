@@ -507,17 +507,13 @@ class SqliteEventLog:
             event = Event.from_json(payload)
         except MalformedEvent as exc:
             return True, str(exc), False  # no retry can make it readable
-        trace = context.parse_traceparent(event.traceparent)
-        span = None
-        if context.spans_exported:
-            span = telemetry.start_process_span(
-                f"{sub.topic} process",
-                kind="consumer",
-                parent=trace,
-                attributes=_consume_attributes(sub.topic, sub.group, event),
-            )
-            trace = telemetry.span_trace(span) if span is not None else trace
-        context.bind(request_id=event.id, trace=trace or context.TraceContext.new())
+        span = telemetry.consuming(
+            system="shop-eventlog",
+            topic=sub.topic,
+            group=sub.group,
+            event_id=event.id,
+            parent=context.parse_traceparent(event.traceparent),
+        )
         try:
             return await self._attempts(engine, sub, event, seq=seq, tried=tried, held=held)
         finally:
@@ -597,16 +593,6 @@ class SqliteEventLog:
                     _SET_ASIDE, {**key, "p": payload, "e": error[:2000], "now": time.time()}
                 )
         return True
-
-
-def _consume_attributes(topic: str, group: str, event: Event) -> dict[str, str | int]:
-    return {
-        "messaging.system": "shop-eventlog",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": topic,
-        "messaging.consumer.group.name": group,
-        "messaging.message.id": event.id,
-    }
 
 
 def from_url(

@@ -731,25 +731,15 @@ class _GroupConsumer:
             await self._set_aside(tp, message, error=previous.error, attempts=attempts)
             return None
         header = _header(message.headers, TRACEPARENT)
-        trace = context.parse_traceparent(
-            event.traceparent or (header.decode() if header else None)
+        span = telemetry.consuming(
+            system="kafka",
+            topic=tp.topic,
+            group=self.group,
+            event_id=event.id,
+            parent=context.parse_traceparent(
+                event.traceparent or (header.decode() if header else None)
+            ),
         )
-        span = None
-        if context.spans_exported:
-            span = telemetry.start_process_span(
-                f"{tp.topic} process",
-                kind="consumer",
-                parent=trace,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": tp.topic,
-                    "messaging.consumer.group.name": self.group,
-                    "messaging.message.id": event.id,
-                },
-            )
-            trace = telemetry.span_trace(span) if span is not None else trace
-        context.bind(request_id=event.id, trace=trace or context.TraceContext.new())
         try:
             # A handler that hangs would hold its partition for ever.
             async with asyncio.timeout(retry.handler_timeout_s):

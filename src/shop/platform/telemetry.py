@@ -36,6 +36,7 @@ __all__ = [
     "parent_of",
     "process_tracer",
     "shutdown",
+    "consuming",
     "span_trace",
     "start_process_span",
     "start_span",
@@ -189,3 +190,30 @@ def _span_context(trace_context: context.TraceContext) -> SpanContext:
         is_remote=True,
         trace_flags=TraceFlags(int(trace_context.flags, 16)),
     )
+
+
+def consuming(
+    *, system: str, topic: str, group: str, event_id: str, parent: context.TraceContext | None
+) -> Span | None:
+    """Bind the handling of one delivered event as the current request: the event's id as
+    the request id, and as trace a CONSUMER span under the event's ``parent`` when spans are
+    exported (returned: end it when the handling ends), else the event's own trace."""
+    span = None
+    trace = parent
+    if context.spans_exported:
+        span = start_process_span(
+            f"{topic} process",
+            kind="consumer",
+            parent=parent,
+            attributes={
+                "messaging.system": system,
+                "messaging.operation.type": "process",
+                "messaging.destination.name": topic,
+                "messaging.consumer.group.name": group,
+                "messaging.message.id": event_id,
+            },
+        )
+        if span is not None:
+            trace = span_trace(span)
+    context.bind(request_id=event_id, trace=trace or context.TraceContext.new())
+    return span
