@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from tests.e2e.conftest import REGISTRANTS, SERVICE_CLIENTS, System, _wait_until_serving
 from tests.support import free_port
 
-PRODUCER, CONSUMER = 4, 5  # SpanKind in OTLP's numbering
+SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # SpanKind in OTLP's numbering
 SERVICES = ("api-gateway", "order-service", "inventory-service", "notification-service")
 
 
@@ -43,6 +43,8 @@ class Span:
     trace_id: str
     span_id: str
     parent_id: str  # "" for a root
+    system: str  # db.system.name of a statement's span, else ""
+    links: tuple[str, ...]  # the span ids it links to
 
 
 class Receiver:
@@ -89,6 +91,15 @@ class Receiver:
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),
                             parent_id=span.parent_span_id.hex(),
+                            system=next(
+                                (
+                                    a.value.string_value
+                                    for a in span.attributes
+                                    if a.key == "db.system.name"
+                                ),
+                                "",
+                            ),
+                            links=tuple(link.span_id.hex() for link in span.links),
                         )
                     )
         with self._lock:
@@ -240,8 +251,22 @@ def test_one_order_is_one_trace_across_services_and_events(
     assert root.service == "api-gateway", "the trace starts at the gateway"
     # The reservation is the order's call to the inventory; the notification is caused by
     # the event the order's outbox relay published.
-    reservation = next(s for s in spans if s.service == "inventory-service")
+    reservation = next(s for s in spans if (s.service, s.kind) == ("inventory-service", SERVER))
     assert by_id[reservation.parent_id].service == "order-service"
+    # Each service's statements are spans of their own under the work that made them.
+    statements = {s.service for s in spans if s.kind == CLIENT and s.system == "sqlite"}
+    assert {"order-service", "notification-service"} <= statements
+    # The inventory applies concurrent reservations in one transaction: its statements
+    # belong to the group's own trace, whose span links to each reservation's.
+    group = _eventually(
+        lambda: next((s for s in receiver.spans if reservation.span_id in s.links), None),
+        what="the reservation group's span",
+    )
+    assert (group.service, group.name) == ("inventory-service", "reservation group")
+    assert any(
+        s.parent_id == group.span_id and s.system == "sqlite"
+        for s in receiver.trace(group.trace_id)
+    )
     consumer = next(s for s in spans if s.kind == CONSUMER)
     producer = by_id[consumer.parent_id]
     assert (producer.service, producer.kind) == ("order-service", PRODUCER)

@@ -211,3 +211,46 @@ def test_zipkin_is_sent_spans_as_zipkin_json(monkeypatch: pytest.MonkeyPatch) ->
         telemetry.shutdown()
         server.shutdown()
         server.server_close()
+
+
+async def test_each_sql_statement_of_a_sampled_request_is_a_client_span_under_it(
+    exported: InMemorySpanExporter, tmp_path: Any
+) -> None:
+    from sqlalchemy import text
+
+    from shop.platform.db import create_engine
+    from shop.platform.rawsql import RawSql
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'orders.db'}")
+    telemetry.trace_engine(engine)
+    try:
+        async with engine.begin() as conn:  # no trace bound: background work makes no span
+            await conn.execute(text("CREATE TABLE orders (id INTEGER PRIMARY KEY, qty INTEGER)"))
+        assert exported.get_finished_spans() == ()
+
+        context.bind(request_id="r1", trace=CALLER)
+        async with engine.begin() as conn:
+            await conn.execute(text("INSERT INTO orders (qty) VALUES (1)"))
+        async with RawSql(engine).writing() as tx:
+            await tx.execute("UPDATE orders SET qty = qty + ? WHERE id = ?", (1, 1))
+            with pytest.raises(Exception, match="no such table"):
+                await tx.execute("SELECT * FROM missing")
+
+        unsampled = context.TraceContext(trace_id="1" * 32, span_id="2" * 16, flags="00")
+        context.bind(request_id="r3", trace=unsampled)
+        async with engine.begin() as conn:
+            await conn.execute(text("SELECT qty FROM orders"))
+    finally:
+        await engine.dispose()
+
+    spans = exported.get_finished_spans()
+    assert [s.name for s in spans] == ["INSERT", "UPDATE", "SELECT"]
+    for span in spans:
+        assert span.kind is SpanKind.CLIENT
+        assert span.parent is not None and span.parent.span_id == int(CALLER.span_id, 16)
+        assert span.context.trace_id == int(CALLER.trace_id, 16)
+        attributes = dict(span.attributes or {})
+        assert attributes["db.system.name"] == "sqlite"
+        assert attributes["db.namespace"] == "orders.db"
+    assert str(dict(spans[1].attributes or {})["db.query.text"]).startswith("UPDATE orders SET")
+    assert spans[2].status.is_ok is False  # the failed statement is marked as such

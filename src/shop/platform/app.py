@@ -357,6 +357,7 @@ async def service_database(
     """A service's own database: engine opened, ``<package>/migrations`` applied, readiness
     checked; disposed on the way out."""
     engine = create_engine(url)
+    telemetry.trace_engine(engine)  # a span per statement while spans are exported
     try:
         await migrate(engine, package=package, service=package.rsplit(".", 1)[-1])
         runtime.readiness["database"] = partial(ping, engine)

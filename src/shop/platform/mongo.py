@@ -32,7 +32,14 @@ from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConfigurationError, DuplicateKeyError
+from pymongo.monitoring import (
+    CommandFailedEvent,
+    CommandListener,
+    CommandStartedEvent,
+    CommandSucceededEvent,
+)
 
+from shop.platform import telemetry
 from shop.platform.events import Event
 from shop.platform.outbox import OutboxEntry
 
@@ -65,7 +72,10 @@ async def mongo_database(url: str) -> AsyncIterator[AsyncDatabase[Document]]:
     Dates come back aware, in UTC. Connecting is lazy: a server that is down is reported
     by ``ping`` (readiness), not here.
     """
-    client: AsyncMongoClient[Document] = AsyncMongoClient(url, tz_aware=True, tzinfo=UTC)
+    listeners = [CommandSpans()] if telemetry.enabled() else []
+    client: AsyncMongoClient[Document] = AsyncMongoClient(
+        url, tz_aware=True, tzinfo=UTC, event_listeners=listeners
+    )
     try:
         try:
             database = client.get_default_database()
@@ -76,6 +86,38 @@ async def mongo_database(url: str) -> AsyncIterator[AsyncDatabase[Document]]:
         yield database
     finally:
         await client.close()
+
+
+class CommandSpans(CommandListener):
+    """A span per command sent while a sampled request's or event's trace is bound
+    (``telemetry.statement_span``: why not opentelemetry-instrumentation-pymongo)."""
+
+    def __init__(self) -> None:
+        self._open: dict[tuple[int, int], Any] = {}
+
+    def started(self, event: CommandStartedEvent) -> None:
+        collection = event.command.get(event.command_name)
+        name = f"{event.command_name} {collection}" if isinstance(collection, str) else ""
+        span = telemetry.statement_span(
+            "mongodb",
+            event.command_name,
+            name or event.command_name,
+            namespace=event.database_name,
+        )
+        if span is not None:
+            span.update_name(name or event.command_name)
+            self._open[(event.request_id, event.operation_id or 0)] = span
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        span = self._open.pop((event.request_id, event.operation_id or 0), None)
+        if span is not None:
+            telemetry.end_span(span)
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        span = self._open.pop((event.request_id, event.operation_id or 0), None)
+        if span is not None:
+            span.set_attribute("db.response.status_code", str(event.failure.get("code", "")))
+            telemetry.end_span(span, RuntimeError(str(event.failure.get("codeName", "error"))))
 
 
 async def ping(database: AsyncDatabase[Document]) -> None:

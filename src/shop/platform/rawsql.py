@@ -31,6 +31,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from shop.platform import context, telemetry
 from shop.platform.db import SQLITE_POOL_SIZE, open_sqlite, patiently
 
 __all__ = ["RawSql", "RawTransaction", "Rows"]
@@ -55,27 +56,45 @@ class RawTransaction(Protocol):
 
 
 class _SqliteTransaction:
-    """Statements run inline: on SQLite none of them awaits anything."""
+    """Statements run inline: on SQLite none of them awaits anything. While spans are
+    exported each statement gets one (the engine's statements get theirs from
+    ``telemetry.trace_engine``)."""
 
-    __slots__ = ("_connection",)
+    __slots__ = ("_connection", "_namespace")
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
+    def __init__(self, connection: sqlite3.Connection, namespace: str) -> None:
         self._connection = connection
+        self._namespace = namespace
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
+        span = self._span(sql) if context.spans_exported else None
         try:
             cursor = self._connection.execute(sql, parameters)
             rows = cursor.fetchall() if cursor.description else []
         except sqlite3.Error as exc:
+            if span is not None:
+                telemetry.end_span(span, exc)
             raise _translated(sql, exc) from exc
+        if span is not None:
+            telemetry.end_span(span)
         return Rows(rows, cursor.rowcount)
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows:
+        span = self._span(sql) if context.spans_exported else None
         try:
             cursor = self._connection.executemany(sql, rows)
         except sqlite3.Error as exc:
+            if span is not None:
+                telemetry.end_span(span, exc)
             raise _translated(sql, exc) from exc
+        if span is not None:
+            telemetry.end_span(span)
         return Rows([], cursor.rowcount)
+
+    def _span(self, sql: str) -> Any:
+        return telemetry.statement_span(
+            "sqlite", telemetry.sql_operation(sql), sql, namespace=self._namespace
+        )
 
 
 class _EngineTransaction:
@@ -110,6 +129,7 @@ class RawSql:
         database = engine.url.database
         file_db = engine.dialect.name == "sqlite" and database not in (None, "", ":memory:")
         self._database = database if file_db else None
+        self._namespace = (database or "").rsplit("/", 1)[-1]
         self._idle: list[sqlite3.Connection] = []
         if self._database is not None:
             # The engine's dispose (the app's shutdown) closes these connections as well.
@@ -143,7 +163,7 @@ class RawSql:
             self._give_back(connection)
             raise
         try:
-            yield _SqliteTransaction(connection)
+            yield _SqliteTransaction(connection, self._namespace)
         except BaseException:
             self._give_back(connection)  # rolled back
             raise

@@ -28,6 +28,7 @@ from shop.platform import context
 if TYPE_CHECKING:  # imported where used: with tracing off OpenTelemetry is never loaded
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, SpanContext, Tracer
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "current_trace",
@@ -37,6 +38,10 @@ __all__ = [
     "process_tracer",
     "shutdown",
     "consuming",
+    "end_span",
+    "sql_operation",
+    "statement_span",
+    "trace_engine",
     "span_trace",
     "start_process_span",
     "start_span",
@@ -217,3 +222,88 @@ def consuming(
             trace = span_trace(span)
     context.bind(request_id=event_id, trace=trace or context.TraceContext.new())
     return span
+
+
+# --- Statement spans: SQL (SQLAlchemy engines and RawSql) and MongoDB commands ----------------
+#
+# Written here rather than taken from opentelemetry-instrumentation-sqlalchemy/-pymongo: those
+# parent their spans on OpenTelemetry's current context, which Shop does not keep for event
+# handlers, the lean routes' database work or a group transaction run for several callers;
+# Shop binds its own trace (``shop.platform.context``) wherever work is done for a request or
+# an event. A statement span is made only when that bound trace is sampled: background jobs
+# (relay polling, sweepers) bind none and make no spans. docs/telemetry.md.
+
+
+def statement_span(system: str, operation: str, text: str, *, namespace: str = "") -> Span | None:
+    """A CLIENT span (end it) for one database statement under the bound request's or
+    event's trace; None when spans are not exported or the bound trace is not sampled."""
+    if not context.spans_exported:
+        return None
+    parent = context.current_trace()
+    if parent is None or parent.flags == "00":
+        return None
+    tracer = process_tracer()
+    if tracer is None:
+        return None
+    attributes: dict[str, str | int] = {
+        "db.system.name": system,
+        "db.operation.name": operation,
+        "db.query.text": text,
+    }
+    if namespace:
+        attributes["db.namespace"] = namespace
+    return start_span(tracer, operation, kind="client", parent=parent, attributes=attributes)
+
+
+def sql_operation(statement: str) -> str:
+    """The statement's first keyword (``SELECT``, ``INSERT``...), a span's name."""
+    head = statement.lstrip().split(None, 1)
+    return head[0].upper() if head else "SQL"
+
+
+def end_span(span: Span, error: BaseException | None = None) -> None:
+    """End ``span``, marked as failed with ``error``'s type when one is given."""
+    if error is not None:
+        from opentelemetry.trace import StatusCode
+
+        span.set_attribute("error.type", type(error).__qualname__)
+        span.set_status(StatusCode.ERROR)
+    span.end()
+
+
+def trace_engine(engine: AsyncEngine) -> None:
+    """A span per statement ``engine`` runs (when spans are exported: a no-op otherwise)."""
+    if not (context.spans_exported or enabled()):
+        return
+    from sqlalchemy import event
+
+    sync_engine = engine.sync_engine
+    system = "mysql" if sync_engine.dialect.name in ("mysql", "mariadb") else "sqlite"
+    namespace = engine.url.database or ""
+    if system == "sqlite":
+        namespace = namespace.rsplit("/", 1)[-1]
+
+    def before(
+        _conn: Any, _cursor: Any, statement: str, _params: Any, ctx: Any, _many: bool
+    ) -> None:
+        span = statement_span(system, sql_operation(statement), statement, namespace=namespace)
+        if ctx is not None and span is not None:
+            ctx._shop_span = span
+
+    def after(
+        _conn: Any, _cursor: Any, _statement: str, _params: Any, ctx: Any, _many: bool
+    ) -> None:
+        span = getattr(ctx, "_shop_span", None)
+        if span is not None:
+            ctx._shop_span = None
+            end_span(span)
+
+    def failed(exception_context: Any) -> None:
+        span = getattr(exception_context.execution_context, "_shop_span", None)
+        if span is not None:
+            exception_context.execution_context._shop_span = None
+            end_span(span, exception_context.original_exception)
+
+    event.listen(sync_engine, "before_cursor_execute", before)
+    event.listen(sync_engine, "after_cursor_execute", after)
+    event.listen(sync_engine, "handle_error", failed)
