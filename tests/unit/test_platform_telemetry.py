@@ -254,3 +254,46 @@ async def test_each_sql_statement_of_a_sampled_request_is_a_client_span_under_it
         assert attributes["db.namespace"] == "orders.db"
     assert str(dict(spans[1].attributes or {})["db.query.text"]).startswith("UPDATE orders SET")
     assert spans[2].status.is_ok is False  # the failed statement is marked as such
+
+
+async def test_an_outgoing_call_of_a_sampled_request_is_a_client_span_the_callee_is_under(
+    exported: InMemorySpanExporter,
+) -> None:
+    from aiohttp import web
+
+    from shop.platform.http import http_session
+
+    seen: list[str] = []
+
+    async def prices(request: web.Request) -> web.Response:
+        seen.append(request.headers["traceparent"])
+        return web.json_response({"price": "1.00"}, status=200 if len(seen) == 1 else 503)
+
+    app = web.Application()
+    app.router.add_get("/api/product", prices)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with http_session() as http:
+            context.bind(request_id="r1", trace=CALLER)
+            for _ in range(2):
+                async with http.get(
+                    f"http://127.0.0.1:{port}/api/product?q=secret@example.com",
+                    headers=context.outgoing_headers(),
+                ) as answer:
+                    await answer.read()
+    finally:
+        await runner.cleanup()
+
+    spans = [s for s in exported.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert [s.name for s in spans] == ["GET", "GET"]
+    for span, header in zip(spans, seen, strict=True):
+        assert span.parent is not None and span.parent.span_id == int(CALLER.span_id, 16)
+        # The callee's parent is the client span, not the caller's server span.
+        assert header == f"00-{CALLER.trace_id}-{span.context.span_id:016x}-01"
+        assert "secret" not in str(dict(span.attributes or {}))  # no query string kept
+    assert [dict(s.attributes or {})["http.response.status_code"] for s in spans] == [200, 503]
+    assert spans[0].status.is_ok and not spans[1].status.is_ok

@@ -37,6 +37,7 @@ __all__ = [
     "parent_of",
     "process_tracer",
     "shutdown",
+    "client_span",
     "consuming",
     "end_span",
     "sql_operation",
@@ -253,6 +254,25 @@ def statement_span(system: str, operation: str, text: str, *, namespace: str = "
     if namespace:
         attributes["db.namespace"] = namespace
     return start_span(tracer, operation, kind="client", parent=parent, attributes=attributes)
+
+
+def client_span(method: str, host: str, url: str) -> Span | None:
+    """A CLIENT span (end it) for one outgoing HTTP request under the bound sampled trace;
+    None when spans are not exported or the bound trace is not sampled."""
+    if not context.spans_exported:
+        return None
+    parent = context.current_trace()
+    if parent is None or parent.flags == "00":
+        return None
+    tracer = process_tracer()
+    if tracer is None:
+        return None
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "server.address": host,
+        "url.full": url.split("?", 1)[0],
+    }
+    return start_span(tracer, method, kind="client", parent=parent, attributes=attributes)
 
 
 def sql_operation(statement: str) -> str:
