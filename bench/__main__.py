@@ -144,6 +144,13 @@ def _ratio_verdicts(ratio: RatioReport) -> Iterator[Verdict]:
         ">= 0.35",
         ratio.ratio >= 0.35,
     )
+    traced = ratio.traced_c16
+    yield Verdict(
+        "gateway req/s with tracing at a 10 % sample / without",
+        f"{ratio.traced_share:.3f} ({traced.rps if traced else 0:.0f} / {gw.rps if gw else 0:.0f})",
+        ">= 0.90",
+        ratio.traced_share >= 0.90,
+    )
     hop = ratio.hop_us(ratio.gateway_c1)
     yield Verdict(
         "latency one gateway hop adds, p50, c=1",
@@ -153,7 +160,15 @@ def _ratio_verdicts(ratio: RatioReport) -> Iterator[Verdict]:
     )
     errors = sum(
         (r.not_2xx + r.socket_errors)
-        for r in (ratio.direct_c16, gw, ng, ratio.direct_c1, ratio.gateway_c1, ratio.nginx_c1)
+        for r in (
+            ratio.direct_c16,
+            gw,
+            ng,
+            traced,
+            ratio.direct_c1,
+            ratio.gateway_c1,
+            ratio.nginx_c1,
+        )
         if r is not None
     )
     yield Verdict("proxy runs: errors and non-2xx", str(errors), "0", errors == 0)
@@ -196,9 +211,9 @@ def _system_lines(report: SystemReport) -> Iterator[str]:
 
 def _ratio_lines(ratio: RatioReport) -> Iterator[str]:
     yield "--- gateway vs nginx, same backend (proxies on core 0, wrk and backend on core 1) ---"
-    for name in ("direct", "nginx", "gateway"):
+    for name in ("direct", "nginx", "gateway", "traced"):
         for conc in (16, 1):
-            r = getattr(ratio, f"{name}_c{conc}")
+            r = getattr(ratio, f"{name}_c{conc}", None)
             if r is not None:
                 yield (
                     f"{name:<8} c={conc:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms * 1e3:7.0f} us  "

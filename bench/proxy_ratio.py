@@ -7,11 +7,15 @@ Processes, all on loopback, all stopped at the end (SIGTERM, then SIGKILL):
 - the real **registry**, with the backend registered as product-service;
 - the real **gateway**, pinned to core 0 (``taskset``);
 - **nginx** as a reverse proxy (one worker, keep-alive to the backend), pinned to core 0;
+- a second gateway, **traced**: spans exported over OTLP/HTTP (to the backend nginx, which
+  answers ``/v1/traces`` with an empty 200, as a collector does) at a 10 % sample
+  (``parentbased_traceidratio``, 0.1), pinned to core 0 as well;
 - **wrk**, pinned to core 1.
 
-Measured: req/s through each proxy at c=16 (gateway ÷ nginx is the ratio), and p50 at c=1
-directly, through nginx and through the gateway (the latency one hop adds). Each in turn,
-``rounds`` times; each keeps its best run.
+Measured: req/s through each proxy at c=16 (gateway ÷ nginx is the ratio; traced ÷ gateway is
+what tracing at 10 % costs, issue 10's overhead budget), and p50 at c=1 directly, through
+nginx and through the gateway (the latency one hop adds). Each in turn, ``rounds`` times;
+each keeps its best run.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ _BACKEND_SERVER = """
     server {{
         listen 127.0.0.1:{port};
         location / {{ default_type application/json; return 200 '{product}'; }}
+        location = /v1/traces {{ default_type application/x-protobuf; return 200 ''; }}
     }}
 """
 
@@ -80,6 +85,7 @@ class RatioReport:
     direct_c16: WrkResult | None = None
     nginx_c16: WrkResult | None = None
     gateway_c16: WrkResult | None = None
+    traced_c16: WrkResult | None = None
     direct_c1: WrkResult | None = None
     nginx_c1: WrkResult | None = None
     gateway_c1: WrkResult | None = None
@@ -90,6 +96,13 @@ class RatioReport:
         if not (self.gateway_c16 and self.nginx_c16 and self.nginx_c16.rps):
             return float("nan")
         return self.gateway_c16.rps / self.nginx_c16.rps
+
+    @property
+    def traced_share(self) -> float:
+        """The traced gateway's req/s as a share of the untraced one's."""
+        if not (self.traced_c16 and self.gateway_c16 and self.gateway_c16.rps):
+            return float("nan")
+        return self.traced_c16.rps / self.gateway_c16.rps
 
     def hop_us(self, via: WrkResult | None) -> float:
         if via is None or self.direct_c1 is None:
@@ -154,6 +167,7 @@ async def _wait_ok(url: str, timeout_s: float = 20.0) -> None:
 
 async def _measure(report: RatioReport, started: _Started, *, seconds: float, rounds: int) -> None:
     backend, proxy, registry, gateway = free_port(), free_port(), free_port(), free_port()
+    traced = free_port()
     body = _BACKEND_SERVER.format(port=backend, product=json.dumps(PRODUCT))
     started.nginx("backend", body, CLIENT_CORE)
     started.nginx("nginx", _PROXY_SERVER.format(port=proxy, backend=backend), PROXY_CORE)
@@ -179,11 +193,28 @@ async def _measure(report: RatioReport, started: _Started, *, seconds: float, ro
             "SHOP_JWKS_URL": f"http://127.0.0.1:{backend}/auth/.well-known/jwks.json",
         },
     )
+    started.start(
+        "traced",
+        _pinned(PROXY_CORE, [sys.executable, "-m", "shop.gateway"]),
+        {
+            **common,
+            **UNLIMITED,
+            "GATEWAY_PORT": str(traced),
+            "SHOP_REGISTRY_URL": registry_url,
+            "SHOP_JWKS_URL": f"http://127.0.0.1:{backend}/auth/.well-known/jwks.json",
+            "OTEL_TRACES_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{backend}",
+            "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        },
+    )
     await _wait_ok(f"http://127.0.0.1:{gateway}/health/ready")
+    await _wait_ok(f"http://127.0.0.1:{traced}/health/ready")
     urls = {
         "direct": f"http://127.0.0.1:{backend}/api/product",
         "nginx": f"http://127.0.0.1:{proxy}/api/product",
         "gateway": f"http://127.0.0.1:{gateway}/api/product",
+        "traced": f"http://127.0.0.1:{traced}/api/product",
     }
     for url in urls.values():
         await _wait_ok(url)
@@ -200,6 +231,7 @@ async def _measure(report: RatioReport, started: _Started, *, seconds: float, ro
             best = getattr(report, f"{name}_c16")
             if best is None or result.rps > best.rps:
                 setattr(report, f"{name}_c16", result)
+    del urls["traced"]  # its budget is req/s only
     for _ in range(rounds):
         for name, url in urls.items():
             result = await run_wrk(
