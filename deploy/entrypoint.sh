@@ -15,10 +15,10 @@
 set -eu
 
 case "${SERVICE:-}" in
-    registry | gateway | auth | product | inventory | order | notification) ;;
+    registry | gateway | auth | product | inventory | order | notification | web) ;;
     *)
         echo "SERVICE must be one of registry gateway auth product inventory order" \
-            "notification (got '${SERVICE:-}')" >&2
+            "notification web (got '${SERVICE:-}')" >&2
         exit 2
         ;;
 esac

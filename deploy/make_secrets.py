@@ -30,6 +30,7 @@ APPLICATIONS = {
     "inventory": "inventory-service",
     "order": "order-service",
     "notification": "notification-service",
+    "web": "web-service",
 }
 # The MySQL database of each service that has one (product's catalogue is in MongoDB).
 MYSQL_DATABASES = {

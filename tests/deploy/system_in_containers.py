@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 MANIFESTS = DEPLOY / "k8s" / "base"
 IMAGE = os.environ.get("SHOP_IMAGE", "localhost/shop:latest")
-SERVICES = ("registry", "auth", "product", "inventory", "order", "notification", "gateway")
+SERVICES = ("registry", "auth", "product", "inventory", "order", "notification", "gateway", "web")
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 READY_TIMEOUT_S = 120.0
 STOP_LIMIT_S = 10.0
@@ -364,6 +364,18 @@ def test_an_order_through_the_gateway_gets_exactly_one_notification(
         assert note["orderNumber"] == number
         time.sleep(1.0)  # a duplicate would arrive by now; no event says "none will come"
         assert len(notes()) == 1, "exactly one notification per order"
+
+
+def test_the_storefront_is_served_through_the_gateway(deployment: Deployment) -> None:
+    """The web pod, found through the registry by the gateway, renders the catalogue it
+    reads from the gateway's public API (docs/storefront.md)."""
+    with httpx.Client(base_url=deployment.url("gateway"), timeout=10.0) as gateway:
+        page = gateway.get("/", headers={"Accept": "text/html"})
+        script = gateway.get("/shop/static/app.js")
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    assert 'id="result-summary"' in page.text
+    assert script.status_code == 200
 
 
 def test_sigterm_stops_every_container_within_10_s(deployment: Deployment) -> None:

@@ -41,6 +41,7 @@ from shop.order.settings import OrderSettings
 from shop.platform.settings import PlatformSettings, ServiceSettings, load_settings
 from shop.product.settings import ProductSettings
 from shop.registry.settings import RegistrySettings
+from shop.web.settings import WebSettings
 from tests.deploy.system_in_containers import for_podman
 from tests.support import require_or_skip
 
@@ -58,6 +59,7 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "inventory": InventorySettings,
     "order": OrderSettings,
     "notification": NotificationSettings,
+    "web": WebSettings,
 }
 # Read from NAME_FILE by deploy/entrypoint.sh (Shop has no *_FILE form for them).
 ENTRYPOINT_FILE_SETTINGS = {

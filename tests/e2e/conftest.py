@@ -43,6 +43,7 @@ REGISTRANTS = (
     "inventory-service",
     "order-service",
     "notification-service",
+    "web-service",
     "legacy-client",
 )
 # Services auth issues service tokens to (see the fixture).

@@ -306,6 +306,7 @@ def test_scale_names_each_instance_and_keeps_the_table_order() -> None:
         "notification-1",
         "notification-2",
         "notification-3",
+        "web",
     ]
     assert {s.module for s in table if s.name.startswith("order")} == {"shop.order"}
 
@@ -359,6 +360,7 @@ def test_each_service_registers_under_its_name_from_the_specification() -> None:
         "inventory": "inventory-service",
         "order": "order-service",
         "notification": "notification-service",
+        "web": "web-service",
     }
     scaled_table = scaled(SERVICES, {"order": 2})
     assert {s.registers_as for s in scaled_table if s.name.startswith("order")} == {
@@ -476,6 +478,7 @@ def test_each_service_is_told_its_port_so_a_restart_gets_the_same_one() -> None:
         "inventory": "INVENTORY_PORT",
         "order": "ORDER_PORT",
         "notification": "NOTIFICATION_PORT",
+        "web": "WEB_PORT",
     }
 
 

@@ -152,6 +152,16 @@ def public_route_table(*, dashboard_access: Access) -> RouteTable:
             Route("/api/order", "order-service", {"GET": token, "POST": token}, prefix=True),
             Route("/api/notifications", "notification-service", {"GET": token}, prefix=True),
             Route("/eureka/web", DASHBOARD, {"GET": dashboard_access}),
+            # The storefront (web-service, docs/storefront.md): pages and files, all public;
+            # the shopper's data reaches the browser only through the routes above.
+            Route("/", "web-service", {"GET": public}),
+            Route("/shop/product", "web-service", {"GET": public}, prefix=True),
+            Route("/shop/static", "web-service", {"GET": public}, prefix=True),
+            *(
+                Route(f"/shop/{page}", "web-service", {"GET": public})
+                for page in ("cart", "checkout", "orders", "notifications", "login", "signup")
+            ),
+            Route("/shop/admin", "web-service", {"GET": public}),
         ]
     )
 

@@ -129,6 +129,13 @@ SERVICES: tuple[ServiceSpec, ...] = (
         port_env="NOTIFICATION_PORT",
         registers_as="notification-service",
     ),
+    # The storefront (docs/storefront.md): the gateway routes / and /shop/... to it.
+    ServiceSpec(
+        name="web",
+        module="shop.web",
+        port_env="WEB_PORT",
+        registers_as="web-service",
+    ),
 )
 
 

@@ -37,6 +37,9 @@ from shop.platform.settings import PlatformSettings, Profile, describe_invalid
 
 __all__ = ["main"]
 
+# The storefront's registered name: with it running, the summary leads with its URL.
+STOREFRONT = "web-service"
+
 EXIT_STOPPED = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -230,6 +233,7 @@ def _up(
             settings=settings,
             profile=args.profile,
             data_dir=data_dir,
+            storefront=any(s.registers_as == STOREFRONT for s in services),
         )
     )
 
@@ -241,6 +245,7 @@ async def _supervise(
     settings: LauncherSettings,
     profile: Profile,
     data_dir: Path,
+    storefront: bool = False,
 ) -> int:
     began = time.monotonic()
     stop_requested = asyncio.Event()
@@ -280,6 +285,7 @@ async def _supervise(
             profile=profile,
             data_dir=data_dir,
             took_s=time.monotonic() - began,
+            storefront=storefront,
         )
         crashing = asyncio.create_task(supervisor.wait())
         await asyncio.wait({crashing, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -305,10 +311,14 @@ def _print_summary(
     profile: Profile,
     data_dir: Path,
     took_s: float,
+    storefront: bool = False,
 ) -> None:
     rows: list[tuple[str, str]] = []
     gateway = supervisor.url_of_role("gateway")
     registry = supervisor.url_of_role("registry")
+    if gateway and storefront:
+        # What a newcomer opens first: the shop itself, served at the gateway's root.
+        rows.append(("storefront", f"{gateway}/"))
     if gateway:
         rows += [("gateway", gateway), ("API docs", f"{gateway}/docs")]
     if registry:
