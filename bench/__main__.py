@@ -121,6 +121,23 @@ def _system_verdicts(report: SystemReport) -> Iterator[Verdict]:
             "<= 100 ms",
             ok,
         )
+    brk = report.breaker
+    if brk is not None:
+        share = brk.share_503_retry_after
+        yield Verdict(
+            f"{tag} breaker open: POST /api/order p99 at {brk.rate:.0f}/s",
+            f"{_fmt(brk.p99_ms, ' ms', 2)} (p50 {_fmt(brk.p50_ms, ' ms', 2)}, max "
+            f"{_fmt(brk.max_ms, ' ms', 1)}), {100 * share:.1f}% 503 with Retry-After",
+            "<= 5 ms, 100% 503 + Retry-After",
+            brk.p99_ms <= 5 and share == 1.0,
+        )
+        yield Verdict(
+            f"{tag} breaker: orders placed again after SIGCONT",
+            f"{_fmt(brk.recovered_after_s, ' s', 1)} (opened {_fmt(brk.opened_after_s, ' s', 1)}"
+            " after SIGSTOP)",
+            "<= 12 s (the breaker's 10 s window)",
+            brk.recovered_after_s <= 12,
+        )
     yield Verdict(
         f"{tag} shop up -> all ready",
         _fmt(report.startup_s, " s", 1),
@@ -201,6 +218,15 @@ def _system_lines(report: SystemReport) -> Iterator[str]:
             f"201 -> notification at {lat.rate:.0f}/s: sent {lat.sent}, 201 {lat.created} "
             f"({lat.achieved_rate:.0f}/s), others {lat.other}, p50 {_fmt(lat.p50_ms, ' ms', 1)} "
             f"p99 {_fmt(lat.p99_ms, ' ms', 1)} max {_fmt(lat.max_ms, ' ms', 1)}"
+        )
+    brk = report.breaker
+    if brk is not None:
+        yield (
+            f"breaker open, {brk.rate:.0f}/s for {brk.seconds:g} s: statuses {brk.statuses}, "
+            f"{brk.with_retry_after} with Retry-After, p50 {_fmt(brk.p50_ms, ' ms', 2)} p99 "
+            f"{_fmt(brk.p99_ms, ' ms', 2)} max {_fmt(brk.max_ms, ' ms', 1)}; opened "
+            f"{_fmt(brk.opened_after_s, ' s', 1)} after SIGSTOP, orders again "
+            f"{_fmt(brk.recovered_after_s, ' s', 1)} after SIGCONT"
         )
     yield f"PSS MiB by process after the run: {report.pss_by_process_mib}"
     for name, frames in report.pyspy.items():

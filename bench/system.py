@@ -15,7 +15,10 @@ One run, in order:
    for 50 units of another, which must give exactly 50 orders and stock 0.
 5. **order → notification latency**: orders at a fixed rate (open loop, 300/s), each 201's
    arrival time compared with the ``created_at`` of its notification.
-6. after the run: stock never below 0, units reserved = orders placed for every SKU,
+6. **breaker open** (bench/breaker.py): inventory frozen with SIGSTOP until the order
+   service's breaker opens, then orders at 100/s: latency of the 503s and the share that
+   carry ``Retry-After``; then SIGCONT and the time until an order is placed again.
+7. after the run: stock never below 0, units reserved = orders placed for every SKU,
    notifications = orders; PSS again once the system has settled.
 
 Optionally (``pyspy_dir``), one more order run with py-spy recording every service.
@@ -43,6 +46,7 @@ from typing import Any
 
 import aiohttp
 
+from bench.breaker import BreakerResult, run_breaker_phase
 from bench.gateway_proxy import UNLIMITED
 from bench.procs import cpu_s, descendants, free_port, rss_kib, stop_process, tree_pss_kib
 from bench.wrk import WrkResult, run_wrk
@@ -79,6 +83,8 @@ class SystemOptions:
     skus: int = 32
     pyspy_dir: Path | None = None
     pyspy_seconds: float = 8.0
+    breaker_rate: float = 100.0
+    breaker_seconds: float = 5.0
 
 
 @dataclass(slots=True)
@@ -112,6 +118,7 @@ class SystemReport:
     last_units: dict[str, int] = field(default_factory=dict)
     latency: LatencyResult | None = None
     latency_probe: LatencyResult | None = None  # the same at 50/s, for reference
+    breaker: BreakerResult | None = None
     orders_created: int = 0  # 201s the clients saw, every phase, warm-ups included
     orders_in_db: int = 0
     notifications: int = 0
@@ -156,6 +163,9 @@ class _Stores:
 
     def notifications(self) -> int:
         return int(self.query("notification", "SELECT COUNT(*) FROM notifications")[0][0])
+
+    def pending_releases(self) -> int:
+        return int(self.query("order", "SELECT COUNT(*) FROM pending_releases")[0][0])
 
 
 def _mysql_databases() -> dict[str, str]:
@@ -657,6 +667,24 @@ async def _measure(
             await asyncio.sleep(1.0)
             report.pyspy = await _pyspy(launcher, options.pyspy_seconds, options.pyspy_dir, load)
             created += (await load).count(201)
+
+        # Inventory frozen: the breaker's answers; then thawed: orders again.
+        report.breaker = await run_breaker_phase(
+            gateway,
+            inventory_pid=launcher.pids["inventory"],
+            tokens=tokens,
+            sku=skus[0],
+            rate=options.breaker_rate,
+            seconds=options.breaker_seconds,
+        )
+        created += report.breaker.created
+        # Reservations made for orders given up while it was frozen are released by the
+        # order service's reconciler (with back-off): conservation is checked after that.
+        began = time.monotonic()
+        while stores.pending_releases() and time.monotonic() - began < 90:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)  # another process's database: nothing to wait on here
+        if stores.pending_releases():
+            report.notes.append("releases still pending 90 s after the breaker phase")
 
         # After the run: conservation, counts, memory once settled.
         await _drain(stores)

@@ -73,13 +73,6 @@ async def test_one_notification_per_order_with_notification_and_order_killed_and
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SqliteEventLog._consume runs its first statement (INSERT OR IGNORE INTO"
-    " consumer_offsets) outside its retry loop: a consumer started while the log is"
-    " write-locked past SQLITE_BUSY_PATIENCE_S dies, and its process serves on, ready,"
-    " without ever consuming again (docs/chaos.md, 'Found')",
-)
 async def test_a_consumer_started_while_the_log_is_locked_past_patience_consumes_afterwards(
     shop: ChaosShop, gateway: httpx.AsyncClient, tokens: list[str], ledger: Ledger
 ) -> None:

@@ -5,8 +5,10 @@ Order per key, at-least-once delivery with redelivery after a failure or a crash
 consumer group gets every event, members of one group share it without handling an event
 twice, nothing is lost or repeated across a restart, and an event no handler can take is
 set aside (without holding up other keys longer than the retry policy says) until an
-operator replays it. What only the SQLite log does (its lease, its tables, its CLI) is
-tested in ``test_eventlog.py``.
+operator replays it. A batch subscriber gets the events in hand together, one commit for
+them: a crash repeats that batch and nothing before it, and a batch it fails on goes one
+event at a time, with the same retries and dead letters. What only the SQLite log does
+(its lease, its tables, its CLI) is tested in ``test_eventlog.py``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,14 @@ from shop.platform import context
 from shop.platform.buses import main as bus_cli
 from shop.platform.buses import open_event_bus
 from shop.platform.eventlog import SqliteEventLog
-from shop.platform.events import DeadLetterReplay, Event, EventBus, RetryPolicy
+from shop.platform.events import (
+    BatchDelivery,
+    DeadLetterReplay,
+    Delivery,
+    Event,
+    EventBus,
+    RetryPolicy,
+)
 from shop.platform.kafka import (
     DLQ_ERROR,
     DLQ_GROUP,
@@ -156,6 +165,38 @@ class Recorder:
 
     def numbers(self, key: str | None = None) -> list[int]:
         return [int(e.data["n"]) for e in self.seen if key is None or e.subject == key]
+
+
+class BatchRecorder(Recorder):
+    """A batch subscriber: the batches it handled (``batch``), and the events it handled
+    one at a time (``__call__``); both fail on the event numbered ``poison``."""
+
+    def __init__(self, *, poison: int | None = None) -> None:
+        super().__init__()
+        self.poison = poison
+        self.batches: list[list[int]] = []
+        self.one_by_one: list[int] = []
+
+    def subscribe(self, bus: EventBus, topic: str = "orders", *, group: str = "g") -> None:
+        assert isinstance(bus, BatchDelivery), "every bus can deliver in batches"
+        bus.subscribe_batches(topic, group=group, handler=self, batch_handler=self.batch)
+
+    async def batch(self, deliveries: Sequence[Delivery]) -> None:
+        numbers = [int(d.event.data["n"]) for d in deliveries]
+        if self.poison in numbers:
+            raise RuntimeError("batch failed")
+        self.batches.append(numbers)
+        for delivery in deliveries:
+            delivery.bind()  # as a handler does before each event's log lines
+            trace = context.current_trace()
+            self.traces.append(trace.traceparent if trace else None)
+            self.seen.append(delivery.event)
+
+    async def __call__(self, event: Event) -> None:
+        if event.data["n"] == self.poison:
+            raise RuntimeError("cannot handle this one")
+        self.one_by_one.append(int(event.data["n"]))
+        self.seen.append(event)
 
 
 # --- dead letters, wherever the backend keeps them -----------------------------------------
@@ -419,6 +460,117 @@ async def test_a_consumer_that_dies_mid_event_gets_it_again_elsewhere(
         await _until(lambda: len(survivor.seen) == 3, within_s=40)
         await _caught_up(bus, "orders", group="g")
     assert survivor.numbers() == [2, 3, 4], "the unfinished event comes again, nothing else"
+
+
+CRASHING_BATCH_CONSUMER = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    from shop.platform.eventlog import SqliteEventLog
+    from shop.platform.kafka import KafkaEventBus, bootstrap_servers
+
+    url, out = sys.argv[1], sys.argv[2]
+
+    async def handle(event):
+        raise AssertionError("only whole batches here")
+
+    async def handle_batch(deliveries):
+        numbers = [d.event.data["n"] for d in deliveries]
+        with open(out, "a") as f:
+            f.write(" ".join(map(str, numbers)) + "\\n")
+        if 4 in numbers:
+            os._exit(17)  # dies after the work, before the batch's offset is committed
+
+    async def main():
+        if url.startswith("sqlite"):
+            bus = SqliteEventLog(url, client_id="crashy", lease_s=1.0)
+        else:
+            bus = KafkaEventBus(bootstrap_servers(url), client_id="crashy")
+        bus.subscribe_batches("orders", group="g", handler=handle, batch_handler=handle_batch)
+        await bus.start()
+        await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_a_batch_subscriber_gets_the_events_in_hand_together_in_order(
+    make_bus: Backend,
+) -> None:
+    recorder = BatchRecorder()
+    traces = [context.TraceContext.new() for _ in range(12)]
+    async with make_bus() as bus:
+        recorder.subscribe(bus)
+        await bus.publish(
+            "orders",
+            [_event("AB"[n % 2], n, traceparent=traces[n].traceparent) for n in range(12)],
+        )
+        await bus.start()
+        await _until(lambda: len(recorder.seen) == 12)
+        await _caught_up(bus, "orders", group="g")
+    assert recorder.one_by_one == []
+    assert max(len(batch) for batch in recorder.batches) > 1, "events in hand go together"
+    assert recorder.numbers("A") == list(range(0, 12, 2))
+    assert recorder.numbers("B") == list(range(1, 12, 2))
+    bound = {int(e.data["n"]): t for e, t in zip(recorder.seen, recorder.traces, strict=True)}
+    assert all((bound[n] or "").split("-")[1] == traces[n].trace_id for n in range(12)), (
+        "each event's handling is bound to its own trace"
+    )
+
+
+async def test_a_batch_that_fails_goes_one_event_at_a_time_with_retries_and_dead_letters(
+    make_bus: Backend,
+) -> None:
+    recorder = BatchRecorder(poison=2)
+    policy = RetryPolicy(max_attempts=3, backoff_s=0.01, backoff_max_s=0.05, handler_timeout_s=5)
+    async with make_bus(retry=policy) as bus:
+        recorder.subscribe(bus)
+        await bus.publish("orders", [_event("A", n) for n in range(5)])
+        await bus.start()
+        await _until(lambda: len(recorder.seen) == 4)
+        await _caught_up(bus, "orders", group="g")
+        await bus.publish("orders", [_event("A", n) for n in range(5, 8)])
+        await _until(lambda: len(recorder.seen) == 7)
+    assert recorder.numbers() == [0, 1, 3, 4, 5, 6, 7], "each once, in order, but the poisoned"
+    assert recorder.one_by_one[:2] == [0, 1], "the failed batch's events went one at a time"
+    assert [n for batch in recorder.batches for n in batch][-3:] == [5, 6, 7], (
+        "later events go together again"
+    )
+    [letter] = await dead_letters(make_bus, group="g", topics=["orders"])
+    assert Event.from_json(letter.payload).data == {"n": 2}
+    assert "cannot handle this one" in letter.error
+
+
+async def test_a_batch_subscriber_that_dies_gets_the_batch_in_hand_again_and_nothing_else(
+    make_bus: Backend, tmp_path: Path
+) -> None:
+    out = tmp_path / "batches.txt"
+
+    def handled() -> list[list[int]]:
+        lines = out.read_text().splitlines() if out.exists() else []
+        return [[int(n) for n in line.split()] for line in lines]
+
+    crashed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_BATCH_CONSUMER, make_bus.url, str(out)
+    )
+    async with make_bus() as bus:
+        await bus.publish("orders", [_event("A", n) for n in range(3)])
+        await _until(lambda: sum(handled(), []) == [0, 1, 2], within_s=40)
+        await _caught_up(bus, "orders", group="g")
+        await bus.publish("orders", [_event("A", n) for n in range(3, 6)])
+    assert await asyncio.wait_for(crashed.wait(), 60) == 17
+    in_hand = handled()[-1]
+    assert 4 in in_hand and sum(handled(), []) == list(range(in_hand[-1] + 1))
+
+    survivor = BatchRecorder()
+    async with make_bus() as bus:
+        survivor.subscribe(bus)
+        await bus.start()
+        await _until(lambda: survivor.numbers()[-1:] == [5], within_s=40)
+        await _caught_up(bus, "orders", group="g")
+    assert survivor.numbers() == list(range(in_hand[0], 6)), (
+        "the batch in hand comes again whole, nothing committed before it"
+    )
 
 
 async def test_a_poisoned_event_is_set_aside_without_holding_up_other_keys(

@@ -232,7 +232,7 @@ async def running_gateway(
     settings = GatewaySettings(
         host="127.0.0.1",
         port=0,
-        upstream_timeout_s=UPSTREAM_TIMEOUT_S,
+        upstream_timeout_s=overrides.pop("upstream_timeout_s", UPSTREAM_TIMEOUT_S),
         jwks_min_refetch_s=JWKS_REFETCH_S,
         openapi_cache_ttl_s=30.0,
         trusted_proxies=list(trusted_proxies),
@@ -645,7 +645,7 @@ async def test_internal_api_is_not_routed_even_for_an_admin(world: World) -> Non
 
 
 @pytest.mark.parametrize(
-    "path", ["/api/unknown", "/api/products", "/health", "/auth/health/live", "/eureka/apps/X"]
+    "path", ["/api/unknown", "/api/products", "/healthz", "/auth/health/live", "/eureka/apps/X"]
 )
 async def test_unrouted_paths_are_404(world: World, path: str) -> None:
     status, headers, body = await call(world, "GET", path, headers=bearer(world.admin))

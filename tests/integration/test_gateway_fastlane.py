@@ -28,8 +28,8 @@ def fast_lane(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     taken: list[bool] = []
     original = GatewayProtocol._take
 
-    def spy(self: GatewayProtocol, proxy: Any) -> bool:
-        took = original(self, proxy)
+    def spy(self: GatewayProtocol, *args: Any) -> bool:
+        took = original(self, *args)
         taken.append(took)
         return took
 
@@ -57,7 +57,7 @@ async def test_the_fast_lane_answers_as_the_asgi_path_does(
     world.forget_requests()
     fast = await call(world, "GET", "/api/product/7?q=a%20b", headers=sent)
     assert fast_lane == [True]
-    monkeypatch.setattr(GatewayProtocol, "_take", lambda self, proxy: False)
+    monkeypatch.setattr(GatewayProtocol, "_take", lambda self, *args: False)
     slow = await call(world, "GET", "/api/product/7?q=a%20b", headers=sent)
 
     (status, headers, body), (asgi_status, asgi_headers, asgi_body) = fast, slow
@@ -173,3 +173,46 @@ async def test_connection_close_is_honoured_on_the_fast_lane(
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"\r\nconnection: close" in head.lower()
     assert json.loads(body)["path"] == "/api/product/9"
+
+
+async def test_traced_requests_take_the_fast_lane_with_the_proxys_span(
+    world: World, fast_lane: list[bool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tracing on (10 % sampled in production) keeps the fast lane: each request's proxy
+    span ends with its answer, and the service's parent is that span."""
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from shop.platform import telemetry
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "api-gateway"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.install("api-gateway", provider)
+    proxy = world.gateway.app.proxy  # type: ignore[attr-defined]
+    monkeypatch.setattr(proxy, "tracing", provider)
+    monkeypatch.setattr(proxy, "tracer", provider.get_tracer("shop.gateway"))
+    try:
+        await _warm(world)
+        fast_lane.clear()
+        world.forget_requests()
+        exporter.clear()
+        caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        status, headers, _ = await call(
+            world, "GET", "/api/product/7", headers={"traceparent": caller}
+        )
+        unsampled = "00-1af7651916cd43dd8448eb211c80319c-c7ad6b7169203331-00"
+        await call(world, "GET", "/api/product/8", headers={"traceparent": unsampled})
+    finally:
+        telemetry.shutdown()
+    assert status == 200 and fast_lane == [True, True]
+    (span,) = exporter.get_finished_spans()  # the unsampled request exports none
+    assert span.name == "GET /api/product"
+    assert span.parent is not None and span.parent.span_id == 0xB7AD6B7169203331
+    assert dict(span.attributes or {})["http.response.status_code"] == 200
+    sampled, not_sampled = (r.headers["traceparent"] for r in world.reached())
+    assert sampled == f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-01"
+    assert not_sampled.startswith("00-1af7651916cd43dd8448eb211c80319c-")
+    assert not_sampled.endswith("-00")

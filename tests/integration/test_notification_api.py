@@ -9,7 +9,7 @@ import json
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -372,7 +372,8 @@ async def test_a_mail_server_outage_is_retried_until_the_mail_goes_out(
 
 
 class FlakyStore(SqlNotificationStore):
-    """Fails the first recording, before or after its commit (a connection lost at commit)."""
+    """Fails the first recording, before or after its commit (a connection lost at commit),
+    whether of one event or of a batch."""
 
     def __init__(self, *args: Any, fail_after_commit: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -394,11 +395,26 @@ class FlakyStore(SqlNotificationStore):
             raise ConnectionError("connection lost while committing")
         return recorded
 
+    async def record_events(
+        self,
+        entries: Sequence[tuple[str, Notification | None]],
+        *,
+        announce: Callable[[Notification], None] | None = None,
+    ) -> list[bool]:
+        self.calls += 1
+        if self.calls == 1 and not self.fail_after_commit:
+            raise ConnectionError("database went away")
+        recorded = await super().record_events(entries, announce=announce)
+        if self.calls == 1:
+            raise ConnectionError("connection lost while committing")
+        return recorded
+
 
 class MailCourier:
     """Stands for the SMTP server: a courier that is not announced in the transaction."""
 
     channel: Channel = "EMAIL"
+    timeout_s: float = 0.05
 
     def __init__(self) -> None:
         self.delivered: list[Notification] = []

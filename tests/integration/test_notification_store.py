@@ -18,8 +18,9 @@ from shop.notification.couriers import Courier
 from shop.notification.domain import Channel, Notification
 from shop.notification.service import NotificationService
 from shop.notification.store import SqlNotificationStore, notifications
+from shop.platform.context import TraceContext
 from shop.platform.db import create_engine, migrate
-from shop.platform.events import Event
+from shop.platform.events import Delivery, Event
 from shop.platform.inbox import inbox
 
 CLAIM_S = 60.0
@@ -39,6 +40,7 @@ class Clock:
 @dataclass
 class RecordingCourier:
     channel: Channel = "EMAIL"
+    timeout_s: float = 10.0
     failures_left: int = 0
     delivered: list[Notification] = field(default_factory=list)
 
@@ -264,3 +266,99 @@ async def test_without_email_the_log_channel_is_used(engine: AsyncEngine) -> Non
     await service.on_order_event(order_event())
     (notification,) = await service.notifications_of("u-ada")
     assert (notification.channel, notification.status) == ("LOG", "LOGGED")
+
+
+# --- batches: the events a delivery has in hand, recorded together ------------------------
+
+
+def delivered(*events: Event) -> list[Delivery]:
+    return [Delivery(event, TraceContext.new()) for event in events]
+
+
+async def test_a_batch_is_recorded_once_per_event_and_each_mail_sent_once(
+    engine: AsyncEngine,
+) -> None:
+    courier, clock = RecordingCourier(), Clock()
+    service = make_service(engine, courier, clock)
+    first, second, shipped = (
+        order_event(),
+        order_event(order_number="ord-2"),
+        order_event(order_number="ord-1", event_type="order.shipped"),
+    )
+    earlier = order_event(order_number="ord-0")
+    await service.on_order_event(earlier)  # recorded and sent before the batch came
+    batch = delivered(first, earlier, second, first, shipped)
+    await service.on_order_events(batch)
+    await make_service(engine, courier, clock).on_order_events(batch)  # the batch again
+
+    assert [n.event_id for n in courier.delivered] == [earlier.id, first.id, second.id]
+    assert await count(engine, notifications) == 3
+    assert await count(engine, inbox) == 4, "the shipped event is seen, not notified"
+    for event in (first, second):
+        sent = await SqlNotificationStore(engine).by_event(event.id)
+        assert sent is not None and (sent.status, sent.attempts) == ("SENT", 1)
+
+
+async def test_a_batch_whose_sends_would_outlive_their_claim_leaves_them_to_the_sweeper(
+    engine: AsyncEngine,
+) -> None:
+    """Sends after the commit take time; a mail whose turn comes when its claim has less
+    than the SMTP time-out left is not started (it could race the sweeper): the sweeper
+    sends it once the claim lapses. Each mail goes out exactly once."""
+    clock = Clock()
+
+    @dataclass
+    class SlowCourier(RecordingCourier):
+        async def deliver(self, notification: Notification) -> None:
+            await super().deliver(notification)
+            clock.advance(25)  # a slow server: each conversation takes 25 s
+
+    courier = SlowCourier(timeout_s=30.0)
+    service = make_service(engine, courier, clock)
+    events = [order_event(order_number=f"ord-{n}") for n in range(3)]
+    await service.on_order_events(delivered(*events))
+    # Claimed until t+60: sent at t and t+25; at t+50 only 10 s are left (< 30 s).
+    assert [n.event_id for n in courier.delivered] == [e.id for e in events[:2]]
+    left = await SqlNotificationStore(engine).by_event(events[2].id)
+    assert left is not None and left.status == "PENDING"
+    assert await service.retry_due() == 0, "its claim still holds"
+    clock.advance(CLAIM_S)
+    assert await service.retry_due() == 1
+    assert [n.event_id for n in courier.delivered] == [e.id for e in events]
+
+
+async def test_a_send_in_progress_ends_and_is_marked_when_the_bus_gives_up_on_the_batch(
+    engine: AsyncEngine,
+) -> None:
+    """The bus cancels a batch handler that outlasts its time-out (or when it closes): the
+    conversation in progress still ends and is marked, so the sweeper does not send the
+    mail a second time."""
+    clock = Clock()
+    talking, accepted = asyncio.Event(), asyncio.Event()
+
+    @dataclass
+    class SlowServer(RecordingCourier):
+        async def deliver(self, notification: Notification) -> None:
+            talking.set()
+            await accepted.wait()
+            await super().deliver(notification)
+
+    courier = SlowServer()
+    service = make_service(engine, courier, clock)
+    event = order_event()
+    batch = asyncio.create_task(service.on_order_events(delivered(event)))
+    await talking.wait()
+    batch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await batch
+    accepted.set()
+    store = SqlNotificationStore(engine)
+    for _ in range(500):
+        marked = await store.by_event(event.id)
+        if marked is not None and marked.status == "SENT":
+            break
+        await asyncio.sleep(0.01)
+    assert marked is not None and marked.status == "SENT"
+    clock.advance(CLAIM_S)
+    assert await service.retry_due() == 0
+    assert [n.event_id for n in courier.delivered] == [event.id]

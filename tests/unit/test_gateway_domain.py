@@ -11,6 +11,7 @@ from shop.gateway.domain import (
     Match,
     MethodNotAllowed,
     NotRouted,
+    RouteTimeouts,
     canonical_path,
     merge_openapi,
     public_route_table,
@@ -330,3 +331,29 @@ def test_merged_api_documents_what_the_gateway_itself_answers() -> None:
     assert set(admin) == {"401", "403", "404", "409", "413", "429", "502", "503", "504"}
     assert admin["409"] == {"description": "the service's own words"}
     assert all(admin[s]["content"] == problem for s in admin if s != "409")
+
+
+def test_each_route_waits_its_familys_timeout_unless_overridden() -> None:
+    routes = public_route_table(dashboard_access=Access.PUBLIC)
+    timeouts = RouteTimeouts(
+        routes,
+        read_s=5.0,
+        write_s=10.0,
+        order_s=8.0,
+        overrides={"GET /api/inventory": 1.5, "POST /auth/token": 20.0},
+    )
+    by_path = {r.path: r for r in routes.routes}
+    assert timeouts.of(by_path["/api/product"], "GET") == 5.0
+    assert timeouts.of(by_path["/api/product"], "HEAD") == 5.0
+    assert timeouts.of(by_path["/api/product"], "POST") == 10.0
+    assert timeouts.of(by_path["/api/order"], "POST") == 8.0  # placement and cancel
+    assert timeouts.of(by_path["/api/order"], "GET") == 5.0
+    assert timeouts.of(by_path["/api/inventory"], "GET") == 1.5
+    assert timeouts.of(by_path["/api/inventory"], "HEAD") == 1.5  # HEAD follows GET
+    assert timeouts.of(by_path["/auth/token"], "POST") == 20.0
+
+
+@pytest.mark.parametrize("key", ["GET /api/orders", "DELETE /api/order", "/api/order", "GET"])
+def test_a_timeout_override_must_name_a_routed_method_and_route(key: str) -> None:
+    with pytest.raises(ValueError, match="names no routed method and route"):
+        RouteTimeouts.check_key(public_route_table(dashboard_access=Access.PUBLIC), key)

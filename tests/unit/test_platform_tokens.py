@@ -253,3 +253,89 @@ async def test_service_tokens_pass_only_a_verifier_told_the_internal_audience() 
     assert (principal.service_name, principal.audience) == ("order-service", "shop-internal")
     user = await both.verify(_token(KEY))
     assert (user.service_name, user.audience) == (None, AUDIENCE)
+
+
+# --- cached: the decision without waiting (the gateway's fast lane) ----------------------
+
+
+async def test_cached_decides_only_with_keys_already_held() -> None:
+    jwks = Jwks(_jwk(KEY, "k1"))
+    verifier = _verifier(jwks)
+    token = _token(KEY)
+    assert verifier.cached(token) is None, "no keys yet: only verify may fetch them"
+    assert jwks.fetches == 0
+    await verifier.verify(_token(KEY))  # the keys are fetched once
+    principal = verifier.cached(token)  # a token never seen, signed by a key held
+    assert principal is not None and principal.user_id == "42"
+    assert verifier.cached(token) == principal
+    other = _key()
+    assert verifier.cached(_token(other, kid="k2")) is None, "an unknown kid needs a refetch"
+    assert jwks.fetches == 1
+
+
+async def test_cached_steps_aside_once_the_keys_are_past_their_max_age() -> None:
+    clock = Clock()
+    jwks = PublishedJwks(_jwk(KEY, "k1"), max_age_s=60)
+    verifier = JwksVerifier(fetch_jwks=jwks, issuer=ISSUER, audience=AUDIENCE, clock=clock)
+    token = _token(KEY)
+    await verifier.verify(token)
+    clock.now += 59
+    assert verifier.cached(token) is not None
+    clock.now += 2
+    assert verifier.cached(token) is None, "past max-age the JWKS is asked again first"
+    assert await verifier.verify(token)
+    assert verifier.cached(token) is not None
+    assert jwks.fetches == 2
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": int(time.time()) - 60},
+        {"aud": "someone-else"},
+        {"roles": "admin"},
+        {"sub": "service:order-service", "roles": ["service"], "aud": "shop-internal"},
+    ],
+    ids=["expired", "audience", "roles-not-a-list", "service-token"],
+)
+async def test_a_token_cached_refuses_is_refused_by_verify_with_the_same_reason(
+    claims: dict[str, Any],
+) -> None:
+    token = _token(KEY, **claims)
+    plain = _verifier(Jwks(_jwk(KEY, "k1")))
+    await plain.verify(_token(KEY))
+    with pytest.raises(InvalidToken) as never_cached:
+        await plain.verify(token)
+
+    verifier = _verifier(Jwks(_jwk(KEY, "k1")))
+    await verifier.verify(_token(KEY))
+    assert verifier.cached(token) is None
+    with pytest.raises(InvalidToken) as after_cached:
+        await verifier.verify(token)
+    assert str(after_cached.value) == str(never_cached.value)
+    # Said once: asked again, verify checks it afresh (and refuses it again).
+    with pytest.raises(InvalidToken, match=str(never_cached.value)):
+        await verifier.verify(token)
+
+
+async def test_a_forged_signature_is_never_accepted_by_cached() -> None:
+    verifier = _verifier(Jwks(_jwk(KEY, "k1")))
+    await verifier.verify(_token(KEY))
+    rogue = _token(_key(), kid="k1", roles=["admin"])
+    assert verifier.cached(rogue) is None
+    with pytest.raises(InvalidToken):
+        await verifier.verify(rogue)
+    assert verifier.cached(rogue) is None
+
+
+async def test_a_token_accepted_by_cached_still_expires() -> None:
+    verifier = JwksVerifier(
+        fetch_jwks=Jwks(_jwk(KEY, "k1")), issuer=ISSUER, audience=AUDIENCE, leeway_s=0.0
+    )
+    await verifier.verify(_token(KEY))
+    token = _token(KEY, exp=int(time.time()) + 1)
+    assert verifier.cached(token) is not None
+    await asyncio.sleep(1.1)
+    assert verifier.cached(token) is None
+    with pytest.raises(InvalidToken, match="expired"):
+        await verifier.verify(token)

@@ -19,6 +19,7 @@ from shop.auth.settings import DEV_ADMIN_PASSWORD, AuthSettings, UnsafeSettings
 from shop.auth.store import SqlAuthStore
 from shop.auth.throttle import LoginThrottle
 from shop.platform.app import Runtime, create_app, service_database
+from shop.platform.retention import RetentionJob
 from shop.platform.settings import PlatformSettings
 
 __all__ = [
@@ -125,7 +126,12 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                     email=settings.admin_email, name=settings.admin_name, password=admin_password
                 )
             app.state.auth = auth
-            yield
+            async with RetentionJob(
+                store.purge_expired_tokens,
+                name="refresh-token-retention",
+                policy=settings.refresh_token_retention(platform),
+            ):
+                yield
 
     app = create_app(
         name=SERVICE_NAME,

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shop.auth.domain import SERVICE_NAME_RE, password_problem
+from shop.platform.retention import RetentionPolicy
 from shop.platform.settings import (
     MIN_SERVICE_SECRET,
     PlatformSettings,
@@ -59,6 +60,16 @@ class AuthSettings(ServiceSettings):
 
     access_token_ttl_s: int = Field(default=900, ge=30, le=86_400)
     refresh_token_ttl_s: int = Field(default=14 * 86_400, ge=60)
+    refresh_token_retention_s: float = Field(
+        default=86_400.0,
+        ge=0,
+        le=10 * 365 * 86_400,
+        description=(
+            "How long an expired refresh token is kept after it expired (its reuse still"
+            " revokes its family meanwhile); then it, and a family left empty, is deleted."
+            " 0 deletes it as soon as the retention job sees it."
+        ),
+    )
 
     signing_key: SecretStr | None = Field(
         default=None, description="PEM of the RSA private key that signs access tokens."
@@ -112,6 +123,15 @@ class AuthSettings(ServiceSettings):
         if self.service_clients is None:
             return {}
         return parse_service_clients(self.service_clients.get_secret_value())
+
+    def refresh_token_retention(self, platform: PlatformSettings) -> RetentionPolicy:
+        """The retention job of expired refresh tokens (SHOP_RETENTION_* give its pace)."""
+        return RetentionPolicy(
+            # keep_s 0 would turn the job off: expired tokens go within a second instead.
+            keep_s=max(self.refresh_token_retention_s, 1.0),
+            interval_s=platform.retention_interval_s,
+            batch=platform.retention_batch,
+        )
 
     def resolved_keys_dir(self, platform: PlatformSettings) -> Path:
         return self.keys_dir or platform.data_dir / "auth" / "keys"

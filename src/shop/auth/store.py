@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    exists,
     insert,
     select,
     update,
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from shop.auth.domain import EmailTaken, RefreshToken, User
 from shop.platform.db import Timestamp, from_db_time, to_db_time
+from shop.platform.retention import KeysetSweep
 
 __all__ = ["AuthStore", "Credentials", "SqlAuthStore", "metadata"]
 
@@ -108,9 +110,43 @@ def _user(row: Any) -> User:
     )
 
 
+def _db_time(epoch: float) -> datetime:
+    return to_db_time(datetime.fromtimestamp(epoch, UTC))
+
+
 class SqlAuthStore:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
+        # Retention: refresh tokens expired before the cut-off, then the families left
+        # without a token (swept in primary-key order: no index on the times needed).
+        self._expired_tokens = KeysetSweep(
+            engine,
+            refresh_tokens,
+            expired=lambda before: refresh_tokens.c.expires_at < before,
+            time_of=_db_time,
+        )
+        self._empty_families = KeysetSweep(
+            engine,
+            refresh_families,
+            expired=lambda before: and_(
+                refresh_families.c.created_at < before,
+                ~exists().where(refresh_tokens.c.family_id == refresh_families.c.id),
+            ),
+            time_of=_db_time,
+        )
+        self._sweeping_families = False
+
+    async def purge_expired_tokens(self, before: float, limit: int) -> tuple[int, bool]:
+        """Retention: refresh tokens that expired before ``before`` (epoch seconds), and
+        the families they leave empty; at most ``limit`` rows of each per call."""
+        # One sweep after the other: a pass over the tokens, then one over the families.
+        if not self._sweeping_families:
+            tokens, more = await self._expired_tokens(before, limit)
+            self._sweeping_families = not more
+            return tokens, True
+        families, more = await self._empty_families(before, limit)
+        self._sweeping_families = more
+        return families, more
 
     async def add_user(self, user: User, *, password_hash: str, now: datetime) -> None:
         try:

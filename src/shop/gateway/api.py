@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
 import aiohttp
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route as StarletteRoute
@@ -24,7 +29,9 @@ from shop.gateway.domain import (
     Access,
     Match,
     MethodNotAllowed,
+    Route,
     RouteTable,
+    RouteTimeouts,
     canonical_path,
     request_head,
     response_headers,
@@ -34,8 +41,10 @@ from shop.gateway.ratelimit import RateLimits
 from shop.gateway.service import ApiCatalogue, Upstreams, admit, forward
 from shop.gateway.settings import GatewaySettings
 from shop.platform import context, logs, telemetry
+from shop.platform.breaker import BreakerState, CircuitBreaker, CircuitOpen
 from shop.platform.discovery import Heartbeat, RegistryClient
 from shop.platform.middleware import HttpMetrics
+from shop.platform.observe import BreakerStates
 from shop.platform.problems import Problem, problem_response, send_problem
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
@@ -49,13 +58,74 @@ __all__ = [
     "Identity",
     "Proxy",
     "ReadinessCheck",
+    "end_proxy_span",
+    "UpstreamBreakers",
     "ops_routes",
 ]
 
 log = logging.getLogger("shop.gateway")
 
-OPS_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"})
+OPS_PATHS = frozenset(
+    {"/health", "/health/live", "/health/ready", "/metrics", "/docs", "/openapi.json"}
+)
 ReadinessCheck = Callable[[], Awaitable[None]]
+# What a service's circuit counts as failing: no answer in time (504), or the connection
+# broken before an answer (502). A refused connection is not counted: it costs the caller
+# nothing, the next instance is tried and the refusing one passed over (service.py), and
+# a restarted service must be used as soon as it is registered, not after an open period.
+_BREAKING = frozenset({502, 504})
+
+
+class UpstreamBreakers:
+    """The gateway's circuit breaker per service it routes to (shop.platform.breaker), made
+    when first needed: consecutive timeouts open it, and while it is open the service's
+    routes are answered 503 with ``Retry-After`` at once; then one request probes.
+
+    ``clock`` is read by every breaker at each call: a test may replace it."""
+
+    def __init__(
+        self,
+        *,
+        failure_threshold: int,
+        open_for_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, BreakerState], None] = lambda _service, _state: None,
+    ) -> None:
+        self.clock = clock
+        self._threshold = failure_threshold
+        self._open_for_s = open_for_s
+        self._on_change = on_change
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self.transitions: Counter[tuple[str, str]] = Counter()
+
+    def of(self, service: str) -> CircuitBreaker:
+        breaker = self._breakers.get(service)
+        if breaker is None:
+            breaker = self._breakers[service] = CircuitBreaker(
+                name=service,
+                failure_threshold=self._threshold,
+                open_for_s=self._open_for_s,
+                clock=lambda: self.clock(),
+                on_change=partial(self._changed, service),
+            )
+        return breaker
+
+    def all(self) -> list[CircuitBreaker]:
+        return list(self._breakers.values())
+
+    def degraded(self) -> dict[str, str]:
+        """``breaker:<service>`` -> why, for every circuit not closed (docs/observability.md)."""
+        return {
+            f"breaker:{b.name}": (
+                f"circuit to {b.name} is {b.state.value}: its routes are answered 503 at once"
+            )
+            for b in self._breakers.values()
+            if b.state is not BreakerState.CLOSED
+        }
+
+    def _changed(self, service: str, state: BreakerState) -> None:
+        self.transitions[(service, state.value)] += 1
+        self._on_change(service, state)
 
 
 @dataclass(slots=True)
@@ -73,6 +143,26 @@ class GatewayRuntime:
     limits: RateLimits
     heartbeat: Heartbeat | None = None
     readiness: dict[str, ReadinessCheck] = field(default_factory=dict)
+    # From the settings: the timeout of each routed method and route, a breaker per service.
+    timeouts: RouteTimeouts = field(init=False)
+    breakers: UpstreamBreakers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.timeouts = self.settings.timeouts()
+        self.breakers = UpstreamBreakers(
+            failure_threshold=self.settings.breaker_failure_threshold,
+            open_for_s=self.settings.breaker_open_s,
+            on_change=self._breaker_changed,
+        )
+
+    def _breaker_changed(self, _service: str, _state: BreakerState) -> None:
+        """The registry's dashboard shows the gateway DEGRADED while a circuit is open."""
+        if self.heartbeat is not None:
+            reasons = self.breakers.degraded()
+            self.heartbeat.report_health(
+                "DEGRADED" if reasons else "UP",
+                "; ".join(f"{name}: {why}" for name, why in reasons.items()) or None,
+            )
 
 
 class _AnswerStarted(Exception):
@@ -143,7 +233,9 @@ class Proxy:
         self._random_bits = random.Random(os.urandom(32)).getrandbits  # noqa: S311
         provider = telemetry.tracer_provider(service)
         # The proxy's own server span (no ASGI instrumentation wraps it); None: tracing off.
+        self.tracing = provider
         self.tracer = provider.get_tracer("shop.gateway") if provider is not None else None
+        metrics.registry.register(_BreakerMetrics(self, metrics.service))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handover: Handover | None = scope.get(HANDOVER)
@@ -160,7 +252,7 @@ class Proxy:
             if handover is None:
                 answer = await self._admit_and_forward(scope, receive, identity)
             else:
-                answer = await self._finish(handover)
+                answer = await self._finish(handover, scope["route"])
             if answer is not None:
                 status, started = answer.status, True
                 await _relay(answer, send, stamp)
@@ -190,7 +282,7 @@ class Proxy:
             template = route.path if route else None
             self.observe(scope["method"], template, status, began, identity)
             if identity.span is not None:
-                _end_span(identity.span, scope["method"], template, status)
+                end_proxy_span(identity.span, scope["method"], template, status)
 
     def identify(self, headers: list[tuple[bytes, bytes]]) -> Identity:
         """Request id and trace (the caller's when valid, else new ones), the body's length."""
@@ -217,11 +309,20 @@ class Proxy:
         )
         caller = context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
         span = None
-        if self.tracer is None:
-            trace = caller or context.TraceContext(trace_id=fresh[32:64], span_id=fresh[64:80])
+        flags = caller.flags if caller else "01"
+        if self.tracer is not None and self.tracing is not None:
+            if telemetry.sampled(self.tracing, caller, fresh[32:64]):
+                span = telemetry.start_span(
+                    self.tracer, "proxy", kind="server", parent=caller, trace_id=fresh[32:64]
+                )
+            elif caller is None:
+                flags = "00"  # a new trace not sampled: no span, and the services make none
+        if span is None:
+            trace = caller or context.TraceContext(
+                trace_id=fresh[32:64], span_id=fresh[64:80], flags=flags
+            )
             child = f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()
         else:  # the service's parent is the gateway's span
-            span = telemetry.start_span(self.tracer, "proxy", kind="server", parent=caller)
             trace = telemetry.span_trace(span)
             child = trace.traceparent.encode()
         stamp = (b"x-request-id", request_id.encode("latin-1"))
@@ -294,26 +395,72 @@ class Proxy:
             target += "?" + query.decode("latin-1")
         return request_head(scope["method"], target, headers)
 
-    async def _finish(self, handover: Handover) -> Answer:
+    async def _finish(self, handover: Handover, route: Route) -> Answer:
         """The rest of a request the fast lane began (see Handover)."""
         outcome = handover.outcome
+        runtime = self.runtime
+        assert runtime is not None  # noqa: S101 - the fast lane runs only once it is set
         if isinstance(outcome, Answer):
             return outcome
         if isinstance(outcome, Problem):
+            if outcome.status in _BREAKING:
+                runtime.breakers.of(handover.service).failed()
             raise outcome
-        runtime = self.runtime
-        assert runtime is not None  # noqa: S101 - the fast lane runs only once it is set
-        return await forward(
-            upstreams=runtime.upstreams,
-            service=handover.service,
-            pool=runtime.pool,
+        return await self._forward(
+            runtime,
+            route=route,
+            method=handover.method,
             head=handover.head,
             body=b"",
-            method=handover.method,
-            timeout_s=runtime.settings.upstream_timeout_s,
-            retry_after_s=runtime.platform.registry_cache_ttl_s,
             new_connection=True,
         )
+
+    async def _forward(
+        self,
+        runtime: GatewayRuntime,
+        *,
+        route: Route,
+        method: str,
+        head: bytes,
+        body: bytes,
+        new_connection: bool = False,
+    ) -> Answer:
+        """``forward`` to the route's service within the route's timeout, through the
+        service's circuit breaker: while it is open, 503 with ``Retry-After`` at once."""
+        service = route.service
+        breaker = runtime.breakers.of(service)
+        try:
+            breaker.acquire()
+        except CircuitOpen as exc:
+            raise Problem(
+                503,
+                f"{service} is not answering (circuit open); try again later.",
+                headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+            ) from None
+        try:
+            answer = await forward(
+                upstreams=runtime.upstreams,
+                service=service,
+                pool=runtime.pool,
+                head=head,
+                body=body,
+                method=method,
+                timeout_s=runtime.timeouts.of(route, method),
+                retry_after_s=runtime.platform.registry_cache_ttl_s,
+                new_connection=new_connection,
+            )
+        except Problem as problem:
+            if problem.status in _BREAKING:
+                breaker.failed()
+            else:  # no instance, or refused: says nothing of a frozen service
+                breaker.abandon()
+            raise
+        except BaseException:
+            breaker.abandon()  # the caller left: no verdict, and a probe must not stay out
+            raise
+        # Any answer, an error status included, is the service answering.
+        breaker.succeeded()
+        return answer
 
     async def _admit_and_forward(
         self, scope: Scope, receive: Receive, identity: Identity
@@ -374,15 +521,12 @@ class Proxy:
                 return None  # the caller left
             body = read
         length = len(body) if body or method in _BODY_METHODS else None
-        return await forward(
-            upstreams=runtime.upstreams,
-            service=route.service,
-            pool=runtime.pool,
+        return await self._forward(
+            runtime,
+            route=route,
+            method=method,
             head=self.upstream_head(scope, target, identity, length),
             body=body,
-            method=method,
-            timeout_s=runtime.settings.upstream_timeout_s,
-            retry_after_s=runtime.platform.registry_cache_ttl_s,
         )
 
     def _too_large(self) -> Problem:
@@ -421,7 +565,37 @@ class Proxy:
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def _end_span(span: Any, method: str, template: str | None, status: int) -> None:
+class _BreakerMetrics(Collector):
+    """``shop_breaker_state`` and ``shop_breaker_transitions_total`` of the gateway's
+    breakers (``peer`` = the service), read at scrape time as the order service's are."""
+
+    def __init__(self, proxy: Proxy, service: str) -> None:
+        self._proxy = proxy
+        self._service = service
+        self._states = BreakerStates(service, source=self._breakers)
+
+    def _breakers(self) -> list[CircuitBreaker]:
+        runtime = self._proxy.runtime
+        return runtime.breakers.all() if runtime is not None else []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield from self._states.collect()
+        family = CounterMetricFamily(
+            "shop_breaker_transitions",
+            "Circuit breaker transitions, by the state entered",
+            labels=["service", "peer", "to"],
+        )
+        runtime = self._proxy.runtime
+        if runtime is not None:
+            for (peer, state), count in sorted(runtime.breakers.transitions.items()):
+                family.add_metric([self._service, peer, state], count)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        return self.collect()
+
+
+def end_proxy_span(span: Any, method: str, template: str | None, status: int) -> None:
     """Name the proxy's span by its route template (bounded, like the metrics) and end it."""
     span.update_name(f"{method} {template}" if template else method)
     span.set_attribute("http.request.method", method)
@@ -474,21 +648,47 @@ async def live(_request: Request) -> Response:
     return JSONResponse({"status": "UP"})
 
 
-async def ready(request: Request) -> Response:
-    runtime = _runtime(request)
+async def _readiness(runtime: GatewayRuntime) -> dict[str, str]:
     names = list(runtime.readiness)
     outcomes = await asyncio.gather(
         *(asyncio.wait_for(runtime.readiness[n](), 2.0) for n in names),
         return_exceptions=True,
     )
-    checks = {
+    return {
         n: "DOWN" if isinstance(o, BaseException) else "UP"
         for n, o in zip(names, outcomes, strict=True)
     }
+
+
+async def health(request: Request) -> Response:
+    """Readiness and degradation in one answer, as every service's ``GET /health``
+    (platform/observe.py): DEGRADED while a service's circuit is open (``breaker:<service>``).
+    At the edge the status word only, unless ``GATEWAY_PUBLIC_OPERATIONS``."""
+    runtime = _runtime(request)
+    checks = await _readiness(runtime)
+    if any(v == "DOWN" for v in checks.values()):
+        return _not_ready(request, runtime, checks)
+    reasons = runtime.breakers.degraded()
+    body: dict[str, Any] = {"status": "DEGRADED" if reasons else "UP"}
+    if runtime.settings.public_operations:
+        for breaker in runtime.breakers.all():
+            name = f"breaker:{breaker.name}"
+            checks[name] = "DEGRADED" if name in reasons else "UP"
+        body |= {"checks": checks, "reasons": reasons}
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+async def ready(request: Request) -> Response:
+    runtime = _runtime(request)
+    checks = await _readiness(runtime)
     public = runtime.settings.public_operations
     if all(v == "UP" for v in checks.values()):
         return JSONResponse({"status": "UP", "checks": checks} if public else {"status": "UP"})
-    if not public:
+    return _not_ready(request, runtime, checks)
+
+
+def _not_ready(request: Request, runtime: GatewayRuntime, checks: dict[str, str]) -> Response:
+    if not runtime.settings.public_operations:
         # Which dependency is down is a map of the inside: the status is all the edge says.
         return problem_response(503, instance=request.url.path, detail="Not ready")
     down = ", ".join(n for n, v in checks.items() if v == "DOWN")
@@ -510,6 +710,7 @@ async def openapi(request: Request) -> Response:
 
 def ops_routes() -> list[StarletteRoute]:
     return [
+        StarletteRoute("/health", health, methods=["GET"]),
         StarletteRoute("/health/live", live, methods=["GET"]),
         StarletteRoute("/health/ready", ready, methods=["GET"]),
         StarletteRoute("/metrics", metrics, methods=["GET"]),

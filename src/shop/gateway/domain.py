@@ -21,6 +21,7 @@ __all__ = [
     "NotRouted",
     "Route",
     "RouteTable",
+    "RouteTimeouts",
     "ROUTED_SERVICES",
     "canonical_path",
     "merge_openapi",
@@ -164,6 +165,51 @@ def public_route_table(*, dashboard_access: Access) -> RouteTable:
             Route("/shop/admin", "web-service", {"GET": public}),
         ]
     )
+
+
+# Order placement and cancel: the order service answers only after its own calls to the
+# inventory (and, for prices it lacks, the catalogue) have answered or timed out.
+_ORDER_WRITES = frozenset({("POST", "/api/order")})
+_READS = frozenset({"GET", "HEAD"})
+
+
+class RouteTimeouts:
+    """How long the gateway waits for a service's next bytes, per routed method and route:
+    reads, other writes, order placement (each a setting), and per-route overrides keyed
+    ``"METHOD /route-path"`` (HEAD follows GET). One dictionary look-up per request."""
+
+    def __init__(
+        self,
+        routes: RouteTable,
+        *,
+        read_s: float,
+        write_s: float,
+        order_s: float,
+        overrides: Mapping[str, float],
+    ) -> None:
+        self._default = write_s
+        self._by_route: dict[tuple[str, str], float] = {}
+        for route in routes.routes:
+            for method in {*route.methods, *(("HEAD",) if "GET" in route.methods else ())}:
+                if (method, route.path) in _ORDER_WRITES:
+                    seconds = order_s
+                else:
+                    seconds = read_s if method in _READS else write_s
+                named = "GET" if method == "HEAD" else method
+                seconds = overrides.get(f"{named} {route.path}", seconds)
+                self._by_route[(method, route.path)] = seconds
+
+    def of(self, route: Route, method: str) -> float:
+        return self._by_route.get((method, route.path), self._default)
+
+    @staticmethod
+    def check_key(routes: RouteTable, key: str) -> None:
+        """Refuse an override key that names no routed method and route path."""
+        method, _, path = key.partition(" ")
+        route = next((r for r in routes.routes if r.path == path), None)
+        if route is None or method not in route.methods:
+            known = ", ".join(f"{m} {r.path}" for r in routes.routes for m in sorted(r.methods))
+            raise ValueError(f"{key[:80]!r} names no routed method and route; known: {known}")
 
 
 # Bytes a canonical path may carry as they are: RFC 3986 unreserved, "/", and the

@@ -5,23 +5,30 @@ uvicorn runs every request as a task driving an ASGI app through message dicts; 
 whose whole work is a few dictionary look-ups and two socket writes, that machinery was most
 of its CPU (docs/gateway.md, Performance). So the gateway's protocol (``GatewayProtocol``, a
 subclass of the platform's guarded httptools protocol, which keeps the header deadline and
-size limits) takes a request itself when all of this holds once its head is in:
+size limits) takes a request itself when all of this holds once it is in:
 
-- GET or HEAD, HTTP/1.1, no body (no Content-Length, no Transfer-Encoding), no upgrade, no
-  earlier request of the connection still being answered (pipelining queues as usual);
-- an origin-form target, canonical, on a routed **public** route (not the gateway's own
-  endpoints; token and admin routes need an await to verify a token they have not seen);
+- HTTP/1.1, no upgrade, no earlier request of the connection still being answered
+  (pipelining queues as usual), an origin-form target, canonical, on a routed method and
+  path (not the gateway's own endpoints);
+- no body, or a ``Content-Length`` body of at most 64 KiB (and the body limit) that arrived
+  with the same read as the end of the headers: its head is held back until the end of the
+  read, and a body still to come, chunked or awaiting ``100-continue`` goes the ASGI way;
+- on a token or admin route, a bearer token ``JwksVerifier.cached`` decides now (verified
+  before, or signed by a key held and fresh), of a user, with the admin role on admin
+  routes;
 - the service's instances known without asking the registry, a kept-alive connection to
-  the chosen one (or the next candidate) idle, and the client's rate limit counted in
+  the one whose turn it is idle, and the client's (and the user's) rate limits counted in
   memory and not reached.
 
-Everything else, and every refusal (404, 405, 429...), goes the ordinary ASGI way
-(``Proxy``), before anything is counted or sent. Once admitted, the request is sent at once
-on the idle connection, and the service's answer, when it arrives whole, is written back
-with the same header rules and ids as the ASGI path. What needs waiting or a problem answer
-after that is handed to ``Proxy`` with what was done (``Handover``): an answer still
+Everything else, and every refusal (401, 403, 404, 405, 413, 429...), goes the ordinary ASGI
+way (``Proxy``), before anything is counted or sent; a token ``cached`` refused is refused
+there with the same answer, without being checked twice. Once admitted, the request is sent
+at once on the idle connection, and the service's answer, when it arrives whole, is written
+back with the same header rules and ids as the ASGI path. What needs waiting or a problem
+answer after that is handed to ``Proxy`` with what was done (``Handover``): an answer still
 streaming in, a timeout (504), a connection that broke mid-answer (502), or one that broke
-before answering (sent again on a new connection, as ``UpstreamPool.request`` does).
+before answering (sent again on a new connection for idempotent methods, as
+``UpstreamPool.request`` does; 502 for the others, which may have been applied).
 """
 
 from __future__ import annotations
@@ -33,17 +40,30 @@ from urllib.parse import unquote
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
-from shop.gateway.api import HANDOVER, OPS_PATHS, Handover, Identity, Proxy
+from shop.gateway.api import HANDOVER, OPS_PATHS, Handover, Identity, Proxy, end_proxy_span
 from shop.gateway.domain import Access, Match, canonical_path, response_headers
+from shop.gateway.ratelimit import RateLimits
+from shop.platform.breaker import BreakerState, CircuitBreaker
 from shop.platform.problems import Problem
+from shop.platform.security import SERVICE_ROLE, bearer_token
 from shop.platform.serve import GuardedProtocol
 from shop.platform.upstream import Answer
 
 __all__ = ["GatewayProtocol"]
 
-_FAST_METHODS = {b"GET": "GET", b"HEAD": "HEAD"}
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH")}
 _OPS_PATHS = frozenset(path.encode() for path in OPS_PATHS)
 _NO_BODY_STATUSES = frozenset({204, 304})
+# As the ASGI path (gateway/api.py, service.py): these always tell the service their length;
+# these may be sent again when a kept-alive connection breaks before any answer.
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+# What a bearer token is made of (platform/security.py's pattern, which is what decides):
+# ``Bearer <these>`` is checked with one translate instead of a regex over the whole token.
+_TOKEN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-"
+# The largest body the fast lane holds back for (an order is a few hundred bytes); uvicorn
+# pauses reading past 64 KiB buffered, so a larger one is the ASGI path's to stream.
+MAX_FAST_BODY = 64 * 1024
 
 
 class GatewayProtocol(GuardedProtocol):
@@ -53,23 +73,78 @@ class GatewayProtocol(GuardedProtocol):
         super().__init__(*args, **kwargs)
         proxy = getattr(self.app, "proxy", None)  # the GatewayApp, unless uvicorn wrapped it
         self._proxy = proxy if isinstance(proxy, Proxy) else None
+        # The body of a request whose head is held back until it is whole (see dispatch).
+        self._body: list[bytes] | None = None
 
     def dispatch(self) -> None:
         proxy = self._proxy
-        if proxy is None or not self._take(proxy):
+        if proxy is None:
+            super().dispatch()
+        elif self._awaits_body(proxy):
+            self._body = []  # decided when the body is in: on_message_complete
+        elif not self._take(proxy):
             super().dispatch()
 
-    def _take(self, proxy: Proxy) -> bool:
+    def on_body(self, body: bytes) -> None:
+        if self._body is None:
+            super().on_body(body)
+        else:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        held = self._body
+        if held is not None:
+            self._body = None
+            body = b"".join(held)
+            if self._proxy is None or not self._take(self._proxy, body):
+                self._start_cycle(body)
+        super().on_message_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        held = self._body
+        if held is not None:
+            # The body did not all come with this read: the ASGI path reads the rest (and
+            # keeps the body deadline); the fast lane waits for no one.
+            self._body = None
+            if not self.transport.is_closing():
+                self._start_cycle(b"".join(held))
+
+    def _start_cycle(self, body: bytes) -> None:
+        """Start the ASGI cycle of a request held back for its body, with what came of it."""
+        super().dispatch()
+        if body:
+            self.cycle.body += body
+            self.cycle.message_event.set()
+
+    def _awaits_body(self, proxy: Proxy) -> bool:
+        """Whether the request announces a body the fast lane may take once it is whole."""
+        if proxy.runtime is None or self.expect_100_continue:
+            return False
+        cycle = self.cycle
+        if (cycle is not None and not cycle.response_complete) or self.pipeline:
+            return False
+        length = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                if length is not None or not value.isdigit():
+                    return False
+                length = int(value)
+            elif name == b"transfer-encoding":
+                return False
+        return length is not None and length <= min(MAX_FAST_BODY, proxy.max_body_bytes)
+
+    def _take(self, proxy: Proxy, body: bytes | None = None) -> bool:
         """Send the request on the fast lane; False, with nothing counted or sent, if it is
-        not one the fast lane may take."""
+        not one the fast lane may take. ``body``: the whole body, when one was announced."""
         runtime = proxy.runtime
-        if runtime is None or proxy.tracer is not None:
-            return False  # not started yet; or traced, which the ASGI path does
+        if runtime is None:
+            return False  # not started yet
         cycle = self.cycle
         if (cycle is not None and not cycle.response_complete) or self.pipeline:
             return False
         parser = self.parser
-        method = _FAST_METHODS.get(parser.get_method())
+        method = _METHODS.get(parser.get_method())
         if method is None or parser.get_http_version() != "1.1" or parser.should_upgrade():
             return False
         url: bytes = self.url
@@ -81,21 +156,31 @@ class GatewayProtocol(GuardedProtocol):
         target = raw_path.decode("ascii")
         path = unquote(target) if "%" in target else target
         outcome = proxy.routes.match(method, path)
-        if not isinstance(outcome, Match) or outcome.access is not Access.PUBLIC:
+        if not isinstance(outcome, Match):
             return False
         headers = self.headers
         identity = proxy.identify(headers)
-        if identity.has_body:
+        if identity.has_body and body is None:
             return False
         route = outcome.route
-        pool = runtime.pool
-        for base_url in runtime.upstreams.ready_candidates(route.service) or ():
-            if pool.has_idle(base_url):
-                break
-        else:
+        # A circuit not closed is the ASGI path's to answer (503) or to probe.
+        breaker = runtime.breakers.of(route.service)
+        if breaker.state is not BreakerState.CLOSED:
             return False
+        # The round-robin's choice only: passing on to the next instance when it has no idle
+        # connection would keep sending everything to whichever instance has one (the fast
+        # lane opens none), and a quiet client's requests would never alternate again.
+        candidates = runtime.upstreams.ready_candidates(route.service)
+        if not candidates or not runtime.pool.has_idle(candidates[0]):
+            return False
+        base_url = candidates[0]
+        user = None
+        if outcome.access is not Access.PUBLIC:
+            user = _user_now(proxy, headers, admin=outcome.access is Access.ADMIN)
+            if user is None:
+                return False
         peer = self.client[0] if self.client else "unknown"
-        if not runtime.limits.admit_client_now(proxy.client_of(peer, headers)):
+        if not _admit_now(runtime.limits, proxy.client_of(peer, headers), user):
             return False
         # Admitted and counted: from here on the request is the fast lane's to finish.
         scope: Any = self.scope
@@ -104,7 +189,9 @@ class GatewayProtocol(GuardedProtocol):
         scope["raw_path"] = raw_path
         scope["query_string"] = query
         scope["route"] = route
-        head = proxy.upstream_head(scope, target, identity, None)
+        body = body or b""
+        length = len(body) if body or method in _BODY_METHODS else None
+        head = proxy.upstream_head(scope, target, identity, length)
         exchange = _Exchange(
             self,
             proxy,
@@ -112,15 +199,77 @@ class GatewayProtocol(GuardedProtocol):
             identity=identity,
             method=method,
             service=route.service,
+            breaker=breaker,
             base_url=base_url,
-            head=head,
+            # The body rides after the head: what is sent, and sent again (Handover.head).
+            head=head + body if body else head,
             keep_alive=parser.should_keep_alive(),
-            timeout_s=runtime.settings.upstream_timeout_s,
+            timeout_s=runtime.timeouts.of(route, method),
         )
         # It stands in for uvicorn's cycle (the attributes uvicorn touches are there).
         self.cycle = cast(RequestResponseCycle, exchange)
         exchange.send()
         return True
+
+
+def _user_now(proxy: Proxy, headers: list[tuple[bytes, bytes]], *, admin: bool) -> str | None:
+    """The user a token route may be proxied for at once: the bearer token's ``sub`` when the
+    verifier decides it now, a user's (not a service's) token, an admin's on admin routes.
+    None for anything else, which ``Proxy`` answers (401, 403, 503) as it always has."""
+    runtime = proxy.runtime
+    assert runtime is not None  # noqa: S101 - checked by the caller
+    authorization = None
+    for name, value in headers:
+        if name == b"authorization":
+            authorization = value
+            break
+    if authorization is None:
+        return None
+    token = _bearer(authorization)
+    if token is None:
+        return None
+    principal = runtime.verifier.cached(token)
+    if principal is None or SERVICE_ROLE in principal.roles or principal.service_name:
+        return None
+    if admin and not principal.is_admin:
+        return None
+    return principal.user_id
+
+
+def _bearer(authorization: bytes) -> str | None:
+    """``bearer_token``, the plain form first: its case-insensitive regex costs ~40 µs over a
+    700-byte token, one ``translate`` less than one; any other form is the regex's to judge."""
+    if authorization[:7].lower() == b"bearer ":
+        token = authorization[7:]
+        if token and not token.translate(None, _TOKEN_BYTES):
+            return token.decode("ascii")
+    return bearer_token(authorization.decode("latin-1"))
+
+
+def _admit_now(limits: RateLimits, client: str, user: str | None) -> bool:
+    """``RateLimits.admit_client_now`` with the user's limits too when ``user`` is given: True
+    with every hit counted when the client and the user are within every limit; False,
+    nothing counted, when either may not be (the ASGI path then counts and answers 429)."""
+    if user is None:
+        return limits.admit_client_now(client)
+    # RateLimits keeps per-user counts in the same in-memory storage as per-client ones.
+    memory = limits._memory
+    if memory is None:
+        return False
+    counters = [
+        (limits._key(item, "user", user), item.amount, item.get_expiry())
+        for item in limits._per_user
+    ]
+    now = time.time()
+    expirations, counts = memory.expirations, memory.storage
+    for key, amount, _ in counters:
+        if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+            return False
+    if not limits.admit_client_now(client):
+        return False
+    for key, _, expiry in counters:
+        memory.count(key, expiry)
+    return True
 
 
 class _Exchange:
@@ -131,6 +280,7 @@ class _Exchange:
     __slots__ = (
         "base_url",
         "began",
+        "breaker",
         "conn",
         "disconnected",
         "head",
@@ -156,6 +306,7 @@ class _Exchange:
         identity: Identity,
         method: str,
         service: str,
+        breaker: CircuitBreaker,
         base_url: str,
         head: bytes,
         keep_alive: bool,
@@ -167,6 +318,7 @@ class _Exchange:
         self.identity = identity
         self.method = method
         self.service = service
+        self.breaker = breaker
         self.base_url = base_url
         self.head = head
         self.keep_alive = keep_alive
@@ -199,20 +351,25 @@ class _Exchange:
             conn.listen(None)
             conn.close()
             if isinstance(error, TimeoutError):
+                # Not sent again (it may have been applied), but passed over for a while.
+                runtime = self.proxy.runtime
+                if runtime is not None:
+                    runtime.upstreams.refused(self.base_url, self.service)
                 problem = Problem(
                     504, f"{self.service} did not answer within {self.timeout_s:g} s."
                 )
                 self.hand_over(problem)
-            elif conn.headers or conn.head_done:
+            elif conn.headers or conn.head_done or self.method not in _IDEMPOTENT:
                 self.hand_over(Problem(502, f"{self.service} broke off its answer."))
             else:
                 # Most likely the service closed the kept-alive connection as the request
-                # left (its idle timeout): GET and HEAD may go again (RFC 9110, 9.2.2).
+                # left (its idle timeout): an idempotent one may go again (RFC 9110, 9.2.2).
                 self.hand_over(None)
             return
         if not conn.head_done:
             return
         conn.listen(None)
+        self.breaker.succeeded()  # any answer is the service answering, as on the ASGI path
         runtime = self.proxy.runtime
         assert runtime is not None  # noqa: S101 - checked before admitting
         if not conn.complete:  # a larger answer: streamed by the ASGI path
@@ -229,7 +386,10 @@ class _Exchange:
         """Write the service's whole answer as uvicorn would have written the ASGI path's."""
         protocol = self.protocol
         self.response_complete = True
-        self.proxy.observe(self.method, self.scope["route"].path, status, self.began, self.identity)
+        template = self.scope["route"].path
+        self.proxy.observe(self.method, template, status, self.began, self.identity)
+        if self.identity.span is not None:  # traced: the proxy's span ends with its answer
+            end_proxy_span(self.identity.span, self.method, template, status)
         if self.disconnected or protocol.transport.is_closing():
             return
         out = [STATUS_LINE[status]]

@@ -8,6 +8,7 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from shop.gateway.domain import Access, RouteTimeouts, public_route_table
 from shop.gateway.ratelimit import parse_limits, shared_storage
 from shop.platform.serve import ServerLimits
 from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused
@@ -22,8 +23,42 @@ class GatewaySettings(ServiceSettings):
     uses_database: ClassVar[bool] = False
 
     port: int = 8765
+    # Per route family (docs/gateway.md "Fast, honest failure"): the longest wait for a
+    # service's next bytes, then 504. Reads are short; an order placement waits for the
+    # order service's own calls (inventory 2 s, catalogue 2 s) to give their honest answer.
     upstream_timeout_s: float = Field(
-        default=10.0, gt=0, description="Longest wait for a service's next bytes (504 after)."
+        default=5.0,
+        gt=0,
+        le=600,
+        description="Reads (GET, HEAD): longest wait for a service's next bytes (504 after).",
+    )
+    write_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, description="Other methods (log-in, admin writes...)."
+    )
+    order_timeout_s: float = Field(
+        default=8.0,
+        gt=0,
+        le=600,
+        description="POST /api/order[/...] (placement, cancel): more than the order service's "
+        "inventory plus catalogue timeouts.",
+    )
+    route_timeouts: dict[str, float] = Field(
+        default={},
+        description='Per route, over the family\'s: JSON {"POST /api/order": 12, ...} naming a '
+        "routed method and route path.",
+    )
+    breaker_failure_threshold: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Consecutive timeouts (or answers broken off) of a service that open its "
+        "circuit in the gateway.",
+    )
+    breaker_open_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How long an open circuit answers 503 at once before one probe.",
     )
     registry_dashboard_url: str | None = Field(
         default=None,
@@ -84,6 +119,26 @@ class GatewaySettings(ServiceSettings):
     def _limits_parse(cls, value: str) -> str:
         parse_limits(value)
         return value
+
+    @field_validator("route_timeouts")
+    @classmethod
+    def _routed_and_bounded(cls, value: dict[str, float]) -> dict[str, float]:
+        routes = public_route_table(dashboard_access=Access.PUBLIC)
+        for key, seconds in value.items():
+            RouteTimeouts.check_key(routes, key)
+            if not 0 < seconds <= 600:
+                raise ValueError(f"{key!r}: a timeout is more than 0 and at most 600 seconds")
+        return value
+
+    def timeouts(self) -> RouteTimeouts:
+        """The timeout of every routed method and route, overrides applied."""
+        return RouteTimeouts(
+            public_route_table(dashboard_access=Access.PUBLIC),
+            read_s=self.upstream_timeout_s,
+            write_s=self.write_timeout_s,
+            order_s=self.order_timeout_s,
+            overrides=self.route_timeouts,
+        )
 
     @field_validator("rate_limit_storage_url")
     @classmethod

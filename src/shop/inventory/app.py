@@ -13,6 +13,7 @@ from shop.inventory.domain import DEMO_STOCK
 from shop.inventory.service import InventoryService, ReservationMetrics
 from shop.inventory.settings import InventorySettings
 from shop.inventory.store import SqlInventoryStore
+from shop.platform import retention
 from shop.platform.app import (
     Runtime,
     add_lean_route,
@@ -54,7 +55,11 @@ def build_app(*, platform: PlatformSettings, settings: InventorySettings) -> Fas
             await bus.start()
             watch.consumer(bus, topic=events.PRODUCTS_TOPIC, group=events.CONSUMER_GROUP)
             watch.report_to(lambda: runtime.heartbeat)
-            async with watch:
+            inbox_kept = retention.policy(platform, keep_s=platform.inbox_retention_s)
+            async with (
+                watch,
+                retention.inbox_retention(engine, service="inventory", policy=inbox_kept),
+            ):
                 yield
 
     app = create_app(

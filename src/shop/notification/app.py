@@ -13,6 +13,7 @@ from shop.notification.couriers import Courier, EmailCourier, LogCourier
 from shop.notification.service import NotificationService, Sweeper
 from shop.notification.settings import NotificationSettings
 from shop.notification.store import SqlNotificationStore
+from shop.platform import retention
 from shop.platform.app import Runtime, create_app, service_database, service_events
 from shop.platform.observe import Watch, install_health, metrics_registry
 from shop.platform.settings import PlatformSettings
@@ -68,7 +69,11 @@ def build_app(*, platform: PlatformSettings, settings: NotificationSettings) -> 
             watch.consumer(bus, topic=events.ORDERS_TOPIC, group=events.CONSUMER_GROUP)
             try:
                 watch.report_to(lambda: runtime.heartbeat)
-                async with watch:
+                inbox_kept = retention.policy(platform, keep_s=platform.inbox_retention_s)
+                async with (
+                    watch,
+                    retention.inbox_retention(engine, service="notification", policy=inbox_kept),
+                ):
                     yield
             finally:
                 await sweeper.stop()

@@ -22,6 +22,10 @@ class Courier(Protocol):
     @property
     def channel(self) -> Channel: ...
 
+    @property
+    def timeout_s(self) -> float:
+        """The longest a delivery may take: it gives up then."""
+
     async def deliver(self, notification: Notification) -> None:
         """Hand the notification over; raise if it could not be."""
 
@@ -37,6 +41,7 @@ class Announcer(Protocol):
 
 class LogCourier:
     channel: Channel = "LOG"
+    timeout_s: float = 0.0  # a line handed to the log writer
 
     async def deliver(self, notification: Notification) -> None:
         self.announce(notification)
@@ -72,7 +77,7 @@ class EmailCourier:
         self._username = username
         self._password = password
         self._starttls = starttls
-        self._timeout_s = timeout_s
+        self.timeout_s = timeout_s
 
     def message(self, notification: Notification) -> EmailMessage:
         mail = EmailMessage()
@@ -96,7 +101,7 @@ class EmailCourier:
                 attributes={"server.address": self._host, "server.port": self._port},
             )
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self.timeout_s):
                 await aiosmtplib.send(
                     self.message(notification),
                     hostname=self._host,
@@ -104,7 +109,7 @@ class EmailCourier:
                     username=self._username,
                     password=self._password,
                     start_tls=self._starttls,
-                    timeout=self._timeout_s,
+                    timeout=self.timeout_s,
                 )
         finally:
             if span is not None:

@@ -5,7 +5,6 @@ again what could not be sent, list a user's notifications.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,7 +26,8 @@ from shop.notification.domain import (
     retry_delay,
 )
 from shop.notification.store import NotificationStore
-from shop.platform.events import Event
+from shop.platform.events import Delivery, Event
+from shop.platform.worker import Loop
 
 __all__ = ["NotificationService", "Sweeper"]
 
@@ -97,39 +97,125 @@ class NotificationService:
         try:
             order = read_order(event.data)
         except MalformedOrder as exc:
-            # Redelivering cannot repair the data; the producer has to. Log and move on.
-            log.error(
-                "ignoring %s event %s from %s (subject %s): %s",
-                event.type,
-                event.id,
-                event.source,
-                event.subject,
-                exc,
-            )
+            self._ignore(event, exc)
             return
-        message = compose_message(order, kind)
+        notification = self._first_record(event, order, kind, self._clock())
+        announcer = self._announcer
+        if not await self._store.record_event(
+            event.id, notification, announce=announcer.announce if announcer else None
+        ):
+            log.info("event %s was already processed; nothing to do", event.id)
+            return
+        if announcer is not None:
+            self._sent[notification.channel].inc()
+            return
+        await self._settle(notification)
+
+    async def on_order_events(self, deliveries: Sequence[Delivery]) -> None:
+        """Batch handler of the ``orders`` topic: the events the bus has in hand, recorded
+        in one transaction (inbox rows, notifications and, for the log, their lines), then
+        each e-mail sent on its own, as ``on_order_event`` does for one event. Raises only
+        when nothing was recorded: the bus then hands the events to ``on_order_event`` one
+        at a time."""
         now = self._clock()
+        entries: list[tuple[str, Notification | None]] = []
+        by_event: dict[str, Delivery] = {}
+        for delivery in deliveries:
+            event = delivery.event
+            by_event.setdefault(event.id, delivery)
+            kind = notification_type(event.type)
+            if kind is None:
+                entries.append((event.id, None))
+                continue
+            try:
+                order = read_order(event.data)
+            except MalformedOrder as exc:
+                delivery.bind()
+                self._ignore(event, exc)
+                continue
+            entries.append((event.id, self._first_record(event, order, kind, now)))
+        announcer = self._announcer
+
+        def announce(notification: Notification) -> None:
+            # Each line carries its own event's request id and trace.
+            by_event[notification.event_id].bind()
+            if announcer is not None:
+                announcer.announce(notification)
+
+        recorded = await self._store.record_events(
+            entries, announce=announce if announcer is not None else None
+        )
+        to_send: list[Notification] = []
+        for (event_id, notification), new in zip(entries, recorded, strict=True):
+            if not new:
+                by_event[event_id].bind()
+                log.info("event %s was already processed; nothing to do", event_id)
+            elif notification is not None and announcer is not None:
+                self._sent[notification.channel].inc()
+            elif notification is not None:
+                to_send.append(notification)
+        courier = self._couriers[self._channel]
+        for notification in to_send:
+            by_event[notification.event_id].bind()
+            claimed_until = notification.next_attempt_at
+            if claimed_until is not None and (
+                self._clock() + timedelta(seconds=courier.timeout_s) >= claimed_until
+            ):
+                # The batch's earlier sends took that long: a send now could outlive the
+                # claim and race the sweeper, which sends it once the claim lapses instead.
+                log.info("notification %s is left to the sweeper", notification.id)
+                continue
+            # Shielded: if the bus gives up on the batch (its handler time-out) or closes,
+            # the conversation in progress still ends and is marked, instead of being cut
+            # after the server took the mail and sent again by the sweeper.
+            await asyncio.shield(self._settle(notification))
+
+    async def _settle(self, notification: Notification) -> None:
+        try:
+            await self._deliver(notification)
+        except Exception:
+            log.exception("could not settle notification %s; the sweeper will", notification.id)
+
+    def _ignore(self, event: Event, error: MalformedOrder) -> None:
+        # Redelivering cannot repair the data; the producer has to. Log and move on.
+        log.error(
+            "ignoring %s event %s from %s (subject %s): %s",
+            event.type,
+            event.id,
+            event.source,
+            event.subject,
+            error,
+        )
+
+    def _first_record(
+        self, event: Event, order: OrderNotice, kind: NotificationType, now: datetime
+    ) -> Notification:
+        """The record of ``event``'s notification, on its first attempt: for an announcing
+        courier (the log) already done, its line written inside the recording transaction
+        (one transaction per event instead of two; if the commit fails the event comes
+        again: the line at least once, the record once); otherwise claimed by this first
+        attempt, so the sweeper sends it only if this process dies before marking it."""
+        message = compose_message(order, kind)
         if self._announcer is not None:
-            await self._record_announced(event, order, kind, message, now, self._announcer)
-            return
-        notification = self._notification(
+            return self._notification(
+                event,
+                order,
+                kind,
+                message,
+                now,
+                status="LOGGED",
+                next_attempt_at=None,
+                sent_at=now,
+            )
+        return self._notification(
             event,
             order,
             kind,
             message,
             now,
             status="PENDING",
-            # Recorded as already claimed by this first attempt: the sweeper sends it only
-            # if this process dies before it is marked.
             next_attempt_at=now + self._claim,
         )
-        if not await self._store.record_event(event.id, notification):
-            log.info("event %s was already processed; nothing to do", event.id)
-            return
-        try:
-            await self._deliver(notification)
-        except Exception:
-            log.exception("could not settle notification %s; the sweeper will", notification.id)
 
     def _notification(
         self,
@@ -160,26 +246,6 @@ class NotificationService:
             next_attempt_at=next_attempt_at,
             sent_at=sent_at,
         )
-
-    async def _record_announced(
-        self,
-        event: Event,
-        order: OrderNotice,
-        kind: NotificationType,
-        message: Message,
-        now: datetime,
-        announcer: Announcer,
-    ) -> None:
-        """Record the notification as done and announce it before the commit: one
-        transaction per event instead of two. A failure before the commit (the line may be
-        out) raises, so the event comes again: the line at least once, the record once."""
-        notification = self._notification(
-            event, order, kind, message, now, status="LOGGED", next_attempt_at=None, sent_at=now
-        )
-        if not await self._store.record_event(event.id, notification, announce=announcer.announce):
-            log.info("event %s was already processed; nothing to do", event.id)
-            return
-        self._sent[notification.channel].inc()
 
     async def retry_due(self) -> int:
         """Send what is due again (PENDING left by a crash, FAILED after its back-off)."""
@@ -237,28 +303,27 @@ class NotificationService:
 
 
 class Sweeper:
-    """Runs ``retry_due`` every ``interval_s`` in the background."""
+    """Runs ``retry_due`` every ``interval_s`` in the background, on the common loop: a
+    failed sweep is logged and counted (``shop_background_failures_total{job=
+    "notification-sweeper"}``) and tried again after a back-off; stopping lets the sweep
+    in hand finish."""
 
     def __init__(self, service: NotificationService, *, interval_s: float) -> None:
         self._service = service
-        self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Loop(
+            self._sweep,
+            name="notification-sweeper",
+            interval_s=interval_s,
+            backoff_s=interval_s,
+            backoff_max_s=max(interval_s, 60.0),
+        )
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="notification-sweeper")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._loop.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                while await self._service.retry_due():
-                    pass
-            except Exception:
-                log.exception("notification sweep failed; trying again later")
-            await asyncio.sleep(self._interval_s)
+    async def _sweep(self) -> bool:
+        # True (another step at once) while due notifications keep coming.
+        return bool(await self._service.retry_due())

@@ -7,7 +7,8 @@ redelivered event finds the inbox row and adds nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -36,6 +37,7 @@ from shop.platform.db import (
     to_db_time,
 )
 from shop.platform.inbox import first_delivery
+from shop.platform.rawsql import RawSql, RawTransaction
 
 __all__ = ["CONSUMER", "NotificationStore", "SqlNotificationStore", "metadata", "notifications"]
 
@@ -81,6 +83,17 @@ class NotificationStore(Protocol):
         called with the notification once it is stored, before the commit (the log line of
         a notification recorded as already ``LOGGED``).
         """
+
+    async def record_events(
+        self,
+        entries: Sequence[tuple[str, Notification | None]],
+        *,
+        announce: Callable[[Notification], None] | None = None,
+    ) -> list[bool]:
+        """``record_event`` for several events (event id, notification or None) in one
+        transaction: for each entry, whether it was recorded now (False for an event
+        processed before, or earlier in ``entries``). All or nothing: if this raises,
+        nothing was recorded."""
 
     async def claim_due(
         self, *, now: datetime, hold_until: datetime, channels: Collection[Channel], limit: int
@@ -170,11 +183,46 @@ class _Insert:
         )
 
 
+class _Inbox:
+    """The inbox rows of a batch of events, as plain SQL run by the driver: which of them
+    are there already (one query), and the insert of the others (one ``executemany``). On
+    SQLite the transaction holds the write lock from its start, so nobody inserts in
+    between; on MySQL a row another consumer inserted meanwhile makes the insert fail, and
+    with it the batch's transaction: the bus then hands the events over one at a time
+    (``first_delivery``)."""
+
+    _INSERT = "INSERT INTO inbox (consumer, event_id, processed_at) VALUES (?, ?, ?)"
+    _SEEN = "SELECT event_id FROM inbox WHERE consumer = ? AND event_id IN ("
+
+    def __init__(self, *, placeholder: str, consumer: str) -> None:
+        self._mark = placeholder
+        self._consumer = consumer
+        self.insert = self._INSERT.replace("?", placeholder)
+
+    def seen_query(self, count: int) -> str:
+        # Only placeholders go into the text: the values are parameters.
+        return self._SEEN.replace("?", self._mark) + ", ".join([self._mark] * count) + ")"
+
+    async def seen(self, tx: RawTransaction, event_ids: Sequence[str]) -> set[str]:
+        found = await tx.execute(self.seen_query(len(event_ids)), (self._consumer, *event_ids))
+        return {row[0] for row in found.rows}
+
+    async def add(self, tx: RawTransaction, event_ids: Sequence[str]) -> None:
+        now = time.time()
+        await tx.executemany(
+            self.insert, [(self._consumer, event_id, now) for event_id in event_ids]
+        )
+
+
 class SqlNotificationStore:
     def __init__(self, engine: AsyncEngine, *, consumer: str = CONSUMER) -> None:
         self._engine = engine
         self._consumer = consumer
         self._insert = _Insert(engine)
+        # A batch's transaction: on a SQLite file a bare connection (no SQLAlchemy per
+        # statement), on MySQL the engine's.
+        self._raw = RawSql(engine)
+        self._inbox = _Inbox(placeholder=self._raw.placeholder, consumer=consumer)
 
     async def record_event(
         self,
@@ -191,6 +239,33 @@ class SqlNotificationStore:
                 if announce is not None:
                     announce(notification)
         return True
+
+    async def record_events(
+        self,
+        entries: Sequence[tuple[str, Notification | None]],
+        *,
+        announce: Callable[[Notification], None] | None = None,
+    ) -> list[bool]:
+        if not entries:
+            return []
+        async with self._raw.writing() as tx:
+            seen = await self._inbox.seen(tx, list({event_id for event_id, _ in entries}))
+            recorded: list[bool] = []
+            for event_id, _ in entries:
+                recorded.append(event_id not in seen)
+                seen.add(event_id)
+            fresh = [entry for entry, new in zip(entries, recorded, strict=True) if new]
+            if fresh:
+                await self._inbox.add(tx, [event_id for event_id, _ in fresh])
+            notices = [notification for _, notification in fresh if notification is not None]
+            if notices:
+                await tx.executemany(
+                    self._insert.sql, [self._insert.row(notice) for notice in notices]
+                )
+                if announce is not None:
+                    for notice in notices:
+                        announce(notice)
+        return recorded
 
     async def claim_due(
         self, *, now: datetime, hold_until: datetime, channels: Collection[Channel], limit: int

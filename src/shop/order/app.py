@@ -11,11 +11,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry, Counter
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.order import events
 from shop.order.api import install_error_answers, place_order_lean, router
@@ -24,7 +25,8 @@ from shop.order.peers import INVENTORY_SERVICE, HttpCatalogue, HttpInventory
 from shop.order.releases import ReleaseReconciler
 from shop.order.service import OrderMetrics, OrderService
 from shop.order.settings import OrderSettings
-from shop.order.store import SqlOrderStore
+from shop.order.store import SqlOrderStore, owner_lease_name, purge_answered_keys
+from shop.platform import retention
 from shop.platform.app import (
     Runtime,
     add_lean_route,
@@ -37,6 +39,7 @@ from shop.platform.observe import BreakerStates, Watch, install_health, metrics_
 from shop.platform.outbox import OutboxRelay, SqlOutbox
 from shop.platform.settings import PlatformSettings
 from shop.platform.upstream import UpstreamPool
+from shop.platform.worker import LeasedLoop
 
 __all__ = ["SERVICE_NAME", "build_app"]
 
@@ -92,20 +95,25 @@ def build_app(
                 bus,
                 service="order",
                 poll_interval_s=settings.outbox_poll_interval_s,
+                retention=retention.policy(platform, keep_s=platform.outbox_retention_s),
             ) as relay,
         ):
             watch.outbox(engine)
             watch.consumer(bus, topic=events.PRODUCTS_TOPIC, group=events.CONSUMER_GROUP)
             store = SqlOrderStore(engine)
             owner = f"order@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-            async with ReleaseReconciler(
-                store=store,
-                inventory=inventory,
-                lease=Lease(engine, name="releases:order", owner=owner, duration_s=10.0),
-                interval_s=settings.release_interval_s,
-                backoff_s=settings.release_backoff_s,
-                backoff_max_s=settings.release_backoff_max_s,
-            ) as releases:
+            claims = await _claim_owner(store, engine, owner=owner, lease_s=settings.claim_lease_s)
+            async with (
+                ReleaseReconciler(
+                    store=store,
+                    inventory=inventory,
+                    lease=Lease(engine, name="releases:order", owner=owner, duration_s=10.0),
+                    interval_s=settings.release_interval_s,
+                    backoff_s=settings.release_backoff_s,
+                    backoff_max_s=settings.release_backoff_max_s,
+                ) as releases,
+                claims,
+            ):
                 orders = OrderService(
                     store=store,
                     catalogue=HttpCatalogue(
@@ -120,6 +128,7 @@ def build_app(
                     idempotency_stale_after=timedelta(seconds=settings.idempotency_stale_s),
                     release_hold=timedelta(seconds=settings.release_hold_s),
                     metrics=order_metrics,
+                    owner=owner,
                 )
                 app.state.orders = orders
                 # The price list follows the catalogue from here on (docs/order.md).
@@ -129,7 +138,21 @@ def build_app(
                 app.state.outbox_relay = relay
                 app.state.release_reconciler = releases
                 watch.report_to(lambda: runtime.heartbeat)
-                async with watch:
+                async with (
+                    watch,
+                    # Answered Idempotency-Keys after their replay window; the inbox of the
+                    # catalogue's events after the redelivery horizon (docs/platform.md).
+                    retention.RetentionJob(
+                        purge_answered_keys(engine),
+                        name="idempotency-retention-order",
+                        policy=retention.policy(platform, keep_s=platform.idempotency_retention_s),
+                    ),
+                    retention.inbox_retention(
+                        engine,
+                        service="order",
+                        policy=retention.policy(platform, keep_s=platform.inbox_retention_s),
+                    ),
+                ):
                     yield
 
     app = create_app(
@@ -152,6 +175,22 @@ def build_app(
     # The route every order takes, without FastAPI's routing and dependency solving.
     add_lean_route(app, "POST", "/api/order", place_order_lean)
     return app
+
+
+async def _claim_owner(
+    store: SqlOrderStore, engine: AsyncEngine, *, owner: str, lease_s: float
+) -> LeasedLoop:
+    """The lease that says this process is alive while it holds Idempotency-Key claims
+    (docs/order.md): held before the first request, renewed every third of ``lease_s`` by
+    a loop, let go when the loop stops. Lapsed ones of processes gone are dropped first."""
+    await store.forget_lapsed_owners(now=datetime.now(UTC))
+    lease = Lease(engine, name=owner_lease_name(owner), owner=owner, duration_s=lease_s)
+    await lease.hold()
+
+    async def alive() -> bool:
+        return False  # the loop's hold() before each step is the renewal
+
+    return LeasedLoop(alive, name="claim-owner", lease=lease, interval_s=lease_s / 3)
 
 
 @asynccontextmanager

@@ -60,7 +60,12 @@ class ReleaseReconciler:
         self._clock = clock
         # lease None: this process is the only one (tests); otherwise one holder per service.
         self._loop = LeasedLoop(
-            self._step, name="release-reconciler", lease=lease, interval_s=interval_s
+            self._step,
+            name="release-reconciler",
+            lease=lease,
+            interval_s=interval_s,
+            backoff_s=min(interval_s, 1.0),
+            backoff_max_s=10.0,
         )
 
     def retry_delay(self, attempts: int) -> timedelta:

@@ -34,7 +34,15 @@ from shop.order.domain import (
 )
 from shop.order.events import order_cancelled, order_placed, price_change_of
 from shop.order.peers import CIRCUIT_OPEN, Catalogue, Inventory
-from shop.order.store import ClaimOutcome, KeyRequest, OrderStore, PendingHold, SavedAnswer
+from shop.order.store import (
+    ClaimOutcome,
+    KeyClaim,
+    KeyRequest,
+    OrderStart,
+    OrderStore,
+    PendingHold,
+    SavedAnswer,
+)
 from shop.platform.events import Event
 from shop.platform.tokens import Principal
 
@@ -116,7 +124,12 @@ class OrderService:
         release_hold: timedelta = timedelta(seconds=60),
         clock: Callable[[], datetime] = _utcnow,
         metrics: OrderMetrics | None = None,
+        owner: str | None = None,
     ) -> None:
+        """``owner``: this process's name on the Idempotency-Key claims it holds, kept alive
+        by its lease (``owner_lease_name``) so that another process takes its claims over
+        as soon as it dies (docs/order.md); None: claims are taken over once stale only."""
+        self._owner = owner
         self._store = store
         self._catalogue = catalogue
         self._inventory = inventory
@@ -161,37 +174,47 @@ class OrderService:
         if problems := line_problems(lines):
             raise InvalidOrder(problems)
         now = self._clock()
-        # Fail fast: with the breaker open the order cannot be placed, so ask no one (a
-        # replay is still answered: the key is looked at first).
-        circuit_wait = self._inventory.unavailable_for_s()
-        if circuit_wait and idempotency_key is None:
-            raise Unavailable(CIRCUIT_OPEN, retry_after_s=circuit_wait)
         number = new_order_number()
-        # Durable before the inventory hears of the order: if this process dies before the
-        # save, the reconciler gives the stock back once the hold has passed.
-        hold = None if circuit_wait else PendingHold(number, now + self._release_hold)
         key = (
             KeyRequest(
                 user_id=buyer.user_id,
                 key=idempotency_key,
                 fingerprint=request_fingerprint(lines),
                 stale_after=self._stale_after,
+                owner=self._owner,
+                attempt=number,
             )
             if idempotency_key is not None
             else None
         )
+        # Fail fast: with the breaker open the order cannot be placed, so ask no one and
+        # write nothing; a key already answered is still replayed (one read).
+        circuit_wait = self._inventory.unavailable_for_s()
+        if circuit_wait:
+            known = await self._answered(key) if key is not None else None
+            if known is None:
+                raise Unavailable(CIRCUIT_OPEN, retry_after_s=circuit_wait)
+            started = OrderStart(known, {})
+        # Durable before the inventory hears of the order: if this process dies before the
+        # save, the reconciler gives the stock back once the hold has passed.
+        hold = None if circuit_wait else PendingHold(number, now + self._release_hold)
         sku_codes = [line.sku_code for line in lines]
-        try:
-            started = await self._store.start_order(
-                key=key, hold=hold, sku_codes=sku_codes, now=now
-            )
-        except Exception as exc:
-            log.exception("cannot start order %s", number)
-            # Its commit may have happened nonetheless; nothing is reserved yet. The key is
-            # left alone: it may be another request's (taken over once stale if ours).
-            await self._give_up(number if hold else None, key=None, maybe_reserved=False)
-            raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
+        if not circuit_wait:
+            try:
+                started = await self._store.start_order(
+                    key=key, hold=hold, sku_codes=sku_codes, now=now
+                )
+            except Exception as exc:
+                log.exception("cannot start order %s", number)
+                # Its commit may have happened nonetheless; nothing is reserved yet. The key
+                # is left alone: it may be another request's (taken over once ours is gone).
+                await self._give_up(number if hold else None, key=None, maybe_reserved=False)
+                raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
         claim = started.claim
+        if claim is not None and claim.abandoned is not None:
+            # A dead process's attempt was taken over: its stock goes back now.
+            log.info("key of order %s taken over from a process gone", claim.abandoned)
+            self._releases.wake()
         if claim is not None and claim.outcome is ClaimOutcome.REPLAY:
             assert claim.status_code is not None and claim.body is not None  # noqa: S101
             return Answer(claim.status_code, claim.body, replayed=True)
@@ -207,8 +230,6 @@ class OrderService:
         # releases it rather than dropping the pending release).
         maybe_reserved = False
         try:
-            if circuit_wait:
-                raise Unavailable(CIRCUIT_OPEN, retry_after_s=circuit_wait)
             prices = await self._prices(sku_codes, known=started.prices)
             order = Order(
                 order_number=number,
@@ -249,6 +270,13 @@ class OrderService:
         # thread of their own, so this no longer costs the third of the CPU it once did.
         log.info("order %s placed by %s", number, buyer.user_id)
         return Answer(CREATED, body)
+
+    async def _answered(self, key: KeyRequest) -> KeyClaim | None:
+        try:
+            return await self._store.answered_key(key)
+        except Exception as exc:
+            log.warning("cannot look up an Idempotency-Key: %s", exc)
+            raise Unavailable(NOT_SAVED, retry_after_s=1.0) from exc
 
     async def _prices(
         self, sku_codes: Sequence[str], *, known: dict[str, Decimal]

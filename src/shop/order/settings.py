@@ -35,6 +35,15 @@ class OrderSettings(ServiceSettings):
         gt=0,
         description="An Idempotency-Key still in flight after this long is taken as abandoned.",
     )
+    claim_lease_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=600,
+        description=(
+            "An order process renews a lease every third of this; its Idempotency-Key claims "
+            "are taken over this long after it died (at once after it stopped)."
+        ),
+    )
     release_hold_s: float = Field(
         default=60.0,
         gt=0,

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import enum
 import json
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol, cast
 
@@ -27,8 +28,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     bindparam,
     delete,
+    event,
     func,
     insert,
     select,
@@ -50,13 +53,16 @@ from shop.platform.db import (
     Timestamp,
     execute_retrying,
     from_db_time,
+    open_sqlite,
     retry_on_lock_conflict,
     to_db_time,
 )
 from shop.platform.events import Event
 from shop.platform.inbox import first_delivery
+from shop.platform.lease import leases
 from shop.platform.outbox import add_event
 from shop.platform.rawsql import RawSql, RawTransaction
+from shop.platform.retention import KeysetSweep
 
 __all__ = [
     "ORDERS_TOPIC",
@@ -66,6 +72,7 @@ __all__ = [
     "KeyClaim",
     "KeyLost",
     "KeyRequest",
+    "OWNER_LEASE_PREFIX",
     "OrderStart",
     "OrderStore",
     "PendingHold",
@@ -78,7 +85,9 @@ __all__ = [
     "metadata",
     "order_lines",
     "orders",
+    "owner_lease_name",
     "pending_releases",
+    "purge_answered_keys",
 ]
 
 ORDERS_TOPIC = "orders"
@@ -125,7 +134,10 @@ idempotency_keys = Table(
     Column("created_at", Timestamp, nullable=False),
     Column("status_code", Integer, nullable=True),
     Column("response_body", Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")),
+    # While unanswered: the order number of the attempt holding the claim; answered: the order.
     Column("order_number", String(36), nullable=True),
+    # The process holding an unanswered claim (its lease ``owner_lease_name(owner)``).
+    Column("owner", String(200), nullable=True),
 )
 
 # A reservation to give back to the inventory. Written before a reservation is asked for
@@ -177,6 +189,14 @@ _PRICE_ROW = select(catalogue_prices.c.version).where(
 _INSERT_PRICE = insert(catalogue_prices)
 
 
+OWNER_LEASE_PREFIX = "order-owner:"
+
+
+def owner_lease_name(owner: str) -> str:
+    """The ``shop_leases`` row an order process keeps alive while it holds claims."""
+    return OWNER_LEASE_PREFIX + owner
+
+
 class ClaimOutcome(enum.Enum):
     CLAIMED = "claimed"  # the key is ours: go ahead
     REPLAY = "replay"  # answered before with the same body: send that answer again
@@ -189,6 +209,9 @@ class KeyClaim:
     outcome: ClaimOutcome
     status_code: int | None = None
     body: dict[str, Any] | None = None
+    # CLAIMED by taking over an abandoned claim: the order number its attempt had, whose
+    # pending release (if any) was made due at once.
+    abandoned: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +245,8 @@ class _HotPath:
 
         self.mark = mark
         self.insert_key = sql(
-            "INSERT INTO idempotency_keys (user_id, idempotency_key, request_hash, created_at)"
-            " VALUES (?, ?, ?, ?)"
+            "INSERT INTO idempotency_keys (user_id, idempotency_key, request_hash, created_at,"
+            " order_number, owner) VALUES (?, ?, ?, ?, ?, ?)"
         )
         self.insert_hold = sql(
             "INSERT INTO pending_releases (order_number, due_at, attempts) VALUES (?, ?, 0)"
@@ -245,13 +268,21 @@ class _HotPath:
             " VALUES (?, ?, ?, ?, ?)"
         )
         self.hold_due = sql("UPDATE pending_releases SET due_at = ? WHERE order_number = ?")
+        self.key_answer = sql(
+            "SELECT request_hash, status_code, response_body FROM idempotency_keys"
+            " WHERE user_id = ? AND idempotency_key = ?"
+        )
+        # Both only while the claim is still this attempt's (not taken over since); a claim
+        # written before claims named their attempt has none.
         self.forget_key = sql(
             "DELETE FROM idempotency_keys"
             " WHERE user_id = ? AND idempotency_key = ? AND status_code IS NULL"
+            " AND (order_number IS NULL OR order_number = ?)"
         )
         self.save_answer = sql(
             "UPDATE idempotency_keys SET status_code = ?, response_body = ?, order_number = ?"
             " WHERE user_id = ? AND idempotency_key = ? AND status_code IS NULL"
+            " AND (order_number IS NULL OR order_number = ?)"
         )
 
     def time(self, moment: datetime) -> datetime | str:
@@ -265,12 +296,19 @@ class _HotPath:
 
 @dataclass(frozen=True, slots=True)
 class KeyRequest:
-    """A request's Idempotency-Key, to claim before the request is answered."""
+    """A request's Idempotency-Key, to claim before the request is answered.
+
+    ``owner``: the claiming process, whose lease (``owner_lease_name``) says it is alive; a
+    claim whose owner's lease has lapsed is taken over at once, any other once older than
+    ``stale_after``. ``attempt``: the order number of this attempt, which the claim keeps,
+    so only this attempt answers or lets go of it."""
 
     user_id: str
     key: str
     fingerprint: str
     stale_after: timedelta
+    owner: str | None = None
+    attempt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,6 +395,10 @@ class OrderStore(PendingReleases, Protocol):
         self, *, user_id: str, key: str, fingerprint: str, now: datetime, stale_after: timedelta
     ) -> KeyClaim: ...
 
+    async def answered_key(self, key: KeyRequest) -> KeyClaim | None:
+        """Without claiming anything: REPLAY (answered, same body) or MISMATCH (another body)
+        when the key was answered, else None."""
+
     async def forget_key(self, *, user_id: str, key: str) -> None:
         """Drop an unanswered claim so the client may try again with the same key."""
 
@@ -389,6 +431,10 @@ class SqlOrderStore:
         self._sql = _HotPath(engine)
         # The two transactions of every placement skip SQLAlchemy on SQLite (rawsql.py).
         self._raw = RawSql(engine)
+        # The look-up of a key while the breaker is open, likewise (``answered_key``).
+        self._reader: sqlite3.Connection | None = None
+        if self._raw.raw:
+            event.listen(engine.sync_engine, "engine_disposed", lambda _e: self._close_reader())
 
     async def start_order(
         self,
@@ -409,7 +455,15 @@ class SqlOrderStore:
             try:
                 async with self._raw.writing() as tx:
                     await tx.execute(
-                        sql.insert_key, (key.user_id, key.key, key.fingerprint, sql.time(now))
+                        sql.insert_key,
+                        (
+                            key.user_id,
+                            key.key,
+                            key.fingerprint,
+                            sql.time(now),
+                            key.attempt,
+                            key.owner,
+                        ),
                     )
                     if hold is not None:
                         await tx.execute(
@@ -439,7 +493,8 @@ class SqlOrderStore:
                         body=json.loads(row.response_body),
                     )
                     return OrderStart(replay, {})
-                if from_db_time(row.created_at) > now - key.stale_after:
+                fresh = from_db_time(row.created_at) > now - key.stale_after
+                if fresh and not await self._owner_gone(conn, row.owner, key.owner, now):
                     return OrderStart(KeyClaim(ClaimOutcome.IN_PROGRESS), {})
                 # Its process died mid-request: take the key over, unless another did first.
                 taken = await conn.execute(
@@ -450,13 +505,26 @@ class SqlOrderStore:
                         idempotency_keys.c.status_code.is_(None),
                         idempotency_keys.c.created_at == row.created_at,
                     )
-                    .values(created_at=to_db_time(now))
+                    .values(created_at=to_db_time(now), order_number=key.attempt, owner=key.owner)
                 )
                 if taken.rowcount == 1:
+                    abandoned = row.order_number
+                    if abandoned is not None:
+                        # Whatever the dead attempt reserved goes back now, not when its hold
+                        # ends: the retry reserves anew (docs/order.md).
+                        await conn.execute(
+                            update(pending_releases)
+                            .where(
+                                pending_releases.c.order_number == abandoned,
+                                pending_releases.c.attempts == 0,
+                            )
+                            .values(due_at=to_db_time(now))
+                        )
                     if hold is not None:
                         await self._write_hold(conn, hold)
                     prices = await self._known_prices(conn, sku_codes)
-                    return OrderStart(KeyClaim(ClaimOutcome.CLAIMED), prices)
+                    claim = KeyClaim(ClaimOutcome.CLAIMED, abandoned=abandoned)
+                    return OrderStart(claim, prices)
                 return OrderStart(KeyClaim(ClaimOutcome.IN_PROGRESS), {})
         return OrderStart(KeyClaim(ClaimOutcome.IN_PROGRESS), {})
 
@@ -467,6 +535,69 @@ class SqlOrderStore:
         started = await self.start_order(key=request, hold=None, sku_codes=(), now=now)
         assert started.claim is not None  # noqa: S101
         return started.claim
+
+    async def answered_key(self, key: KeyRequest) -> KeyClaim | None:
+        # Every order refused by an open breaker asks (with its key), so: plain SQL, and on
+        # a SQLite file a read on a bare connection (WAL: it waits for no writer), which
+        # costs a tenth of the async engine's connection check-out and check-in.
+        params = (key.user_id, key.key)
+        row: tuple[str, int | None, str | None] | None = None
+        try:
+            if self._raw.raw:
+                row = self._bare_reader().execute(self._sql.key_answer, params).fetchone()
+                found = True
+            else:
+                found = False
+        except sqlite3.OperationalError:
+            self._close_reader()
+            found = False
+        if not found:
+            async with self._engine.connect() as conn:
+                result = await conn.exec_driver_sql(self._sql.key_answer, params)
+                row = cast("tuple[str, int | None, str | None] | None", result.first())
+        if row is None:
+            return None
+        fingerprint, status_code, body = row
+        if status_code is None or body is None:
+            return None  # claimed, not answered
+        if fingerprint != key.fingerprint:
+            return KeyClaim(ClaimOutcome.MISMATCH)
+        return KeyClaim(ClaimOutcome.REPLAY, status_code=int(status_code), body=json.loads(body))
+
+    def _bare_reader(self) -> sqlite3.Connection:
+        if self._reader is None:
+            self._reader = open_sqlite(str(self._engine.url.database))
+        return self._reader
+
+    def _close_reader(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+
+    async def forget_lapsed_owners(self, *, now: datetime) -> int:
+        """Drop the lease rows of order processes that stopped or died (a missing row says
+        the same as a lapsed one); how many."""
+        async with self._engine.begin() as conn:
+            dropped = await conn.execute(
+                delete(leases).where(
+                    leases.c.name.like(OWNER_LEASE_PREFIX + "%"),
+                    leases.c.until < now.timestamp(),
+                )
+            )
+        return int(dropped.rowcount)
+
+    @staticmethod
+    async def _owner_gone(
+        conn: AsyncConnection, owner: str | None, asking: str | None, now: datetime
+    ) -> bool:
+        """Whether the process that holds a claim is known to be gone: its lease lapsed or
+        never was. Unknown (a claim without owner) and the asking process itself are not."""
+        if owner is None or owner == asking:
+            return False
+        until = await conn.scalar(
+            select(leases.c.until).where(leases.c.name == owner_lease_name(owner))
+        )
+        return until is None or float(until) <= now.timestamp()
 
     async def give_up(
         self,
@@ -486,7 +617,7 @@ class SqlOrderStore:
                 else:
                     await tx.execute(sql.drop_unstarted_hold, (order_number,))
             if key is not None:
-                await tx.execute(sql.forget_key, (key.user_id, key.key))
+                await tx.execute(sql.forget_key, (key.user_id, key.key, key.attempt))
 
     async def apply_price_change(self, change: PriceChange, *, event_id: str) -> bool:
         row = {
@@ -571,6 +702,7 @@ class SqlOrderStore:
                         number,
                         answer.user_id,
                         answer.key,
+                        number,
                     ),
                 )
                 if kept.rowcount != 1:
@@ -743,3 +875,22 @@ def _priced(rows: Sequence[tuple[str, int | None]]) -> dict[str, Decimal]:
     for sku in ambiguous:
         del found[sku]
     return found
+
+
+def purge_answered_keys(engine: AsyncEngine) -> KeysetSweep:
+    """Retention of answered Idempotency-Keys: ``purge(before, limit)`` deletes keys
+    answered and created before ``before`` (epoch seconds), a page of the table at a time
+    (no index on ``created_at`` needed). A repeat after that gets a new order: the key's
+    replay window is over. An unanswered claim is never purged here."""
+
+    def answered_before(before: Any) -> Any:
+        return and_(
+            idempotency_keys.c.status_code.is_not(None), idempotency_keys.c.created_at < before
+        )
+
+    return KeysetSweep(
+        engine,
+        idempotency_keys,
+        expired=answered_before,
+        time_of=lambda epoch: to_db_time(datetime.fromtimestamp(epoch, UTC)),
+    )

@@ -50,6 +50,7 @@ from shop.platform.problems import (
 from shop.platform.security import ServiceTokens, pinned_jwks
 from shop.platform.settings import PlatformSettings
 from shop.platform.tokens import JwksVerifier
+from shop.platform.worker import expose_jobs
 
 __all__ = [
     "HeadAsGetMiddleware",
@@ -308,6 +309,8 @@ def create_app(
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.metrics = metrics
+    # shop_background_failures_total{job}, shop_retention_purged_rows_total{job}
+    expose_jobs(metrics.registry)
     _install_problem_handlers(app)
     app.include_router(_ops_router(metrics))
     for router in routers:

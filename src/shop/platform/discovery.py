@@ -22,6 +22,8 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from shop.platform.worker import Loop
+
 __all__ = ["Heartbeat", "Instance", "Registration", "RegistryClient", "RegistryUnavailable"]
 
 log = logging.getLogger("shop.discovery")
@@ -417,15 +419,34 @@ HEALTH_REASON_KEY = "healthReason"
 
 
 class Heartbeat:
-    """Keeps one registration alive: registers, renews, registers again after eviction."""
+    """Keeps one registration alive: registers, renews, registers again after eviction.
+
+    A job on the common loop (``shop.platform.worker``): a registry that cannot be reached
+    is tried again after a back-off from 0.2 s doubling to 5 s, and any other failure of a
+    beat is logged, counted and tried again the same way: the heartbeat never ends while
+    the process serves."""
 
     def __init__(self, client: RegistryClient, registration: Registration) -> None:
         self.client = client
         self.registration = registration
         self.registered = False
-        self._task: asyncio.Task[None] | None = None
         # Set when the registration changed (report_health) and must be sent at once.
-        self._changed = asyncio.Event()
+        self._changed = False
+        self._loop = Loop(
+            self._beat,
+            name=f"heartbeat-{registration.app}",
+            interval_s=registration.renewal_interval_s,
+            backoff_s=0.2,
+            backoff_max_s=5.0,
+            expected=(aiohttp.ClientError, TimeoutError, RegistryUnavailable),
+            # Each registry call is bounded (2 s per node): wait out the one in hand.
+            grace_s=5.0,
+        )
+
+    @property
+    def failures(self) -> int:
+        """Beats that failed since the heartbeat was made."""
+        return self._loop.failures
 
     def report_health(self, status: str, reason: str | None = None) -> None:
         """Tell the registry the instance's health (``DEGRADED`` and why) in its metadata, at
@@ -443,57 +464,48 @@ class Heartbeat:
         if metadata == self.registration.metadata:
             return
         self.registration = replace(self.registration, metadata=metadata)
-        self._changed.set()
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep until the next renewal, or until the registration changed."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), seconds)
+        self._changed = True
+        self._loop.wake()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.registration.app}")
+        self._loop.start()
 
     async def check_registered(self) -> None:
         """Readiness: raise unless the registry currently holds this registration."""
         if not self.registered:
             raise RuntimeError("not registered with the discovery server")
 
-    async def _run(self) -> None:
-        retry = 0.2
-        while True:
-            try:
-                if not self.registered or self._changed.is_set():
-                    self._changed.clear()
-                    again = self.registered
-                    await self.client.register(self.registration)
-                    self.registered = True
-                    retry = 0.2
-                    log.info(
-                        "%s %s as %s%s",
-                        "updated" if again else "registered",
-                        self.registration.app,
-                        self.registration.instance_id,
-                        f" ({self.registration.metadata.get(HEALTH_KEY, 'UP')})" if again else "",
-                    )
-                    await self._pause(self.registration.renewal_interval_s)
-                    continue
-                if not await self.client.renew(self.registration):
-                    log.warning("registry forgot %s; registering again", self.registration.app)
-                    self.registered = False
-                    continue
-                await self._pause(self.registration.renewal_interval_s)
-            except (aiohttp.ClientError, TimeoutError, RegistryUnavailable) as exc:
+    async def _beat(self) -> bool:
+        """Register (first, after an eviction or a failure, or when the registration
+        changed) or renew; True to go again at once."""
+        try:
+            if not self.registered or self._changed:
+                self._changed = False
+                again = self.registered
+                await self.client.register(self.registration)
+                self.registered = True
+                log.info(
+                    "%s %s as %s%s",
+                    "updated" if again else "registered",
+                    self.registration.app,
+                    self.registration.instance_id,
+                    f" ({self.registration.metadata.get(HEALTH_KEY, 'UP')})" if again else "",
+                )
+                return False
+            if not await self.client.renew(self.registration):
+                log.warning("registry forgot %s; registering again", self.registration.app)
                 self.registered = False
-                self._changed.clear()  # registering again sends the latest anyway
-                log.warning("registry unreachable (%s); retrying in %.1fs", exc, retry)
-                await asyncio.sleep(retry)
-                retry = min(retry * 2, 5.0)
+                return True
+            return False
+        except Exception:
+            # Whatever went wrong, registering again (which sends the latest) is safe.
+            self.registered = False
+            self._changed = False
+            raise
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Let a beat in hand finish, then take the registration out of the registry."""
+        await self._loop.stop()
         if self.registered:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, RegistryUnavailable):
                 await self.client.cancel(self.registration)

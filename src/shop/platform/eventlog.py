@@ -6,8 +6,9 @@
 - A consumer group keeps its committed offset per topic. One process at a time consumes for
   a group, holding a lease that a heartbeat renews while handlers run; if it dies, another
   takes over after the lease lapses and starts from the last committed offset:
-  at-least-once. The commit is fenced by the lease and never moves the offset back, so a
-  process that stalled past its lease cannot undo its successor's work.
+  at-least-once. A batch subscriber (``subscribe_batches``) gets the events of one read
+  together and commits once for them. The commit is fenced by the lease and never moves the
+  offset back, so a process that stalled past its lease cannot undo its successor's work.
 - A handler that raises gets the same event again after a back-off (order is kept, so the
   key's later events wait), doubling up to a cap, for about a quarter of an hour by default;
   then the event goes to ``dead_letters`` and the group moves on, so one poisoned event
@@ -32,15 +33,24 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.platform import context, telemetry
 from shop.platform.db import create_engine
-from shop.platform.events import Event, Handler, MalformedEvent, RetryPolicy
+from shop.platform.events import (
+    BatchHandler,
+    Delivery,
+    Event,
+    Handler,
+    MalformedEvent,
+    RetryPolicy,
+)
 from shop.platform.lease import LEASES_DDL, Lease
+from shop.platform.retention import RetentionJob, RetentionPolicy
+from shop.platform.worker import Loop
 
 if TYPE_CHECKING:
     from shop.platform.settings import PlatformSettings
@@ -69,13 +79,14 @@ _SCHEMA = (
 )
 # The next events of a topic after the group's offset, each with the failed attempts it
 # already had (usually none): one statement per batch.
-_NEXT_EVENTS = text(
+_NEXT_EVENTS_SQL = (
     "SELECT e.seq, e.payload, d.attempts FROM events AS e"
     " LEFT JOIN delivery_attempts AS d ON d.grp = :g AND d.topic = e.topic AND d.seq = e.seq"
     " WHERE e.topic = :t AND e.seq > coalesce("
     "(SELECT committed FROM consumer_offsets WHERE grp = :g AND topic = :t), 0)"
     " ORDER BY e.seq LIMIT :n"
 )
+_NEXT_EVENTS = text(_NEXT_EVENTS_SQL)
 # The fenced commit: the offset moves forward only while the lease is ours
 # (``Lease.is_held()``, spelt out so the statement is compiled once).
 _COMMIT = text(
@@ -100,6 +111,25 @@ _SET_ASIDE = text(
     "INSERT OR REPLACE INTO dead_letters (grp, topic, seq, payload, error, failed_at)"
     " VALUES (:g, :t, :s, :p, :e, :now)"
 )
+# Retention (docs/events.md): the topics (one index probe each, not a scan of the log), the
+# lowest offset of the topic's groups, and its oldest events every group has passed. A
+# dead-lettered event stays: a replay reads it back from here.
+_TOPICS = text(
+    "WITH RECURSIVE t(topic) AS (SELECT min(topic) FROM events UNION ALL"
+    " SELECT (SELECT min(topic) FROM events WHERE topic > t.topic) FROM t"
+    " WHERE t.topic IS NOT NULL) SELECT topic FROM t WHERE topic IS NOT NULL"
+)
+_PASSED_BY_ALL = text("SELECT min(committed) FROM consumer_offsets WHERE topic = :t")
+_OLDEST_PASSED = text(
+    "SELECT e.seq, e.appended_at FROM events AS e WHERE e.topic = :t AND e.seq <= :bound"
+    " AND NOT EXISTS (SELECT 1 FROM dead_letters AS d WHERE d.topic = e.topic AND d.seq = e.seq)"
+    " ORDER BY e.seq LIMIT :n"
+)
+_DELETE_PASSED = text(
+    "DELETE FROM events WHERE topic = :t AND seq <= :cut AND NOT EXISTS ("
+    "SELECT 1 FROM dead_letters AS d WHERE d.topic = events.topic AND d.seq = events.seq)"
+)
+_NO_BOUND = 2**63 - 1
 # A consumer that found nothing new looks again at least this often, whatever it was told.
 _RECHECK_S = 1.0
 # How long the offset writer waits out another process's write lock, and its longest pause.
@@ -109,16 +139,18 @@ _BUSY = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_BUSY_RECOVERY, sqlite3.SQ
 
 
 class _Writer:
-    """The log's two hot writes on a ``sqlite3`` connection of its own: appending events,
-    and the fenced commit of a handled event (the usual one, which failed no attempt).
+    """The log's hot statements on a ``sqlite3`` connection of its own: appending events,
+    a consumer's read of its next events, and the fenced commit of a handled event (or
+    batch; the usual one, which failed no attempt).
 
     Through the engine each was a pool checkout, a transaction and SQLAlchemy's
     per-statement work, several times what SQLite spends on the statement. The connection
     waits for no lock inside SQLite (``timeout=0``): another connection's write lock is
     waited out on the event loop, as the engine does, and this one takes the lock only
     between two awaits, so it never holds it while others wait on it. ``synchronous=NORMAL``
-    as on the engine's connections (WAL). The offset stays committed per event: a crash
-    redelivers only the event in hand (the contract suite holds every bus to it).
+    as on the engine's connections (WAL). The offset is committed per event, or per batch
+    for a batch subscriber: a crash redelivers only the event (or batch) in hand (the
+    contract suite holds every bus to it).
     """
 
     def __init__(self, database: str) -> None:
@@ -126,6 +158,12 @@ class _Writer:
             database, timeout=0, isolation_level=None, check_same_thread=False
         )
         self._db.execute("PRAGMA synchronous=NORMAL")
+
+    async def next_events(self, parameters: dict[str, object]) -> list[Any]:
+        """``(seq, payload, failed attempts or None)`` of the next events of a group (a
+        read of its own: autocommit, the snapshot ends with the fetch)."""
+        cursor = await self._patiently(lambda: self._db.execute(_NEXT_EVENTS_SQL, parameters))
+        return cursor.fetchall()
 
     async def commit_offset(self, parameters: dict[str, object]) -> bool:
         """Move the offset; False if the lease is not ours (or it was already there)."""
@@ -165,6 +203,8 @@ class _Subscription:
     topic: str
     group: str
     handler: Handler
+    # Given (``subscribe_batches``): the events of a read go to it together.
+    batch_handler: BatchHandler | None = None
     # Set when the topic may have new events: an append by this process, or a commit to the
     # file by another one (``_watch``). A consumer waits on it instead of polling the table.
     news: asyncio.Event = field(default_factory=asyncio.Event)
@@ -183,8 +223,13 @@ class SqliteEventLog:
         retry_backoff_s: float = 0.2,
         retry_backoff_max_s: float = 30.0,
         handler_timeout_s: float = 60.0,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         self._url = url
+        # None: the log keeps every event (from_url passes SHOP_EVENT_RETENTION_* settings).
+        self._retention_policy = retention
+        self._retention: RetentionJob | None = None
+        self._watch_loop: Loop | None = None
         self._engine: AsyncEngine | None = None
         self._owner = f"{client_id}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._poll = poll_interval_s
@@ -233,6 +278,15 @@ class SqliteEventLog:
     def subscribe(self, topic: str, *, group: str, handler: Handler) -> None:
         self._subscriptions.append(_Subscription(topic=topic, group=group, handler=handler))
 
+    def subscribe_batches(
+        self, topic: str, *, group: str, handler: Handler, batch_handler: BatchHandler
+    ) -> None:
+        """``subscribe``, with the events of one read (up to ``batch_size``) handed to
+        ``batch_handler`` together and committed once (``BatchDelivery``)."""
+        self._subscriptions.append(
+            _Subscription(topic=topic, group=group, handler=handler, batch_handler=batch_handler)
+        )
+
     async def start(self) -> None:
         await self._open()
         for sub in self._subscriptions:
@@ -240,7 +294,20 @@ class SqliteEventLog:
                 asyncio.create_task(self._consume(sub), name=f"consume-{sub.group}-{sub.topic}")
             )
         if self._subscriptions:
-            self._tasks.append(asyncio.create_task(self._watch(), name="eventlog-watch"))
+            self._start_watch()
+        policy = self._retention_policy
+        if policy is not None and policy.enabled and self._retention is None:
+            # One process of those sharing the file purges at a time.
+            lease = Lease(
+                await self._open(),
+                name="eventlog-retention",
+                owner=self._owner,
+                duration_s=max(60.0, 2 * policy.interval_s),
+            )
+            self._retention = RetentionJob(
+                self.purge_events, name="eventlog-retention", policy=policy, lease=lease
+            )
+            self._retention.start()
 
     async def ping(self) -> None:
         engine = await self._open()
@@ -256,6 +323,12 @@ class SqliteEventLog:
         self._stopping.set()
         for sub in self._subscriptions:
             sub.news.set()
+        if self._retention is not None:
+            await self._retention.stop()
+            self._retention = None
+        if self._watch_loop is not None:
+            await self._watch_loop.stop(grace_s=grace_s)
+            self._watch_loop = None
         if self._tasks:
             _, hanging = await asyncio.wait(self._tasks, timeout=grace_s)
             for task in hanging:
@@ -339,24 +412,16 @@ class SqliteEventLog:
         return self._retry.patience_s
 
     async def _consume(self, sub: _Subscription) -> None:
-        engine = await self._open()
-        lease = Lease(
-            engine,
-            name=f"consumer:{sub.group}:{sub.topic}",
-            owner=self._owner,
-            duration_s=self._lease_s,
-        )
-        async with engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "INSERT OR IGNORE INTO consumer_offsets (grp, topic, committed)"
-                    " VALUES (:g, :t, 0)"
-                ),
-                {"g": sub.group, "t": sub.topic},
-            )
+        # Every step, the first ones included, is retried until the log closes: a log that
+        # is locked (or missing) when the consumer starts must not end it for good while
+        # its process serves on (found by tests/chaos, docs/chaos.md).
+        joined: tuple[AsyncEngine, Lease] | None = None
         try:
             while not self._stopping.is_set():
                 try:
+                    if joined is None:
+                        joined = await self._join(sub)
+                    engine, lease = joined
                     if await lease.hold():
                         await self._consume_while_held(engine, sub, lease)
                     else:
@@ -365,8 +430,27 @@ class SqliteEventLog:
                     log.exception("consumer %s on %s failed; retrying", sub.group, sub.topic)
                     await self._pause(self._retry.backoff_s)
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(lease.release())
+            if joined is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(joined[1].release())
+
+    async def _join(self, sub: _Subscription) -> tuple[AsyncEngine, Lease]:
+        """The group's offset row (made once) and the lease its consumers take turns on."""
+        engine = await self._open()
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT OR IGNORE INTO consumer_offsets (grp, topic, committed)"
+                    " VALUES (:g, :t, 0)"
+                ),
+                {"g": sub.group, "t": sub.topic},
+            )
+        return engine, Lease(
+            engine,
+            name=f"consumer:{sub.group}:{sub.topic}",
+            owner=self._owner,
+            duration_s=self._lease_s,
+        )
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once when the log is closing."""
@@ -374,34 +458,82 @@ class SqliteEventLog:
             async with asyncio.timeout(seconds):
                 await self._stopping.wait()
 
-    async def _watch(self) -> None:
+    def _start_watch(self) -> None:
         """Tell the consumers when another process appended events, without a query of the
         log per consumer and poll: every ``poll_interval_s`` one ``PRAGMA data_version``
         (which changes when another connection committed to the file) on a connection of
-        its own, and only then a look at the last ``seq``."""
+        its own, and only then a look at the last ``seq``. A job on the common loop."""
         database = make_url(self._url).database
         if not database or database == ":memory:":
             # Nobody else can write to it: appends here wake the consumers directly.
             return
         watcher = sqlite3.connect(database, timeout=0, check_same_thread=False)
-        try:
-            version, last = None, None
-            while not self._stopping.is_set():
-                try:
-                    seen = watcher.execute("PRAGMA data_version").fetchone()[0]
-                    if seen != version:
-                        version = seen
-                        newest = watcher.execute("SELECT max(seq) FROM events").fetchone()[0]
-                        if newest != last:
-                            last = newest
-                            for sub in self._subscriptions:
-                                sub.news.set()
-                except sqlite3.Error as exc:  # the file is busy being recovered: look again
-                    log.debug("event log watch: %r", exc)
-                    version = None
-                await self._pause(self._poll)
-        finally:
-            watcher.close()
+        seen: dict[str, Any] = {"version": None, "last": None}
+
+        async def look() -> bool:
+            try:
+                version = watcher.execute("PRAGMA data_version").fetchone()[0]
+                if version != seen["version"]:
+                    seen["version"] = version
+                    newest = watcher.execute("SELECT max(seq) FROM events").fetchone()[0]
+                    if newest != seen["last"]:
+                        seen["last"] = newest
+                        for sub in self._subscriptions:
+                            sub.news.set()
+            except sqlite3.Error as exc:  # the file is busy being recovered: look again
+                log.debug("event log watch: %r", exc)
+                seen["version"] = None
+            return False
+
+        class _Watching(Loop):
+            async def _stopped(self) -> None:
+                watcher.close()
+
+        self._watch_loop = _Watching(
+            look,
+            name="eventlog-watch",
+            interval_s=self._poll,
+            backoff_s=self._poll,
+            backoff_max_s=1.0,
+            grace_s=1.0,
+        )
+        self._watch_loop.start()
+
+    async def purge_events(self, before: float, limit: int) -> tuple[int, bool]:
+        """Retention: delete at most ``limit`` events appended before ``before`` that every
+        group of their topic has committed (all of them when the topic has no group), oldest
+        first, keeping dead-lettered ones; how many went and whether more may be waiting."""
+        engine = await self._open()
+        async with engine.connect() as conn:
+            topics = list((await conn.execute(_TOPICS)).scalars())
+        deleted, more = 0, False
+        for topic in topics:
+            budget = limit - deleted
+            if budget <= 0:
+                return deleted, True
+            async with engine.connect() as conn:
+                bound = await conn.scalar(_PASSED_BY_ALL, {"t": topic})
+                rows = (
+                    await conn.execute(
+                        _OLDEST_PASSED,
+                        {"t": topic, "bound": _NO_BOUND if bound is None else bound, "n": budget},
+                    )
+                ).all()
+            cut = None
+            for seq, appended_at in rows:
+                if appended_at >= before:
+                    break
+                cut = seq
+            if cut is None:
+                continue
+            # A transaction of the DELETE alone: one that had read first could not take the
+            # write lock after another process's append (SQLITE_BUSY_SNAPSHOT). Offsets only
+            # move forward, so what every group had passed stays passed.
+            async with engine.begin() as conn:
+                gone = await conn.execute(_DELETE_PASSED, {"t": topic, "cut": cut})
+            deleted += int(gone.rowcount)
+            more = more or (len(rows) == budget and cut == rows[-1][0])
+        return deleted, more
 
     async def _consume_while_held(
         self, engine: AsyncEngine, sub: _Subscription, lease: Lease
@@ -455,37 +587,137 @@ class SqliteEventLog:
     async def _consume_batch(
         self, engine: AsyncEngine, sub: _Subscription, *, lease: Lease, held: asyncio.Event
     ) -> bool:
-        """Handle the next events while the lease is held; False if there were none."""
-        async with engine.connect() as conn:
-            rows = (
-                await conn.execute(_NEXT_EVENTS, {"g": sub.group, "t": sub.topic, "n": self._batch})
-            ).all()
-        for seq, payload, tried in rows:
-            if self._stopping.is_set() or not held.is_set():
-                break
-            finished, error, attempted = await self._deliver(
-                engine, sub, seq=seq, payload=payload, tried=int(tried or 0), held=held
-            )
-            if not finished:
-                break  # closing, or the lease lost, while the event failed: it comes again
-            if not await self._commit(
-                engine,
-                sub,
-                lease=lease,
-                seq=seq,
-                payload=payload,
-                error=error,
-                attempted=attempted or tried is not None,
+        """Handle the next events while the lease is held; False once caught up (the read
+        was not full), so the caller waits for news instead of reading again to find none:
+        ``news`` was cleared before this read, so an append after it ends the wait at once.
+
+        A batch subscriber gets them together and one commit; what it cannot take (an
+        event that failed before, an unreadable envelope), and every event of a batch it
+        failed on, goes one at a time, each committed after it."""
+        chosen = {"g": sub.group, "t": sub.topic, "n": self._batch}
+        if self._writer is not None:
+            rows: Sequence[Any] = await self._writer.next_events(chosen)
+        else:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(_NEXT_EVENTS, chosen)).all()
+        index = 0
+        while index < len(rows) and not self._stopping.is_set() and held.is_set():
+            batch_handler = sub.batch_handler
+            together = self._together(rows, index) if batch_handler is not None else []
+            if (
+                batch_handler is not None
+                and together
+                and await self._deliver_together(sub, batch_handler, together)
             ):
-                log.warning(
-                    "%s lost lease %s before committing %s; another consumer has it",
-                    self._owner,
-                    lease.name,
-                    seq,
-                )
-                held.clear()
+                last = together[-1][0]
+                if not await self._commit(
+                    engine, sub, lease=lease, seq=last, payload="", error=None, attempted=False
+                ):
+                    self._lost(lease, last)
+                    held.clear()
+                    break
+                index += len(together)
+                continue
+            count = max(len(together), 1)
+            for seq, payload, tried in rows[index : index + count]:
+                if self._stopping.is_set() or not held.is_set():
+                    break
+                if not await self._one(
+                    engine, sub, lease=lease, held=held, seq=seq, payload=payload, tried=tried
+                ):
+                    break
+            index += count
+        return len(rows) >= self._batch
+
+    def _lost(self, lease: Lease, seq: int) -> None:
+        log.warning(
+            "%s lost lease %s before committing %s; another consumer has it",
+            self._owner,
+            lease.name,
+            seq,
+        )
+
+    async def _one(
+        self,
+        engine: AsyncEngine,
+        sub: _Subscription,
+        *,
+        lease: Lease,
+        held: asyncio.Event,
+        seq: int,
+        payload: str,
+        tried: int | None,
+    ) -> bool:
+        """Deliver one event and commit it; False if the consumer must stop here."""
+        finished, error, attempted = await self._deliver(
+            engine, sub, seq=seq, payload=payload, tried=int(tried or 0), held=held
+        )
+        if not finished:
+            return False  # closing, or the lease lost, while the event failed: it comes again
+        if not await self._commit(
+            engine,
+            sub,
+            lease=lease,
+            seq=seq,
+            payload=payload,
+            error=error,
+            attempted=attempted or tried is not None,
+        ):
+            self._lost(lease, seq)
+            held.clear()
+            return False
+        return True
+
+    @staticmethod
+    def _together(rows: Sequence[Any], start: int) -> list[tuple[int, Event]]:
+        """The events from ``rows[start]`` on that a batch handler takes together: up to the
+        first one that failed before or is not a readable envelope."""
+        together: list[tuple[int, Event]] = []
+        for seq, payload, tried in rows[start:]:
+            if tried is not None:
                 break
-        return bool(rows)
+            try:
+                together.append((seq, Event.from_json(payload)))
+            except MalformedEvent:
+                break
+        return together
+
+    async def _deliver_together(
+        self, sub: _Subscription, batch_handler: BatchHandler, together: list[tuple[int, Event]]
+    ) -> bool:
+        """Hand the events to the batch handler; False if it failed (they then go one at a
+        time). Each event's consumer span covers the whole call."""
+        deliveries: list[Delivery] = []
+        spans = []
+        for _, event in together:
+            span = telemetry.consuming(
+                system="shop-eventlog",
+                topic=sub.topic,
+                group=sub.group,
+                event_id=event.id,
+                parent=context.parse_traceparent(event.traceparent),
+            )
+            if span is not None:
+                spans.append(span)
+            trace = context.current_trace()  # what ``consuming`` bound for this event
+            deliveries.append(Delivery(event, trace or context.TraceContext.new()))
+        try:
+            async with asyncio.timeout(self._retry.handler_timeout_s):
+                await batch_handler(deliveries)
+            return True
+        except Exception as exc:
+            log.warning(
+                "%s failed on a batch of %d events (seq %d to %d): %r; one at a time now",
+                sub.group,
+                len(together),
+                together[0][0],
+                together[-1][0],
+                exc,
+            )
+            return False
+        finally:
+            for span in spans:
+                span.end()
 
     async def _deliver(
         self,
@@ -602,8 +834,13 @@ def from_url(
     retry: RetryPolicy,
     settings: PlatformSettings | None = None,
 ) -> SqliteEventLog:
-    """The factory ``shop.platform.buses`` names for ``sqlite://`` URLs (``settings`` holds
-    nothing the log needs: its file is the URL)."""
+    """The factory ``shop.platform.buses`` names for ``sqlite://`` URLs; ``settings`` gives
+    the retention (``SHOP_EVENT_RETENTION_S``, ``SHOP_RETENTION_*``; read from the
+    environment when not given)."""
+    if settings is None:
+        from shop.platform.settings import PlatformSettings
+
+        settings = PlatformSettings()
     return SqliteEventLog(
         url,
         client_id=client_id,
@@ -611,6 +848,11 @@ def from_url(
         retry_backoff_s=retry.backoff_s,
         retry_backoff_max_s=retry.backoff_max_s,
         handler_timeout_s=retry.handler_timeout_s,
+        retention=RetentionPolicy(
+            keep_s=settings.event_retention_s,
+            interval_s=settings.retention_interval_s,
+            batch=settings.retention_batch,
+        ),
     )
 
 

@@ -4,7 +4,8 @@ One interface, implemented by the embedded SQLite event log (``shop.platform.eve
 by Kafka (``shop.platform.kafka``); ``shop.platform.buses.open_event_bus`` picks one by URL
 scheme, so this module imports no implementation. Publish takes a topic and events; the key
 of each is its ``subject``, and order is kept per key. Subscribe names a consumer group;
-delivery is at least once, so handlers de-duplicate (``shop.platform.inbox``).
+delivery is at least once, so handlers de-duplicate (``shop.platform.inbox``). A consumer
+may ask for the events in hand together, one commit per batch (``BatchDelivery``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any, Protocol, runtime_checkable
 from shop.platform import context
 
 __all__ = [
+    "BatchDelivery",
+    "BatchHandler",
     "DeadLetterReplay",
+    "Delivery",
     "Event",
     "EventBus",
     "Handler",
@@ -110,6 +114,23 @@ Handler = Callable[[Event], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """An event handed to a batch handler, with the trace its handling belongs to (the
+    consumer span's when spans are exported, else the event's own)."""
+
+    event: Event
+    trace: context.TraceContext
+
+    def bind(self) -> None:
+        """Make this event the current request, as a per-event handler has it: its id is
+        the request id of the log lines (and calls) that follow, its trace their trace."""
+        context.bind(request_id=self.event.id, trace=self.trace)
+
+
+BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """How a consumer treats a failing handler before the event goes to dead letters."""
 
@@ -147,6 +168,22 @@ class EventBus(Protocol):
 
     async def pending(self, topic: str, *, group: str) -> int:
         """How many events of ``topic`` the ``group`` has not committed yet (its lag)."""
+
+
+@runtime_checkable
+class BatchDelivery(Protocol):
+    """A bus that can hand a consumer the events it already has in hand together."""
+
+    def subscribe_batches(
+        self, topic: str, *, group: str, handler: Handler, batch_handler: BatchHandler
+    ) -> None:
+        """Like ``subscribe``, but the events the bus has in hand (a read of the log, a
+        partition's poll), in order, go to ``batch_handler`` in one call, and the offset is
+        committed once after it returns: a crash redelivers the whole batch in hand, so
+        the handler de-duplicates by event id. If it raises, the same events go to
+        ``handler`` one at a time, with the usual retries and dead letters; an event that
+        failed before, and an envelope that is not CloudEvents, always go one at a time.
+        """
 
 
 @runtime_checkable

@@ -3,7 +3,8 @@
 - Publish: key = the event's ``subject``, value = its CloudEvents JSON, ``traceparent`` in a
   header too; ``acks=all``; ``publish`` returns once the broker has every event.
 - Consume: one consumer per group; its offset is committed by hand after each event whose
-  handler succeeded, so a crash redelivers at most the events in hand. Partitions are
+  handler succeeded (after each poll's events of a partition for a batch subscriber), so a
+  crash redelivers at most the events in hand. Partitions are
   handled concurrently, each strictly in order.
 - A failing handler gets the same event again after a back-off, during which only its
   partition is paused (the poll loop and the other partitions go on); after
@@ -37,7 +38,14 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 
 from shop.platform import context, telemetry
-from shop.platform.events import Event, Handler, MalformedEvent, RetryPolicy
+from shop.platform.events import (
+    BatchHandler,
+    Delivery,
+    Event,
+    Handler,
+    MalformedEvent,
+    RetryPolicy,
+)
 from shop.platform.settings import PlatformSettings
 
 __all__ = [
@@ -192,6 +200,7 @@ class KafkaEventBus:
         self._session_timeout_ms = session_timeout_ms
         self._heartbeat_interval_ms = heartbeat_interval_ms
         self._subscriptions: dict[str, dict[str, Handler]] = {}
+        self._batch_subscriptions: dict[str, dict[str, BatchHandler]] = {}
         self._consumers: list[_GroupConsumer] = []
         self._stopping = asyncio.Event()
         self._connecting = asyncio.Lock()
@@ -325,11 +334,24 @@ class KafkaEventBus:
             raise ValueError(f"group {group!r} already subscribes to {topic!r}")
         handlers[topic] = handler
 
+    def subscribe_batches(
+        self, topic: str, *, group: str, handler: Handler, batch_handler: BatchHandler
+    ) -> None:
+        """``subscribe``, with each poll's events of a partition handed to
+        ``batch_handler`` together and committed once (``BatchDelivery``)."""
+        self.subscribe(topic, group=group, handler=handler)
+        self._batch_subscriptions.setdefault(group, {})[topic] = batch_handler
+
     async def start(self) -> None:
         """Start one consumer per group in the background; each connects (and reconnects)
         on its own, so a broker that is down at start-up delays consumption, not the app."""
         for group, handlers in self._subscriptions.items():
-            consumer = _GroupConsumer(self, group=group, handlers=dict(handlers))
+            consumer = _GroupConsumer(
+                self,
+                group=group,
+                handlers=dict(handlers),
+                batch_handlers=dict(self._batch_subscriptions.get(group, {})),
+            )
             consumer.start()
             self._consumers.append(consumer)
 
@@ -553,10 +575,18 @@ class _GroupConsumer:
     (whose pauses aiokafka's ``max_poll_interval`` watches).
     """
 
-    def __init__(self, bus: KafkaEventBus, *, group: str, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self,
+        bus: KafkaEventBus,
+        *,
+        group: str,
+        handlers: dict[str, Handler],
+        batch_handlers: dict[str, BatchHandler],
+    ) -> None:
         self._bus = bus
         self.group = group
         self._handlers = handlers
+        self._batch_handlers = batch_handlers
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
         self._workers: dict[TopicPartition, asyncio.Task[None]] = {}
@@ -671,32 +701,117 @@ class _GroupConsumer:
         return not self._bus.stopping and tp not in self._handing_over
 
     async def _work(self, consumer: Any, tp: TopicPartition, messages: list[Any]) -> None:
-        """Handle one partition's batch in order; resume the partition when done."""
-        for message in messages:
+        """Handle one partition's batch in order; resume the partition when done.
+
+        A batch subscriber gets the events together and one commit; what it cannot take,
+        and every event of a batch it failed on, goes one at a time."""
+        batch_handler = self._batch_handlers.get(tp.topic)
+        index = 0
+        while index < len(messages):
             if not self._may_continue(tp):
                 return  # whoever consumes it next starts from the last commit
-            retry = self._retries.get(tp)
-            if retry is not None and retry.offset == message.offset:
-                wait = retry.not_before - asyncio.get_running_loop().time()
-                if wait > 0:  # fetched again early (a rebalance gave it back): keep waiting
-                    self._retry_later(consumer, tp, offset=message.offset, delay=wait)
+            together = self._together(tp, messages, index) if batch_handler is not None else []
+            if (
+                batch_handler is not None
+                and together
+                and await self._deliver_together(tp, batch_handler, together)
+            ):
+                index += len(together)
+                if not await self._commit(consumer, tp, messages[index - 1]):
                     return
-            try:
-                delay = await self._deliver(tp, message)
-            except Exception:
-                log.exception("group %s could not finish %s@%d", self.group, tp, message.offset)
-                delay = self._bus.retry.backoff_s
-            if delay is not None:
-                self._retry_later(consumer, tp, offset=message.offset, delay=delay)
-                return
-            try:
-                await consumer.commit({tp: message.offset + 1})
-            except (CommitFailedError, IllegalStateError) as exc:
-                # The group moved on without us: the new owner starts from the last commit.
-                log.warning("group %s lost %s before committing it: %r", self.group, tp, exc)
-                return
+                continue
+            count = max(len(together), 1)
+            for message in messages[index : index + count]:
+                if not await self._one(consumer, tp, message):
+                    return
+            index += count
         if self._may_continue(tp):
             self._resume(consumer, tp)
+
+    async def _one(self, consumer: Any, tp: TopicPartition, message: Any) -> bool:
+        """Deliver one event and commit it; False if the partition's batch stops here."""
+        if not self._may_continue(tp):
+            return False
+        retry = self._retries.get(tp)
+        if retry is not None and retry.offset == message.offset:
+            wait = retry.not_before - asyncio.get_running_loop().time()
+            if wait > 0:  # fetched again early (a rebalance gave it back): keep waiting
+                self._retry_later(consumer, tp, offset=message.offset, delay=wait)
+                return False
+        try:
+            delay = await self._deliver(tp, message)
+        except Exception:
+            log.exception("group %s could not finish %s@%d", self.group, tp, message.offset)
+            delay = self._bus.retry.backoff_s
+        if delay is not None:
+            self._retry_later(consumer, tp, offset=message.offset, delay=delay)
+            return False
+        return await self._commit(consumer, tp, message)
+
+    async def _commit(self, consumer: Any, tp: TopicPartition, last: Any) -> bool:
+        """Commit the partition up to ``last``; False if the group moved on without us."""
+        try:
+            await consumer.commit({tp: last.offset + 1})
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The group moved on without us: the new owner starts from the last commit.
+            log.warning("group %s lost %s before committing it: %r", self.group, tp, exc)
+            return False
+        return True
+
+    def _together(
+        self, tp: TopicPartition, messages: list[Any], start: int
+    ) -> list[tuple[Any, Event]]:
+        """The events from ``messages[start]`` on that a batch handler takes together: up to
+        the first one being retried or that is not a readable envelope."""
+        retry = self._retries.get(tp)
+        together: list[tuple[Any, Event]] = []
+        for message in messages[start:]:
+            if retry is not None and retry.offset == message.offset:
+                break
+            try:
+                together.append((message, Event.from_json(message.value or b"")))
+            except MalformedEvent:
+                break
+        return together
+
+    async def _deliver_together(
+        self, tp: TopicPartition, batch_handler: BatchHandler, together: list[tuple[Any, Event]]
+    ) -> bool:
+        """Hand the events to the batch handler; False if it failed (they then go one at a
+        time). Each event's consumer span covers the whole call."""
+        deliveries: list[Delivery] = []
+        spans = []
+        for message, event in together:
+            header = _header(message.headers, TRACEPARENT)
+            span = telemetry.consuming(
+                system="kafka",
+                topic=tp.topic,
+                group=self.group,
+                event_id=event.id,
+                parent=context.parse_traceparent(
+                    event.traceparent or (header.decode() if header else None)
+                ),
+            )
+            if span is not None:
+                spans.append(span)
+            trace = context.current_trace()  # what ``consuming`` bound for this event
+            deliveries.append(Delivery(event, trace or context.TraceContext.new()))
+        try:
+            async with asyncio.timeout(self._bus.retry.handler_timeout_s):
+                await batch_handler(deliveries)
+            return True
+        except Exception as exc:
+            log.warning(
+                "%s failed on a batch of %d events of %s: %r; one at a time now",
+                self.group,
+                len(together),
+                tp,
+                exc,
+            )
+            return False
+        finally:
+            for span in spans:
+                span.end()
 
     def _retry_later(self, consumer: Any, tp: TopicPartition, *, offset: int, delay: float) -> None:
         try:

@@ -242,5 +242,15 @@ class MongoOutbox:
         # $lt compares numbers with numbers only, so unpublished (null) events stay.
         await self._outbox.delete_many({"publishedAt": {"$lt": before}})
 
+    async def purge_published(self, before: float, limit: int) -> tuple[int, bool]:
+        """The relay's retention job: at most ``limit`` published events, oldest first."""
+        old = {"publishedAt": {"$lt": before}}
+        found = self._outbox.find(old, {"_id": 1}).sort("publishedAt", ASCENDING).limit(limit)
+        positions = [doc["_id"] async for doc in found]
+        if not positions:
+            return 0, False
+        gone = await self._outbox.delete_many({"_id": {"$in": positions}, **old})
+        return int(gone.deleted_count), len(positions) == limit
+
     def lease(self, *, name: str, owner: str, duration_s: float) -> MongoLease:
         return MongoLease(self._database, name=name, owner=owner, duration_s=duration_s)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 
 from shop.platform.discovery import Heartbeat
 from shop.platform.problems import problem_response
+from shop.platform.worker import Loop
 
 __all__ = [
     "BreakerStates",
@@ -140,13 +141,18 @@ class _Breaker(Protocol):
 
 class BreakerStates(Collector):
     """``shop_breaker_state{service, peer, state}``: 1 for the breaker's current state, 0 for
-    the others, read at scrape time (an open breaker turns half-open by the clock alone)."""
+    the others, read at scrape time (an open breaker turns half-open by the clock alone).
+    ``source``: the breakers are asked for at each scrape instead (the gateway makes one per
+    service it routes to, as they are first needed)."""
 
     STATES = ("closed", "open", "half-open")
 
-    def __init__(self, service: str) -> None:
+    def __init__(
+        self, service: str, *, source: Callable[[], Iterable[_Breaker]] | None = None
+    ) -> None:
         self._service = service
         self._breakers: dict[str, _Breaker] = {}
+        self._source = source
 
     def track(self, breaker: _Breaker) -> None:
         """Report ``breaker`` (in place of an earlier one of the same name)."""
@@ -158,7 +164,8 @@ class BreakerStates(Collector):
             "Circuit breaker state (1 = the current one)",
             labels=["service", "peer", "state"],
         )
-        for breaker in self._breakers.values():
+        breakers = self._breakers.values() if self._source is None else self._source()
+        for breaker in breakers:
             current = str(breaker.state)
             for state in self.STATES:
                 family.add_metric(
@@ -224,7 +231,7 @@ class Watch:
         self._wall = wall_clock
         self._outbox: _Outbox | None = None
         self._consumers: list[_Consumer] = []
-        self._task: asyncio.Task[None] | None = None
+        self._loop: Loop | None = None
         self._heartbeat: Callable[[], Heartbeat | None] = lambda: None
         self._backlog = Gauge(
             "shop_outbox_backlog",
@@ -338,23 +345,26 @@ class Watch:
         return None
 
     async def __aenter__(self) -> Watch:
-        self._task = asyncio.create_task(self._run(), name=f"watch-{self._service}")
+        # On the common loop: a bug in a round is logged and counted, the sampling goes on.
+        self._loop = Loop(
+            self._round,
+            name=f"watch-{self._service}",
+            interval_s=self._interval,
+            backoff_s=self._interval,
+            backoff_max_s=self._interval,
+            grace_s=2.0,
+        )
+        self._loop.start()
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        if self._loop is not None:
+            await self._loop.stop()
+            self._loop = None
         self._outbox = None
         self._consumers = []
         self._heartbeat = lambda: None
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.sample()
-            except Exception:  # a bug here must not stop the sampling for good
-                log.exception("sampling the outbox and consumer lag failed")
-            await asyncio.sleep(self._interval)
+    async def _round(self) -> bool:
+        await self.sample()
+        return False

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy import (
     BigInteger,
@@ -46,12 +46,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from shop.platform import context, telemetry
 from shop.platform.events import Event, EventBus
 from shop.platform.lease import Lease, leases
+from shop.platform.retention import RetentionJob, RetentionPolicy
 from shop.platform.worker import JobLease, LeasedLoop
 
 __all__ = [
     "OutboxEntry",
     "OutboxRelay",
     "OutboxSource",
+    "PurgesPublished",
     "SqlOutbox",
     "add_event",
     "create_outbox_tables",
@@ -115,10 +117,19 @@ class OutboxSource(Protocol):
     async def mark_published(self, positions: Sequence[int]) -> None: ...
 
     async def purge(self, before: float) -> None:
-        """Forget events published before ``before`` (epoch seconds)."""
+        """Forget every event published before ``before`` (epoch seconds) at once."""
 
     def lease(self, *, name: str, owner: str, duration_s: float) -> JobLease:
         """A lease in the same database, so the relays of one outbox take turns."""
+
+
+@runtime_checkable
+class PurgesPublished(Protocol):
+    """An outbox whose published events the relay's retention job deletes in batches."""
+
+    async def purge_published(self, before: float, limit: int) -> tuple[int, bool]:
+        """Delete at most ``limit`` events published before ``before``, oldest first; how
+        many went and whether more may be waiting. An unpublished event is never deleted."""
 
 
 # The relay's statements, built once (a statement built per batch cost more to build than
@@ -133,6 +144,17 @@ _MARK_PUBLISHED = (
     update(outbox)
     .where(outbox.c.seq.in_(bindparam("positions", expanding=True)))
     .values(published_at=bindparam("now"))
+)
+# Through the index (published_at, seq): NULL (unpublished) is never < anything.
+_PUBLISHED_BEFORE = (
+    select(outbox.c.seq)
+    .where(outbox.c.published_at < bindparam("before"))
+    .order_by(outbox.c.published_at)
+    .limit(bindparam("limit"))
+)
+_DELETE_PUBLISHED = delete(outbox).where(
+    outbox.c.seq.in_(bindparam("positions", expanding=True)),
+    outbox.c.published_at < bindparam("before"),
 )
 
 
@@ -159,6 +181,21 @@ class SqlOutbox:
     async def purge(self, before: float) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(delete(outbox).where(outbox.c.published_at < before))
+
+    async def purge_published(self, before: float, limit: int) -> tuple[int, bool]:
+        async with self._engine.connect() as conn:
+            found = (
+                (await conn.execute(_PUBLISHED_BEFORE, {"before": before, "limit": limit}))
+                .scalars()
+                .all()
+            )
+        if not found:
+            return 0, False
+        async with self._engine.begin() as conn:
+            gone = await conn.execute(
+                _DELETE_PUBLISHED, {"positions": list(found), "before": before}
+            )
+        return int(gone.rowcount), len(found) == limit
 
     def lease(self, *, name: str, owner: str, duration_s: float) -> Lease:
         return Lease(self._engine, name=name, owner=owner, duration_s=duration_s)
@@ -198,18 +235,29 @@ class OutboxRelay:
         poll_interval_s: float = 1.0,
         batch_size: int = 100,
         lease_s: float = 10.0,
-        retention_s: float = 7 * 24 * 3600.0,
+        retention: RetentionPolicy | None = None,
     ) -> None:
         self._source = source
         self._bus = bus
         self._batch = batch_size
-        self._retention_s = retention_s
         owner = f"{service}@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         lease = source.lease(name=f"outbox:{service}", owner=owner, duration_s=lease_s)
         self._loop = LeasedLoop(
-            self._step, name=f"outbox-relay-{service}", lease=lease, interval_s=poll_interval_s
+            self._step,
+            name=f"outbox-relay-{service}",
+            lease=lease,
+            interval_s=poll_interval_s,
+            # A bus that is down is tried again soon: its events wait meanwhile.
+            backoff_s=min(poll_interval_s, 1.0),
+            backoff_max_s=5.0,
         )
-        self._purged_at = 0.0
+        # Published rows go after a week unless the service says otherwise (SHOP_OUTBOX_*).
+        policy = retention or RetentionPolicy(keep_s=7 * 24 * 3600.0, interval_s=3600.0)
+        self.retention: RetentionJob | None = None
+        if isinstance(source, PurgesPublished):
+            self.retention = RetentionJob(
+                source.purge_published, name=f"outbox-retention-{service}", policy=policy
+            )
 
     async def __aenter__(self) -> OutboxRelay:
         self.start()
@@ -224,9 +272,13 @@ class OutboxRelay:
 
     def start(self) -> None:
         self._loop.start()
+        if self.retention is not None:
+            self.retention.start()
 
     async def stop(self, *, grace_s: float = 5.0) -> None:
         """Let the relay finish the batch it is publishing, then stop."""
+        if self.retention is not None:
+            await self.retention.stop()
         await self._loop.stop(grace_s=grace_s)
 
     async def relay_once(self) -> int:
@@ -251,14 +303,5 @@ class OutboxRelay:
         await self._source.mark_published([entry.position for entry in entries])
         return len(entries)
 
-    async def _purge(self) -> None:
-        if time.monotonic() - self._purged_at < 3600:
-            return
-        self._purged_at = time.monotonic()
-        await self._source.purge(time.time() - self._retention_s)
-
     async def _step(self) -> bool:
-        if await self.relay_once() == self._batch:
-            return True  # more are waiting
-        await self._purge()
-        return False
+        return await self.relay_once() == self._batch  # True: more are waiting

@@ -149,6 +149,18 @@ class PlatformSettings(BaseSettings):
     # One access line per request (method, route template, status, duration, ids), at INFO.
     access_log: bool = True
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=1 << 30)
+    # Retention (docs/platform.md "Retention"): how long each kind of row is kept (0: for
+    # ever), how often the jobs look, and the most rows one step deletes.
+    retention_interval_s: float = Field(default=300.0, ge=1, le=86_400)
+    retention_batch: int = Field(default=200, ge=1, le=100_000)
+    # The embedded event log's events, once every group of their topic has passed them.
+    event_retention_s: float = Field(default=7 * 86_400.0, ge=0, le=10 * 365 * 86_400)
+    # Outbox rows, once published.
+    outbox_retention_s: float = Field(default=7 * 86_400.0, ge=0, le=10 * 365 * 86_400)
+    # Inbox rows: at least the redelivery horizon (an event still in the log may come again).
+    inbox_retention_s: float = Field(default=14 * 86_400.0, ge=0, le=10 * 365 * 86_400)
+    # Answered Idempotency-Keys (the order service): how long a repeat is still replayed.
+    idempotency_retention_s: float = Field(default=86_400.0, ge=0, le=10 * 365 * 86_400)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -174,6 +186,8 @@ class PlatformSettings(BaseSettings):
                 "SHOP_HEARTBEAT_INTERVAL_S must be shorter than SHOP_LEASE_DURATION_S, or every"
                 " lease runs out between two heartbeats"
             )
+        if problem := self._retention_problem():
+            raise ValueError(problem)
         if self.event_retry_backoff_max_s < self.event_retry_backoff_s:
             raise ValueError(
                 "SHOP_EVENT_RETRY_BACKOFF_MAX_S must be at least SHOP_EVENT_RETRY_BACKOFF_S"
@@ -205,6 +219,19 @@ class PlatformSettings(BaseSettings):
             return (
                 f"{setting} must be https on the production profile (or set"
                 " SHOP_JWKS_ALLOW_HTTP=true on a private network)"
+            )
+        return None
+
+    def _retention_problem(self) -> str | None:
+        """An inbox that forgets an event the log may still deliver again would let it be
+        applied twice."""
+        if self.inbox_retention_s == 0:
+            return None
+        if self.event_retention_s == 0 or self.inbox_retention_s < self.event_retention_s:
+            return (
+                "SHOP_INBOX_RETENTION_S must be 0 (keep for ever) or at least"
+                " SHOP_EVENT_RETENTION_S (when SHOP_EVENT_RETENTION_S is 0, 0 too): an inbox"
+                " that forgets an event the log can still redeliver applies it twice"
             )
         return None
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "current_trace",
     "enabled",
     "install",
+    "sampled",
     "parent_of",
     "process_tracer",
     "shutdown",
@@ -90,13 +92,44 @@ def tracer_provider(service: str) -> TracerProvider | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service}))
+    provider = TracerProvider(
+        resource=Resource.create({SERVICE_NAME: service}), id_generator=_chosen_ids()
+    )
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     _providers[service] = provider
     context.spans_exported = True
     log.info("tracing %s to %s", service, ", ".join(names))
     return provider
+
+
+# A root span's trace id chosen by the caller of ``start_span`` (see ``sampled``).
+_chosen_trace_id: ContextVar[int | None] = ContextVar("shop_chosen_trace_id", default=None)
+
+
+def _chosen_ids() -> Any:
+    """The SDK's random ids, except a root span's trace id when one was chosen."""
+    from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+    class ChosenIds(RandomIdGenerator):
+        def generate_trace_id(self) -> int:
+            chosen = _chosen_trace_id.get()
+            return chosen if chosen is not None else super().generate_trace_id()
+
+    return ChosenIds()
+
+
+def sampled(provider: TracerProvider, parent: context.TraceContext | None, trace_id: str) -> bool:
+    """Whether ``provider``'s sampler (``OTEL_TRACES_SAMPLER``) records a span under
+    ``parent``, or a root span of ``trace_id``: asked before any span exists, so a request
+    that is not sampled costs no span at all (the gateway's hot path). A root span started
+    then with ``start_span(..., trace_id=trace_id)`` gets the same answer from the SDK."""
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    result = provider.sampler.should_sample(
+        parent_of(parent), int(parent.trace_id if parent else trace_id, 16), "sampled?"
+    )
+    return result.decision is not Decision.DROP
 
 
 def install(service: str, provider: TracerProvider) -> None:
@@ -150,18 +183,25 @@ def start_span(
     parent: context.TraceContext | None,
     links: Sequence[context.TraceContext] = (),
     attributes: Mapping[str, str | int] | None = None,
+    trace_id: str | None = None,
 ) -> Span:
     """A span (end it) of ``kind`` (``server``, ``client``, ``producer``, ``consumer``,
-    ``internal``) under ``parent``, linked to ``links`` (e.g. the other events of a batch)."""
+    ``internal``) under ``parent``, linked to ``links`` (e.g. the other events of a batch);
+    a root span (no ``parent``) of ``trace_id`` when one is given."""
     from opentelemetry.trace import Link, SpanKind
 
-    return tracer.start_span(
-        name,
-        context=parent_of(parent),
-        kind=SpanKind[kind.upper()],
-        attributes=attributes,
-        links=[Link(_span_context(link)) for link in links],
-    )
+    chosen = _chosen_trace_id.set(int(trace_id, 16)) if trace_id and parent is None else None
+    try:
+        return tracer.start_span(
+            name,
+            context=parent_of(parent),
+            kind=SpanKind[kind.upper()],
+            attributes=attributes,
+            links=[Link(_span_context(link)) for link in links],
+        )
+    finally:
+        if chosen is not None:
+            _chosen_trace_id.reset(chosen)
 
 
 def start_process_span(

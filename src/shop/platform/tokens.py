@@ -164,6 +164,10 @@ class JwksVerifier:
         # entry remembers its kid, so a key dropped from the JWKS takes its tokens with it.
         self._verified: OrderedDict[str, tuple[Principal, float, str]] = OrderedDict()
         self._verified_max = cache_size
+        # The last token ``cached`` refused, and why: ``verify``, asked next for the same
+        # token (the gateway hands a refused one to its ordinary path), says so without
+        # parsing and checking it a second time.
+        self._refused: tuple[str, str] | None = None
 
     async def _refresh(self) -> None:
         async with self._lock:
@@ -217,23 +221,52 @@ class JwksVerifier:
 
     async def verify(self, token: str) -> Principal:
         await self._revalidate()
-        cached = self._verified.get(token)
-        if cached is not None:
-            principal, expires_at, _ = cached
-            if time.time() < expires_at + self._leeway:
-                self._verified.move_to_end(token)
-                return principal
-            del self._verified[token]
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise InvalidToken("malformed token") from exc
-        if header.get("alg") not in ALGORITHMS:
-            raise InvalidToken("algorithm not allowed")
-        kid = header.get("kid")
-        if not isinstance(kid, str):
-            raise InvalidToken("token has no key id")
+        refused = self._refused
+        if refused is not None and refused[0] == token:
+            self._refused = None
+            raise InvalidToken(refused[1])
+        principal = self._remembered(token)
+        if principal is not None:
+            return principal
+        kid = _kid_of(token)
         key = await self.key_for(kid)
+        return self._check(token, key=key, kid=kid)
+
+    def cached(self, token: str) -> Principal | None:
+        """``verify`` without waiting, for callers with no task to wait in (the gateway's fast
+        lane): the token's principal when it is decided with what is held now (a token
+        verified before, or one signed by a key held and within the JWKS's max-age). None
+        when it is not: the keys must be fetched first, or the token is refused (``verify``
+        then raises the same ``InvalidToken`` without checking it again)."""
+        if self._clock() >= self._keys_expire_at:
+            return None  # never fetched, or past max-age: ``verify`` fetches them again
+        principal = self._remembered(token)
+        if principal is not None:
+            return principal
+        try:
+            kid = _kid_of(token)
+            key = self._keys.get(kid)
+            if key is None:
+                return None  # an unknown key id: ``verify`` refetches (or says why not)
+            return self._check(token, key=key, kid=kid)
+        except InvalidToken as exc:
+            self._refused = (token, str(exc))
+            return None
+
+    def _remembered(self, token: str) -> Principal | None:
+        """The principal of a token verified before and not expired since."""
+        cached = self._verified.get(token)
+        if cached is None:
+            return None
+        principal, expires_at, _ = cached
+        if time.time() < expires_at + self._leeway:
+            self._verified.move_to_end(token)
+            return principal
+        del self._verified[token]
+        return None
+
+    def _check(self, token: str, *, key: Any, kid: str) -> Principal:
+        """Verify ``token`` with ``key`` (its ``kid``'s) and remember its principal."""
         claims = decode(
             token, key=key, issuer=self._issuer, audience=self._audiences, leeway_s=self._leeway
         )
@@ -242,3 +275,17 @@ class JwksVerifier:
         if len(self._verified) > self._verified_max:
             self._verified.popitem(last=False)
         return principal
+
+
+def _kid_of(token: str) -> str:
+    """The key id a token names, once its header says an algorithm we accept."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise InvalidToken("malformed token") from exc
+    if header.get("alg") not in ALGORITHMS:
+        raise InvalidToken("algorithm not allowed")
+    kid = header.get("kid")
+    if not isinstance(kid, str):
+        raise InvalidToken("token has no key id")
+    return kid

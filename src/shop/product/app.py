@@ -9,6 +9,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from shop.platform import retention
 from shop.platform.app import Runtime, create_app, service_database, service_events
 from shop.platform.observe import Watch, install_health, metrics_registry
 from shop.platform.outbox import OutboxRelay, OutboxSource, SqlOutbox
@@ -66,7 +67,12 @@ def build_app(*, platform: PlatformSettings, settings: ProductSettings) -> FastA
         async with (
             _catalogue_backend(url)(runtime, url) as (store, outbox),
             service_events(runtime) as bus,
-            OutboxRelay(outbox, bus, service="product") as relay,
+            OutboxRelay(
+                outbox,
+                bus,
+                service="product",
+                retention=retention.policy(platform, keep_s=platform.outbox_retention_s),
+            ) as relay,
         ):
             products = ProductService(store=store, on_change=relay.wake)
             app.state.products = products

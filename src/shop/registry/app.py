@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -13,14 +11,15 @@ from fastapi import FastAPI
 
 from shop.platform.app import Runtime, create_app
 from shop.platform.settings import PlatformSettings
+from shop.platform.worker import expose_jobs
 from shop.registry.access import Registrants, WriteThrottle
 from shop.registry.api import dashboard_router, eureka_router, install_error_answers
 from shop.registry.domain import Clock
 from shop.registry.service import (
     InstanceCounts,
     Registry,
-    count_periodically,
-    evict_periodically,
+    counting_loop,
+    eviction_loop,
 )
 from shop.registry.settings import RegistrySettings
 from shop.registry.store import InMemoryLeaseStore, LeaseStore
@@ -90,24 +89,11 @@ def build_app(
                 await registry.ping()
             except Exception as exc:  # readiness reports it; requests answer 503 meanwhile
                 log.warning("the registry's store is not reachable yet: %s", exc)
-            tasks = [
-                asyncio.create_task(
-                    evict_periodically(registry, interval_s=settings.eviction_interval_s),
-                    name="registry-eviction",
-                ),
-                asyncio.create_task(
-                    count_periodically(registry, counts, interval_s=settings.metrics_interval_s),
-                    name="registry-counts",
-                ),
-            ]
-            try:
+            async with (
+                eviction_loop(registry, interval_s=settings.eviction_interval_s),
+                counting_loop(registry, counts, interval_s=settings.metrics_interval_s),
+            ):
                 yield
-            finally:
-                for task in tasks:
-                    task.cancel()
-                for task in tasks:
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
 
     app = create_app(
         name="registry",
@@ -120,6 +106,7 @@ def build_app(
         register=False,
     )
     counts = InstanceCounts(app.state.metrics.registry)
+    expose_jobs(app.state.metrics.registry)  # shop_background_failures_total{job}
     app.state.instance_counts = counts
     app.state.eviction_interval_s = settings.eviction_interval_s
     app.state.registrants = Registrants(settings.client_secrets)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from shop.platform.worker import Loop
 from shop.registry.domain import (
     Clock,
     Lease,
@@ -27,8 +28,8 @@ __all__ = [
     "Registry",
     "RegistryFull",
     "TooContended",
-    "count_periodically",
-    "evict_periodically",
+    "counting_loop",
+    "eviction_loop",
 ]
 
 log = logging.getLogger("shop.registry")
@@ -267,16 +268,23 @@ class Registry:
         return evicted
 
 
-async def evict_periodically(registry: Registry, *, interval_s: float) -> None:
-    """Runs for the life of the app; one failed sweep must not end the sweeping."""
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await registry.evict_expired()
-        except StoreUnavailable as exc:
-            log.warning("eviction sweep skipped: %s", exc)
-        except Exception:
-            log.exception("eviction sweep failed")
+def eviction_loop(registry: Registry, *, interval_s: float) -> Loop:
+    """The sweep that evicts instances whose heartbeats stopped, every ``interval_s``; a
+    store that cannot be reached skips a sweep (one warning line), anything else is logged
+    and counted, and the sweeping goes on."""
+
+    async def sweep() -> bool:
+        await registry.evict_expired()
+        return False
+
+    return Loop(
+        sweep,
+        name="registry-eviction",
+        interval_s=interval_s,
+        backoff_s=interval_s,
+        backoff_max_s=max(interval_s, 5.0),
+        expected=(StoreUnavailable,),
+    )
 
 
 class InstanceCounts:
@@ -313,15 +321,18 @@ class InstanceCounts:
             self._degraded.labels(app).set(degraded[app])
 
 
-async def count_periodically(
-    registry: Registry, counts: InstanceCounts, *, interval_s: float
-) -> None:
-    """Runs for the life of the app: the gauges follow the leases within ``interval_s``."""
-    while True:
-        try:
-            counts.update(await registry.leases())
-        except StoreUnavailable as exc:
-            log.warning("instance count skipped: %s", exc)
-        except Exception:
-            log.exception("instance count failed")
-        await asyncio.sleep(interval_s)
+def counting_loop(registry: Registry, counts: InstanceCounts, *, interval_s: float) -> Loop:
+    """The gauges follow the leases within ``interval_s``."""
+
+    async def count() -> bool:
+        counts.update(await registry.leases())
+        return False
+
+    return Loop(
+        count,
+        name="registry-counts",
+        interval_s=interval_s,
+        backoff_s=interval_s,
+        backoff_max_s=max(interval_s, 5.0),
+        expected=(StoreUnavailable,),
+    )
