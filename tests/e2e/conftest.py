@@ -166,6 +166,8 @@ def system(
         "SHOP_HEARTBEAT_INTERVAL_S": "1",
         "SHOP_REGISTRY_CACHE_TTL_S": "1",
         "REGISTRY_EVICTION_INTERVAL_S": "1",
+        # The console links each recent order to its trace (test_console.TRACE_UI).
+        "GATEWAY_TRACE_URL_TEMPLATE": "http://127.0.0.1:9411/zipkin/traces/{traceId}",
         # A hung inventory must open the order service's breaker within a test's patience.
         "ORDER_INVENTORY_TIMEOUT_S": "0.5",
         "ORDER_BREAKER_FAILURE_THRESHOLD": "3",

@@ -1,7 +1,8 @@
 """In a real headless Chromium (Debian's, driven by Playwright): the gateway's /docs and
 /redoc render with every request kept to the system's own origin, and the operations
-console shows every service UP to an admin and refuses anyone else; with the inventory
-frozen it shows the order service's breaker open, and closed again once it is thawed.
+console shows every service UP to an admin, and a new order among the recent orders with a
+link to its trace, and refuses anyone else; with the inventory frozen it shows the order
+service's breaker open, and closed again once it is thawed.
 
 Screenshots of what the browser saw go to ``.artifacts/screenshots/`` (docs/console.md).
 """
@@ -9,6 +10,7 @@ Screenshots of what the browser saw go to ``.artifacts/screenshots/`` (docs/cons
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import threading
@@ -41,6 +43,8 @@ SERVICES = (
     "notification-service",
 )
 PROBLEM_JSON = "application/problem+json"
+# The trace UI the e2e system's gateway links to (GATEWAY_TRACE_URL_TEMPLATE, conftest.py).
+TRACE_UI = "http://127.0.0.1:9411/zipkin/traces/{traceId}"
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +134,21 @@ def test_redoc_renders_offline(page: Page, system: System) -> None:
 
 
 def test_the_console_shows_every_service_up_to_an_admin(page: Page, system: System) -> None:
+    # An order placed in a trace of the test's own: the console lists it, linked to that trace.
+    trace_id = secrets.token_hex(16)
+    email, password = _customer(system)
+    with httpx.Client(base_url=system.gateway, timeout=10.0) as gateway:
+        sku = _new_sku(gateway, _token(gateway, "admin@example.com", system.admin_password))
+        placed = gateway.post(
+            "/api/order",
+            headers={
+                "Authorization": f"Bearer {_token(gateway, email, password)}",
+                "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+            },
+            json={"orderLineItemDtoList": [{"skuCode": sku, "quantity": 2}]},
+        )
+    assert placed.status_code == 201, placed.text
+    order_number = placed.json()["orderNumber"]
     _log_in(page, system, "admin@example.com", system.admin_password)
     for service in SERVICES:
         page.locator(f"#services tr[data-service='{service}']").first.wait_for()
@@ -148,6 +167,15 @@ def test_the_console_shows_every_service_up_to_an_admin(page: Page, system: Syst
     assert page.text_content("#registry-status") == "UP"
     # The token is kept in this tab's sessionStorage, never in the address.
     assert "token" not in page.url and page.evaluate("sessionStorage.length") == 1
+    order = page.locator(f"#recent-orders tr[data-order='{order_number}']")
+    order.wait_for()
+    assert "PLACED" in order.inner_text() and "19.98" in order.inner_text()
+    # The row comes whole: its trace cell is there with it, a link given a trace UI.
+    assert order.locator("td.trace [data-trace-id]").get_attribute("data-trace-id") == trace_id
+    link = order.locator("td.trace a")
+    assert link.count() == 1, "the e2e gateway needs GATEWAY_TRACE_URL_TEMPLATE = TRACE_UI"
+    assert link.get_attribute("href") == TRACE_UI.replace("{traceId}", trace_id)
+    assert link.get_attribute("rel") == "noopener noreferrer"
     first_update = page.text_content("#updated")
     page.wait_for_function(
         "(before) => document.getElementById('updated').textContent !== before",

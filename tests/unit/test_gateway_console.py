@@ -1,6 +1,7 @@
 """The console's parts: which paths the gateway keeps for itself, the registry's answer
 read in both of Eureka's JSON shapes, the health word (and reasons) shown for each instance,
-the vitals read from its Prometheus text and the orders/s computed from two readings."""
+the vitals read from its Prometheus text, the orders/s computed from two readings, the recent
+orders of every order instance merged and linked to their traces, and the trace UI setting."""
 
 from __future__ import annotations
 
@@ -11,16 +12,23 @@ import pytest
 from aiohttp import web
 
 from shop.gateway.console import (
+    RECENT_ORDERS_SHOWN,
     OrderRates,
     Probe,
+    RecentOrder,
     Vitals,
     _probe,
+    _recent,
+    _recent_order,
     _registered,
     _vitals,
     parse_vitals,
+    recent_orders,
     serves,
 )
+from shop.gateway.settings import GatewaySettings
 from shop.platform.discovery import Instance
+from shop.platform.settings import SettingsRefused, load_settings
 from tests.support import free_port
 
 
@@ -250,3 +258,147 @@ def test_rates_of_instances_gone_from_the_registry_are_forgotten() -> None:
     clock.now += 2.0
     assert rates.update("a", 5.0) is None
     assert rates.update("b", 5.0) == 2.0
+
+
+# --- recent orders -----------------------------------------------------------------------
+
+
+def _entry(number: int, at: str, trace_id: object = None) -> dict[str, object]:
+    return {
+        "orderNumber": f"00000000-0000-4000-8000-{number:012d}",
+        "status": "PLACED",
+        "total": "19.98",
+        "lines": 1,
+        "at": at,
+        "traceId": trace_id,
+    }
+
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+ZIPKIN = "http://127.0.0.1:9411/zipkin/traces/{traceId}"
+
+
+async def _recent_of(app: str, routes: dict[str, tuple[int, object]]) -> list[dict[str, object]]:
+    runner, port = await _serving(routes)
+    try:
+        async with aiohttp.ClientSession() as http:
+            found = await _recent(http, Instance.from_eureka(_instance(app, port)))
+    finally:
+        await runner.cleanup()
+    return recent_orders([found], trace_url=lambda t: ZIPKIN.replace("{traceId}", t))
+
+
+async def test_an_order_instances_recent_orders_are_read_with_links_to_their_traces() -> None:
+    answer = [_entry(2, "2026-12-01T10:00:02.000Z", TRACE), _entry(1, "2026-12-01T10:00:01.000Z")]
+    [second, first] = await _recent_of(
+        "order-service", {"/operations/recent-orders": (200, answer)}
+    )
+    assert second["traceId"] == TRACE
+    assert second["traceUrl"] == f"http://127.0.0.1:9411/zipkin/traces/{TRACE}"
+    assert str(second["instance"]).startswith("127.0.0.1:order-service:")
+    # No trace id, no link.
+    assert (first["traceId"], first["traceUrl"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"traceId": "javascript:alert(1)"},  # not a trace id: never put into a link
+        {"traceId": "4BF92F3577B34DA6A3CE929D0E0E4736 "},
+        {"traceId": 42},
+    ],
+)
+async def test_what_is_not_a_trace_id_gets_no_link(bad: dict[str, object]) -> None:
+    answer = [{**_entry(1, "2026-12-01T10:00:01.000Z"), **bad}]
+    [only] = await _recent_of("order-service", {"/operations/recent-orders": (200, answer)})
+    assert (only["traceId"], only["traceUrl"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("app", "routes"),
+    [
+        # Another service is not asked (it has no such list).
+        ("inventory-service", {"/operations/recent-orders": (200, [_entry(1, "x", TRACE)])}),
+        # An order instance without the route (an older version), or answering nonsense.
+        ("order-service", {}),
+        ("order-service", {"/operations/recent-orders": (200, {"orders": []})}),
+        ("order-service", {"/operations/recent-orders": (200, [{"orderNumber": 1}, "x"])}),
+    ],
+)
+async def test_no_list_means_no_recent_orders(
+    app: str, routes: dict[str, tuple[int, object]]
+) -> None:
+    assert await _recent_of(app, routes) == []
+
+
+def _read(number: int, instance: str) -> RecentOrder:
+    entry = _recent_order(_entry(number, f"2026-12-01T10:00:{number:02d}.000Z", TRACE), instance)
+    assert entry is not None
+    return entry
+
+
+def test_the_instances_lists_merge_newest_first_and_the_latest_few_are_shown() -> None:
+    a = [_read(n, "a") for n in range(0, 40, 2)]
+    b = [_read(n, "b") for n in range(1, 40, 2)]
+    shown = recent_orders([a, b], trace_url=lambda _t: None)
+    assert len(shown) == RECENT_ORDERS_SHOWN == 20
+    assert [o["at"] for o in shown] == [f"2026-12-01T10:00:{n:02d}.000Z" for n in range(39, 19, -1)]
+    assert {o["instance"] for o in shown} == {"a", "b"}
+    # Without a trace UI the trace id is still there, as text.
+    assert all(o["traceId"] == TRACE and o["traceUrl"] is None for o in shown)
+
+
+# --- the trace UI setting ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        ZIPKIN,
+        "https://jaeger.example.com/trace/{traceId}",
+        'https://grafana.example.com/explore?left={"queries":[{"query":"{traceId}"}]}',
+    ],
+)
+def test_a_trace_ui_is_linked_by_its_template(
+    monkeypatch: pytest.MonkeyPatch, template: str
+) -> None:
+    monkeypatch.setenv("GATEWAY_TRACE_URL_TEMPLATE", template)
+    _platform, settings = load_settings(GatewaySettings)
+    assert settings.trace_url(TRACE) == template.replace("{traceId}", TRACE)
+
+
+@pytest.mark.parametrize("unset", [None, "", "  "])
+def test_without_a_trace_ui_there_is_no_link(
+    monkeypatch: pytest.MonkeyPatch, unset: str | None
+) -> None:
+    if unset is None:
+        monkeypatch.delenv("GATEWAY_TRACE_URL_TEMPLATE", raising=False)
+    else:
+        monkeypatch.setenv("GATEWAY_TRACE_URL_TEMPLATE", unset)
+    _platform, settings = load_settings(GatewaySettings)
+    assert settings.trace_url(TRACE) is None
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "http://127.0.0.1:9411/zipkin/traces/",  # no {traceId}
+        "http://127.0.0.1:9411/zipkin/traces/{traceid}",
+        "javascript:alert('{traceId}')",
+        "ftp://traces.example.com/{traceId}",
+        "/zipkin/traces/{traceId}",  # no host
+        "http://[::1/{traceId}",
+        "http://zipkin:9411/traces/{traceId} x",
+    ],
+)
+def test_a_bad_trace_ui_template_stops_the_gateway_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, template: str
+) -> None:
+    monkeypatch.setenv("GATEWAY_TRACE_URL_TEMPLATE", template)
+    with pytest.raises(SettingsRefused) as refused:
+        load_settings(GatewaySettings)
+    message = str(refused.value)
+    assert message.startswith(
+        "GATEWAY_TRACE_URL_TEMPLATE: give an http(s) URL containing {traceId}"
+    )
+    assert "\n" not in message

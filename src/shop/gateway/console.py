@@ -5,15 +5,17 @@ another origin) that logs in through the public ``POST /auth/token`` and polls
 ``/console/api/services``: every registered service and instance, its status in the
 registry, what its own ``/health`` answers (with the reasons when DEGRADED) and the vitals
 read from its private ``/metrics`` (breaker state, outbox backlog, consumer lag, orders per
-second). That route is admin-only and the only thing the page needs besides the public API:
-``/metrics`` is read here, server-side, and never reaches the browser. ``/docs`` and
-``/redoc`` show the merged API with Swagger UI and ReDoc assets served from this process
-(platform/docs.py).
+second) and the latest orders of every order instance, each with a link to its trace when a
+trace UI is configured (``GATEWAY_TRACE_URL_TEMPLATE``). That route is admin-only and the
+only thing the page needs besides the public API: ``/metrics`` and the orders are read here,
+server-side, and never reach the browser unfiltered. ``/docs`` and ``/redoc`` show the
+merged API with Swagger UI and ReDoc assets served from this process (platform/docs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +35,15 @@ from shop.platform.discovery import Instance
 from shop.platform.docs import assets_mount, redoc_page, swagger_page
 from shop.platform.problems import Problem, from_problem
 
-__all__ = ["API_PATH", "CONSOLE_PATH", "OrderRates", "console_routes", "serves"]
+__all__ = [
+    "API_PATH",
+    "CONSOLE_PATH",
+    "RECENT_ORDERS_SHOWN",
+    "OrderRates",
+    "console_routes",
+    "recent_orders",
+    "serves",
+]
 
 CONSOLE_PATH = "/console"
 API_PATH = "/console/api/services"
@@ -42,6 +52,13 @@ PROBE_TIMEOUT_S = 2.0
 _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
 _JSON = {"Accept": "application/json", "Accept-Encoding": "identity"}
 _TEXT = {"Accept": "text/plain", "Accept-Encoding": "identity"}
+# Each order instance's last placed/cancelled orders, on its own port (order/recent.py; the
+# gateway may not import the order service, hence the path written twice).
+ORDER_SERVICE = "order-service"
+RECENT_ORDERS_PATH = "/operations/recent-orders"
+RECENT_ORDERS_SHOWN = 20
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_WORD = re.compile(r"^[A-Z_]{1,20}$")
 
 # The page may load and call this origin only: no CDN can sneak in, no script can leak the
 # token elsewhere, and no other site may frame it.
@@ -254,21 +271,110 @@ async def _vitals(http: aiohttp.ClientSession, instance: Instance) -> Vitals:
         return Vitals()
 
 
+@dataclass(frozen=True, slots=True)
+class RecentOrder:
+    """One of an order instance's latest orders, as the console shows it."""
+
+    order_number: str
+    status: str
+    total: str
+    lines: int
+    at: str
+    trace_id: str | None
+    instance_id: str
+
+    def as_json(self, trace_url: Callable[[str], str | None]) -> dict[str, Any]:
+        return {
+            "orderNumber": self.order_number,
+            "status": self.status,
+            "total": self.total,
+            "lines": self.lines,
+            "at": self.at,
+            "instance": self.instance_id,
+            "traceId": self.trace_id,
+            "traceUrl": trace_url(self.trace_id) if self.trace_id else None,
+        }
+
+
+def _recent_order(raw: object, instance_id: str) -> RecentOrder | None:
+    """One entry of an instance's answer, kept only if it has the expected shape (the page
+    writes it as text anyway; a trace id must be one, as it goes into a link)."""
+    if not isinstance(raw, dict):
+        return None
+    number, status, total, lines, at = (
+        raw.get(k) for k in ("orderNumber", "status", "total", "lines", "at")
+    )
+    trace_id = raw.get("traceId")
+    if not (
+        isinstance(number, str)
+        and len(number) <= 64
+        and isinstance(status, str)
+        and _WORD.match(status)
+        and isinstance(total, str)
+        and len(total) <= 32
+        and isinstance(lines, int)
+        and isinstance(at, str)
+        and len(at) <= 40
+    ):
+        return None
+    valid_trace = isinstance(trace_id, str) and _TRACE_ID.match(trace_id)
+    return RecentOrder(
+        number, status, total, lines, at, trace_id if valid_trace else None, instance_id
+    )
+
+
+async def _recent(http: aiohttp.ClientSession, instance: Instance) -> list[RecentOrder]:
+    """An order instance's latest orders; none from any other process, or one that does not
+    answer with a list."""
+    if instance.app != ORDER_SERVICE:
+        return []
+    try:
+        async with http.get(
+            f"{instance.base_url}{RECENT_ORDERS_PATH}", headers=_JSON, timeout=_PROBE_TIMEOUT
+        ) as resp:
+            if resp.status != 200:
+                return []
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return []
+    entries = body[:RECENT_ORDERS_SHOWN] if isinstance(body, list) else []
+    return [o for o in (_recent_order(e, instance.instance_id) for e in entries) if o]
+
+
+def recent_orders(
+    found: list[list[RecentOrder]], *, trace_url: Callable[[str], str | None]
+) -> list[dict[str, Any]]:
+    """Every instance's latest orders merged: the newest ``RECENT_ORDERS_SHOWN`` first (the
+    times are ISO 8601 UTC, all written alike, so they sort as text)."""
+    merged = sorted((o for orders in found for o in orders), key=lambda o: o.at, reverse=True)
+    return [o.as_json(trace_url) for o in merged[:RECENT_ORDERS_SHOWN]]
+
+
+def _no_link(_trace_id: str) -> str | None:
+    return None
+
+
 async def overview(
-    http: aiohttp.ClientSession, registry_url: str, rates: OrderRates
+    http: aiohttp.ClientSession,
+    registry_url: str,
+    rates: OrderRates,
+    *,
+    trace_url: Callable[[str], str | None] = _no_link,
 ) -> dict[str, Any]:
     """The registry's view of every instance, each one's health and vitals, probed in
-    parallel."""
+    parallel, and the latest orders of the order instances, each with its trace's link
+    (``trace_url``; None: no trace UI configured)."""
     try:
         async with http.get(f"{registry_url}/apps", headers=_JSON, timeout=_PROBE_TIMEOUT) as resp:
             if resp.status != 200:
-                return {"registry": "DOWN", "services": []}
+                return {"registry": "DOWN", "services": [], "recentOrders": []}
             instances = _registered(await resp.json(content_type=None))
     except (aiohttp.ClientError, TimeoutError, ValueError):
-        return {"registry": "UNREACHABLE", "services": []}
-    probes, vitals = await asyncio.gather(
+        return {"registry": "UNREACHABLE", "services": [], "recentOrders": []}
+    probes, vitals, recent = await asyncio.gather(
         asyncio.gather(*(_probe(http, i) for i in instances)),
         asyncio.gather(*(_vitals(http, i) for i in instances)),
+        asyncio.gather(*(_recent(http, i) for i in instances)),
     )
     rates.forget_all_but({i.instance_id for i in instances})
     views = sorted(
@@ -292,6 +398,7 @@ async def overview(
     return {
         "registry": "UP",
         "services": [{"name": name, "instances": found} for name, found in services.items()],
+        "recentOrders": recent_orders(list(recent), trace_url=trace_url),
     }
 
 
@@ -319,7 +426,9 @@ async def services(request: Request) -> Response:
         await runtime.limits.check_user(principal.user_id)
     except Problem as problem:
         return from_problem(problem, instance=request.url.path)
-    found = await overview(runtime.http, runtime.registry.base_url, _RATES)
+    found = await overview(
+        runtime.http, runtime.registry.base_url, _RATES, trace_url=runtime.settings.trace_url
+    )
     return JSONResponse(found, headers={"Cache-Control": "no-store"})
 
 

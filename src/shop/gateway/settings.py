@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -16,6 +17,7 @@ from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRe
 __all__ = ["GatewaySettings"]
 
 _USERINFO = re.compile(r"://[^/@]*@")
+TRACE_ID = "{traceId}"
 
 
 class GatewaySettings(ServiceSettings):
@@ -113,6 +115,42 @@ class GatewaySettings(ServiceSettings):
             "/metrics is 404 and /health/ready answers only its status."
         ),
     )
+
+    trace_url_template: str | None = Field(
+        default=None,
+        description=(
+            "Where the console links each recent order's trace: an http(s) URL with "
+            "{traceId}, e.g. http://127.0.0.1:9411/zipkin/traces/{traceId}; unset, the "
+            "trace id is shown as text."
+        ),
+    )
+
+    @field_validator("trace_url_template")
+    @classmethod
+    def _trace_link(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        try:
+            parts = urlsplit(value.replace(TRACE_ID, "0"))
+            linkable = parts.scheme in {"http", "https"} and bool(parts.hostname)
+        except ValueError:  # e.g. an unclosed [ in the host
+            linkable = False
+        if (
+            not linkable
+            or TRACE_ID not in value
+            or any(c.isspace() or not c.isprintable() for c in value)
+        ):
+            raise ValueError(
+                f"give an http(s) URL containing {TRACE_ID}, e.g. "
+                f"http://127.0.0.1:9411/zipkin/traces/{TRACE_ID}"
+            )
+        return value
+
+    def trace_url(self, trace_id: str) -> str | None:
+        """The link to a trace in the configured trace UI; None without one."""
+        if self.trace_url_template is None:
+            return None
+        return self.trace_url_template.replace(TRACE_ID, trace_id)
 
     @field_validator("rate_limit_per_client", "rate_limit_per_user")
     @classmethod

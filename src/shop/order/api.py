@@ -24,6 +24,7 @@ from shop.order.domain import (
     idempotency_key_problem,
     order_document,
 )
+from shop.order.recent import RECENT_ORDERS_PATH, RecentOrders
 from shop.order.service import Answer, OrderService
 from shop.platform.fastpath import LeanRequest, Reply, json_reply
 from shop.platform.problems import Problem, from_problem
@@ -33,6 +34,7 @@ __all__ = [
     "IDEMPOTENCY_IN_PROGRESS",
     "IDEMPOTENCY_MISMATCH",
     "install_error_answers",
+    "operations_router",
     "place_order_lean",
     "router",
 ]
@@ -187,6 +189,23 @@ async def cancel_order(buyer: CurrentUser, orders: Orders, order_number: OrderNu
     inventory cannot be reached) as soon as it can; the answer is 200 either way."""
     order = await orders.cancel_order(buyer, order_number)
     return JSONResponse(order_document(order))
+
+
+async def _recent(request: Request) -> RecentOrders:
+    recent: RecentOrders = request.app.state.recent_orders
+    return recent
+
+
+# On the service's own port, like /metrics: the gateway routes no such path (docs/console.md).
+operations_router = APIRouter(tags=["operations"])
+
+
+@operations_router.get(RECENT_ORDERS_PATH, include_in_schema=False)
+async def recent_orders(recent: Annotated[RecentOrders, Depends(_recent)]) -> Response:
+    """The last orders this process placed or cancelled, newest first, for the console."""
+    return JSONResponse(
+        [entry.as_json() for entry in recent.latest()], headers={"Cache-Control": "no-store"}
+    )
 
 
 def _problem_for(exc: Exception) -> Problem:

@@ -19,9 +19,10 @@ from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.order import events
-from shop.order.api import install_error_answers, place_order_lean, router
+from shop.order.api import install_error_answers, operations_router, place_order_lean, router
 from shop.order.breaker import BreakerState, CircuitBreaker
 from shop.order.peers import INVENTORY_SERVICE, HttpCatalogue, HttpInventory
+from shop.order.recent import RecentOrders
 from shop.order.releases import ReleaseReconciler
 from shop.order.service import OrderMetrics, OrderService
 from shop.order.settings import OrderSettings
@@ -129,6 +130,7 @@ def build_app(
                     release_hold=timedelta(seconds=settings.release_hold_s),
                     metrics=order_metrics,
                     owner=owner,
+                    recent=recent,
                 )
                 app.state.orders = orders
                 # The price list follows the catalogue from here on (docs/order.md).
@@ -160,7 +162,7 @@ def build_app(
         title="Shop order service",
         description="Orders at catalogue prices, with their stock reserved; cancellation.",
         platform=platform,
-        routers=[router],
+        routers=[router, operations_router],
         lifespan=lifespan,
     )
     install_error_answers(app)
@@ -172,6 +174,8 @@ def build_app(
     registry.register(breaker_states)
     watch = Watch(service=SERVICE_NAME, registry=registry, health=health, clock=clock)
     app.state.watch = watch
+    # Placed and cancelled orders for the console, kept from the first request on.
+    recent = app.state.recent_orders = RecentOrders()
     # The route every order takes, without FastAPI's routing and dependency solving.
     add_lean_route(app, "POST", "/api/order", place_order_lean)
     return app

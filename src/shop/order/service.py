@@ -34,6 +34,7 @@ from shop.order.domain import (
 )
 from shop.order.events import order_cancelled, order_placed, price_change_of
 from shop.order.peers import CIRCUIT_OPEN, Catalogue, Inventory
+from shop.order.recent import RecentOrders
 from shop.order.store import (
     ClaimOutcome,
     KeyClaim,
@@ -43,6 +44,7 @@ from shop.order.store import (
     PendingHold,
     SavedAnswer,
 )
+from shop.platform import context
 from shop.platform.events import Event
 from shop.platform.tokens import Principal
 
@@ -125,10 +127,13 @@ class OrderService:
         clock: Callable[[], datetime] = _utcnow,
         metrics: OrderMetrics | None = None,
         owner: str | None = None,
+        recent: RecentOrders | None = None,
     ) -> None:
         """``owner``: this process's name on the Idempotency-Key claims it holds, kept alive
         by its lease (``owner_lease_name``) so that another process takes its claims over
-        as soon as it dies (docs/order.md); None: claims are taken over once stale only."""
+        as soon as it dies (docs/order.md); None: claims are taken over once stale only.
+        ``recent``: where placed and cancelled orders are noted for the console."""
+        self.recent = recent if recent is not None else RecentOrders()
         self._owner = owner
         self._store = store
         self._catalogue = catalogue
@@ -266,6 +271,7 @@ class OrderService:
             await self._give_up(number if hold else None, key=key, maybe_reserved=maybe_reserved)
             raise
         self._events_added()
+        self.recent.record(order, at=now, trace_id=_trace_id())
         # One line per order, saying which instance took it: log lines are written by a
         # thread of their own, so this no longer costs the third of the CPU it once did.
         log.info("order %s placed by %s", number, buyer.user_id)
@@ -349,9 +355,16 @@ class OrderService:
         ):
             raise AlreadyCancelled(f"Order {order.order_number} is already cancelled.")
         self._events_added()
+        self.recent.record(cancelled, at=now, trace_id=_trace_id())
         log.info("order %s cancelled", order.order_number)
         try:
             await self._releases.attempt(order.order_number, guarded=True)
         except Exception:  # the cancel stands; the reconciler finishes the release
             log.exception("release of cancelled order %s left to the reconciler", number)
         return cancelled
+
+
+def _trace_id() -> str | None:
+    """The trace of the request being served (its ``traceparent``'s, or the span's)."""
+    trace = context.current_trace()
+    return trace.trace_id if trace is not None else None

@@ -1,6 +1,7 @@
 // The operations console (docs/console.md): log in as an admin through the public API,
 // then poll the gateway's admin-only /console/api/services every few seconds: health (and
-// why, when DEGRADED), breaker, outbox backlog, consumer lag and orders/s per instance.
+// why, when DEGRADED), breaker, outbox backlog, consumer lag and orders/s per instance, and
+// the latest orders with links to their traces (when the gateway knows a trace UI).
 // The token lives in sessionStorage (this tab only, gone when it closes), never in a URL.
 "use strict";
 
@@ -126,6 +127,59 @@ function lagCell(lag) {
   return td;
 }
 
+// A link to the order's trace in the trace UI the gateway was given (its URL, checked to be
+// http(s) here too); without one, the trace id as text.
+function traceCell(order) {
+  const td = document.createElement("td");
+  td.className = "trace";
+  if (!order.traceId) {
+    td.textContent = NONE;
+    return td;
+  }
+  let url = null;
+  try {
+    url = order.traceUrl ? new URL(order.traceUrl) : null;
+  } catch {
+    url = null;
+  }
+  if (url && (url.protocol === "http:" || url.protocol === "https:")) {
+    const link = document.createElement("a");
+    link.href = url.href;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    link.dataset.traceId = order.traceId;
+    link.textContent = order.traceId;
+    td.append(link);
+  } else {
+    const text = document.createElement("code");
+    text.dataset.traceId = order.traceId;
+    text.textContent = order.traceId;
+    td.append(text);
+  }
+  return td;
+}
+
+function renderRecent(orders) {
+  const rows = (orders || []).map((order) => {
+    const row = document.createElement("tr");
+    row.dataset.order = order.orderNumber;
+    const at = new Date(order.at);
+    row.append(
+      cell(Number.isNaN(at.getTime()) ? order.at : at.toLocaleTimeString()),
+      cell(order.orderNumber),
+      cell(order.status),
+      cell(order.total),
+      cell(String(order.lines)),
+      cell(order.instance),
+      traceCell(order),
+    );
+    return row;
+  });
+  $("recent-orders").replaceChildren(...rows);
+  $("recent-none").hidden = rows.length > 0;
+  $("recent").hidden = rows.length === 0;
+}
+
 function render(overview) {
   const registry = $("registry-status");
   registry.textContent = overview.registry;
@@ -153,6 +207,7 @@ function render(overview) {
     }
   }
   $("services").replaceChildren(...rows);
+  renderRecent(overview.recentOrders);
   $("updated").textContent = new Date().toLocaleTimeString();
 }
 
