@@ -79,6 +79,9 @@ class Registry:
     others: list[Instance] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     turn: int = 0
+    # What proved_alive answers next, and how often it was asked.
+    alive: list[bool] = field(default_factory=list)
+    asked: int = 0
 
     async def choose(self, name: str) -> Instance:
         listed = [self.instance, *self.others]
@@ -89,8 +92,9 @@ class Registry:
     def refused(self, instance: Instance) -> None:
         self.refusals.append(instance.instance_id)
 
-    def registered_again(self, name: str) -> bool:
-        return False
+    def proved_alive(self, name: str) -> bool:
+        self.asked += 1
+        return self.alive.pop(0) if self.alive else False
 
 
 Serve = Callable[[Inventory], Awaitable[int]]
@@ -253,3 +257,36 @@ async def test_one_deadline_covers_the_whole_exchange(serve: Serve) -> None:
         await inventory.reserve(ORDER, LINES)
     assert refused.value.maybe_applied
     assert "timed out" in str(refused.value)
+
+
+async def test_an_inventory_that_proved_alive_is_probed_before_the_open_period_ends(
+    serve: Serve,
+) -> None:
+    """Restarted, added or thawed (the registry client says so): the next order is the one
+    probe, at once, instead of after the breaker's whole open period."""
+    server = Inventory(answers=[_answer(503, {}), _answer(201, {})])
+    inventory, registry, breaker = _client(await serve(server), failure_threshold=1)
+    with pytest.raises(Unavailable):
+        await inventory.reserve(ORDER, LINES)
+    assert inventory.unavailable_for_s() == pytest.approx(5.0, abs=0.5)
+    registry.alive.append(True)
+    assert inventory.unavailable_for_s() == 0
+    await inventory.reserve(ORDER, LINES)
+    assert breaker.retry_after_s() == 0 and len(server.requests) == 2
+    asked = registry.asked
+    assert inventory.unavailable_for_s() == 0
+    assert registry.asked == asked, "closed: the registry client is not asked"
+
+
+async def test_while_the_probe_is_out_the_registry_client_is_not_asked(serve: Serve) -> None:
+    """Its answer would be spent on nothing: the probe gives the verdict."""
+    inventory, registry, breaker = _client(
+        await serve(Inventory(answers=[_answer(503, {})])), failure_threshold=1
+    )
+    with pytest.raises(Unavailable):
+        await inventory.reserve(ORDER, LINES)
+    breaker.probe_now()
+    breaker.acquire()  # a probe is out
+    asked = registry.asked
+    assert inventory.unavailable_for_s() > 0
+    assert registry.asked == asked

@@ -1,14 +1,23 @@
 """The picking rules of RegistryClient.choose: an instance that refused is passed over until
-it proves alive (its quarantine ends, or it registered again). A fake clock, no sleeps."""
+it proves alive (its quarantine ends, it registered again, or it answers its health check
+after it did not). A fake clock for the quarantines and rechecks; the health checks go to
+real servers on loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import pytest
+from aiohttp import web
 
+from shop.order.settings import OrderSettings
 from shop.platform.discovery import Instance, RegistryClient
+from shop.platform.settings import PlatformSettings, SettingsRefused, load_settings
 
 APP = "inventory-service"
 
@@ -21,10 +30,10 @@ class Clock:
         return self.now
 
 
-def _instance(port: int, *, registered_at_ms: int = 1) -> Instance:
+def _instance(port: int, *, registered_at_ms: int = 1, name: str = "") -> Instance:
     return Instance(
         app=APP,
-        instance_id=f"127.0.0.1:{APP}:{port}",
+        instance_id=name or f"127.0.0.1:{APP}:{port}",
         host="127.0.0.1",
         port=port,
         registered_at_ms=registered_at_ms,
@@ -34,9 +43,21 @@ def _instance(port: int, *, registered_at_ms: int = 1) -> Instance:
 class Listed(RegistryClient):
     """The registry's answer is ``listing``; ``fetches`` counts the lookups."""
 
-    def __init__(self, listing: list[Instance], clock: Clock) -> None:
-        session = cast(aiohttp.ClientSession, object())  # never used: fetch is replaced
-        super().__init__(base_url="http://registry", session=session, clock=clock)
+    def __init__(
+        self,
+        listing: list[Instance],
+        clock: Clock,
+        session: aiohttp.ClientSession | None = None,
+        health_timeout_s: float = 1.0,
+    ) -> None:
+        # Without a session, nothing may be asked of the network (fetch is replaced).
+        session = session or cast(aiohttp.ClientSession, object())
+        super().__init__(
+            base_url="http://registry",
+            session=session,
+            clock=clock,
+            health_timeout_s=health_timeout_s,
+        )
         self.listing = listing
         self.fetches = 0
 
@@ -114,24 +135,182 @@ async def test_the_registration_time_is_read_from_the_lease_info() -> None:
     assert Instance.from_eureka(raw).registered_at_ms == 0
 
 
-async def test_registered_again_sees_a_new_registration_of_one_passed_over() -> None:
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """For the health checks of passed-over instances (port 1, 2...: refused at once)."""
+    async with aiohttp.ClientSession() as opened:
+        yield opened
+
+
+async def _rechecked(client: RegistryClient) -> None:
+    """Wait for the background rechecks proved_alive started (lookups, health checks)."""
+    await asyncio.gather(*client._rechecks.values())
+
+
+async def test_proved_alive_sees_a_passed_over_instance_registered_again(
+    session: aiohttp.ClientSession,
+) -> None:
     """Without waiting: it answers from the latest lookup and looks again in the background
     (at most once a second), so a breaker can probe a restarted peer at once."""
     clock = Clock()
     dead = _instance(1, registered_at_ms=1)
-    client = Listed([dead], clock)
-    assert not client.registered_again(APP), "nothing passed over: nothing to look for"
+    client = Listed([dead], clock, session=session)
     await client.choose(APP)
     client.refused(dead)
-    assert not client.registered_again(APP)  # nothing cached: a lookup starts
-    await asyncio.sleep(0)  # the background lookup (the fake registry answers at once)
+    assert not client.proved_alive(APP)  # nothing cached: a lookup starts
+    await _rechecked(client)
     assert client.fetches == 2
-    assert not client.registered_again(APP), "the same registration"
+    assert not client.proved_alive(APP), "the same registration"
     client.listing = [_instance(1, registered_at_ms=2)]
-    assert not client.registered_again(APP), "the lookup is less than a second old"
+    assert not client.proved_alive(APP)
+    await _rechecked(client)
+    assert client.fetches == 2, "the last lookup is less than a second old"
     clock.now += 1
-    client.registered_again(APP)
-    await asyncio.sleep(0)
-    assert client.registered_again(APP)
+    client.proved_alive(APP)
+    await _rechecked(client)
+    assert client.proved_alive(APP)
+    assert not client.proved_alive(APP), "one proof, answered once"
     assert await _ports(client, 1) == [1]
-    assert not client.registered_again(APP), "chosen again: no longer passed over"
+
+
+async def test_proved_alive_sees_a_new_instance_id(
+    session: aiohttp.ClientSession,
+) -> None:
+    """An inventory restarted under a new id (or one more added) while the old one is still
+    listed, passed over: that is news, and choose goes to it."""
+    clock = Clock()
+    dead = _instance(1, name="old")
+    client = Listed([dead], clock, session=session)
+    await client.choose(APP)
+    client.refused(dead)
+    client.proved_alive(APP)
+    await _rechecked(client)
+    assert not client.proved_alive(APP)
+    client.listing = [dead, _instance(2, name="new")]
+    clock.now += 1
+    client.proved_alive(APP)
+    await _rechecked(client)
+    assert client.proved_alive(APP)
+    assert not client.proved_alive(APP)
+    assert await _ports(client, 3) == [2, 2, 2]
+
+
+async def test_proved_alive_sees_a_new_instance_when_none_refused(
+    session: aiohttp.ClientSession,
+) -> None:
+    """A breaker opened by 5xx answers (nothing passed over): the first question takes the
+    listing as it is, a registration added after it is news."""
+    clock = Clock()
+    failing = _instance(1)
+    client = Listed([failing], clock, session=session)
+    await client.choose(APP)
+    assert not client.proved_alive(APP), "what was listed when it opened is no news"
+    client.listing = [failing, _instance(2)]
+    clock.now += 1
+    client.proved_alive(APP)
+    await _rechecked(client)
+    assert client.proved_alive(APP)
+
+
+class Health:
+    """A real server for ``/health/ready``: answers at once, or holds every request
+    (a frozen process: the connection is taken, nothing comes back) while ``frozen``."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self.asked = 0
+        self.thawed = asyncio.Event()
+
+    async def ready(self, request: web.Request) -> web.Response:
+        self.asked += 1
+        if self.frozen:
+            await self.thawed.wait()
+        return web.json_response({"status": "UP"})
+
+
+@pytest.fixture
+async def health() -> AsyncIterator[tuple[Health, int, aiohttp.ClientSession]]:
+    state = Health()
+    app = web.Application()
+    app.router.add_get("/health/ready", state.ready)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port: int = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with aiohttp.ClientSession() as session:
+        yield state, port, session
+    state.thawed.set()
+    await runner.cleanup()
+
+
+async def test_a_frozen_instance_is_taken_back_once_it_answers_its_health_check(
+    health: tuple[Health, int, aiohttp.ClientSession],
+) -> None:
+    """No new registration after a thaw (SIGCONT): the health check that went unanswered
+    while frozen is answered now, which proves it back."""
+    state, port, session = health
+    clock = Clock()
+    frozen, other = _instance(port), _instance(port + 1)
+    client = Listed([frozen, other], clock, session=session, health_timeout_s=0.5)
+    await client.choose(APP)
+    state.frozen = True
+    client.refused(frozen)  # its reservation timed out
+    assert not client.proved_alive(APP)
+    await _rechecked(client)
+    assert state.asked == 1
+    assert not client.proved_alive(APP), "its health check timed out"
+    state.frozen = False
+    state.thawed.set()
+    clock.now += 1
+    client.proved_alive(APP)
+    await _rechecked(client)
+    assert client.proved_alive(APP)
+    assert not client.proved_alive(APP)
+    assert sorted(await _ports(client, 2)) == sorted([port, port + 1])
+
+
+async def test_an_instance_that_always_answers_its_health_check_waits_out_its_pass_over(
+    health: tuple[Health, int, aiohttp.ClientSession],
+) -> None:
+    """Slow (its reservation timed out) but answering: no proof it changed, so no early
+    probe and no early return; otherwise a breaker would probe it every second."""
+    _, port, session = health
+    clock = Clock()
+    slow, other = _instance(port), _instance(port + 1)
+    client = Listed([slow, other], clock, session=session)
+    await client.choose(APP)
+    client.refused(slow)
+    for _ in range(3):
+        client.proved_alive(APP)
+        await _rechecked(client)
+        assert not client.proved_alive(APP)
+        clock.now += 1
+    assert await _ports(client, 2) == [port + 1, port + 1]
+
+
+@pytest.fixture
+def environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """Only what a test sets: the developer's own SHOP_* and ORDER_* must not leak in."""
+    for name in list(os.environ):
+        if name.startswith(("SHOP_", "ORDER_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SHOP_DATA_DIR", str(tmp_path))
+    return monkeypatch
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "3601"])
+def test_a_pass_over_time_that_means_nothing_stops_the_process_with_one_line(
+    value: str, environment: pytest.MonkeyPatch
+) -> None:
+    environment.setenv("SHOP_PASS_OVER_S", value)
+    with pytest.raises(SettingsRefused) as refused:
+        load_settings(OrderSettings)
+    line = str(refused.value)
+    assert line.startswith("SHOP_PASS_OVER_S: ") and "\n" not in line
+
+
+def test_the_pass_over_time_is_five_seconds_unless_set(environment: pytest.MonkeyPatch) -> None:
+    assert PlatformSettings().pass_over_s == 5.0
+    environment.setenv("SHOP_PASS_OVER_S", "2.5")
+    assert PlatformSettings().pass_over_s == 2.5

@@ -101,11 +101,13 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
                 base_url=platform.registry_url,
                 session=http,
                 cache_ttl_s=platform.registry_cache_ttl_s,
+                pass_over_s=platform.pass_over_s,
             )
             upstreams = Upstreams(
                 registry=registry,
                 fixed={DASHBOARD: settings.dashboard_url(platform)},
                 cache_ttl_s=platform.registry_cache_ttl_s,
+                pass_over_s=platform.pass_over_s,
             )
             runtime = GatewayRuntime(
                 platform=platform,

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from shop.order.breaker import CircuitBreaker, CircuitOpen
+from shop.order.breaker import BreakerState, CircuitBreaker, CircuitOpen
 from shop.order.domain import (
     OutOfStock,
     RequestedLine,
@@ -224,9 +224,14 @@ class HttpInventory:
 
     def unavailable_for_s(self) -> float:
         wait = self._breaker.retry_after_s()
-        if wait and self._registry.registered_again(INVENTORY_SERVICE):
-            # A restarted inventory registers at once: probe it now, not when the period ends.
-            log.info("%s registered again: probing it now", INVENTORY_SERVICE)
+        if (
+            wait
+            and self._breaker.state is BreakerState.OPEN
+            and self._registry.proved_alive(INVENTORY_SERVICE)
+        ):
+            # A restarted or added inventory registers at once, a thawed one answers its
+            # health check: probe it now, not when the open period ends.
+            log.info("%s proved alive: probing it now", INVENTORY_SERVICE)
             self._breaker.probe_now()
             return self._breaker.retry_after_s()
         return wait

@@ -255,6 +255,7 @@ def create_app(
                 base_url=platform.registry_url,
                 session=http,
                 cache_ttl_s=platform.registry_cache_ttl_s,
+                pass_over_s=platform.pass_over_s,
             )
             tokens = JwksVerifier(
                 fetch_jwks=pinned_jwks(platform, http),

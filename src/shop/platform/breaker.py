@@ -6,7 +6,8 @@ are refused at once with the seconds left (for ``Retry-After``). When the open t
 passed, exactly one call is let through as a probe (half-open): its success closes the
 breaker, its failure opens it again for another full period. Other calls are refused
 while the probe is out. ``probe_now`` lets the probe go before the period ends, when the
-peer is known to be back (a new registration). Hand-written rather than ``purgatory``: see
+peer is known to be back (a new registration, a health check answered after a freeze:
+``RegistryClient.proved_alive``). Hand-written rather than ``purgatory``: see
 docs/order.md.
 """
 
@@ -106,7 +107,7 @@ class CircuitBreaker:
             self._open()
 
     def probe_now(self) -> None:
-        """The peer proved alive out of band (it registered again after a restart): end the
+        """The peer proved alive out of band (registered anew, or thawed): end the
         open period now, so the next call is the one probe. Nothing when closed or while a
         probe is out; a failed probe opens the breaker for a full period as usual."""
         if self._opened_at is None or self._probing:

@@ -3,8 +3,9 @@
 Lookups are cached per application for a few seconds and served stale if the registry
 is briefly unreachable, so no request pays a registry round trip. Given several registries,
 the client uses whichever answers. An instance a caller reports as refusing (or timing out)
-is passed over until it proves alive: its quarantine ends, or the registry shows a new
-registration of it (a restarted process registers again at once).
+is passed over until it proves alive: its quarantine ends, the registry shows a new
+registration of it (a restarted process registers again at once), or, after it was seen not
+answering, it answers its health check again (a frozen process thawed).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import itertools
 import logging
 import time
@@ -36,8 +38,10 @@ _JSON = {
 }
 
 
-# While an instance is passed over, how often ``registered_again`` looks the application up.
+# While a caller asks ``proved_alive``, how often the application is looked up again and
+# its passed-over instances' health checked.
 _RECHECK_S = 1.0
+_HEALTH_HEADERS = {"Accept": "application/json", "Accept-Encoding": "identity"}
 
 
 class RegistryUnavailable(Exception):
@@ -160,11 +164,14 @@ class _Cached:
 
 @dataclass(frozen=True, slots=True)
 class _PassedOver:
-    """An instance that refused or timed out: skipped until ``until`` or a new registration."""
+    """An instance that refused or timed out: skipped until ``until`` or a new registration,
+    or until it answers its health check after one went unanswered (``unresponsive``)."""
 
     app: str
     until: float
     registered_at_ms: int
+    instance: Instance
+    unresponsive: bool = False
 
 
 class RegistryClient:
@@ -187,6 +194,7 @@ class RegistryClient:
         cache_ttl_s: float = 5.0,
         timeout_s: float = 2.0,
         pass_over_s: float = 5.0,
+        health_timeout_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         urls = base_url.split(",") if isinstance(base_url, str) else base_url
@@ -205,11 +213,18 @@ class RegistryClient:
         self._cursors: dict[str, itertools.count[int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._pass_over_s = pass_over_s
+        self._health_timeout = aiohttp.ClientTimeout(total=health_timeout_s)
         self._clock = clock
         # Instance id -> its quarantine; empty (the usual case) costs choose() one test.
         self._passed_over: dict[str, _PassedOver] = {}
-        # Background lookups started by registered_again, one at a time per application.
+        # Background rechecks started by proved_alive, one at a time per application.
         self._rechecks: dict[str, asyncio.Task[None]] = {}
+        self._rechecked_at: dict[str, float] = {}
+        # What proved_alive has accounted for, per application: instance id -> registration
+        # (ms); the cached lookup it last compared; applications with a thawed instance.
+        self._known: dict[str, dict[str, int]] = {}
+        self._compared: dict[str, _Cached] = {}
+        self._thawed: set[str] = set()
 
     @property
     def base_url(self) -> str:
@@ -364,39 +379,104 @@ class RegistryClient:
 
     def refused(self, instance: Instance) -> None:
         """``instance`` refused a connection or timed out: pass it over for ``pass_over_s``
-        (or until it registers again), and look ``app`` up afresh on the next choice, so a
+        (or until it proves alive), and look ``app`` up afresh on the next choice, so a
         removed or re-registered instance shows at once."""
+        app = instance.app.lower()
+        known = self._known.get(app)
+        if known is None:
+            # What existed when things went wrong is not news to proved_alive later.
+            cached = self._cache.get(app)
+            listed = cached.instances if cached else []
+            known = self._known[app] = {i.instance_id: i.registered_at_ms for i in listed}
+        known[instance.instance_id] = instance.registered_at_ms
+        previous = self._passed_over.get(instance.instance_id)
         self._passed_over[instance.instance_id] = _PassedOver(
-            app=instance.app.lower(),
+            app=app,
             until=self._clock() + self._pass_over_s,
             registered_at_ms=instance.registered_at_ms,
+            instance=instance,
+            # Failing again while frozen: still known not to answer its health check.
+            unresponsive=previous is not None
+            and previous.unresponsive
+            and previous.registered_at_ms == instance.registered_at_ms,
         )
-        self.forget(instance.app)
+        self.forget(app)
 
-    def registered_again(self, app: str) -> bool:
-        """Without waiting: whether an instance of ``app`` that was passed over has registered
-        again since (a restarted process does at once), in the latest lookup. While one is
-        passed over, ``app`` is looked up again in the background every ``_RECHECK_S``.
-        A breaker uses it to probe a restarted peer before its open period ends."""
+    def proved_alive(self, app: str) -> bool:
+        """Without waiting: whether an instance of ``app`` has proved alive since this was last
+        answered (or since an instance of ``app`` refused): the latest lookup lists a
+        registration not seen before (a restarted process registers anew, under its old
+        instance id or a new one; an instance was added), or a passed-over instance that did
+        not answer its health check answers it now (a frozen process thawed). Each proof is
+        answered True once. Meant for a caller that holds the peer to be down (a breaker
+        that is open): while it asks, ``app`` is looked up again and its passed-over
+        instances' ``/health/ready`` asked in the background, at most every ``_RECHECK_S``."""
         app = app.lower()
-        if not self._passed_over:
-            return False
+        self._recheck_soon(app)
+        if app in self._thawed:
+            self._thawed.discard(app)
+            return True
         cached = self._cache.get(app)
-        if cached is None or self._clock() - cached.fetched_at >= _RECHECK_S:
-            running = self._rechecks.get(app)
-            if running is None or running.done():
-                self._rechecks[app] = asyncio.create_task(
-                    self._recheck(app), name=f"registry-recheck-{app}"
-                )
-        if cached is None:
+        if cached is None or self._compared.get(app) is cached:
             return False
-        for instance in cached.instances:
-            held = self._passed_over.get(instance.instance_id)
-            if held is not None and instance.registered_at_ms != held.registered_at_ms:
-                return True
-        return False
+        self._compared[app] = cached
+        listed = {i.instance_id: i.registered_at_ms for i in cached.instances}
+        known = self._known.get(app)
+        self._known[app] = listed
+        if known is None:
+            return False  # the first look: what is listed now is the baseline
+        return any(known.get(key) != registered for key, registered in listed.items())
+
+    def _recheck_soon(self, app: str) -> None:
+        running = self._rechecks.get(app)
+        if running is not None and not running.done():
+            return
+        now = self._clock()
+        last = self._rechecked_at.get(app)
+        if last is not None and now - last < _RECHECK_S:
+            return
+        self._rechecked_at[app] = now
+        # A context of its own: the lookup belongs to no one request (nor to its trace).
+        self._rechecks[app] = asyncio.create_task(
+            self._recheck(app), name=f"registry-recheck-{app}", context=contextvars.Context()
+        )
 
     async def _recheck(self, app: str) -> None:
+        """Look ``app`` up now and ask each of its passed-over instances whether it answers."""
+        suspects = [held for held in self._passed_over.values() if held.app == app]
+        _, *answers = await asyncio.gather(
+            self._look_up_now(app), *(self._answers(held.instance) for held in suspects)
+        )
+        for held, answered in zip(suspects, answers, strict=True):
+            key = held.instance.instance_id
+            current = self._passed_over.get(key)
+            if current is None:
+                continue  # taken back meanwhile
+            if not answered:
+                if not current.unresponsive:
+                    self._passed_over[key] = replace(current, unresponsive=True)
+                    log.info("%s does not answer its health check", key)
+            elif current.unresponsive:
+                # Seen not answering, now answering: back (a slow instance that always
+                # answers its health check proves nothing and waits out its quarantine).
+                del self._passed_over[key]
+                self._thawed.add(app)
+                log.info("%s answers its health check again; taken back", key)
+
+    async def _answers(self, instance: Instance) -> bool:
+        """Whether ``instance`` answers ``GET /health/ready`` with 200 in ``health_timeout_s``."""
+        try:
+            async with self._session.get(
+                instance.base_url + "/health/ready",
+                headers=_HEALTH_HEADERS,
+                timeout=self._health_timeout,
+                allow_redirects=False,
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError):
+            return False
+
+    async def _look_up_now(self, app: str) -> None:
         """Look ``app`` up now, whatever the cache's age; an unreachable registry leaves the
         cached answer as it is (the next recheck tries again)."""
         async with self._locks.setdefault(app, asyncio.Lock()):

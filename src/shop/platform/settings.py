@@ -127,6 +127,9 @@ class PlatformSettings(BaseSettings):
     heartbeat_interval_s: float = Field(default=30.0, ge=0.1, le=3600)
     lease_duration_s: int = Field(default=90, ge=1, le=3600)
     registry_cache_ttl_s: float = Field(default=5.0, ge=0, le=3600)
+    # How long an instance that refused a connection or timed out is passed over, unless it
+    # proves alive sooner (docs/registry.md "Discovery that heals").
+    pass_over_s: float = Field(default=5.0, gt=0, le=3600)
     # This service's own secret, which auth knows under its name (AUTH_SERVICE_CLIENTS), to
     # obtain its service tokens (SPEC §4 internal calls). Only services that make internal
     # calls have one: `shop up` makes one per service per run; production sets it from a
