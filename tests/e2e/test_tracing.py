@@ -252,7 +252,14 @@ def test_one_order_is_one_trace_across_services_and_events(
     # The reservation is the order's call to the inventory; the notification is caused by
     # the event the order's outbox relay published.
     reservation = next(s for s in spans if (s.service, s.kind) == ("inventory-service", SERVER))
-    assert by_id[reservation.parent_id].service == "order-service"
+    call = by_id[reservation.parent_id]
+    assert (call.service, call.kind) == ("order-service", CLIENT), "the reservation call's span"
+    assert (by_id[call.parent_id].service, by_id[call.parent_id].kind) == ("order-service", SERVER)
+    # The gateway's proxy call is a CLIENT span of its own, under the proxy's server span.
+    order = next(s for s in spans if (s.service, s.kind) == ("order-service", SERVER))
+    proxied = by_id[order.parent_id]
+    assert (proxied.service, proxied.kind) == ("api-gateway", CLIENT)
+    assert by_id[proxied.parent_id] == root
     # Each service's statements are spans of their own under the work that made them.
     statements = {s.service for s in spans if s.kind == CLIENT and s.system == "sqlite"}
     assert {"order-service", "notification-service"} <= statements

@@ -297,3 +297,86 @@ async def test_an_outgoing_call_of_a_sampled_request_is_a_client_span_the_callee
         assert "secret" not in str(dict(span.attributes or {}))  # no query string kept
     assert [dict(s.attributes or {})["http.response.status_code"] for s in spans] == [200, 503]
     assert spans[0].status.is_ok and not spans[1].status.is_ok
+
+
+async def test_a_call_over_the_upstream_client_is_a_client_span_the_callee_is_under(
+    exported: InMemorySpanExporter,
+) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from shop.platform.upstream import UpstreamPool
+
+    seen: list[str] = []
+
+    async def reserve(request: web.Request) -> web.Response:
+        seen.append(request.headers["traceparent"])
+        return web.json_response({}, status=201 if len(seen) == 1 else 503)
+
+    app = web.Application()
+    app.router.add_post("/internal/reservations", reserve)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+    pool = UpstreamPool()
+    head = (
+        "POST /internal/reservations?who=secret HTTP/1.1\r\n"
+        f"traceparent: {CALLER.traceparent}\r\nContent-Length: 2\r\n\r\n"
+    ).encode()
+    try:
+        context.bind(request_id="r1", trace=CALLER)
+        answer = await pool.request(
+            base_url,
+            head,
+            b"{}",
+            head_only=False,
+            idempotent=True,
+            connect_timeout_s=5,
+            timeout_s=5,
+        )
+        assert answer.status == 201
+        assert [chunk async for chunk in answer.body()]  # read whole: the connection is idle
+        # The gateway's fast lane: sent at once on the idle connection, no trace bound.
+        context.bind(request_id="r2", trace=context.TraceContext.new())
+        conn = pool.send_now(base_url, head + b"{}", head_only=False, parent=CALLER)
+        assert conn is not None
+        arrived = asyncio.Event()
+        conn.listen(arrived.set, 5)
+        while not conn.head_done:
+            await asyncio.wait_for(arrived.wait(), 5)
+            arrived.clear()
+        conn.listen(None)
+        assert conn.status == 503
+        # A request not sampled: no span, the caller's traceparent goes on as it was.
+        unsampled = context.TraceContext(trace_id=CALLER.trace_id, span_id="1" * 16, flags="00")
+        context.bind(request_id="r3", trace=unsampled)
+        answer = await pool.request(
+            base_url,
+            head.replace(CALLER.traceparent.encode(), unsampled.traceparent.encode()),
+            b"{}",
+            head_only=False,
+            idempotent=True,
+            connect_timeout_s=5,
+            timeout_s=5,
+            new_connection=True,
+        )
+        answer.abandon()
+    finally:
+        pool.close()
+        await runner.cleanup()
+
+    spans = [s for s in exported.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert [s.name for s in spans] == ["POST", "POST"]
+    for span, header in zip(spans, seen, strict=False):
+        assert span.parent is not None and span.parent.span_id == int(CALLER.span_id, 16)
+        # The callee's parent is the client span, not the caller's server span.
+        assert header == f"00-{CALLER.trace_id}-{span.context.span_id:016x}-01"
+        attributes = dict(span.attributes or {})
+        assert attributes["url.full"] == f"{base_url}/internal/reservations"
+        assert attributes["server.address"] == "127.0.0.1"
+    assert seen[2] == unsampled.traceparent
+    assert [dict(s.attributes or {})["http.response.status_code"] for s in spans] == [201, 503]
+    assert spans[0].status.is_ok and not spans[1].status.is_ok

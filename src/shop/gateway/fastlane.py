@@ -336,7 +336,14 @@ class _Exchange:
     def send(self) -> None:
         runtime = self.proxy.runtime
         assert runtime is not None  # noqa: S101 - checked before admitting
-        conn = runtime.pool.send_now(self.base_url, self.head, head_only=self.method == "HEAD")
+        identity = self.identity
+        conn = runtime.pool.send_now(
+            self.base_url,
+            self.head,
+            head_only=self.method == "HEAD",
+            # Sampled: a CLIENT span under the proxy's (no trace is bound in a callback).
+            parent=identity.trace if identity.span is not None else None,
+        )
         if conn is None:  # the idle connection closed in the meantime
             self.hand_over(None)
             return

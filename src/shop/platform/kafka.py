@@ -424,6 +424,13 @@ class KafkaEventBus:
             for tp in partitions
         )
 
+    async def dead_letters(self, topic: str, *, group: str) -> int:
+        """How many of ``topic``'s events the group set aside and has not replayed: the end
+        of ``<topic>.<group>.dlq`` minus where ``replay_dead_letters`` left off (its group's
+        commit), or minus its beginning before any replay; read by the operator metrics
+        (platform/observe.py), as ``SqliteEventLog.dead_letters``."""
+        return await self.pending(dead_letter_topic(topic, group), group=f"{group}.dlq-replay")
+
     async def _partitions(self, topic: str) -> list[TopicPartition]:
         admin = await self._admin_started()
         for described in await admin.describe_topics():

@@ -226,6 +226,18 @@ class MongoOutbox:
         except DuplicateKeyError:
             pass  # another instance made it at the same moment
 
+    async def backlog(self) -> tuple[int, float | None]:
+        """How many events are unpublished and when the oldest was written (None: none), for
+        the operator's gauges (``observe.Watch``): both read off the ``outbox_unpublished``
+        index, whose ``_id`` order is the order of writing."""
+        count = await self._outbox.count_documents({"publishedAt": None})
+        if not count:
+            return 0, None
+        oldest = await self._outbox.find_one(
+            {"publishedAt": None}, {"createdAt": 1}, sort=[("_id", ASCENDING)]
+        )
+        return count, float(oldest["createdAt"]) if oldest is not None else None
+
     async def unpublished(self, limit: int) -> list[OutboxEntry]:
         found = self._outbox.find({"publishedAt": None}).sort("_id", ASCENDING).limit(limit)
         return [

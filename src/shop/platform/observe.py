@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import APIRouter, FastAPI, Request
 from prometheus_client import CollectorRegistry, Gauge
@@ -31,6 +31,7 @@ from shop.platform.problems import problem_response
 from shop.platform.worker import Loop
 
 __all__ = [
+    "Backlogged",
     "BreakerStates",
     "Health",
     "Watch",
@@ -177,6 +178,20 @@ class BreakerStates(Collector):
         return self.collect()
 
 
+@runtime_checkable
+class Backlogged(Protocol):
+    """An outbox that counts its own backlog (``mongo.MongoOutbox``): how many events are
+    unpublished and when the oldest of them was written (epoch seconds; None when none)."""
+
+    async def backlog(self) -> tuple[int, float | None]: ...
+
+
+async def _sql_backlog(engine: AsyncEngine) -> tuple[int, float | None]:
+    async with engine.connect() as conn:
+        row = (await conn.execute(_OUTBOX_BACKLOG)).one()
+    return int(row[0] or 0), row[1]
+
+
 class _Lagging(Protocol):
     async def pending(self, topic: str, *, group: str) -> int: ...
 
@@ -195,7 +210,7 @@ class _Consumer:
 
 @dataclass(slots=True)
 class _Outbox:
-    engine: AsyncEngine
+    read: Callable[[], Awaitable[tuple[int, float | None]]]
     max_age_s: float
     backlog: int = 0
     oldest_age_s: float = 0.0
@@ -258,8 +273,11 @@ class Watch:
             registry=registry,
         )
 
-    def outbox(self, engine: AsyncEngine, *, max_age_s: float = 30.0) -> None:
-        self._outbox = _Outbox(engine, max_age_s)
+    def outbox(self, source: AsyncEngine | Backlogged, *, max_age_s: float = 30.0) -> None:
+        """Watch the outbox of ``source``: a service's SQL engine (its ``outbox`` table), or
+        an outbox that counts its own backlog (MongoDB's)."""
+        read = partial(_sql_backlog, source) if isinstance(source, AsyncEngine) else source.backlog
+        self._outbox = _Outbox(read, max_age_s)
         self._health.add("outbox", self._outbox_verdict)
 
     def consumer(
@@ -290,10 +308,9 @@ class Watch:
     async def _sample(self) -> None:
         if (box := self._outbox) is not None:
             try:
-                async with box.engine.connect() as conn:
-                    row = (await conn.execute(_OUTBOX_BACKLOG)).one()
-                box.backlog = int(row[0] or 0)
-                box.oldest_age_s = max(0.0, self._wall() - row[1]) if row[1] is not None else 0.0
+                backlog, oldest = await box.read()
+                box.backlog = backlog
+                box.oldest_age_s = max(0.0, self._wall() - oldest) if oldest is not None else 0.0
                 box.error = None
             except Exception as exc:
                 box.error = f"cannot read the outbox: {exc.__class__.__name__}"

@@ -296,12 +296,16 @@ def statement_span(system: str, operation: str, text: str, *, namespace: str = "
     return start_span(tracer, operation, kind="client", parent=parent, attributes=attributes)
 
 
-def client_span(method: str, host: str, url: str) -> Span | None:
-    """A CLIENT span (end it) for one outgoing HTTP request under the bound sampled trace;
-    None when spans are not exported or the bound trace is not sampled."""
+def client_span(
+    method: str, host: str, url: str, *, parent: context.TraceContext | None = None
+) -> Span | None:
+    """A CLIENT span (end it) for one outgoing HTTP request under ``parent``, or else the
+    bound trace, when sampled; None when spans are not exported or that trace is not
+    sampled."""
     if not context.spans_exported:
         return None
-    parent = context.current_trace()
+    if parent is None:
+        parent = context.current_trace()
     if parent is None or parent.flags == "00":
         return None
     tracer = process_tracer()

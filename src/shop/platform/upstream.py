@@ -15,10 +15,15 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from shop.platform import context, telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
 
 __all__ = [
     "Answer",
@@ -36,6 +41,48 @@ _IDLE_LIMIT = 64  # kept-alive connections per instance; more are closed after t
 _IDLE_EXPIRY_S = 2.0
 _HIGH_WATER = 256 * 1024  # buffered answer bytes before the service is asked to wait
 _LENGTH_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+
+
+_TRACEPARENT = b"\r\ntraceparent:"
+
+
+def _client_span(
+    base_url: str, origin: Origin, head: bytes, parent: context.TraceContext | None
+) -> tuple[Span | None, bytes]:
+    """A CLIENT span for the request ``head`` starts (under ``parent``, else the bound trace,
+    when sampled), and ``head`` with a ``traceparent`` naming it, so the callee's server span
+    is its child; (None, ``head``) when no span is made."""
+    line_end = head.index(b"\r\n")
+    method, _, rest = head[:line_end].partition(b" ")
+    target = rest.rpartition(b" ")[0].decode("latin-1")
+    span = telemetry.client_span(
+        method.decode("ascii"), origin.host, base_url.rstrip("/") + target, parent=parent
+    )
+    if span is None:
+        return None, head
+    if not span.is_recording():  # a sampler that ignores the parent dropped it
+        span.end()
+        return None, head
+    value = b" " + telemetry.span_trace(span).traceparent.encode("ascii")
+    headers_end = head.find(b"\r\n\r\n")
+    at = head.lower().find(_TRACEPARENT, line_end, headers_end)
+    if at < 0:  # the caller sent none: the callee gets one all the same
+        return span, b"%straceparent:%s\r\n%s" % (head[: line_end + 2], value, head[line_end + 2 :])
+    start = at + len(_TRACEPARENT)
+    stop = head.index(b"\r\n", start)
+    return span, head[:start] + value + head[stop:]
+
+
+def _end_client_span(span: Span, status: int, error: BaseException | None) -> None:
+    if status:
+        span.set_attribute("http.response.status_code", status)
+        if error is None and status >= 500:
+            error = _Status5xx()
+    telemetry.end_span(span, error)
+
+
+class _Status5xx(Exception):
+    """A server error answer, as a span's error type."""
 
 
 class ConnectFailed(Exception):
@@ -95,6 +142,8 @@ class _Connection(asyncio.Protocol):
         # Instead of a waiter: called on every event (the gateway's fast lane, no task).
         self.listener: Callable[[], None] | None = None
         self.listen_timeout_s = 0.0
+        # The CLIENT span of a traced ``send_now`` request, ended when listening stops.
+        self.span: Span | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,6 +230,9 @@ class _Connection(asyncio.Protocol):
         lane); ``Answer.body`` needs it stopped."""
         self.listener = listener
         if listener is None:
+            if self.span is not None:
+                span, self.span = self.span, None
+                _end_client_span(span, self.status, self.error)
             return
         self.listen_timeout_s = timeout_s
         self.deadline = self.loop.time() + timeout_s
@@ -335,14 +387,25 @@ class UpstreamPool:
             raise ConnectFailed(str(exc) or type(exc).__name__) from exc
         return conn
 
-    def send_now(self, base_url: str, head: bytes, *, head_only: bool) -> _Connection | None:
+    def send_now(
+        self,
+        base_url: str,
+        head: bytes,
+        *,
+        head_only: bool,
+        parent: context.TraceContext | None = None,
+    ) -> _Connection | None:
         """``request`` without waiting, for a caller with no task (the gateway's fast lane):
         ``head`` (no body) sent on a kept-alive connection, which is returned with the answer
         to come on it (see ``_Connection.listen``, ``Answer``); None, nothing sent, when no
-        connection is idle."""
+        connection is idle. ``parent``: the sampled trace the request is sent for (no trace
+        is bound here), whose CLIENT span ends when the caller stops listening."""
         conn = self._take(base_url)
         if conn is not None:
-            conn.start(self._compose(self.origin(base_url), head, b""), head_only=head_only)
+            origin = self.origin(base_url)
+            if parent is not None:
+                conn.span, head = _client_span(base_url, origin, head, parent)
+            conn.start(self._compose(origin, head, b""), head_only=head_only)
         return conn
 
     def _take(self, base_url: str) -> _Connection | None:
@@ -385,14 +448,28 @@ class UpstreamPool:
         connect_timeout_s: float,
         timeout_s: float,
         new_connection: bool = False,
+        traced: bool = True,
     ) -> Answer:
         """Send ``head`` (everything but the ``Host`` line, which is added here, and ends with
         the blank line) and ``body``; wait for the answer's status and headers.
 
         ``head`` is ``b"GET /path HTTP/1.1\\r\\n"`` + header lines + ``b"\\r\\n"``; the
         ``Host`` header is inserted right after the request line. ``new_connection``: on a new
-        connection (the request already broke on a kept-alive one).
+        connection (the request already broke on a kept-alive one). ``traced``: a CLIENT
+        span for the call while a sampled trace is bound, ended when the answer's head is in
+        (the ``traceparent`` in ``head`` is rewritten to name it).
         """
+        if traced and context.spans_exported:
+            return await self._traced(
+                base_url,
+                head,
+                body,
+                head_only=head_only,
+                idempotent=idempotent,
+                connect_timeout_s=connect_timeout_s,
+                timeout_s=timeout_s,
+                new_connection=new_connection,
+            )
         origin = self.origin(base_url)
         conn = None if new_connection else self._take(base_url)
         fresh = conn is None
@@ -415,12 +492,46 @@ class UpstreamPool:
                     idempotent=False,
                     connect_timeout_s=connect_timeout_s,
                     timeout_s=timeout_s,
+                    traced=False,  # the call's CLIENT span covers its second attempt
                 )
             raise
         except BaseException:
             conn._close()
             raise
         return Answer(conn, pool=self, key=base_url, timeout_s=timeout_s)
+
+    async def _traced(
+        self,
+        base_url: str,
+        head: bytes,
+        body: bytes,
+        *,
+        head_only: bool,
+        idempotent: bool,
+        connect_timeout_s: float,
+        timeout_s: float,
+        new_connection: bool,
+    ) -> Answer:
+        span, head = _client_span(base_url, self.origin(base_url), head, None)
+        try:
+            answer = await self.request(
+                base_url,
+                head,
+                body,
+                head_only=head_only,
+                idempotent=idempotent,
+                connect_timeout_s=connect_timeout_s,
+                timeout_s=timeout_s,
+                new_connection=new_connection,
+                traced=False,
+            )
+        except BaseException as exc:
+            if span is not None:
+                _end_client_span(span, 0, exc)
+            raise
+        if span is not None:
+            _end_client_span(span, answer.status, None)
+        return answer
 
     def release(self, key: str, conn: _Connection) -> None:
         conn.in_flight = False

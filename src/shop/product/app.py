@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from shop.platform import retention
 from shop.platform.app import Runtime, create_app, service_database, service_events
-from shop.platform.observe import Watch, install_health, metrics_registry
+from shop.platform.observe import Backlogged, Watch, install_health, metrics_registry
 from shop.platform.outbox import OutboxRelay, OutboxSource, SqlOutbox
 from shop.platform.settings import PlatformSettings
 from shop.product.api import install_error_answers, internal, router
@@ -79,9 +79,11 @@ def build_app(*, platform: PlatformSettings, settings: ProductSettings) -> FastA
             app.state.outbox_relay = relay
             if settings.seeds_demo_catalogue(platform):
                 await products.seed_catalogue()
-            # The SQL outbox's backlog is watched; MongoDB's is not yet (docs/observability.md).
+            # The outbox's backlog is watched on either store (docs/observability.md).
             if isinstance(outbox, SqlOutbox):
                 watch.outbox(outbox.engine)
+            elif isinstance(outbox, Backlogged):  # MongoDB's counts its own
+                watch.outbox(outbox)
             watch.report_to(lambda: runtime.heartbeat)
             async with watch:
                 yield
