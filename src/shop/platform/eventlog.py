@@ -42,11 +42,11 @@ from shop.platform import context, telemetry
 from shop.platform.db import create_engine
 from shop.platform.events import (
     BatchHandler,
-    Delivery,
     Event,
     Handler,
     MalformedEvent,
     RetryPolicy,
+    hand_together,
 )
 from shop.platform.lease import LEASES_DDL, Lease
 from shop.platform.retention import RetentionJob, RetentionPolicy
@@ -687,23 +687,15 @@ class SqliteEventLog:
     ) -> bool:
         """Hand the events to the batch handler; False if it failed (they then go one at a
         time). Each event's consumer span covers the whole call."""
-        deliveries: list[Delivery] = []
-        spans = []
-        for _, event in together:
-            span = telemetry.consuming(
+        try:
+            await hand_together(
+                batch_handler,
+                [(event, context.parse_traceparent(event.traceparent)) for _, event in together],
                 system="shop-eventlog",
                 topic=sub.topic,
                 group=sub.group,
-                event_id=event.id,
-                parent=context.parse_traceparent(event.traceparent),
+                timeout_s=self._retry.handler_timeout_s,
             )
-            if span is not None:
-                spans.append(span)
-            trace = context.current_trace()  # what ``consuming`` bound for this event
-            deliveries.append(Delivery(event, trace or context.TraceContext.new()))
-        try:
-            async with asyncio.timeout(self._retry.handler_timeout_s):
-                await batch_handler(deliveries)
             return True
         except Exception as exc:
             log.warning(
@@ -715,9 +707,6 @@ class SqliteEventLog:
                 exc,
             )
             return False
-        finally:
-            for span in spans:
-                span.end()
 
     async def _deliver(
         self,

@@ -10,6 +10,7 @@ may ask for the events in hand together, one commit per batch (``BatchDelivery``
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol, runtime_checkable
 
-from shop.platform import context
+from shop.platform import context, telemetry
 
 __all__ = [
     "BatchDelivery",
@@ -29,6 +30,7 @@ __all__ = [
     "Handler",
     "MalformedEvent",
     "RetryPolicy",
+    "hand_together",
 ]
 
 
@@ -128,6 +130,36 @@ class Delivery:
 
 
 BatchHandler = Callable[[Sequence[Delivery]], Awaitable[None]]
+
+
+async def hand_together(
+    batch_handler: BatchHandler,
+    events: Sequence[tuple[Event, context.TraceContext | None]],
+    *,
+    system: str,
+    topic: str,
+    group: str,
+    timeout_s: float,
+) -> None:
+    """Hand ``events`` (each with the trace its producer sent) to ``batch_handler`` in one
+    call, each event bound under a consumer span of its own that covers the whole call (the
+    SQLite log and Kafka alike); raises what the handler raised, or ``TimeoutError``."""
+    deliveries: list[Delivery] = []
+    spans = []
+    for event, parent in events:
+        span = telemetry.consuming(
+            system=system, topic=topic, group=group, event_id=event.id, parent=parent
+        )
+        if span is not None:
+            spans.append(span)
+        trace = context.current_trace()  # what ``consuming`` bound for this event
+        deliveries.append(Delivery(event, trace or context.TraceContext.new()))
+    try:
+        async with asyncio.timeout(timeout_s):
+            await batch_handler(deliveries)
+    finally:
+        for span in spans:
+            span.end()
 
 
 @dataclass(frozen=True, slots=True)

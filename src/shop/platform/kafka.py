@@ -40,11 +40,11 @@ from aiokafka.helpers import create_ssl_context
 from shop.platform import context, telemetry
 from shop.platform.events import (
     BatchHandler,
-    Delivery,
     Event,
     Handler,
     MalformedEvent,
     RetryPolicy,
+    hand_together,
 )
 from shop.platform.settings import PlatformSettings
 
@@ -786,26 +786,20 @@ class _GroupConsumer:
     ) -> bool:
         """Hand the events to the batch handler; False if it failed (they then go one at a
         time). Each event's consumer span covers the whole call."""
-        deliveries: list[Delivery] = []
-        spans = []
+        events = []
         for message, event in together:
             header = _header(message.headers, TRACEPARENT)
-            span = telemetry.consuming(
+            sent = event.traceparent or (header.decode() if header else None)
+            events.append((event, context.parse_traceparent(sent)))
+        try:
+            await hand_together(
+                batch_handler,
+                events,
                 system="kafka",
                 topic=tp.topic,
                 group=self.group,
-                event_id=event.id,
-                parent=context.parse_traceparent(
-                    event.traceparent or (header.decode() if header else None)
-                ),
+                timeout_s=self._bus.retry.handler_timeout_s,
             )
-            if span is not None:
-                spans.append(span)
-            trace = context.current_trace()  # what ``consuming`` bound for this event
-            deliveries.append(Delivery(event, trace or context.TraceContext.new()))
-        try:
-            async with asyncio.timeout(self._bus.retry.handler_timeout_s):
-                await batch_handler(deliveries)
             return True
         except Exception as exc:
             log.warning(
@@ -816,9 +810,6 @@ class _GroupConsumer:
                 exc,
             )
             return False
-        finally:
-            for span in spans:
-                span.end()
 
     def _retry_later(self, consumer: Any, tp: TopicPartition, *, offset: int, delay: float) -> None:
         try:
