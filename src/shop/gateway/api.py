@@ -59,6 +59,7 @@ __all__ = [
     "Proxy",
     "ReadinessCheck",
     "end_proxy_span",
+    "with_identity",
     "UpstreamBreakers",
     "ops_routes",
 ]
@@ -301,7 +302,7 @@ class Proxy:
                 has_body = True
             elif name == b"transfer-encoding":
                 has_body = True
-        fresh = f"{self._random_bits(384):096x}"
+        fresh = self._random_bits(384).to_bytes(48, "little").hex()  # cheaper than f"{:096x}"
         request_id = (
             context.accept_request_id(caller_request_id.decode("latin-1"))
             if caller_request_id
@@ -380,20 +381,30 @@ class Proxy:
         self, scope: Scope, target: str, identity: Identity, body_length: int | None
     ) -> bytes:
         """The request line and headers the service gets (``target``: the canonical path)."""
+        before, after = self.upstream_head_parts(scope, target, body_length)
+        return with_identity(before, identity, after)
+
+    def upstream_head_parts(
+        self, scope: Scope, target: str, body_length: int | None
+    ) -> tuple[bytes, bytes]:
+        """``upstream_head`` without the request's own ids: what comes before them and after
+        (the same for every request of a connection that repeats its request; the fast lane
+        keeps it)."""
         client = scope.get("client")
         headers = upstream_headers(
             scope["headers"],
             client_ip=client[0] if client else None,
             scheme=scope.get("scheme", "http"),
-            identity=identity.upstream,
+            identity=(),
             trusted_proxies=self.trusted_proxies,
         )
-        if body_length is not None:
-            headers.append((b"content-length", b"%d" % body_length))
         query: bytes = scope.get("query_string", b"")
         if query:
             target += "?" + query.decode("latin-1")
-        return request_head(scope["method"], target, headers)
+        before = request_head(scope["method"], target, headers)[:-2]  # without the blank line
+        if body_length is None:
+            return before, b"\r\n"
+        return before, b"content-length: %d\r\n\r\n" % body_length
 
     async def _finish(self, handover: Handover, route: Route) -> Answer:
         """The rest of a request the fast lane began (see Handover)."""
@@ -593,6 +604,15 @@ class _BreakerMetrics(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         return self.collect()
+
+
+def with_identity(before: bytes, identity: Identity, after: bytes) -> bytes:
+    """An upstream head from its parts (``Proxy.upstream_head_parts``) and the request's ids."""
+    upstream = identity.upstream
+    if len(upstream) == 2:  # the request id and traceparent: one format
+        (name, value), (other, more) = upstream
+        return b"%s%s: %s\r\n%s: %s\r\n%s" % (before, name, value, other, more, after)
+    return b"".join([before, *[b"%s: %s\r\n" % pair for pair in upstream], after])
 
 
 def end_proxy_span(span: Any, method: str, template: str | None, status: int) -> None:

@@ -35,13 +35,23 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from typing import Any, cast
 from urllib.parse import unquote
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
-from shop.gateway.api import HANDOVER, OPS_PATHS, Handover, Identity, Proxy, end_proxy_span
-from shop.gateway.domain import Access, Match, canonical_path, response_headers
+from shop.gateway.api import (
+    HANDOVER,
+    OPS_PATHS,
+    GatewayRuntime,
+    Handover,
+    Identity,
+    Proxy,
+    end_proxy_span,
+    with_identity,
+)
+from shop.gateway.domain import Access, Match, Route, canonical_path, response_headers
 from shop.gateway.ratelimit import RateLimits
 from shop.platform.breaker import BreakerState, CircuitBreaker
 from shop.platform.problems import Problem
@@ -64,6 +74,62 @@ _TOKEN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.
 # The largest body the fast lane holds back for (an order is a few hundred bytes); uvicorn
 # pauses reading past 64 KiB buffered, so a larger one is the ASGI path's to stream.
 MAX_FAST_BODY = 64 * 1024
+# Kept decisions (see _Plan, _answer_head): bounded, as paths and answers are the callers' and
+# the services' choice; a full table starts again empty.
+_MAX_KEPT = 1024
+
+
+class _Plan:
+    """What the fast lane concludes from a request's method and path alone: it is canonical,
+    routed, not one of the gateway's own endpoints. Kept per (method, path) for each ``Proxy``
+    (its route table never changes), so that a path seen before costs one look-up; the
+    runtime's breaker and timeout of the route are kept too, for the runtime they came from."""
+
+    __slots__ = (
+        "access",
+        "breaker",
+        "method",
+        "path",
+        "raw_path",
+        "route",
+        "runtime",
+        "target",
+        "timeout_s",
+    )
+
+    def __init__(self, method: str, raw_path: bytes, target: str, path: str, match: Match) -> None:
+        self.method = method
+        self.raw_path = raw_path
+        self.target = target
+        self.path = path
+        self.route: Route = match.route
+        self.access = match.access
+        self.runtime: GatewayRuntime | None = None
+        self.breaker: CircuitBreaker | None = None
+        self.timeout_s = 0.0
+
+
+_UNSEEN: Any = object()
+_PLANS: weakref.WeakKeyDictionary[Proxy, dict[tuple[bytes, bytes], _Plan | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _plan(proxy: Proxy, method: bytes, raw_path: bytes) -> _Plan | None:
+    """The plan of a request not seen before (None: not one for the fast lane)."""
+    plan = None
+    name = _METHODS.get(method)
+    if name is not None and raw_path not in _OPS_PATHS and canonical_path(raw_path):
+        target = raw_path.decode("ascii")
+        path = unquote(target) if "%" in target else target
+        outcome = proxy.routes.match(name, path)
+        if isinstance(outcome, Match):
+            plan = _Plan(name, raw_path, target, path, outcome)
+    plans = _PLANS[proxy]
+    if len(plans) >= _MAX_KEPT:
+        plans.clear()
+    plans[method, raw_path] = plan
+    return plan
 
 
 class GatewayProtocol(GuardedProtocol):
@@ -73,8 +139,14 @@ class GatewayProtocol(GuardedProtocol):
         super().__init__(*args, **kwargs)
         proxy = getattr(self.app, "proxy", None)  # the GatewayApp, unless uvicorn wrapped it
         self._proxy = proxy if isinstance(proxy, Proxy) else None
+        self._plans = _PLANS.setdefault(self._proxy, {}) if self._proxy is not None else {}
         # The body of a request whose head is held back until it is whole (see dispatch).
         self._body: list[bytes] | None = None
+        # The last request's upstream head without its ids, and what it was made from: a
+        # client sends the same request line and headers again and again on its connection.
+        self._head_of: tuple[bytes, bytes, int | None] | None = None
+        self._head_headers: list[tuple[bytes, bytes]] = []
+        self._head_parts = (b"", b"")
 
     def dispatch(self) -> None:
         proxy = self._proxy
@@ -144,27 +216,29 @@ class GatewayProtocol(GuardedProtocol):
         if (cycle is not None and not cycle.response_complete) or self.pipeline:
             return False
         parser = self.parser
-        method = _METHODS.get(parser.get_method())
-        if method is None or parser.get_http_version() != "1.1" or parser.should_upgrade():
-            return False
         url: bytes = self.url
         if url[:1] != b"/" or b"#" in url:
             return False  # absolute-form or a fragment: uvicorn's parser decides
         raw_path, _, query = url.partition(b"?")
-        if raw_path in _OPS_PATHS or not canonical_path(raw_path):
+        method_bytes = parser.get_method()
+        plan = self._plans.get((method_bytes, raw_path), _UNSEEN)
+        if plan is _UNSEEN:
+            plan = _plan(proxy, method_bytes, raw_path)
+        if plan is None or parser.get_http_version() != "1.1" or parser.should_upgrade():
             return False
-        target = raw_path.decode("ascii")
-        path = unquote(target) if "%" in target else target
-        outcome = proxy.routes.match(method, path)
-        if not isinstance(outcome, Match):
-            return False
+        assert isinstance(plan, _Plan)  # noqa: S101 - for mypy: not _UNSEEN any more
+        method, route = plan.method, plan.route
         headers = self.headers
         identity = proxy.identify(headers)
         if identity.has_body and body is None:
             return False
-        route = outcome.route
+        if plan.runtime is not runtime:
+            plan.runtime = runtime
+            plan.breaker = runtime.breakers.of(route.service)
+            plan.timeout_s = runtime.timeouts.of(route, method)
+        breaker = plan.breaker
+        assert breaker is not None  # noqa: S101 - set with the runtime
         # A circuit not closed is the ASGI path's to answer (503) or to probe.
-        breaker = runtime.breakers.of(route.service)
         if breaker.state is not BreakerState.CLOSED:
             return False
         # The round-robin's choice only: passing on to the next instance when it has no idle
@@ -175,8 +249,8 @@ class GatewayProtocol(GuardedProtocol):
             return False
         base_url = candidates[0]
         user = None
-        if outcome.access is not Access.PUBLIC:
-            user = _user_now(proxy, headers, admin=outcome.access is Access.ADMIN)
+        if plan.access is not Access.PUBLIC:
+            user = _user_now(proxy, headers, admin=plan.access is Access.ADMIN)
             if user is None:
                 return False
         peer = self.client[0] if self.client else "unknown"
@@ -185,13 +259,20 @@ class GatewayProtocol(GuardedProtocol):
         # Admitted and counted: from here on the request is the fast lane's to finish.
         scope: Any = self.scope
         scope["method"] = method
-        scope["path"] = path
+        scope["path"] = plan.path
         scope["raw_path"] = raw_path
         scope["query_string"] = query
         scope["route"] = route
         body = body or b""
         length = len(body) if body or method in _BODY_METHODS else None
-        head = proxy.upstream_head(scope, target, identity, length)
+        made_of = (method_bytes, url, length)
+        if made_of == self._head_of and headers == self._head_headers:
+            before, after = self._head_parts
+        else:
+            before, after = proxy.upstream_head_parts(scope, plan.target, length)
+            self._head_of, self._head_headers = made_of, headers.copy()
+            self._head_parts = before, after
+        head = with_identity(before, identity, after)
         exchange = _Exchange(
             self,
             proxy,
@@ -204,7 +285,7 @@ class GatewayProtocol(GuardedProtocol):
             # The body rides after the head: what is sent, and sent again (Handover.head).
             head=head + body if body else head,
             keep_alive=parser.should_keep_alive(),
-            timeout_s=runtime.timeouts.of(route, method),
+            timeout_s=plan.timeout_s,
         )
         # It stands in for uvicorn's cycle (the attributes uvicorn touches are there).
         self.cycle = cast(RequestResponseCycle, exchange)
@@ -270,6 +351,38 @@ def _admit_now(limits: RateLimits, client: str, user: str | None) -> bool:
     for key, _, expiry in counters:
         memory.count(key, expiry)
     return True
+
+
+_ANSWER_HEADS: dict[tuple[Any, ...], tuple[bytes, bool]] = {}
+
+
+def _answer_head(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    default_headers: list[tuple[bytes, bytes]],
+    *,
+    head_only: bool,
+) -> tuple[bytes, bool]:
+    """The start of the caller's answer (status line, the server's default headers, the
+    service's headers as ``response_headers`` passes them) and whether a ``Content-Length``
+    must be added. Kept by what it is made of: a service sends the same headers again and
+    again (its ``Date`` changes once a second), so most answers cost one look-up."""
+    key = (status, head_only, tuple(headers), tuple(default_headers))
+    made = _ANSWER_HEADS.get(key)
+    if made is None:
+        out = [STATUS_LINE[status]]
+        out += [b"%s: %s\r\n" % pair for pair in default_headers]
+        length = False
+        for name, value in response_headers(headers):
+            if name == b"content-length":
+                length = True
+            out.append(b"%s: %s\r\n" % (name, value))
+        add_length = not length and not head_only and status not in _NO_BODY_STATUSES
+        made = (b"".join(out), add_length)
+        if len(_ANSWER_HEADS) >= _MAX_KEPT:
+            _ANSWER_HEADS.clear()
+        _ANSWER_HEADS[key] = made
+    return made
 
 
 class _Exchange:
@@ -399,20 +512,18 @@ class _Exchange:
             end_proxy_span(self.identity.span, self.method, template, status)
         if self.disconnected or protocol.transport.is_closing():
             return
-        out = [STATUS_LINE[status]]
-        out += [b"%s: %s\r\n" % pair for pair in protocol.server_state.default_headers]
-        length = False
-        for name, value in response_headers(headers):
-            if name == b"content-length":
-                length = True
-            out.append(b"%s: %s\r\n" % (name, value))
-        if not length and self.method != "HEAD" and status not in _NO_BODY_STATUSES:
+        head_only = self.method == "HEAD"
+        start, add_length = _answer_head(
+            status, headers, protocol.server_state.default_headers, head_only=head_only
+        )
+        out = [start]
+        if add_length:
             out.append(b"content-length: %d\r\n" % len(body))
         out.append(b"x-request-id: %s\r\n" % self.identity.stamp[1])
         if not self.keep_alive:
             out.append(b"connection: close\r\n")
         out.append(b"\r\n")
-        if self.method != "HEAD":
+        if not head_only:
             out.append(body)
         protocol.write_whole(b"".join(out))
         if not self.keep_alive:

@@ -133,7 +133,10 @@ class RateLimits:
             if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
                 return False
         for key, _, expiry in counters:
-            memory.count(key, expiry)
+            if expirations.get(key, 0) > now:
+                counts[key] += 1  # a window in progress; ``count`` opens a new one (and sweeps)
+            else:
+                memory.count(key, expiry)
         return True
 
     async def check_user(self, user: str) -> None:
