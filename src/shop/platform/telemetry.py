@@ -280,12 +280,6 @@ def statement_span(system: str, operation: str, text: str, *, namespace: str = "
     event's trace; None when spans are not exported or the bound trace is not sampled."""
     if not context.spans_exported:
         return None
-    parent = context.current_trace()
-    if parent is None or parent.flags == "00":
-        return None
-    tracer = process_tracer()
-    if tracer is None:
-        return None
     attributes: dict[str, str | int] = {
         "db.system.name": system,
         "db.operation.name": operation,
@@ -293,7 +287,7 @@ def statement_span(system: str, operation: str, text: str, *, namespace: str = "
     }
     if namespace:
         attributes["db.namespace"] = namespace
-    return start_span(tracer, operation, kind="client", parent=parent, attributes=attributes)
+    return _client(operation, context.current_trace(), attributes)
 
 
 def client_span(
@@ -304,19 +298,24 @@ def client_span(
     sampled."""
     if not context.spans_exported:
         return None
-    if parent is None:
-        parent = context.current_trace()
-    if parent is None or parent.flags == "00":
-        return None
-    tracer = process_tracer()
-    if tracer is None:
-        return None
     attributes: dict[str, str | int] = {
         "http.request.method": method,
         "server.address": host,
         "url.full": url.split("?", 1)[0],
     }
-    return start_span(tracer, method, kind="client", parent=parent, attributes=attributes)
+    return _client(method, parent or context.current_trace(), attributes)
+
+
+def _client(
+    name: str, parent: context.TraceContext | None, attributes: dict[str, str | int]
+) -> Span | None:
+    """A CLIENT span under ``parent`` when it is a sampled trace of this process's tracer."""
+    if parent is None or parent.flags == "00":
+        return None
+    tracer = process_tracer()
+    if tracer is None:
+        return None
+    return start_span(tracer, name, kind="client", parent=parent, attributes=attributes)
 
 
 def sql_operation(statement: str) -> str:
