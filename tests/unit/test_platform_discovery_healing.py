@@ -220,9 +220,11 @@ class Health:
         self.frozen = False
         self.asked = 0
         self.thawed = asyncio.Event()
+        self.reached = asyncio.Event()  # set by the first request
 
     async def ready(self, request: web.Request) -> web.Response:
         self.asked += 1
+        self.reached.set()
         if self.frozen:
             await self.thawed.wait()
         return web.json_response({"status": "UP"})
@@ -287,6 +289,28 @@ async def test_an_instance_that_always_answers_its_health_check_waits_out_its_pa
         assert not client.proved_alive(APP)
         clock.now += 1
     assert await _ports(client, 2) == [port + 1, port + 1]
+
+
+async def test_close_stops_a_recheck_waiting_on_a_health_check(
+    health: tuple[Health, int, aiohttp.ClientSession],
+) -> None:
+    """At shutdown a health check of a frozen instance may still be waiting: close() ends
+    it before the session it uses is closed, and no recheck starts after it."""
+    state, port, session = health
+    clock = Clock()
+    frozen = _instance(port)
+    client = Listed([frozen], clock, session=session, health_timeout_s=60)
+    await client.choose(APP)
+    state.frozen = True
+    client.refused(frozen)
+    client.proved_alive(APP)
+    recheck = client._rechecks[APP]
+    await asyncio.wait_for(state.reached.wait(), timeout=5)  # held by the frozen server
+    await asyncio.wait_for(client.close(), timeout=5)
+    assert recheck.cancelled()
+    clock.now += 1
+    assert not client.proved_alive(APP)
+    assert client._rechecks[APP] is recheck, "no recheck after close"
 
 
 @pytest.fixture

@@ -159,6 +159,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
             finally:
                 if runtime.heartbeat is not None:
                     await runtime.heartbeat.stop()
+                await registry.close()
                 await runtime.limits.close()
                 pool.close()
 

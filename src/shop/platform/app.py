@@ -297,6 +297,7 @@ def create_app(
                 finally:
                     if runtime.heartbeat is not None:
                         await runtime.heartbeat.stop()
+                    await registry.close()
                     if tracing is not None:  # bounded: a collector that is down must not
                         tracing.force_flush(timeout_millis=2000)  # hold the shutdown
 

@@ -225,6 +225,7 @@ class RegistryClient:
         self._known: dict[str, dict[str, int]] = {}
         self._compared: dict[str, _Cached] = {}
         self._thawed: set[str] = set()
+        self._closed = False
 
     @property
     def base_url(self) -> str:
@@ -427,7 +428,19 @@ class RegistryClient:
             return False  # the first look: what is listed now is the baseline
         return any(known.get(key) != registered for key, registered in listed.items())
 
+    async def close(self) -> None:
+        """Stop the background rechecks (one may be waiting on a health check) and start no
+        more: called before the HTTP session they use is closed, so that none of them ends
+        in a "session closed" error at shutdown."""
+        self._closed = True
+        running = [task for task in self._rechecks.values() if not task.done()]
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
     def _recheck_soon(self, app: str) -> None:
+        if self._closed:
+            return
         running = self._rechecks.get(app)
         if running is not None and not running.done():
             return
