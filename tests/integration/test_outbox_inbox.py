@@ -213,9 +213,6 @@ class RecordingSource:
         self.positions.extend(positions)
         await self._source.mark_published(positions)
 
-    async def purge(self, before: float) -> None:
-        await self._source.purge(before)
-
     def lease(self, *, name: str, owner: str, duration_s: float) -> JobLease:
         return self._source.lease(name=name, owner=owner, duration_s=duration_s)
 

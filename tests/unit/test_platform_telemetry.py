@@ -148,9 +148,6 @@ class _Source:
     async def mark_published(self, positions: Sequence[int]) -> None:
         self.entries = [e for e in self.entries if e.position not in positions]
 
-    async def purge(self, before: float) -> None:
-        pass
-
     def lease(self, *, name: str, owner: str, duration_s: float) -> JobLease:
         return cast(JobLease, None)  # the relay's loop is never started here
 

@@ -250,10 +250,6 @@ class MongoOutbox:
             {"_id": {"$in": list(positions)}}, {"$set": {"publishedAt": time.time()}}
         )
 
-    async def purge(self, before: float) -> None:
-        # $lt compares numbers with numbers only, so unpublished (null) events stay.
-        await self._outbox.delete_many({"publishedAt": {"$lt": before}})
-
     async def purge_published(self, before: float, limit: int) -> tuple[int, bool]:
         """The relay's retention job: at most ``limit`` published events, oldest first."""
         old = {"publishedAt": {"$lt": before}}

@@ -116,9 +116,6 @@ class OutboxSource(Protocol):
 
     async def mark_published(self, positions: Sequence[int]) -> None: ...
 
-    async def purge(self, before: float) -> None:
-        """Forget every event published before ``before`` (epoch seconds) at once."""
-
     def lease(self, *, name: str, owner: str, duration_s: float) -> JobLease:
         """A lease in the same database, so the relays of one outbox take turns."""
 
@@ -177,10 +174,6 @@ class SqlOutbox:
     async def mark_published(self, positions: Sequence[int]) -> None:
         async with self._engine.begin() as conn:
             await conn.execute(_MARK_PUBLISHED, {"positions": list(positions), "now": time.time()})
-
-    async def purge(self, before: float) -> None:
-        async with self._engine.begin() as conn:
-            await conn.execute(delete(outbox).where(outbox.c.published_at < before))
 
     async def purge_published(self, before: float, limit: int) -> tuple[int, bool]:
         async with self._engine.connect() as conn:
