@@ -2,7 +2,9 @@
 
 The receiver is the collector's own wire format: OTLP/HTTP, the body decoded with the
 official protobuf definitions (``opentelemetry-proto``). The system is started for this
-module alone, with the standard ``OTEL_*`` variables an operator would set.
+module alone, with the standard ``OTEL_*`` variables an operator would set, once for each
+``ORDER_PRICE_SOURCE``: with the default price list the catalogue is not asked, with
+``catalogue`` product-service is in every order's trace.
 """
 
 from __future__ import annotations
@@ -124,8 +126,16 @@ def receiver() -> Iterator[Receiver]:
         yield receiver
 
 
+@pytest.fixture(scope="module", params=["price-list", "catalogue"])
+def price_source(request: pytest.FixtureRequest) -> str:
+    """The system's ``ORDER_PRICE_SOURCE``."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def traced_system(receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+def traced_system(
+    price_source: str, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[System]:
     """`shop up` on the embedded profile, every span exported to ``receiver``."""
     root = tmp_path_factory.mktemp("system-traced")
     registry_port, gateway_port = free_port(), free_port()
@@ -143,6 +153,7 @@ def traced_system(receiver: Receiver, tmp_path_factory: pytest.TempPathFactory) 
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
         "OTEL_TRACES_SAMPLER": "parentbased_always_on",
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans reach the receiver within the test
+        "ORDER_PRICE_SOURCE": price_source,
     }
     command = [
         sys.executable,
@@ -213,8 +224,12 @@ def _whole(spans: list[Span]) -> bool:
 
 
 def test_one_order_is_one_trace_across_services_and_events(
-    traced_system: System, receiver: Receiver, customer: dict[str, str]
+    traced_system: System, receiver: Receiver, customer: dict[str, str], price_source: str
 ) -> None:
+    priced_by_catalogue = price_source == "catalogue"
+    services = {*SERVICES, "product-service"} if priced_by_catalogue else set(SERVICES)
+    # The receiver outlives each system: this order's spans are the ones sent from now on.
+    since = len(receiver.spans)
     with httpx.Client(base_url=traced_system.gateway, timeout=10.0) as gateway:
         placed = gateway.post(
             "/api/order",
@@ -231,7 +246,7 @@ def test_one_order_is_one_trace_across_services_and_events(
         )
 
     def order_trace() -> str | None:
-        for span in list(receiver.spans):
+        for span in receiver.spans[since:]:
             if span.service == "order-service" and span.name == "POST /api/order":
                 return span.trace_id
         return None
@@ -240,10 +255,10 @@ def test_one_order_is_one_trace_across_services_and_events(
 
     def whole_trace() -> list[Span] | None:
         spans = receiver.trace(trace_id)
-        services = {s.service for s in spans}
         kinds = {(s.service, s.kind) for s in spans}
         evented = {("order-service", PRODUCER), ("notification-service", CONSUMER)} <= kinds
-        return spans if services >= set(SERVICES) and evented and _whole(spans) else None
+        traced = {s.service for s in spans} >= services
+        return spans if traced and evented and _whole(spans) else None
 
     spans = _eventually(whole_trace, what=f"the whole trace {trace_id}")
     by_id = {s.span_id: s for s in spans}
@@ -260,6 +275,12 @@ def test_one_order_is_one_trace_across_services_and_events(
     proxied = by_id[order.parent_id]
     assert (proxied.service, proxied.kind) == ("api-gateway", CLIENT)
     assert by_id[proxied.parent_id] == root
+    if priced_by_catalogue:
+        # The price look-up: the order's call to the catalogue, answered by product-service.
+        pricing = next(s for s in spans if (s.service, s.kind) == ("product-service", SERVER))
+        asked = by_id[pricing.parent_id]
+        assert (asked.service, asked.kind) == ("order-service", CLIENT), "the price call's span"
+        assert by_id[asked.parent_id] == order
     # Each service's statements are spans of their own under the work that made them.
     statements = {s.service for s in spans if s.kind == CLIENT and s.system == "sqlite"}
     assert {"order-service", "notification-service"} <= statements
@@ -280,6 +301,7 @@ def test_one_order_is_one_trace_across_services_and_events(
     assert by_id[producer.parent_id].service == "order-service"
 
 
+@pytest.mark.parametrize("price_source", ["price-list"], indirect=True)
 def test_a_problems_trace_id_is_its_trace(
     traced_system: System, receiver: Receiver, customer: dict[str, str]
 ) -> None:

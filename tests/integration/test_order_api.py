@@ -1185,3 +1185,49 @@ async def test_a_deleted_product_is_no_longer_priced_from_the_list(world: World)
     assert len(world.catalogue.requests("GET")) == 1  # the catalogue had the last word
     assert world.inventory.requests("POST") == []
     assert await world.count(pending_releases) == 0
+
+
+# --- ORDER_PRICE_SOURCE=catalogue: every order priced by the catalogue itself ---------------
+
+
+@pytest.fixture
+async def catalogue_priced(tmp_path: Path, signing_key: rsa.RSAPrivateKey) -> AsyncIterator[World]:
+    async with open_world(tmp_path, signing_key, price_source="catalogue") as opened:
+        yield opened
+
+
+async def test_the_catalogue_source_charges_a_new_price_before_its_event_arrives(
+    catalogue_priced: World,
+) -> None:
+    world = catalogue_priced
+    await publish_products(world, _product_event("product.created", "p-pixel", "pixel_8", "899.00"))
+    # The catalogue has changed the price; its event has not reached the price list yet.
+    world.catalogue.prices["pixel_8"] = "799.00"
+    answer = await world.place(world.user("ada"), [{"skuCode": "pixel_8", "quantity": 2}])
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["lines"][0]["unitPrice"] == "799.00"
+    assert answer.json()["total"] == "1598.00"
+    [asked] = world.catalogue.requests("GET", "/internal/products")
+    assert asked.path == "/internal/products?skuCode=pixel_8"
+    # The list still follows the catalogue's events, for a switch back to it.
+    assert await world.count(catalogue_prices) == 1
+
+
+async def test_the_catalogue_source_refuses_with_503_when_the_catalogue_is_down(
+    catalogue_priced: World,
+) -> None:
+    world = catalogue_priced
+    await publish_products(world, _product_event("product.created", "p-pixel", "pixel_8", "899.00"))
+    world.catalogue.failing = True
+    lines, key = [{"skuCode": "pixel_8", "quantity": 1}], str(uuid.uuid4())
+    answer = await world.place(world.user("ada"), lines, key=key)
+    # The price list's price is no fallback: it may be older than the catalogue's.
+    assert "catalogue" in _problem(answer, 503)["detail"]
+    assert answer.headers["retry-after"] == "2"
+    assert world.inventory.seen == []
+    assert await world.count(orders) == 0
+    assert await world.count(pending_releases) == 0
+    # Once the catalogue is back, the same request goes through.
+    world.catalogue.failing = False
+    retried = await world.place(world.user("ada"), lines, key=key)
+    assert retried.status_code == 201, retried.text

@@ -57,6 +57,7 @@ def _refusal(model: type[OrderSettings] | type[ProductSettings] | type[GatewaySe
         ("SHOP_KAFKA_SASL_USERNAME", "order-service", "but the protocol is PLAINTEXT"),
         ("ORDER_PORT", "70000", "ORDER_PORT"),
         ("ORDER_BREAKER_OPEN_S", "0", "ORDER_BREAKER_OPEN_S"),
+        ("ORDER_PRICE_SOURCE", "cache", "ORDER_PRICE_SOURCE"),
     ],
 )
 def test_nonsense_is_refused_on_every_profile(
@@ -77,6 +78,14 @@ def test_a_sane_embedded_environment_loads(monkeypatch: pytest.MonkeyPatch) -> N
     platform, settings = load_settings(OrderSettings)
     assert platform.log_level == "DEBUG" and settings.database_url is None
     assert platform.registry_urls == ["http://r1:8761/eureka", "http://r2:8761/eureka"]
+
+
+def test_orders_are_priced_from_the_price_list_unless_told_the_catalogue(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings(OrderSettings)[1].price_source == "price-list"
+    monkeypatch.setenv("ORDER_PRICE_SOURCE", "catalogue")
+    assert load_settings(OrderSettings)[1].price_source == "catalogue"
 
 
 @pytest.mark.parametrize(

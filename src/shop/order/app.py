@@ -131,6 +131,7 @@ def build_app(
                     metrics=order_metrics,
                     owner=owner,
                     recent=recent,
+                    prices_from_catalogue=settings.price_source == "catalogue",
                 )
                 app.state.orders = orders
                 # The price list follows the catalogue from here on (docs/order.md).

@@ -12,8 +12,8 @@ fails is left alone for a while instead of making every order wait for its timeo
 
 The inventory is called on every order, so those calls use the kept-alive httptools client
 of platform/upstream.py rather than aiohttp's (whose request, URL and header objects were
-about 5 % of the order process); the catalogue, asked only when the price list misses a
-SKU, keeps the aiohttp session.
+about 5 % of the order process); the catalogue, asked when the price list misses a SKU (or
+for every order with ``ORDER_PRICE_SOURCE=catalogue``), keeps the aiohttp session.
 """
 
 from __future__ import annotations

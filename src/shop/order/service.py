@@ -128,12 +128,16 @@ class OrderService:
         metrics: OrderMetrics | None = None,
         owner: str | None = None,
         recent: RecentOrders | None = None,
+        prices_from_catalogue: bool = False,
     ) -> None:
         """``owner``: this process's name on the Idempotency-Key claims it holds, kept alive
         by its lease (``owner_lease_name``) so that another process takes its claims over
         as soon as it dies (docs/order.md); None: claims are taken over once stale only.
-        ``recent``: where placed and cancelled orders are noted for the console."""
+        ``recent``: where placed and cancelled orders are noted for the console.
+        ``prices_from_catalogue``: every order is priced by the catalogue itself, not the
+        price list (``ORDER_PRICE_SOURCE=catalogue``, docs/order.md "Prices")."""
         self.recent = recent if recent is not None else RecentOrders()
+        self._prices_from_catalogue = prices_from_catalogue
         self._owner = owner
         self._store = store
         self._catalogue = catalogue
@@ -174,7 +178,8 @@ class OrderService:
         """Two transactions when all goes well: the first claims the Idempotency-Key, writes
         the pending release and reads the price list; the second saves the order with its
         event and answer and drops the pending release. Between them, the inventory
-        reserves the stock (and the catalogue is asked only for prices the list lacks).
+        reserves the stock (and the catalogue is asked for the prices the list lacks, or
+        for every price when it is the price source).
         """
         if problems := line_problems(lines):
             raise InvalidOrder(problems)
@@ -207,7 +212,11 @@ class OrderService:
         if not circuit_wait:
             try:
                 started = await self._store.start_order(
-                    key=key, hold=hold, sku_codes=sku_codes, now=now
+                    key=key,
+                    hold=hold,
+                    # The price list is not read when the catalogue prices every order.
+                    sku_codes=() if self._prices_from_catalogue else sku_codes,
+                    now=now,
                 )
             except Exception as exc:
                 log.exception("cannot start order %s", number)
@@ -287,7 +296,13 @@ class OrderService:
     async def _prices(
         self, sku_codes: Sequence[str], *, known: dict[str, Decimal]
     ) -> dict[str, Decimal]:
-        """The price list's prices; the catalogue is asked only for the SKUs it lacks."""
+        """The price list's prices; the catalogue is asked only for the SKUs it lacks (all
+        of them when it is the price source: then ``known`` is empty).
+
+        An unreachable catalogue is Unavailable (503) in both cases: the list is no
+        fallback, since charging its possibly older price is what the catalogue source is
+        chosen to rule out.
+        """
         missing = [code for code in sku_codes if code not in known]
         if not missing:
             return known

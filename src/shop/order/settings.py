@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -23,6 +23,14 @@ class OrderSettings(ServiceSettings):
     )
     catalogue_timeout_s: float = Field(
         default=2.0, gt=0, description="How long the price look-up at product-service may take."
+    )
+    price_source: Literal["price-list", "catalogue"] = Field(
+        default="price-list",
+        description=(
+            "Where an order's prices come from: the price list fed by the catalogue's events "
+            "(the catalogue asked only for a SKU it lacks), or the catalogue itself, asked for "
+            'every order (docs/order.md "Prices").'
+        ),
     )
     breaker_failure_threshold: int = Field(
         default=5, ge=1, description="Consecutive inventory failures that open the breaker."
