@@ -474,6 +474,18 @@ async def test_internal_lookup_returns_the_known_skus_in_the_order_asked(shop: S
     ]
 
 
+async def test_internal_lookup_reads_comma_separated_and_encoded_codes(shop: Shop) -> None:
+    await shop.add()
+    await shop.add(name="Kindle", skuCode="kindle", price="139.99")
+    # Every skuCode comes before every skuCodes, whatever the order in the query string.
+    answer = await shop.client.get(
+        "/internal/products?skuCodes=pixel_8%2C+kindle&skuCode=kindle,+unknown",
+        headers=ORDER_SERVICE,
+    )
+    assert answer.status_code == 200
+    assert [entry["skuCode"] for entry in answer.json()] == ["kindle", "pixel_8"]
+
+
 @pytest.mark.parametrize(
     "query",
     ["", "?skuCode=", "?skuCode=bad%20sku", "?" + "&".join(f"skuCode=s{i}" for i in range(101))],

@@ -120,6 +120,8 @@ async def test_a_product_round_trips_exactly(catalogue: Catalogue) -> None:
     assert found == added
     assert found is not None and found.price == Decimal("9999999999.99")
     assert found.created_at.tzinfo is not None
+    # The look-up by SKU code (on SQLite a path of its own) reads the same product back.
+    assert await catalogue.store.with_sku_codes(["big_ticket"]) == [added]
     assert await catalogue.store.get(catalogue.ids.new(START)) is None
 
 
@@ -176,6 +178,8 @@ async def test_update_replaces_fields_and_records_the_event(catalogue: Catalogue
     event = product_event(PRODUCT_UPDATED, revised)
     assert await catalogue.store.update(revised, event=event)
     assert await catalogue.store.get(original.id) == revised
+    # The price look-up sees the change as soon as it is committed, under its new code only.
+    assert await catalogue.store.with_sku_codes(["pixel_8", "pixel_8_2024"]) == [revised]
     # The same values again still count as found (MySQL reports "matched", not "changed").
     assert await catalogue.store.update(revised, event=product_event(PRODUCT_UPDATED, revised))
     entries = await catalogue.outbox_entries()

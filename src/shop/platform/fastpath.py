@@ -64,14 +64,18 @@ def json_reply(content: Any, status: int = 200, headers: Mapping[str, str] | Non
 
 class LeanRequest:
     """What a lean handler gets: the app, the path, the headers, the body as FastAPI would
-    validate it (parsed JSON, or the raw bytes of a body that is not JSON)."""
+    validate it (parsed JSON, or the raw bytes of a body that is not JSON), and the raw
+    query string (a GET's parameters)."""
 
-    __slots__ = ("_headers", "app", "body", "path")
+    __slots__ = ("_headers", "app", "body", "path", "query")
 
-    def __init__(self, app: Any, path: str, headers: dict[bytes, bytes], body: Any) -> None:
+    def __init__(
+        self, app: Any, path: str, headers: dict[bytes, bytes], body: Any, query: bytes = b""
+    ) -> None:
         self.app = app
         self.path = path
         self.body = body
+        self.query = query
         self._headers = headers
 
     def header(self, name: bytes) -> str | None:
@@ -229,7 +233,13 @@ class LeanRoutes:
             app = scope["app"]
             try:
                 reply = await handler(
-                    LeanRequest(app, path, headers, _parsed(body, headers.get(b"content-type")))
+                    LeanRequest(
+                        app,
+                        path,
+                        headers,
+                        _parsed(body, headers.get(b"content-type")),
+                        scope.get("query_string", b""),
+                    )
                 )
             except Exception as exc:
                 answer = _handler_for(app, exc)

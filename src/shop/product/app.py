@@ -10,11 +10,17 @@ from functools import partial
 from fastapi import FastAPI
 
 from shop.platform import retention
-from shop.platform.app import Runtime, create_app, service_database, service_events
+from shop.platform.app import (
+    Runtime,
+    add_lean_route,
+    create_app,
+    service_database,
+    service_events,
+)
 from shop.platform.observe import Backlogged, Watch, install_health, metrics_registry
 from shop.platform.outbox import OutboxRelay, OutboxSource, SqlOutbox
 from shop.platform.settings import PlatformSettings
-from shop.product.api import install_error_answers, internal, router
+from shop.product.api import install_error_answers, internal, products_by_sku_lean, router
 from shop.product.service import ProductService
 from shop.product.settings import ProductSettings
 from shop.product.store import ProductStore, SqlProductStore
@@ -99,4 +105,6 @@ def build_app(*, platform: PlatformSettings, settings: ProductSettings) -> FastA
     install_error_answers(app)
     watch = Watch(service=SERVICE_NAME, registry=metrics_registry(app), health=install_health(app))
     app.state.watch = watch
+    # The order service's price look-up, without FastAPI's routing and dependency solving.
+    add_lean_route(app, "GET", "/internal/products", products_by_sku_lean)
     return app
