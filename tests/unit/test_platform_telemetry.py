@@ -377,3 +377,168 @@ async def test_a_call_over_the_upstream_client_is_a_client_span_the_callee_is_un
     assert seen[2] == unsampled.traceparent
     assert [dict(s.attributes or {})["http.response.status_code"] for s in spans] == [201, 503]
     assert spans[0].status.is_ok and not spans[1].status.is_ok
+
+
+def _samplers() -> list[Any]:
+    from opentelemetry.sdk.trace import sampling
+
+    return [
+        sampling.ALWAYS_ON,
+        sampling.ALWAYS_OFF,
+        sampling.TraceIdRatioBased(0.1),
+        sampling.ParentBasedTraceIdRatio(0.25),
+        sampling.ParentBased(sampling.ALWAYS_OFF),
+        # Delegates of its own: asked as it is, not decided inline.
+        sampling.ParentBased(
+            sampling.TraceIdRatioBased(0.5), remote_parent_not_sampled=sampling.ALWAYS_ON
+        ),
+    ]
+
+
+@pytest.mark.parametrize("sampler", _samplers(), ids=lambda s: s.get_description()[:40])
+def test_the_sampling_decision_is_the_sdk_samplers(sampler: Any) -> None:
+    """The gateway decides before any span exists; a trace it samples must be exactly one
+    the SDK's sampler samples, or collectors would see traces cut at the gateway."""
+    import random
+
+    from opentelemetry.sdk.trace.sampling import Decision
+
+    decide = telemetry.sampling(TracerProvider(sampler=sampler))
+    draw = random.Random(10).getrandbits  # noqa: S311 - ids, not secrets
+    for n in range(4000):
+        trace_id = f"{draw(128):032x}"
+        parent = (
+            None
+            if n % 3 == 0
+            else context.TraceContext(trace_id, f"{draw(64) | 1:016x}", ("00", "01", "03")[n % 3])
+        )
+        asked = sampler.should_sample(telemetry.parent_of(parent), int(trace_id, 16), "proxy")
+        assert decide(parent, trace_id) is (asked.decision is not Decision.DROP), (parent, trace_id)
+
+
+@pytest.fixture
+def recorded() -> Iterator[tuple[InMemorySpanExporter, TracerProvider]]:
+    """A provider whose standard sampler lets ``start_span`` record its spans itself."""
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "api-gateway"}),
+        sampler=ParentBasedTraceIdRatio(0.5),
+    )
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry.install("api-gateway", provider)
+    try:
+        yield exporter, provider
+    finally:
+        telemetry.shutdown()
+
+
+def test_a_recorded_span_is_exported_as_the_sdks_own_would_be(
+    recorded: tuple[InMemorySpanExporter, TracerProvider],
+) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.trace import StatusCode
+
+    exporter, provider = recorded
+    tracer = provider.get_tracer("shop.gateway")
+    link = context.TraceContext("1" * 32, "2" * 16)
+    span = telemetry.start_span(
+        tracer,
+        "proxy",
+        kind="server",
+        parent=CALLER,
+        links=[link],
+        attributes={"http.request.method": "GET"},
+    )
+    span.update_name("GET /api/product")
+    span.set_attribute("http.response.status_code", 503)
+    span.set_status(StatusCode.ERROR)
+    span.end()
+    span.set_attribute("late", 1)  # ended: no longer recorded
+    made = tracer.start_span(
+        "GET /api/product",
+        context=telemetry.parent_of(CALLER),
+        kind=SpanKind.SERVER,
+        attributes={"http.request.method": "GET", "http.response.status_code": 503},
+    )
+    made.set_status(StatusCode.ERROR)
+    made.end()
+    ours, sdks = exporter.get_finished_spans()
+    for field in ("name", "kind", "parent", "resource", "instrumentation_scope"):
+        assert getattr(ours, field) == getattr(sdks, field), field
+    assert dict(ours.attributes or {}) == dict(sdks.attributes or {})
+    assert ours.status.status_code is sdks.status.status_code is StatusCode.ERROR
+    assert ours.context.trace_id == int(CALLER.trace_id, 16)
+    assert ours.context.trace_flags.sampled and not ours.context.is_remote
+    assert [format(x.context.span_id, "016x") for x in ours.links] == [link.span_id]
+    assert ours.start_time is not None and ours.end_time is not None
+    assert ours.start_time <= ours.end_time
+    # What the OTLP exporter sends of it.
+    (sent,) = [s for s in encode_spans([ours]).resource_spans[0].scope_spans[0].spans]
+    assert (sent.name, sent.parent_span_id) == ("GET /api/product", bytes.fromhex(CALLER.span_id))
+    assert len(sent.attributes) == 2 and len(sent.links) == 1
+
+
+def test_a_span_the_sampler_drops_has_ids_and_is_not_exported(
+    recorded: tuple[InMemorySpanExporter, TracerProvider],
+) -> None:
+    exporter, provider = recorded
+    tracer = provider.get_tracer("shop.gateway")
+    unsampled = context.TraceContext(CALLER.trace_id, CALLER.span_id, "00")
+    under = telemetry.start_span(tracer, "proxy", kind="server", parent=unsampled)
+    # A root whose trace id's low 64 bits are past the 50 % bound.
+    root = telemetry.start_span(
+        tracer, "proxy", kind="server", parent=None, trace_id="0" * 16 + "f" * 16
+    )
+    for span in (under, root):
+        assert not span.is_recording()
+        span.end()
+    assert telemetry.span_trace(under).trace_id == CALLER.trace_id
+    assert telemetry.span_trace(under).flags == "00"
+    assert telemetry.span_trace(root).trace_id == "0" * 16 + "f" * 16
+    assert exporter.get_finished_spans() == ()
+
+
+def test_a_sampler_of_its_own_makes_the_spans_with_the_sdks_tracer() -> None:
+    from opentelemetry.sdk.trace import Span as SdkSpan
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class ByName(Sampler):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            name = args[2] if len(args) > 2 else kwargs["name"]
+            return SamplingResult(Decision.RECORD_AND_SAMPLE if name == "kept" else Decision.DROP)
+
+        def get_description(self) -> str:
+            return "ByName"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ByName())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("shop")
+    kept = telemetry.start_span(tracer, "kept", kind="internal", parent=None)
+    dropped = telemetry.start_span(tracer, "dropped", kind="internal", parent=None)
+    kept.end()
+    dropped.end()
+    assert isinstance(kept, SdkSpan) and not dropped.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["kept"]
+    provider.shutdown()
+
+
+def test_an_operators_attribute_length_limit_still_cuts_long_values() -> None:
+    from opentelemetry.sdk.trace import SpanLimits
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=SpanLimits(max_span_attribute_length=6))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    span = telemetry.start_span(
+        provider.get_tracer("shop"),
+        "SELECT",
+        kind="client",
+        parent=CALLER,
+        attributes={"db.query.text": "SELECT * FROM orders"},
+    )
+    span.end()
+    (sent,) = exporter.get_finished_spans()
+    assert dict(sent.attributes or {})["db.query.text"] == "SELECT"
+    provider.shutdown()

@@ -233,9 +233,10 @@ class Proxy:
         # seeded PRNG instead of three reads of the OS's entropy per request.
         self._random_bits = random.Random(os.urandom(32)).getrandbits  # noqa: S311
         provider = telemetry.tracer_provider(service)
-        # The proxy's own server span (no ASGI instrumentation wraps it); None: tracing off.
-        self.tracing = provider
+        # The proxy's own server span (no ASGI instrumentation wraps it), started when the
+        # sampler says so; both None: tracing off.
         self.tracer = provider.get_tracer("shop.gateway") if provider is not None else None
+        self.sampled = telemetry.sampling(provider) if provider is not None else None
         metrics.registry.register(_BreakerMetrics(self, metrics.service))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -311,8 +312,9 @@ class Proxy:
         caller = context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
         span = None
         flags = caller.flags if caller else "01"
-        if self.tracer is not None and self.tracing is not None:
-            if telemetry.sampled(self.tracing, caller, fresh[32:64]):
+        sampled = self.sampled
+        if sampled is not None and self.tracer is not None:
+            if sampled(caller, fresh[32:64]):
                 span = telemetry.start_span(
                     self.tracer, "proxy", kind="server", parent=caller, trace_id=fresh[32:64]
                 )

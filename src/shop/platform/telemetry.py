@@ -18,10 +18,13 @@ one installed) and ``zipkin`` Zipkin's JSON. The ids a span gets are bound as th
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
+from functools import cache, partial
 from importlib.metadata import entry_points
+from time import time_ns
 from typing import TYPE_CHECKING, Any
 
 from shop.platform import context
@@ -35,7 +38,7 @@ __all__ = [
     "current_trace",
     "enabled",
     "install",
-    "sampled",
+    "sampling",
     "parent_of",
     "process_tracer",
     "shutdown",
@@ -56,6 +59,9 @@ log = logging.getLogger("shop.telemetry")
 # Names OTEL_TRACES_EXPORTER may use -> the entry point that provides them.
 _ALIASES = {"otlp": "otlp_proto_http", "zipkin": "zipkin_json"}
 _providers: dict[str, TracerProvider] = {}
+# The process tracer of each provider, made once: ``get_tracer`` builds two scope objects
+# and rewrites the warnings filters on every call (~15 µs, per span when asked each time).
+_tracers: dict[TracerProvider, Tracer] = {}
 
 
 def _exporter_names(environ: Mapping[str, str]) -> list[str]:
@@ -92,8 +98,9 @@ def tracer_provider(service: str) -> TracerProvider | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+    made = Resource.create({SERVICE_NAME: service})
     provider = TracerProvider(
-        resource=Resource.create({SERVICE_NAME: service}), id_generator=_chosen_ids()
+        resource=_hashed_once(made.attributes, made.schema_url), id_generator=_chosen_ids()
     )
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
@@ -103,7 +110,24 @@ def tracer_provider(service: str) -> TracerProvider | None:
     return provider
 
 
-# A root span's trace id chosen by the caller of ``start_span`` (see ``sampled``).
+def _hashed_once(attributes: Any, schema_url: str | None) -> Any:
+    """A ``Resource`` of ``attributes`` that computes its hash once: the OTLP exporter groups
+    the spans of a batch by resource, and ``Resource.__hash__`` dumps the attributes as
+    JSON every time (~7 µs per exported span here). A resource never changes."""
+    from opentelemetry.sdk.resources import Resource
+
+    class HashedOnce(Resource):
+        def __init__(self, attributes: Any, schema_url: str | None = None) -> None:
+            super().__init__(attributes, schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash
+
+    return HashedOnce(attributes, schema_url)
+
+
+# A root span's trace id chosen by the caller of ``start_span`` (see ``sampling``).
 _chosen_trace_id: ContextVar[int | None] = ContextVar("shop_chosen_trace_id", default=None)
 
 
@@ -119,17 +143,81 @@ def _chosen_ids() -> Any:
     return ChosenIds()
 
 
-def sampled(provider: TracerProvider, parent: context.TraceContext | None, trace_id: str) -> bool:
-    """Whether ``provider``'s sampler (``OTEL_TRACES_SAMPLER``) records a span under
-    ``parent``, or a root span of ``trace_id``: asked before any span exists, so a request
-    that is not sampled costs no span at all (the gateway's hot path). A root span started
-    then with ``start_span(..., trace_id=trace_id)`` gets the same answer from the SDK."""
+# The low 64 bits of a trace id (its last 16 hex digits) are what the SDK's ratio compares.
+_ALL = 1 << 64
+_LOW_64 = _ALL - 1
+
+
+def sampling(provider: TracerProvider) -> Callable[[context.TraceContext | None, str], bool]:
+    """Whether ``provider``'s sampler (``OTEL_TRACES_SAMPLER``) records a span under a
+    remote ``parent``, or a root span of ``trace_id`` (hex): asked before any span exists,
+    so a request that is not sampled costs no span at all (the gateway's hot path). A root
+    span started then with ``start_span(..., trace_id=trace_id)`` gets the same answer
+    from the SDK.
+
+    The SDK's standard samplers (``always_on``/``off``, ``traceidratio``, ``parentbased_*``
+    with their default delegates) are decided here with exactly their rule, a comparison of
+    the trace id's low 64 bits with a bound (the parent's sampled flag picks the bound for a
+    parent-based one): asking the SDK builds a context, a sampling result and an attribute
+    set for every request, which was a tenth of the gateway's CPU per request at 10 %.
+    Any other sampler is asked itself."""
+    bounds = _bounds(provider.sampler)
+    if bounds is None:
+        return partial(_ask, provider.sampler)
+    root, under_sampled, under_unsampled = bounds
+
+    def sampled(parent: context.TraceContext | None, trace_id: str) -> bool:
+        if parent is None:
+            return int(trace_id[16:], 16) < root
+        bound = under_sampled if int(parent.flags, 16) & 1 else under_unsampled
+        return int(parent.trace_id[16:], 16) < bound
+
+    return sampled
+
+
+def _bounds(sampler: Any) -> tuple[int, int, int] | None:
+    """The bounds (root, under a sampled remote parent, under an unsampled one) that decide
+    as ``sampler`` does, or None when it is not one whose rule is known here."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+    if getattr(type(sampler), "should_sample", None) is not ParentBased.should_sample:
+        bound = _bound(sampler)
+        return None if bound is None else (bound, bound, bound)
+    delegates = (
+        getattr(sampler, "_remote_parent_sampled", None),
+        getattr(sampler, "_remote_parent_not_sampled", None),
+    )
+    if delegates != (ALWAYS_ON, ALWAYS_OFF):
+        return None  # a parent-based sampler with delegates of its own: the SDK decides
+    root = _bound(getattr(sampler, "_root", None))
+    return None if root is None else (root, _ALL, 0)
+
+
+def _bound(sampler: Any) -> int | None:
+    """What a trace id's low 64 bits must be below for ``sampler`` to sample it (a ratio's
+    bound; every id or none for the static samplers), or None for another sampler."""
+    from opentelemetry.sdk.trace.sampling import StaticSampler, TraceIdRatioBased
+
+    should_sample = getattr(type(sampler), "should_sample", None)
+    if should_sample is TraceIdRatioBased.should_sample:
+        return int(sampler.bound)
+    if should_sample is StaticSampler.should_sample:
+        description = sampler.get_description()
+        if description == "AlwaysOnSampler":
+            return _ALL
+        if description == "AlwaysOffSampler":
+            return 0
+    return None
+
+
+def _ask(sampler: Any, parent: context.TraceContext | None, trace_id: str) -> bool:
+    """The SDK sampler's own answer (for samplers ``sampling`` has no rule for)."""
     from opentelemetry.sdk.trace.sampling import Decision
 
-    result = provider.sampler.should_sample(
+    result = sampler.should_sample(
         parent_of(parent), int(parent.trace_id if parent else trace_id, 16), "sampled?"
     )
-    return result.decision is not Decision.DROP
+    return bool(result.decision is not Decision.DROP)
 
 
 def install(service: str, provider: TracerProvider) -> None:
@@ -143,7 +231,10 @@ def process_tracer() -> Tracer | None:
     """The tracer of the (first) service of this process, for work no request carries: the
     outbox relay, event consumers. None when tracing is off."""
     for provider in _providers.values():
-        return provider.get_tracer("shop")
+        tracer = _tracers.get(provider)
+        if tracer is None:
+            tracer = _tracers[provider] = provider.get_tracer("shop")
+        return tracer
     return None
 
 
@@ -152,6 +243,8 @@ def shutdown() -> None:
     while _providers:
         _, provider = _providers.popitem()
         provider.shutdown()
+    _tracers.clear()
+    _recorders.clear()
     context.spans_exported = False
 
 
@@ -187,7 +280,17 @@ def start_span(
 ) -> Span:
     """A span (end it) of ``kind`` (``server``, ``client``, ``producer``, ``consumer``,
     ``internal``) under ``parent``, linked to ``links`` (e.g. the other events of a batch);
-    a root span (no ``parent``) of ``trace_id`` when one is given."""
+    a root span (no ``parent``) of ``trace_id`` when one is given.
+
+    With one of the standard samplers (``sampling``) the span is a :func:`_recorded` one:
+    decided and made here, handed to the provider's processors as the SDK's own
+    ``ReadableSpan`` when it ends. Otherwise the SDK's tracer makes it."""
+    recorder = _recorders.get(tracer)
+    if recorder is None:
+        recorder = _recorders[tracer] = _recorder(tracer)
+    if recorder is not False and len(links) <= recorder.max_links:
+        recorded: Span = recorder.start(name, kind, parent, links, attributes, trace_id)
+        return recorded
     from opentelemetry.trace import Link, SpanKind
 
     chosen = _chosen_trace_id.set(int(trace_id, 16)) if trace_id and parent is None else None
@@ -202,6 +305,222 @@ def start_span(
     finally:
         if chosen is not None:
             _chosen_trace_id.reset(chosen)
+
+
+# Per tracer: what makes its spans (a recorder, see _recorded), or False: the SDK's tracer.
+_recorders: dict[Any, Any] = {}
+
+
+# Shop's spans carry at most eight attributes: span limits at least this high never bite.
+_ATTRIBUTES_KEPT = 32
+
+
+def _recorder(tracer: Any) -> Any:
+    """A recorder of ``tracer``'s spans, or False when its sampler is not a standard one, its
+    span limits could cut a span (``OTEL_SPAN_ATTRIBUTE_*``), or the tracer is not the
+    SDK's: those spans are the SDK tracer's to make."""
+    bounds = _bounds(getattr(tracer, "sampler", None))
+    scope = getattr(tracer, "_instrumentation_scope", None)
+    processor = getattr(tracer, "span_processor", None)
+    limits = getattr(tracer, "_span_limits", None)
+    if bounds is None or scope is None or processor is None or limits is None:
+        return False
+    kept = limits.max_span_attributes
+    if limits.max_span_attribute_length is not None or (
+        kept is not None and kept < _ATTRIBUTES_KEPT
+    ):
+        return False
+    max_links = limits.max_links if limits.max_links is not None else math.inf
+    return _recorded()(tracer, bounds, scope, processor, max_links)
+
+
+@cache
+def _recorded() -> Any:
+    """The recorder of spans made without the SDK's tracer (made once OpenTelemetry is loaded).
+
+    Why: the SDK's ``Tracer.start_span`` and ``Span`` (context look-up, the sampler asked
+    again, locked attribute and event containers, processor calls at the start) cost the
+    gateway about 100 µs of CPU per span on its event loop, twice per sampled request:
+    most of what tracing at 10 % cost it (docs/telemetry.md, Performance). A recorded span
+    keeps its name, ids, kind, attributes, links, events and status in plain fields and,
+    when it ends, gives the provider's span processors (the batch processor, an exporter)
+    the SDK's ``ReadableSpan`` of it, exactly what they get from an SDK span; processors'
+    ``on_start`` is not called (the SDK's batch and simple processors do nothing there).
+    A span is used by one task or callback at a time, so it takes no lock."""
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace import (
+        Link,
+        NonRecordingSpan,
+        SpanContext,
+        SpanKind,
+        Status,
+        StatusCode,
+        TraceFlags,
+    )
+    from opentelemetry.trace import Span as ApiSpan
+
+    kinds = {k.name.lower(): k for k in SpanKind}
+    unset = Status(StatusCode.UNSET)
+    sampled_flags = TraceFlags(TraceFlags.SAMPLED)
+    random_flags = TraceFlags(TraceFlags.SAMPLED | TraceFlags.RANDOM_TRACE_ID)
+
+    class RecordedSpan(ApiSpan):
+        _links: tuple[Link, ...]
+        _state: Status
+        _ended: int | None
+
+        def __init__(
+            self,
+            recorder: Recorder,
+            name: str,
+            kind: Any,
+            span_context: SpanContext,
+            parent: SpanContext | None,
+            attributes: dict[str, Any],
+            links: tuple[Link, ...],
+        ) -> None:
+            self._recorder = recorder
+            self._name = name
+            self._kind = kind
+            self._context = span_context
+            self._parent = parent
+            self._attributes = attributes
+            self._links = links
+            self._events: list[Event] = []
+            self._state = unset
+            self._start = time_ns()
+            self._ended = None
+
+        def get_span_context(self) -> SpanContext:
+            return self._context
+
+        def is_recording(self) -> bool:
+            return self._ended is None
+
+        def set_attribute(self, key: str, value: Any) -> None:
+            if self._ended is None:
+                self._attributes[key] = value
+
+        def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+            if self._ended is None:
+                self._attributes.update(attributes)
+
+        def add_event(
+            self, name: str, attributes: Any = None, timestamp: int | None = None
+        ) -> None:
+            if self._ended is None:
+                self._events.append(Event(name, attributes, timestamp))
+
+        def add_link(self, context: SpanContext, attributes: Any = None) -> None:
+            if self._ended is None:
+                self._links = (*self._links, Link(context, attributes))
+
+        def update_name(self, name: str) -> None:
+            if self._ended is None:
+                self._name = name
+
+        def set_status(self, status: Any, description: str | None = None) -> None:
+            # The SDK's rule: OK is final, UNSET changes nothing.
+            if self._ended is not None or self._state.status_code is StatusCode.OK:
+                return
+            if not isinstance(status, Status):
+                status = Status(status, description)
+            if status.status_code is not StatusCode.UNSET:
+                self._state = status
+
+        def record_exception(
+            self,
+            exception: BaseException,
+            attributes: Any = None,
+            timestamp: int | None = None,
+            escaped: bool = False,
+        ) -> None:
+            self.add_event(
+                "exception",
+                {
+                    "exception.type": type(exception).__qualname__,
+                    "exception.message": str(exception),
+                    **(attributes or {}),
+                },
+                timestamp,
+            )
+
+        def end(self, end_time: int | None = None) -> None:
+            if self._ended is not None:
+                return
+            self._ended = end_time if end_time is not None else time_ns()
+            recorder = self._recorder
+            recorder.processor.on_end(
+                ReadableSpan(
+                    name=self._name,
+                    context=self._context,
+                    parent=self._parent,
+                    resource=recorder.resource,
+                    attributes=self._attributes,
+                    events=tuple(self._events),
+                    links=self._links,
+                    kind=self._kind,
+                    status=self._state,
+                    start_time=self._start,
+                    end_time=self._ended,
+                    instrumentation_scope=recorder.scope,
+                )
+            )
+
+    class Recorder:
+        def __init__(
+            self,
+            tracer: Any,
+            bounds: tuple[int, int, int],
+            scope: Any,
+            processor: Any,
+            max_links: float,
+        ) -> None:
+            self.max_links = max_links  # a span with more is the SDK's, which keeps the last
+            self.resource = tracer.resource
+            self.scope = scope
+            self.processor = processor
+            self.ids = tracer.id_generator
+            self.random = bool(self.ids.is_trace_id_random())
+            self.root, self.under_sampled, self.under_unsampled = bounds
+
+        def start(
+            self,
+            name: str,
+            kind: str,
+            parent: context.TraceContext | None,
+            links: Sequence[context.TraceContext],
+            attributes: Mapping[str, str | int] | None,
+            trace_id: str | None,
+        ) -> ApiSpan:
+            ids = self.ids
+            span_id = ids.generate_span_id()
+            if parent is None:
+                trace = int(trace_id, 16) if trace_id else ids.generate_trace_id()
+                bound, random, parent_flags = self.root, self.random, 0
+            else:
+                trace = int(parent.trace_id, 16)
+                parent_flags = int(parent.flags, 16)
+                bound = self.under_sampled if parent_flags & 1 else self.under_unsampled
+                random = bool(parent_flags & TraceFlags.RANDOM_TRACE_ID)
+            if trace & _LOW_64 >= bound:  # not sampled: ids only, as the SDK's answer
+                flags = TraceFlags(TraceFlags.RANDOM_TRACE_ID if random else 0)
+                return NonRecordingSpan(SpanContext(trace, span_id, False, flags))
+            remote = None
+            if parent is not None:
+                parent_id = int(parent.span_id, 16)
+                remote = SpanContext(trace, parent_id, True, TraceFlags(parent_flags))
+            return RecordedSpan(
+                self,
+                name,
+                kinds[kind],
+                SpanContext(trace, span_id, False, random_flags if random else sampled_flags),
+                remote,
+                dict(attributes) if attributes else {},
+                tuple(Link(_span_context(link)) for link in links) if links else (),
+            )
+
+    return Recorder
 
 
 def start_process_span(
