@@ -175,6 +175,33 @@ async def test_connection_close_is_honoured_on_the_fast_lane(
     assert json.loads(body)["path"] == "/api/product/9"
 
 
+async def test_http_1_0_takes_the_asgi_path_even_after_the_same_head_in_1_1(
+    world: World, fast_lane: list[bool]
+) -> None:
+    # The fast lane knows a repeated head's version without asking the parser only when
+    # nothing but 1.1 can be kept alive with it: a 1.0 request asking for keep-alive with
+    # the very same headers is still answered the ASGI way, which closes it as uvicorn does.
+    await _warm(world)
+    fast_lane.clear()
+    head = b"GET /api/product/4 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.gateway.port)
+    try:
+        for request in (head, head, head.replace(b"HTTP/1.1", b"HTTP/1.0")):
+            writer.write(request)
+            answer = await reader.readuntil(b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            length = next(
+                int(line.split(b":")[1])
+                for line in answer.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            assert json.loads(await reader.readexactly(length))["path"] == "/api/product/4"
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # 1.0: closed after it
+    finally:
+        writer.close()
+    assert fast_lane == [True, True, False]
+
+
 async def test_traced_requests_take_the_fast_lane_with_the_proxys_span(
     world: World, fast_lane: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:

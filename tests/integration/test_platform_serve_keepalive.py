@@ -1,7 +1,8 @@
 """The served connection's keep-alive timeout (platform/serve.py): a deadline checked by the
 connection's one timer, not a timer per request. A kept-alive connection serves request after
 request, and once idle for the keep-alive time it is closed, even when its header deadline
-(armed at connect, much later) had set the timer first."""
+(armed at connect, much later) had set the timer first. And the header limit, counted as
+the headers come, to the byte."""
 
 from __future__ import annotations
 
@@ -86,3 +87,25 @@ async def test_a_request_before_the_keep_alive_time_keeps_the_connection() -> No
                 assert await _answer(reader) == b"pong"
         finally:
             writer.close()
+
+
+async def _status_of(port: int, head: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head)
+        return (await reader.readuntil(b"\r\n")).split(b" ")[1]
+    finally:
+        writer.close()
+
+
+async def test_the_header_limit_counts_the_target_and_the_headers_to_the_byte() -> None:
+    # The size is counted as the headers come: the target plus each name and value and 4,
+    # so a head right at the limit is served and one byte more is refused.
+    limit = 2_000
+    async with _serving(ServerLimits(max_header_bytes=limit)) as port:
+        target, base = b"/ping", len(b"/ping") + len(b"host") + len(b"shop") + 4
+        padding = limit - base - len(b"x-pad") - 4
+        at_limit = b"GET %s HTTP/1.1\r\nHost: shop\r\nX-Pad: %s\r\n\r\n" % (target, b"a" * padding)
+        over = at_limit.replace(b"X-Pad: ", b"X-Pad: a")
+        assert await _status_of(port, at_limit) == b"200"
+        assert await _status_of(port, over) == b"431"

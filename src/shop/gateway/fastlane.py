@@ -68,6 +68,8 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # these may be sent again when a kept-alive connection breaks before any answer.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE"})
+# The headers llhttp reads keep-alive from (HTTP/1.0 is kept alive only when one asks).
+_CONNECTION_HEADERS = frozenset({b"connection", b"proxy-connection"})
 # What a bearer token is made of (platform/security.py's pattern, which is what decides):
 # ``Bearer <these>`` is checked with one translate instead of a regex over the whole token.
 _TOKEN_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._~+/=-"
@@ -147,6 +149,13 @@ class GatewayProtocol(GuardedProtocol):
         self._head_of: tuple[bytes, bytes, int | None] | None = None
         self._head_headers: list[tuple[bytes, bytes]] = []
         self._head_parts = (b"", b"")
+        self._head_plain = False  # that head has no Connection header (see _take)
+        # That head with each instance's Host line, as the pool would insert it (send_now).
+        self._hosted: dict[str, bytes] = {}
+        # The last answer's head (_answer_head) and what it was made of: a connection's
+        # answers come from the same service, and comparing is cheaper than hashing the key.
+        self._answer_of: tuple[int, bool, list[tuple[bytes, bytes]], object] | None = None
+        self._answer_made = (b"", False)
 
     def dispatch(self) -> None:
         proxy = self._proxy
@@ -224,11 +233,21 @@ class GatewayProtocol(GuardedProtocol):
         plan = self._plans.get((method_bytes, raw_path), _UNSEEN)
         if plan is _UNSEEN:
             plan = _plan(proxy, method_bytes, raw_path)
-        if plan is None or parser.get_http_version() != "1.1" or parser.should_upgrade():
+        if plan is None or parser.should_upgrade():
             return False
         assert isinstance(plan, _Plan)  # noqa: S101 - for mypy: not _UNSEEN any more
         method, route = plan.method, plan.route
         headers = self.headers
+        length = len(body or b"") if body or method in _BODY_METHODS else None
+        made_of = (method_bytes, url, length)
+        same = made_of == self._head_of and headers == self._head_headers
+        keep_alive = parser.should_keep_alive()
+        # HTTP/1.1 only. Asking the parser formats a string (0.6 µs a request); llhttp keeps
+        # an HTTP/1.0 request alive only when a Connection (or Proxy-Connection) header asks,
+        # so one kept alive without such a header is 1.1, and a connection that repeats its
+        # last head is known to have none or not (_head_plain).
+        if not (same and keep_alive and self._head_plain) and parser.get_http_version() != "1.1":
+            return False
         identity = proxy.identify(headers)
         if identity.has_body and body is None:
             return False
@@ -254,43 +273,59 @@ class GatewayProtocol(GuardedProtocol):
             if user is None:
                 return False
         peer = self.client[0] if self.client else "unknown"
-        if not _admit_now(runtime.limits, proxy.client_of(peer, headers), user):
+        client = proxy.client_of(peer, headers)
+        limits = runtime.limits
+        if not (
+            limits.admit_client_now(client) if user is None else _admit_now(limits, client, user)
+        ):
             return False
         # Admitted and counted: from here on the request is the fast lane's to finish.
-        scope: Any = self.scope
-        scope["method"] = method
-        scope["path"] = plan.path
-        scope["raw_path"] = raw_path
-        scope["query_string"] = query
-        scope["route"] = route
         body = body or b""
-        length = len(body) if body or method in _BODY_METHODS else None
-        made_of = (method_bytes, url, length)
-        if made_of == self._head_of and headers == self._head_headers:
+        if same:
             before, after = self._head_parts
         else:
+            scope = self.request_scope(headers, plan, query)
             before, after = proxy.upstream_head_parts(scope, plan.target, length)
             self._head_of, self._head_headers = made_of, headers.copy()
             self._head_parts = before, after
-        head = with_identity(before, identity, after)
+            self._head_plain = not any(name in _CONNECTION_HEADERS for name, _ in headers)
+            self._hosted = {}
+        hosted = self._hosted.get(base_url)
+        if hosted is None:
+            hosted = self._hosted[base_url] = runtime.pool.with_host(base_url, before)
+        head = with_identity(hosted, identity, after)
         exchange = _Exchange(
             self,
             proxy,
-            scope,
+            plan,
+            headers,
+            query,
             identity=identity,
             method=method,
             service=route.service,
             breaker=breaker,
             base_url=base_url,
-            # The body rides after the head: what is sent, and sent again (Handover.head).
+            # The body rides after the head (with its instance's Host line): what is sent,
+            # and, without the Host line, sent again (Handover.head).
             head=head + body if body else head,
-            keep_alive=parser.should_keep_alive(),
+            keep_alive=keep_alive,
             timeout_s=plan.timeout_s,
         )
         # It stands in for uvicorn's cycle (the attributes uvicorn touches are there).
-        self.cycle = cast(RequestResponseCycle, exchange)
+        self.cycle = exchange  # type: ignore[assignment]
         exchange.send()
         return True
+
+    def request_scope(self, headers: list[tuple[bytes, bytes]], plan: _Plan, query: bytes) -> Any:
+        """The ASGI scope of a request the fast lane took, as uvicorn would have made it (made
+        only when needed: a new upstream head, a handover)."""
+        scope = self.new_scope(headers)
+        scope["method"] = plan.method
+        scope["path"] = plan.path
+        scope["raw_path"] = plan.raw_path
+        scope["query_string"] = query
+        scope["route"] = plan.route
+        return scope
 
 
 def _user_now(proxy: Proxy, headers: list[tuple[bytes, bytes]], *, admin: bool) -> str | None:
@@ -327,12 +362,11 @@ def _bearer(authorization: bytes) -> str | None:
     return bearer_token(authorization.decode("latin-1"))
 
 
-def _admit_now(limits: RateLimits, client: str, user: str | None) -> bool:
-    """``RateLimits.admit_client_now`` with the user's limits too when ``user`` is given: True
-    with every hit counted when the client and the user are within every limit; False,
-    nothing counted, when either may not be (the ASGI path then counts and answers 429)."""
-    if user is None:
-        return limits.admit_client_now(client)
+def _admit_now(limits: RateLimits, client: str, user: str) -> bool:
+    """``RateLimits.admit_client_now`` with the user's limits too (a token route; a public one
+    asks ``admit_client_now`` alone): True with every hit counted when the client and the
+    user are within every limit; False, nothing counted, when either may not be (the ASGI
+    path then counts and answers 429)."""
     # RateLimits keeps per-user counts in the same in-memory storage as per-client ones.
     memory = limits._memory
     if memory is None:
@@ -385,6 +419,12 @@ def _answer_head(
     return made
 
 
+def _unhosted(head: bytes) -> bytes:
+    """A head sent with its instance's Host line (``UpstreamPool.with_host``) without it."""
+    line_end = head.index(b"\r\n") + 2
+    return head[:line_end] + head[head.index(b"\r\n", line_end) + 2 :]
+
+
 class _Exchange:
     """One fast-lane request in flight. It stands in for uvicorn's ``RequestResponseCycle``
     as the protocol's ``cycle``, so that pipelined requests queue behind it and a lost
@@ -402,10 +442,12 @@ class _Exchange:
         "message_event",
         "method",
         "more_body",
+        "plan",
         "protocol",
         "proxy",
+        "query",
+        "request_headers",
         "response_complete",
-        "scope",
         "service",
         "timeout_s",
     )
@@ -414,7 +456,9 @@ class _Exchange:
         self,
         protocol: GatewayProtocol,
         proxy: Proxy,
-        scope: Any,
+        plan: _Plan,
+        request_headers: list[tuple[bytes, bytes]],
+        query: bytes,
         *,
         identity: Identity,
         method: str,
@@ -427,7 +471,9 @@ class _Exchange:
     ) -> None:
         self.protocol = protocol
         self.proxy = proxy
-        self.scope = scope
+        self.plan = plan
+        self.request_headers = request_headers
+        self.query = query
         self.identity = identity
         self.method = method
         self.service = service
@@ -456,6 +502,7 @@ class _Exchange:
             head_only=self.method == "HEAD",
             # Sampled: a CLIENT span under the proxy's (no trace is bound in a callback).
             parent=identity.trace if identity.span is not None else None,
+            hosted=True,
         )
         if conn is None:  # the idle connection closed in the meantime
             self.hand_over(None)
@@ -488,7 +535,10 @@ class _Exchange:
             return
         if not conn.head_done:
             return
-        conn.listen(None)
+        if conn.span is None:
+            conn.listener = None  # listen(None), without the call: no CLIENT span to end
+        else:
+            conn.listen(None)
         self.breaker.succeeded()  # any answer is the service answering, as on the ASGI path
         runtime = self.proxy.runtime
         assert runtime is not None  # noqa: S101 - checked before admitting
@@ -506,26 +556,47 @@ class _Exchange:
         """Write the service's whole answer as uvicorn would have written the ASGI path's."""
         protocol = self.protocol
         self.response_complete = True
-        template = self.scope["route"].path
+        template = self.plan.route.path
         self.proxy.observe(self.method, template, status, self.began, self.identity)
         if self.identity.span is not None:  # traced: the proxy's span ends with its answer
             end_proxy_span(self.identity.span, self.method, template, status)
-        if self.disconnected or protocol.transport.is_closing():
+        if self.disconnected or protocol.raw_transport.is_closing():
             return
         head_only = self.method == "HEAD"
-        start, add_length = _answer_head(
-            status, headers, protocol.server_state.default_headers, head_only=head_only
-        )
-        out = [start]
-        if add_length:
-            out.append(b"content-length: %d\r\n" % len(body))
-        out.append(b"x-request-id: %s\r\n" % self.identity.stamp[1])
-        if not self.keep_alive:
-            out.append(b"connection: close\r\n")
-        out.append(b"\r\n")
-        if not head_only:
-            out.append(body)
-        protocol.write_whole(b"".join(out))
+        defaults = protocol.server_state.default_headers
+        last = protocol._answer_of  # noqa: SLF001 - the protocol's memo, kept for its exchanges
+        if (
+            last is not None
+            and last[0] == status
+            and last[1] is head_only
+            and last[3] is defaults
+            and last[2] == headers
+        ):
+            start, add_length = protocol._answer_made  # noqa: SLF001
+        else:
+            start, add_length = _answer_head(status, headers, defaults, head_only=head_only)
+            protocol._answer_of = (status, head_only, headers, defaults)  # noqa: SLF001
+            protocol._answer_made = start, add_length  # noqa: SLF001
+        request_id = self.identity.stamp[1]
+        if add_length and self.keep_alive and not head_only:  # the usual answer: one format
+            answer = b"%scontent-length: %d\r\nx-request-id: %s\r\n\r\n%s" % (
+                start,
+                len(body),
+                request_id,
+                body,
+            )
+        else:
+            out = [start]
+            if add_length:
+                out.append(b"content-length: %d\r\n" % len(body))
+            out.append(b"x-request-id: %s\r\n" % request_id)
+            if not self.keep_alive:
+                out.append(b"connection: close\r\n")
+            out.append(b"\r\n")
+            if not head_only:
+                out.append(body)
+            answer = b"".join(out)
+        protocol.write_whole(answer)
         if not self.keep_alive:
             protocol.transport.close()
         protocol.on_response_complete()
@@ -533,13 +604,13 @@ class _Exchange:
     def hand_over(self, outcome: Answer | Problem | None) -> None:
         """Finish on the ASGI path: ``Proxy`` relays, answers or resends (see Handover)."""
         protocol = self.protocol
-        scope = self.scope
+        scope = protocol.request_scope(self.request_headers, self.plan, self.query)
         scope[HANDOVER] = Handover(
             identity=self.identity,
             began=self.began,
             service=self.service,
             method=self.method,
-            head=self.head,
+            head=_unhosted(self.head),  # sent again, maybe to another instance: its own Host
             outcome=outcome,
         )
         cycle = RequestResponseCycle(

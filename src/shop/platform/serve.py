@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, cast
 
+import httptools
 import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
@@ -130,10 +131,15 @@ class _GuardedProtocol(HttpToolsProtocol):
         self._timer_at = 0.0
         self._awaiting_head = True
         self._head_bytes = 0
+        self._head_size = 0  # the request line's target and headers, as the limit counts them
         self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(cast(asyncio.Transport, _CoalescedWrites(transport)))
+        # The transport itself too: asking it whether it closes costs no call through the
+        # wrapper (every answer asks).
+        self.raw_transport = transport
+        self._writes = _CoalescedWrites(transport)
+        super().connection_made(cast(asyncio.Transport, self._writes))
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -141,26 +147,56 @@ class _GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        """uvicorn's (its errors answered as it answers them), with the head's size counted."""
         if self._refused:
             return
         if self._awaiting_head:
             self._head_bytes += len(data)
-        super().data_received(data)
+        self._idle_deadline = None  # bytes came: no longer idle
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
         # Still no end of headers: refuse before the parser buffers any more of them.
         if self._awaiting_head and self._head_bytes > self.limits.max_header_bytes:
             self._refuse(431, "The request line and headers are too large.")
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._arm()
+        """uvicorn's, without the ASGI scope: it is made when a request is dispatched to the
+        app (``new_scope``), so that a protocol answering a request itself (the gateway's fast
+        lane) does not pay for a dict of eleven entries and a copy of the app's state."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = None  # type: ignore[assignment]
+        self._head_size = 0
+        if self._head_deadline is None:
+            deadline = self._head_deadline = self.loop.time() + self.limits.header_timeout_s
+            if self._timer is None or deadline < self._timer_at:
+                self._time_for(deadline)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """uvicorn's, counting the head's size as it comes (checked at its end)."""
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
         self._awaiting_head = False
-        self._disarm()
-        size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
-        if size > self.limits.max_header_bytes:
+        self._head_deadline = None
+        if len(self.url) + self._head_size > self.limits.max_header_bytes:
             self._refuse(431, "The request line and headers are too large.")
             return
         self.dispatch()
@@ -168,33 +204,65 @@ class _GuardedProtocol(HttpToolsProtocol):
     def dispatch(self) -> None:
         """A request's head is in and within the limits: start its ASGI cycle. An app's own
         protocol (``http_protocol``, see ``server_config``) may answer some without one."""
+        self.scope = self.new_scope(self.headers)
         super().on_headers_complete()
+
+    def new_scope(self, headers: list[tuple[bytes, bytes]]) -> Any:
+        """The ASGI scope uvicorn's ``on_message_begin`` makes, for a request with ``headers``
+        (uvicorn's ``on_headers_complete`` adds the method, path and query)."""
+        return {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": self.root_path,
+            "headers": headers,
+            "state": self.app_state.copy(),
+        }
+
+    def _should_upgrade(self) -> bool:
+        # A refused request is never dispatched (no scope): nothing of it is upgraded either.
+        return not self._refused and super()._should_upgrade()
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        """uvicorn's: the request's body is whole (its cycle told so)."""
         if self._refused:
             return
         self._awaiting_head = True
         self._head_bytes = 0
-        super().on_message_complete()
+        if self.parser.should_upgrade() and self._should_upgrade():
+            return
+        cycle = self.cycle
+        # A cycle that reads no body (more_body False from the start: an app's own, such as
+        # the gateway's fast lane) has no one to wake.
+        if cycle.more_body and not cycle.response_complete:
+            cycle.more_body = False
+            cycle.message_event.set()
 
     def on_response_complete(self) -> None:
         """uvicorn's, with its keep-alive timer a deadline (see ``__init__``)."""
-        transport = self.transport
-        cast(_CoalescedWrites, transport).flush()
+        if self._writes._pending:  # noqa: SLF001 - this module's own wrapper
+            self._writes.flush()
         self.server_state.total_requests += 1
-        if transport.is_closing():
+        if self.raw_transport.is_closing():
             return
         self._idle_deadline = None
-        self.flow.resume_reading()
+        flow = self.flow
+        if flow.read_paused:
+            flow.resume_reading()
         if self.pipeline:  # the next request, which came while this one was answered
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)
         else:
-            self._idle_deadline = self._deadline_in(self.timeout_keep_alive)
+            deadline = self._idle_deadline = self.loop.time() + self.timeout_keep_alive
+            if self._timer is None or deadline < self._timer_at:
+                self._time_for(deadline)
 
     def _unset_keepalive_if_required(self) -> None:
         # uvicorn calls it when bytes come, and when the connection is lost.
@@ -202,7 +270,10 @@ class _GuardedProtocol(HttpToolsProtocol):
 
     def write_whole(self, data: bytes) -> None:
         """Write a whole answer at once (no loop step's coalescing: nothing follows it)."""
-        cast(_CoalescedWrites, self.transport).write_now(data)
+        if self._writes._pending:  # noqa: SLF001 - this module's own wrapper
+            self._writes.write_now(data)
+        else:
+            self.raw_transport.write(data)
 
     def _arm(self) -> None:
         if self._head_deadline is None:
@@ -217,14 +288,19 @@ class _GuardedProtocol(HttpToolsProtocol):
                 self._timer = None
 
     def _deadline_in(self, seconds: float) -> float:
-        """A deadline ``seconds`` from now, the timer brought forward if it would be late."""
+        """A deadline ``seconds`` from now, the timer brought forward if it would be late
+        (written out where it runs for every request: a call is most of its cost)."""
         deadline = self.loop.time() + seconds
         if self._timer is None or deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.loop.call_at(deadline, self._timer_fired)
-            self._timer_at = deadline
+            self._time_for(deadline)
         return deadline
+
+    def _time_for(self, deadline: float) -> None:
+        """The connection's one timer, (re)set for ``deadline``."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._timer_fired)
+        self._timer_at = deadline
 
     def _timer_fired(self) -> None:
         self._timer = None

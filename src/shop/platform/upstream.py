@@ -81,6 +81,12 @@ def _end_client_span(span: Span, status: int, error: BaseException | None) -> No
     telemetry.end_span(span, error)
 
 
+def _delimited(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer says where it ends (Content-Length, chunked) rather than ending with
+    its connection. Asked only when a connection closes mid-answer, not for every header."""
+    return any(len(name) in (14, 17) and name.lower() in _LENGTH_HEADERS for name, _ in headers)
+
+
 class _Status5xx(Exception):
     """A server error answer, as a span's error type."""
 
@@ -137,7 +143,6 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.paused = False
-        self.delimited = False  # Content-Length or chunked: the end is known, not the close
         self.informational = False
         # Instead of a waiter: called on every event (the gateway's fast lane, no task).
         self.listener: Callable[[], None] | None = None
@@ -156,7 +161,7 @@ class _Connection(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
         if not self.complete and self.error is None:
-            if self.head_done and not self.delimited:
+            if self.head_done and not _delimited(self.headers):
                 self.complete = True  # an answer without a length ends with its connection
             else:
                 self.error = UpstreamBroken(str(exc) if exc else "connection closed")
@@ -176,8 +181,6 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
-        if len(name) in (14, 17) and name.lower() in _LENGTH_HEADERS:
-            self.delimited = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -185,7 +188,6 @@ class _Connection(asyncio.Protocol):
             # 1xx (early hints...): not the answer, which follows on the same connection.
             self.informational = True
             self.headers = []
-            self.delimited = False
             return
         self.status = status
         self.head_done = True
@@ -250,7 +252,7 @@ class _Connection(asyncio.Protocol):
         self.head_only = head_only
         self.status = 0
         self.headers = []
-        self.head_done = self.complete = self.reusable = self.delimited = False
+        self.head_done = self.complete = self.reusable = False
         self.error = None
         self.chunks.clear()
         self.buffered = 0
@@ -394,19 +396,28 @@ class UpstreamPool:
         *,
         head_only: bool,
         parent: context.TraceContext | None = None,
+        hosted: bool = False,
     ) -> _Connection | None:
         """``request`` without waiting, for a caller with no task (the gateway's fast lane):
-        ``head`` (no body) sent on a kept-alive connection, which is returned with the answer
-        to come on it (see ``_Connection.listen``, ``Answer``); None, nothing sent, when no
-        connection is idle. ``parent``: the sampled trace the request is sent for (no trace
-        is bound here), whose CLIENT span ends when the caller stops listening."""
+        ``head`` (and the body after it) sent on a kept-alive connection, which is returned
+        with the answer to come on it (see ``_Connection.listen``, ``Answer``); None, nothing
+        sent, when no connection is idle. ``parent``: the sampled trace the request is sent
+        for (no trace is bound here), whose CLIENT span ends when the caller stops listening.
+        ``hosted``: ``head`` has its Host line already (``with_host``), as a caller that
+        sends the same head again and again keeps it."""
         conn = self._take(base_url)
         if conn is not None:
-            origin = self.origin(base_url)
             if parent is not None:
-                conn.span, head = _client_span(base_url, origin, head, parent)
-            conn.start(self._compose(origin, head, b""), head_only=head_only)
+                conn.span, head = _client_span(base_url, self.origin(base_url), head, parent)
+            if not hosted:
+                head = self._compose(self.origin(base_url), head, b"")
+            conn.start(head, head_only=head_only)
         return conn
+
+    def with_host(self, base_url: str, head: bytes) -> bytes:
+        """``head`` with the Host line of ``base_url``'s instance, where ``request`` puts it
+        (right after the request line)."""
+        return self._compose(self.origin(base_url), head, b"")
 
     def _take(self, base_url: str) -> _Connection | None:
         """The most recently used idle connection to ``base_url`` still worth using: open,
