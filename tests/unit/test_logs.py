@@ -59,6 +59,42 @@ def test_lines_arrive_in_order_formatted_once_and_promptly() -> None:
     assert " INFO  test.logs.order: line 0" in lines[0]  # one prefix, not two
 
 
+class LinesMeanwhile(threading.Event):
+    """The writer's between-batches wait (``_closing``), during which ``lines`` more lines
+    arrive each time, as under a steady load; records how long the writer chose to wait."""
+
+    def __init__(self, log: logging.Logger, lines: int) -> None:
+        super().__init__()
+        self.log = log
+        self.lines = lines
+        self.waits: list[float | None] = []
+        self.quiet = threading.Event()  # set by the first wait that finds no new line
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if self.lines:
+            self.lines -= 1
+            self.log.info("line %d", len(self.waits))
+        else:
+            self.quiet.set()
+        return super().wait(timeout)
+
+
+def test_a_steady_stream_is_written_in_ever_fewer_batches_a_first_line_promptly() -> None:
+    out = io.StringIO()
+    handler = BatchingHandler(out, linger_s=0.001, max_linger_s=0.008)
+    log = logger_to(handler, "test.logs.steady")
+    meanwhile = LinesMeanwhile(log, lines=5)
+    handler._closing = meanwhile  # noqa: SLF001 - lines arrive during each of the writer's waits
+    log.info("first")
+    assert meanwhile.quiet.wait(5)
+    # The first line waits the shortest time; while lines keep coming, each batch waits
+    # twice as long as the last, up to the most; the wait that finds none is the last.
+    assert meanwhile.waits == [0.001, 0.002, 0.004, 0.008, 0.008, 0.008]
+    handler.close()
+    assert out.getvalue().splitlines() == ["first", *(f"line {n}" for n in range(1, 6))]
+
+
 def test_arguments_are_rendered_when_logged_not_when_written() -> None:
     out = io.StringIO()
     handler = BatchingHandler(out, linger_s=0.05)

@@ -63,6 +63,8 @@ CENT = Decimal("0.01")
 # BIGINT of cents: 100 lines x 1000 units x 10^12 cents = 10^17 < 9.2 x 10^18.
 PRICE_LIMIT = Decimal(10) ** 10
 _SKU_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# The fingerprint's canonical JSON, its encoder built once rather than per request.
+_CANONICAL = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 # RFC 9110 visible ASCII, no spaces: what a header value can carry unambiguously.
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -264,7 +266,7 @@ def request_fingerprint(lines: Sequence[RequestedLine]) -> str:
     ignored client ``price`` do not make another request; a different SKU or quantity does.
     """
     asked = sorted([line.sku_code, line.quantity] for line in lines)
-    canonical = json.dumps({"lines": asked}, separators=(",", ":"), ensure_ascii=False)
+    canonical = _CANONICAL.encode({"lines": asked})
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

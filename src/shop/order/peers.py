@@ -63,6 +63,8 @@ CIRCUIT_OPEN = "The inventory is unavailable (circuit open); try again later."
 INVENTORY_RETRY_AFTER_S = 1.0
 # auth-service could not issue our service token; it caches tokens, so this is an outage.
 AUTH_RETRY_AFTER_S = 2.0
+# ``json.dumps(..., separators=...)`` builds an encoder per call; this one is built once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 # The ``Authorization`` header value to call the instance at a base URL with
 # (``runtime.service_tokens.bearer``): a token good for that instance only.
@@ -340,7 +342,7 @@ def _request(
     lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
     body = b""
     if document is not None:
-        body = json.dumps(document, separators=(",", ":")).encode()
+        body = _COMPACT.encode(document).encode()
         lines.append(f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
     lines.append("\r\n")
     return "".join(lines).encode("latin-1"), body

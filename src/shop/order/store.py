@@ -93,6 +93,8 @@ __all__ = [
 ORDERS_TOPIC = "orders"
 # The inbox's name for the consumer of the catalogue's events (the price list).
 PRICES_CONSUMER = "order-prices"
+# The saved answer's JSON: ``json.dumps(..., separators=...)`` builds an encoder per call.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 metadata = MetaData()
@@ -287,8 +289,9 @@ class _HotPath:
 
     def time(self, moment: datetime) -> datetime | str:
         naive = to_db_time(moment)
-        # SQLAlchemy's SQLite DateTime text, microseconds always written (compared as text).
-        return naive.strftime("%Y-%m-%d %H:%M:%S.%f") if self.sqlite else naive
+        # SQLAlchemy's SQLite DateTime text, microseconds always written (compared as text):
+        # its "%Y-%m-%d %H:%M:%S.%f", which isoformat writes in about half strftime's time.
+        return naive.isoformat(" ", "microseconds") if self.sqlite else naive
 
     def prices_of(self, count: int) -> str:
         return self.prices.format(", ".join([self.mark] * count))
@@ -698,7 +701,7 @@ class SqlOrderStore:
                     sql.save_answer,
                     (
                         answer.status_code,
-                        json.dumps(answer.body, separators=(",", ":")),
+                        _COMPACT.encode(answer.body),
                         number,
                         answer.user_id,
                         answer.key,

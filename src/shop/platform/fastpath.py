@@ -40,6 +40,9 @@ log = logging.getLogger("shop.http")
 Model = TypeVar("Model", bound=BaseModel)
 _NO_BODY: Any = object()  # an empty body, told apart from a JSON ``null``
 _UNPARSEABLE = "There was an error parsing the body"  # FastAPI's words, its handler maps them
+# JSONResponse's settings, built once: ``json.dumps`` with any argument builds an encoder per
+# call (a third of the call for a small answer).
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,9 +56,7 @@ class Reply:
 
 def json_reply(content: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Reply:
     """What Starlette's ``JSONResponse`` sends for ``content``, byte for byte."""
-    body = json.dumps(
-        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
-    ).encode("utf-8")
+    body = _JSON.encode(content).encode("utf-8")
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
     raw.append((b"content-length", str(len(body)).encode("latin-1")))
     raw.append((b"content-type", b"application/json"))

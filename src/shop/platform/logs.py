@@ -5,11 +5,19 @@ record (a futex wake and a GIL hand-off per line) and formats each record twice 
 loop; under load that was a fifth of the notification service's CPU. Here the loop only
 renders the message (``record.getMessage()``, so arguments changed later cannot change the
 line) and appends the record to a buffer. The first record after a quiet spell wakes the
-writer, which then writes what gathered every ``linger_s`` (a few ms), formatted, with one
-``write``, until a wait finds nothing. So there is at most one wake and one system call per
-``linger_s`` however many lines; lines appear within a few milliseconds, in order; and a
-slow reader of stdout (a busy launcher, a full pipe) only ever blocks the writer thread,
-never the loop.
+writer, which writes what gathered ``linger_s`` (a few ms) later, formatted, with one
+``write``; while lines keep coming it waits twice as long each round, up to
+``max_linger_s``, and once a wait finds nothing it sleeps until the next record. So a lone
+line appears within a few milliseconds, a steady stream within ``max_linger_s``, in order;
+and a slow reader of stdout (a busy launcher, a full pipe) only ever blocks the writer
+thread, never the loop.
+
+Why the wait grows: every round of the writer costs the process far more than its
+``write``. The thread wakes, and then needs the GIL from a loop that is busy serving, which
+hands it over only after the switch interval, with a forced switch each way. Measured on
+the loop's side (an event loop serving 500 requests/s, 100 µs of work each, one access line
+each, two cores): a round every 5 ms added 27-57 µs of CPU per request over no access line
+at all, one every 50 ms 8-20 µs (docs/platform.md, "Performance").
 
 The buffer is bounded (``capacity`` records): when the writer is that far behind, new
 records are dropped and counted, and the writer says how many once it catches up. What is
@@ -150,12 +158,14 @@ class BatchingHandler(logging.Handler):
         stream: TextIO,
         *,
         linger_s: float = 0.005,
+        max_linger_s: float = 0.05,
         capacity: int = 10_000,
         level: int = logging.NOTSET,
     ) -> None:
         super().__init__(level)
         self._stream = stream
         self._linger_s = linger_s
+        self._max_linger_s = max(linger_s, max_linger_s)
         self._capacity = capacity
         # deque.append and popleft are atomic: the loop never takes a lock to log.
         self._records: collections.deque[logging.LogRecord | AccessEntry] = collections.deque()
@@ -225,14 +235,17 @@ class BatchingHandler(logging.Handler):
         super().close()
 
     def _write_batches(self) -> None:
-        """While lines keep coming, one batch every ``linger_s`` with no wake from the
-        loggers; once a wait finds nothing, sleep until the next record wakes us."""
+        """While lines keep coming, one batch per wait with no wake from the loggers, each
+        wait twice the last (``linger_s`` up to ``max_linger_s``); once a wait finds
+        nothing, sleep until the next record wakes us."""
         while True:
             self._wake.wait()
             self._wake.clear()
+            linger = self._linger_s
             while True:
                 # Let the batch gather; closing cuts the wait short.
-                closing = self._closing.wait(self._linger_s)
+                closing = self._closing.wait(linger)
+                linger = min(2 * linger, self._max_linger_s)
                 if not self._records and not closing:
                     self._waiting = False  # from here on a record wakes us
                     if not self._records:
@@ -325,15 +338,17 @@ def configure_logging(
     *,
     stream: TextIO | None = None,
     linger_s: float = 0.005,
+    max_linger_s: float = 0.05,
     fmt: LogFormat | None = None,
     service: str | None = None,
     access_log: bool | None = None,
 ) -> None:
     """Root logging for a service process: one line per record on stdout (``stream``), in
-    ``fmt`` (default: :func:`log_format`), written in batches (gathered for ``linger_s``) by
-    a thread of its own; flushed at exit and on SIGTERM. ``access_log``: a line per request
-    at INFO (default: unless ``SHOP_ACCESS_LOG=false``). Called again, it replaces the
-    handler (flushing the old one)."""
+    ``fmt`` (default: :func:`log_format`), written in batches (gathered for ``linger_s``,
+    up to ``max_linger_s`` while lines keep coming) by a thread of its own; flushed at exit
+    and on SIGTERM. ``access_log``: a line per request at INFO (default: unless
+    ``SHOP_ACCESS_LOG=false``). Called again, it replaces the handler (flushing the old
+    one)."""
     global _handler, _access_handler  # noqa: PLW0603 - one handler per process
     if _handler is None:
         atexit.register(stop_logging)
@@ -346,7 +361,11 @@ def configure_logging(
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = BatchingHandler(stream if stream is not None else sys.stdout, linger_s=linger_s)
+    handler = BatchingHandler(
+        stream if stream is not None else sys.stdout,
+        linger_s=linger_s,
+        max_linger_s=max_linger_s,
+    )
     handler.setFormatter(LineFormatter(fmt or log_format(), service=service))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     _handler = handler

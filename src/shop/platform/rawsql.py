@@ -144,36 +144,12 @@ class RawSql:
         """A write transaction: committed when the block ends, rolled back if it raises."""
         if self._database is None:
             return self._engine_transaction()
-        return self._sqlite_transaction(self._database)
+        return _SqliteWriting(self, self._database)
 
     @contextlib.asynccontextmanager
     async def _engine_transaction(self) -> AsyncIterator[RawTransaction]:
         async with self._engine.begin() as conn:
             yield _EngineTransaction(conn)
-
-    @contextlib.asynccontextmanager
-    async def _sqlite_transaction(self, database: str) -> AsyncIterator[RawTransaction]:
-        connection = self._idle.pop() if self._idle else open_sqlite(database)
-        try:
-            await patiently(lambda: connection.execute("BEGIN IMMEDIATE"))
-        except sqlite3.Error as exc:
-            self._give_back(connection)
-            raise _translated("BEGIN IMMEDIATE", exc) from exc
-        except BaseException:  # cancelled while waiting for the lock
-            self._give_back(connection)
-            raise
-        try:
-            yield _SqliteTransaction(connection, self._namespace)
-        except BaseException:
-            self._give_back(connection)  # rolled back
-            raise
-        try:
-            # In WAL mode the write lock is already ours, so COMMIT meets no busy one.
-            connection.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise _translated("COMMIT", exc) from exc
-        finally:
-            self._give_back(connection)
 
     def _give_back(self, connection: sqlite3.Connection) -> None:
         """Keep a connection for the next transaction, rolled back if one is open; one in an
@@ -196,3 +172,48 @@ class RawSql:
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+
+
+class _SqliteWriting:
+    """``RawSql.writing()`` on a SQLite file. A class rather than an ``asynccontextmanager``
+    (a generator driven through ``asend``/``athrow``, about 3 µs a transaction), and the
+    ``BEGIN IMMEDIATE`` tried at once, waited for on the loop (``patiently``) only when
+    another writer holds the lock: a placement runs two of these, a reservation group one."""
+
+    __slots__ = ("_connection", "_database", "_raw")
+
+    def __init__(self, raw: RawSql, database: str) -> None:
+        self._raw = raw
+        self._database = database
+        self._connection: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> RawTransaction:
+        raw = self._raw
+        connection = raw._idle.pop() if raw._idle else open_sqlite(self._database)
+        try:
+            try:
+                connection.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:  # busy (another writer): wait on the loop
+                await patiently(lambda: connection.execute("BEGIN IMMEDIATE"))
+        except sqlite3.Error as exc:
+            raw._give_back(connection)
+            raise _translated("BEGIN IMMEDIATE", exc) from exc
+        except BaseException:  # cancelled while waiting for the lock
+            raw._give_back(connection)
+            raise
+        self._connection = connection
+        return _SqliteTransaction(connection, raw._namespace)
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        connection, self._connection = self._connection, None
+        assert connection is not None  # noqa: S101 - entered before exited
+        if kind is not None:
+            self._raw._give_back(connection)  # rolled back
+            return
+        try:
+            # In WAL mode the write lock is already ours, so COMMIT meets no busy one.
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise _translated("COMMIT", exc) from exc
+        finally:
+            self._raw._give_back(connection)
