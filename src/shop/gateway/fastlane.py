@@ -495,13 +495,10 @@ class _Exchange:
     def send(self) -> None:
         runtime = self.proxy.runtime
         assert runtime is not None  # noqa: S101 - checked before admitting
-        identity = self.identity
         conn = runtime.pool.send_now(
             self.base_url,
             self.head,
             head_only=self.method == "HEAD",
-            # Sampled: a CLIENT span under the proxy's (no trace is bound in a callback).
-            parent=identity.trace if identity.span is not None else None,
             hosted=True,
         )
         if conn is None:  # the idle connection closed in the meantime
@@ -535,10 +532,7 @@ class _Exchange:
             return
         if not conn.head_done:
             return
-        if conn.span is None:
-            conn.listener = None  # listen(None), without the call: no CLIENT span to end
-        else:
-            conn.listen(None)
+        conn.listener = None  # listen(None), without the call
         self.breaker.succeeded()  # any answer is the service answering, as on the ASGI path
         runtime = self.proxy.runtime
         assert runtime is not None  # noqa: S101 - checked before admitting

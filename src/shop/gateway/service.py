@@ -191,6 +191,8 @@ async def forward(
                 connect_timeout_s=min(2.0, timeout_s),
                 timeout_s=timeout_s,
                 new_connection=new_connection,
+                # One span per request at the gateway: the proxy's (docs/telemetry.md).
+                traced=False,
             )
         except ConnectFailed as exc:
             # Nothing reached the instance, so trying another one is safe for any method.

@@ -609,12 +609,9 @@ def statement_span(system: str, operation: str, text: str, *, namespace: str = "
     return _client(operation, context.current_trace(), attributes)
 
 
-def client_span(
-    method: str, host: str, url: str, *, parent: context.TraceContext | None = None
-) -> Span | None:
-    """A CLIENT span (end it) for one outgoing HTTP request under ``parent``, or else the
-    bound trace, when sampled; None when spans are not exported or that trace is not
-    sampled."""
+def client_span(method: str, host: str, url: str) -> Span | None:
+    """A CLIENT span (end it) for one outgoing HTTP request under the bound trace, when it
+    is sampled; None when spans are not exported or that trace is not sampled."""
     if not context.spans_exported:
         return None
     attributes: dict[str, str | int] = {
@@ -622,7 +619,7 @@ def client_span(
         "server.address": host,
         "url.full": url.split("?", 1)[0],
     }
-    return _client(method, parent or context.current_trace(), attributes)
+    return _client(method, context.current_trace(), attributes)
 
 
 def _client(

@@ -46,18 +46,14 @@ _LENGTH_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 _TRACEPARENT = b"\r\ntraceparent:"
 
 
-def _client_span(
-    base_url: str, origin: Origin, head: bytes, parent: context.TraceContext | None
-) -> tuple[Span | None, bytes]:
-    """A CLIENT span for the request ``head`` starts (under ``parent``, else the bound trace,
-    when sampled), and ``head`` with a ``traceparent`` naming it, so the callee's server span
-    is its child; (None, ``head``) when no span is made."""
+def _client_span(base_url: str, origin: Origin, head: bytes) -> tuple[Span | None, bytes]:
+    """A CLIENT span for the request ``head`` starts (under the bound trace, when sampled),
+    and ``head`` with a ``traceparent`` naming it, so the callee's server span is its child;
+    (None, ``head``) when no span is made."""
     line_end = head.index(b"\r\n")
     method, _, rest = head[:line_end].partition(b" ")
     target = rest.rpartition(b" ")[0].decode("latin-1")
-    span = telemetry.client_span(
-        method.decode("ascii"), origin.host, base_url.rstrip("/") + target, parent=parent
-    )
+    span = telemetry.client_span(method.decode("ascii"), origin.host, base_url.rstrip("/") + target)
     if span is None:
         return None, head
     if not span.is_recording():  # a sampler that ignores the parent dropped it
@@ -147,8 +143,6 @@ class _Connection(asyncio.Protocol):
         # Instead of a waiter: called on every event (the gateway's fast lane, no task).
         self.listener: Callable[[], None] | None = None
         self.listen_timeout_s = 0.0
-        # The CLIENT span of a traced ``send_now`` request, ended when listening stops.
-        self.span: Span | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -232,9 +226,6 @@ class _Connection(asyncio.Protocol):
         lane); ``Answer.body`` needs it stopped."""
         self.listener = listener
         if listener is None:
-            if self.span is not None:
-                span, self.span = self.span, None
-                _end_client_span(span, self.status, self.error)
             return
         self.listen_timeout_s = timeout_s
         self.deadline = self.loop.time() + timeout_s
@@ -395,20 +386,16 @@ class UpstreamPool:
         head: bytes,
         *,
         head_only: bool,
-        parent: context.TraceContext | None = None,
         hosted: bool = False,
     ) -> _Connection | None:
         """``request`` without waiting, for a caller with no task (the gateway's fast lane):
         ``head`` (and the body after it) sent on a kept-alive connection, which is returned
         with the answer to come on it (see ``_Connection.listen``, ``Answer``); None, nothing
-        sent, when no connection is idle. ``parent``: the sampled trace the request is sent
-        for (no trace is bound here), whose CLIENT span ends when the caller stops listening.
-        ``hosted``: ``head`` has its Host line already (``with_host``), as a caller that
-        sends the same head again and again keeps it."""
+        sent, when no connection is idle. No CLIENT span: its caller, the gateway, makes one
+        span per request (docs/telemetry.md). ``hosted``: ``head`` has its Host line already
+        (``with_host``), as a caller that sends the same head again and again keeps it."""
         conn = self._take(base_url)
         if conn is not None:
-            if parent is not None:
-                conn.span, head = _client_span(base_url, self.origin(base_url), head, parent)
             if not hosted:
                 head = self._compose(self.origin(base_url), head, b"")
             conn.start(head, head_only=head_only)
@@ -523,7 +510,7 @@ class UpstreamPool:
         timeout_s: float,
         new_connection: bool,
     ) -> Answer:
-        span, head = _client_span(base_url, self.origin(base_url), head, None)
+        span, head = _client_span(base_url, self.origin(base_url), head)
         try:
             answer = await self.request(
                 base_url,
