@@ -203,13 +203,7 @@ def _reservation_document(reservation: Reservation) -> dict[str, Any]:
 async def reserve_lean(request: LeanRequest) -> Reply:
     """``reserve`` as the lean path serves it (platform/fastpath.py): the caller's token,
     then the body, as FastAPI checks them."""
-    runtime = request.app.state.runtime
-    await ORDER_SERVICE.admit(
-        request.header(b"authorization"),
-        verifier=runtime.tokens,
-        internal_audience=str(runtime.platform.internal_audience),
-        origin=runtime.origin,
-    )
+    await ORDER_SERVICE.admit_in(request.app.state.runtime, request.header(b"authorization"))
     body = request.valid(ReservationRequest)
     inventory: InventoryService = request.app.state.inventory
     reservation = await inventory.reserve(

@@ -14,7 +14,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import aiohttp
 from fastapi import Depends, Request
@@ -209,9 +209,12 @@ class InternalCallers:
         self._listed = ", ".join(sorted(self.accepted))
 
     async def __call__(self, request: Request) -> Principal:
-        runtime = request.app.state.runtime
+        return await self.admit_in(request.app.state.runtime, request.headers.get("authorization"))
+
+    async def admit_in(self, runtime: Any, authorization: str | None) -> Principal:
+        """``admit`` with the service's runtime's verifier, internal audience and origin."""
         return await self.admit(
-            request.headers.get("authorization"),
+            authorization,
             verifier=runtime.tokens,
             internal_audience=str(runtime.platform.internal_audience),
             origin=runtime.origin,

@@ -276,13 +276,7 @@ async def products_by_sku_lean(request: LeanRequest) -> Reply:
     look-up of every order the catalogue prices: the caller's token first, then the codes
     (read from the query string as Starlette reads it: latin-1, blanks kept; every
     ``skuCode`` before every ``skuCodes``, as the route passes them on)."""
-    runtime = request.app.state.runtime
-    await ORDER_SERVICE.admit(
-        request.header(b"authorization"),
-        verifier=runtime.tokens,
-        internal_audience=str(runtime.platform.internal_audience),
-        origin=runtime.origin,
-    )
+    await ORDER_SERVICE.admit_in(request.app.state.runtime, request.header(b"authorization"))
     pairs = parse_qsl(request.query.decode("latin-1"), keep_blank_values=True)
     asked = [value for key, value in pairs if key == "skuCode"]
     asked += [value for key, value in pairs if key == "skuCodes"]
