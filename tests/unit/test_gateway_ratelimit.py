@@ -78,3 +78,22 @@ async def test_the_fast_lanes_check_counts_like_check_client_and_never_refuses_i
         assert limits.admit_client_now("10.0.0.2")
     finally:
         await limits.close()
+
+
+async def test_the_fast_lanes_check_of_a_user_counts_both_or_neither() -> None:
+    limits = _limits(per_client="100/minute", per_user="2/minute")
+    try:
+        assert limits.admit_now("10.0.0.1", "alice")
+        assert limits.admit_now("10.0.0.2", "alice")  # the user's limit spans addresses
+        # At the user's limit: nothing counted, the answer (429) is check_user's.
+        assert not limits.admit_now("10.0.0.3", "alice")
+        with pytest.raises(Problem) as refused:
+            await limits.check_user("alice")
+        assert refused.value.status == 429
+        # The refused hit counted nothing against the client either.
+        for _ in range(100):
+            assert limits.admit_client_now("10.0.0.3")
+        assert not limits.admit_client_now("10.0.0.3")
+        assert limits.admit_now("10.0.0.4", "bob")
+    finally:
+        await limits.close()

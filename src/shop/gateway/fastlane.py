@@ -52,7 +52,6 @@ from shop.gateway.api import (
     with_identity,
 )
 from shop.gateway.domain import Access, Match, Route, canonical_path, response_headers
-from shop.gateway.ratelimit import RateLimits
 from shop.platform.breaker import BreakerState, CircuitBreaker
 from shop.platform.problems import Problem
 from shop.platform.security import SERVICE_ROLE, bearer_token
@@ -276,7 +275,7 @@ class GatewayProtocol(GuardedProtocol):
         client = proxy.client_of(peer, headers)
         limits = runtime.limits
         if not (
-            limits.admit_client_now(client) if user is None else _admit_now(limits, client, user)
+            limits.admit_client_now(client) if user is None else limits.admit_now(client, user)
         ):
             return False
         # Admitted and counted: from here on the request is the fast lane's to finish.
@@ -360,31 +359,6 @@ def _bearer(authorization: bytes) -> str | None:
         if token and not token.translate(None, _TOKEN_BYTES):
             return token.decode("ascii")
     return bearer_token(authorization.decode("latin-1"))
-
-
-def _admit_now(limits: RateLimits, client: str, user: str) -> bool:
-    """``RateLimits.admit_client_now`` with the user's limits too (a token route; a public one
-    asks ``admit_client_now`` alone): True with every hit counted when the client and the
-    user are within every limit; False, nothing counted, when either may not be (the ASGI
-    path then counts and answers 429)."""
-    # RateLimits keeps per-user counts in the same in-memory storage as per-client ones.
-    memory = limits._memory
-    if memory is None:
-        return False
-    counters = [
-        (limits._key(item, "user", user), item.amount, item.get_expiry())
-        for item in limits._per_user
-    ]
-    now = time.time()
-    expirations, counts = memory.expirations, memory.storage
-    for key, amount, _ in counters:
-        if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
-            return False
-    if not limits.admit_client_now(client):
-        return False
-    for key, _, expiry in counters:
-        memory.count(key, expiry)
-    return True
 
 
 _ANSWER_HEADS: dict[tuple[Any, ...], tuple[bytes, bool]] = {}

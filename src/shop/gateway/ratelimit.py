@@ -139,6 +139,28 @@ class RateLimits:
                 memory.count(key, expiry)
         return True
 
+    def admit_now(self, client: str, user: str) -> bool:
+        """``admit_client_now`` with ``user``'s limits too (a token route): True with every
+        hit counted when the client and the user are within every limit; False, nothing
+        counted, when either may not be (then ``check_client``/``check_user`` decide)."""
+        memory = self._memory
+        if memory is None:
+            return False
+        counters = [
+            (self._key(item, "user", user), item.amount, item.get_expiry())
+            for item in self._per_user
+        ]
+        now = time.time()
+        expirations, counts = memory.expirations, memory.storage
+        for key, amount, _ in counters:
+            if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+                return False
+        if not self.admit_client_now(client):
+            return False
+        for key, _, expiry in counters:
+            memory.count(key, expiry)
+        return True
+
     async def check_user(self, user: str) -> None:
         await self._check(self._per_user, "user", user)
 
