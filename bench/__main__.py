@@ -169,9 +169,11 @@ def _ratio_verdicts(ratio: RatioReport) -> Iterator[Verdict]:
         ratio.traced_share >= 0.90,
     )
     hop = ratio.hop_us(ratio.gateway_c1)
+    cross = ratio.hop_us(ratio.gateway_c1_cross)
     yield Verdict(
         "latency one gateway hop adds, p50, c=1",
-        f"+{_fmt(hop, ' us')} (nginx +{_fmt(ratio.hop_us(ratio.nginx_c1), ' us')})",
+        f"+{_fmt(hop, ' us')} (nginx +{_fmt(ratio.hop_us(ratio.nginx_c1), ' us')}; across"
+        f" cores +{_fmt(cross, ' us')}, nginx +{_fmt(ratio.hop_us(ratio.nginx_c1_cross), ' us')})",
         "<= 80 us",
         hop <= 80,
     )
@@ -185,6 +187,8 @@ def _ratio_verdicts(ratio: RatioReport) -> Iterator[Verdict]:
             ratio.direct_c1,
             ratio.gateway_c1,
             ratio.nginx_c1,
+            ratio.gateway_c1_cross,
+            ratio.nginx_c1_cross,
         )
         if r is not None
     )
@@ -237,9 +241,10 @@ def _system_lines(report: SystemReport) -> Iterator[str]:
 
 def _ratio_lines(ratio: RatioReport) -> Iterator[str]:
     yield "--- gateway vs nginx, same backend (proxies on core 0, wrk and backend on core 1) ---"
+    yield "--- (c=1x: the proxies on core 0; c=1: moved to core 1 with wrk and the backend) ---"
     for name in ("direct", "nginx", "gateway", "traced"):
-        for conc in (16, 1):
-            r = getattr(ratio, f"{name}_c{conc}", None)
+        for conc, suffix in ((16, "c16"), ("1x", "c1_cross"), (1, "c1")):
+            r = getattr(ratio, f"{name}_{suffix}", None)
             if r is not None:
                 yield (
                     f"{name:<8} c={conc:<3} {r.rps:8.0f} req/s  p50 {r.p50_ms * 1e3:7.0f} us  "

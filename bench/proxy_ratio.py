@@ -16,6 +16,13 @@ Measured: req/s through each proxy at c=16 (gateway ÷ nginx is the ratio; trace
 what tracing at 10 % costs, issue 10's overhead budget), and p50 at c=1 directly, through
 nginx and through the gateway (the latency one hop adds). Each in turn, ``rounds`` times;
 each keeps its best run.
+
+The c=1 phase runs twice. First as the c=16 one, the proxies on core 0 and the client and
+the backend on core 1 (``*_c1_cross``, shown): every request then crosses cores twice each
+way and wakes core 0 from idle, which on this VM has come to cost nginx itself 105-195 µs
+(docs/benchmarks.md, "The hop at c=1"). Then with the proxies moved to core 1 too
+(``*_c1``, the hop judged): what the proxy itself adds, nginx's +18-32 µs there being the
+issue's own anchor (+29 µs).
 """
 
 from __future__ import annotations
@@ -89,6 +96,8 @@ class RatioReport:
     direct_c1: WrkResult | None = None
     nginx_c1: WrkResult | None = None
     gateway_c1: WrkResult | None = None
+    nginx_c1_cross: WrkResult | None = None
+    gateway_c1_cross: WrkResult | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -124,6 +133,7 @@ class _Started:
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.popens: list[tuple[subprocess.Popen[bytes], Path]] = []
+        self.pids: dict[str, int] = {}
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log = self.workdir / f"{name}.log"
@@ -138,6 +148,21 @@ class _Started:
                 start_new_session=True,
             )
         self.popens.append((popen, log))
+        self.pids[name] = popen.pid  # taskset execs its command: the pid is the process's
+
+    def move(self, name: str, core: str) -> None:
+        """Pin ``name``'s process, every thread of it and its children (nginx's worker) to
+        ``core``."""
+        taskset = shutil.which("taskset") or "taskset"
+        pending = [self.pids[name]]
+        while pending:
+            pid = pending.pop()
+            subprocess.run(
+                [taskset, "-a", "-p", "-c", core, str(pid)], check=True, stdout=subprocess.DEVNULL
+            )
+            with contextlib.suppress(OSError):
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                pending += [int(child) for child in children]
 
     def nginx(self, name: str, body: str, core: str) -> None:
         home = self.workdir / name
@@ -232,14 +257,28 @@ async def _measure(report: RatioReport, started: _Started, *, seconds: float, ro
             if best is None or result.rps > best.rps:
                 setattr(report, f"{name}_c16", result)
     del urls["traced"]  # its budget is req/s only
+    await _c1(report, urls, seconds=seconds, rounds=rounds, suffix="_c1_cross")
+    if _pinned(CLIENT_CORE, []):  # pinning works here: the proxies join the client's core
+        started.move("nginx", CLIENT_CORE)
+        started.move("gateway", CLIENT_CORE)
+    del urls["direct"]  # the same in both layouts: measured with the first
+    await _c1(report, urls, seconds=seconds, rounds=rounds, suffix="_c1")
+
+
+async def _c1(
+    report: RatioReport, urls: dict[str, str], *, seconds: float, rounds: int, suffix: str
+) -> None:
+    """p50 at c=1 through each of ``urls``: the best of ``rounds`` runs, as ``{name}{suffix}``
+    (``direct`` is always ``direct_c1``)."""
     for _ in range(rounds):
         for name, url in urls.items():
             result = await run_wrk(
                 url, connections=1, duration_s=seconds, threads=1, cores=CLIENT_CORE
             )
-            best = getattr(report, f"{name}_c1")
+            attribute = "direct_c1" if name == "direct" else f"{name}{suffix}"
+            best = getattr(report, attribute)
             if best is None or result.p50_ms < best.p50_ms:
-                setattr(report, f"{name}_c1", result)
+                setattr(report, attribute, result)
 
 
 def run_ratio(workdir: Path, *, seconds: float = 3.0, rounds: int = 2) -> RatioReport:
