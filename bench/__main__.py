@@ -162,9 +162,11 @@ def _ratio_verdicts(ratio: RatioReport) -> Iterator[Verdict]:
         ratio.ratio >= 0.35,
     )
     traced = ratio.traced_c16
+    rounds = " ".join(f"{t:.0f}/{u:.0f}" for u, t in ratio.together)
     yield Verdict(
         "gateway req/s with tracing at a 10 % sample / without",
-        f"{ratio.traced_share:.3f} ({traced.rps if traced else 0:.0f} / {gw.rps if gw else 0:.0f})",
+        f"{ratio.traced_share:.3f} (loaded at once: {rounds}; in turn"
+        f" {ratio.traced_share_in_turn:.3f})",
         ">= 0.90",
         ratio.traced_share >= 0.90,
     )

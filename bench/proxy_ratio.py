@@ -9,7 +9,8 @@ Processes, all on loopback, all stopped at the end (SIGTERM, then SIGKILL):
 - **nginx** as a reverse proxy (one worker, keep-alive to the backend), pinned to core 0;
 - a second gateway, **traced**: spans exported over OTLP/HTTP (to the backend nginx, which
   answers ``/v1/traces`` with an empty 200, as a collector does) at a 10 % sample
-  (``parentbased_traceidratio``, 0.1), pinned to core 0 as well;
+  (``parentbased_traceidratio``, 0.1), pinned to core 0 as well; its share is measured with
+  both gateways loaded at once (each by its own wrk), so that the host's swings fall on both;
 - **wrk**, pinned to core 1.
 
 Measured: req/s through each proxy at c=16 (gateway ÷ nginx is the ratio; traced ÷ gateway is
@@ -98,6 +99,8 @@ class RatioReport:
     gateway_c1: WrkResult | None = None
     nginx_c1_cross: WrkResult | None = None
     gateway_c1_cross: WrkResult | None = None
+    # (untraced, traced) req/s of each round with both gateways loaded at once.
+    together: list[tuple[float, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -108,7 +111,17 @@ class RatioReport:
 
     @property
     def traced_share(self) -> float:
-        """The traced gateway's req/s as a share of the untraced one's."""
+        """The traced gateway's req/s as a share of the untraced one's, both loaded at once
+        on the same core (all rounds summed)."""
+        untraced = sum(pair[0] for pair in self.together)
+        if not untraced:
+            return float("nan")
+        return sum(pair[1] for pair in self.together) / untraced
+
+    @property
+    def traced_share_in_turn(self) -> float:
+        """The same from the runs in turn (``traced_c16`` ÷ ``gateway_c16``): shown only, as
+        the host's speed can change between the two runs."""
         if not (self.traced_c16 and self.gateway_c16 and self.gateway_c16.rps):
             return float("nan")
         return self.traced_c16.rps / self.gateway_c16.rps
@@ -256,6 +269,19 @@ async def _measure(report: RatioReport, started: _Started, *, seconds: float, ro
             best = getattr(report, f"{name}_c16")
             if best is None or result.rps > best.rps:
                 setattr(report, f"{name}_c16", result)
+    # Tracing's cost (issue 10's budget): the two gateways loaded at once, each by a wrk of
+    # its own, on the same core: they share every moment of the host, whose speed swings by
+    # tens of percent within minutes here, so a swing falls on both alike.
+    for _ in range(rounds):
+        untraced, traced_run = await asyncio.gather(
+            *(
+                run_wrk(
+                    urls[name], connections=16, duration_s=seconds, threads=1, cores=CLIENT_CORE
+                )
+                for name in ("gateway", "traced")
+            )
+        )
+        report.together.append((untraced.rps, traced_run.rps))
     del urls["traced"]  # its budget is req/s only
     await _c1(report, urls, seconds=seconds, rounds=rounds, suffix="_c1_cross")
     if _pinned(CLIENT_CORE, []):  # pinning works here: the proxies join the client's core
