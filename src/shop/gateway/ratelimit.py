@@ -70,6 +70,28 @@ class _SweptMemoryStorage(MemoryStorage):
         return count
 
 
+_Counters = tuple[tuple[str, int, int], ...]
+
+
+def _reached(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> bool:
+    """Whether a window still open of any of ``counters`` has reached its amount."""
+    expirations, counts = memory.expirations, memory.storage
+    for key, amount, _ in counters:
+        if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+            return True
+    return False
+
+
+def _count(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> None:
+    """One hit on each of ``counters``."""
+    expirations, counts = memory.expirations, memory.storage
+    for key, _, expiry in counters:
+        if expirations.get(key, 0) > now:
+            counts[key] += 1  # a window in progress; ``count`` opens a new one (and sweeps)
+        else:
+            memory.count(key, expiry)
+
+
 def _storage(url: str, *, key_prefix: str) -> Storage:
     if shared_storage(url):
         # redis-py rather than limits' default coredis: one Redis client in the dependencies.
@@ -101,8 +123,8 @@ class RateLimits:
         # In memory a hit is counted without a coroutine (see _SweptMemoryStorage.count).
         self._memory = self._storage if isinstance(self._storage, _SweptMemoryStorage) else None
         self._keys: dict[tuple[RateLimitItem, str, str], str] = {}
-        # Per client: (key, amount, expiry) of each per-client limit, for admit_client_now.
-        self._client_counters: dict[str, tuple[tuple[str, int, int], ...]] = {}
+        # Per (kind, who): (key, amount, expiry) of each of its limits, for the fast lane.
+        self._counter_sets: dict[tuple[str, str], _Counters] = {}
         self._limiter = FixedWindowRateLimiter(self._storage)
         self._per_client = tuple(per_client)
         self._per_user = tuple(per_user)
@@ -119,24 +141,11 @@ class RateLimits:
         memory = self._memory
         if memory is None:
             return False
-        counters = self._client_counters.get(client)
-        if counters is None:
-            if len(self._client_counters) >= 10_000:
-                self._client_counters.clear()
-            counters = self._client_counters[client] = tuple(
-                (self._key(item, "client", client), item.amount, item.get_expiry())
-                for item in self._per_client
-            )
+        counters = self._counters("client", client)
         now = time.time()
-        expirations, counts = memory.expirations, memory.storage
-        for key, amount, _ in counters:
-            if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
-                return False
-        for key, _, expiry in counters:
-            if expirations.get(key, 0) > now:
-                counts[key] += 1  # a window in progress; ``count`` opens a new one (and sweeps)
-            else:
-                memory.count(key, expiry)
+        if _reached(memory, counters, now):
+            return False
+        _count(memory, counters, now)
         return True
 
     def admit_now(self, client: str, user: str) -> bool:
@@ -146,20 +155,25 @@ class RateLimits:
         memory = self._memory
         if memory is None:
             return False
-        counters = [
-            (self._key(item, "user", user), item.amount, item.get_expiry())
-            for item in self._per_user
-        ]
+        clients, users = self._counters("client", client), self._counters("user", user)
         now = time.time()
-        expirations, counts = memory.expirations, memory.storage
-        for key, amount, _ in counters:
-            if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
-                return False
-        if not self.admit_client_now(client):
+        if _reached(memory, clients, now) or _reached(memory, users, now):
             return False
-        for key, _, expiry in counters:
-            memory.count(key, expiry)
+        _count(memory, clients, now)
+        _count(memory, users, now)
         return True
+
+    def _counters(self, kind: str, who: str) -> _Counters:
+        """(key, amount, expiry) of each of ``kind``'s limits for ``who``, made once."""
+        counters = self._counter_sets.get((kind, who))
+        if counters is None:
+            if len(self._counter_sets) >= 10_000:
+                self._counter_sets.clear()
+            items = self._per_client if kind == "client" else self._per_user
+            counters = self._counter_sets[kind, who] = tuple(
+                (self._key(item, kind, who), item.amount, item.get_expiry()) for item in items
+            )
+        return counters
 
     async def check_user(self, user: str) -> None:
         await self._check(self._per_user, "user", user)
