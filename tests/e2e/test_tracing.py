@@ -206,13 +206,23 @@ def customer(traced_system: System) -> dict[str, str]:
     return {"Authorization": f"Bearer {login.json()['access_token']}"}
 
 
-def _eventually(check: Callable[[], Any], *, within_s: float = 20.0, what: str) -> Any:
+def _eventually(
+    check: Callable[[], Any],
+    *,
+    within_s: float = 20.0,
+    what: str,
+    missing: Callable[[], str] | None = None,
+) -> Any:
+    """``check()``'s first truthy result; on time-out, fail naming ``what`` and, when given,
+    what ``missing()`` says is still lacking (so a red run names the silent service)."""
     deadline = time.monotonic() + within_s
     while True:
         result = check()
         if result:
             return result
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        if time.monotonic() >= deadline:
+            lacking = f": {missing()}" if missing else ""
+            raise AssertionError(f"timed out waiting for {what}{lacking}")
         time.sleep(0.1)
 
 
@@ -253,14 +263,31 @@ def test_one_order_is_one_trace_across_services_and_events(
 
     trace_id = _eventually(order_trace, what="the order service's span")
 
+    events = {("order-service", PRODUCER), ("notification-service", CONSUMER)}
+
     def whole_trace() -> list[Span] | None:
         spans = receiver.trace(trace_id)
-        kinds = {(s.service, s.kind) for s in spans}
-        evented = {("order-service", PRODUCER), ("notification-service", CONSUMER)} <= kinds
+        evented = events <= {(s.service, s.kind) for s in spans}
         traced = {s.service for s in spans} >= services
         return spans if traced and evented and _whole(spans) else None
 
-    spans = _eventually(whole_trace, what=f"the whole trace {trace_id}")
+    def lacking() -> str:
+        spans = receiver.trace(trace_id)
+        absent = sorted(services - {s.service for s in spans})
+        kinds = sorted(
+            f"{service} {'PRODUCER' if kind == PRODUCER else 'CONSUMER'}"
+            for service, kind in events - {(s.service, s.kind) for s in spans}
+        )
+        parts = [f"{len(spans)} spans"]
+        if absent:
+            parts.append(f"no span from {', '.join(absent)}")
+        if kinds:
+            parts.append(f"no {' or '.join(kinds)} span")
+        if spans and not _whole(spans):
+            parts.append("not one parent-linked tree")
+        return "; ".join(parts)
+
+    spans = _eventually(whole_trace, what=f"the whole trace {trace_id}", missing=lacking)
     by_id = {s.span_id: s for s in spans}
     root = next(s for s in spans if not s.parent_id)
     assert root.service == "api-gateway", "the trace starts at the gateway"

@@ -199,3 +199,31 @@ def test_only_a_declared_route_can_be_lean() -> None:
         add_lean_route(app, "POST", "/elsewhere", _lean_basket)
     with pytest.raises(ValueError, match="not a route"):
         add_lean_route(app, "DELETE", "/baskets", _lean_basket)
+
+
+async def test_a_lean_get_is_given_the_raw_query_string() -> None:
+    """A lean GET reads its parameters from ``LeanRequest.query``: the query string exactly
+    as sent (percent-escapes and repeats kept, for the handler to parse as FastAPI would), and
+    empty when there is none."""
+    router = APIRouter()
+
+    @router.get("/search")
+    async def search() -> Any:  # the declared route, for the docs
+        return {}
+
+    seen: list[bytes] = []
+
+    async def lean_search(request: LeanRequest) -> Reply:
+        seen.append(request.query)
+        return json_reply({"query": request.query.decode("latin-1")}, 200)
+
+    platform = PlatformSettings(max_body_bytes=LIMIT, registry_url="http://127.0.0.1:9/eureka")
+    app = create_app(name="test-service", title="Test", platform=platform, routers=[router])
+    add_lean_route(app, "GET", "/search", lean_search)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        asked = await client.get("/search?q=caf%C3%A9+au+lait&page=2&page=3")
+        bare = await client.get("/search")
+    assert asked.status_code == bare.status_code == 200
+    assert seen == [b"q=caf%C3%A9+au+lait&page=2&page=3", b""]
+    assert asked.json() == {"query": "q=caf%C3%A9+au+lait&page=2&page=3"}
