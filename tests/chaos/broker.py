@@ -21,7 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.servers import Server, ServerMissing, _listening, _tansu
+from tests.servers import Server, ServerMissing, listening, tansu_binary
 from tests.support import free_port, stop
 
 __all__ = ["DurableBroker", "durable_kafka_broker"]
@@ -42,7 +42,7 @@ def _moto_server() -> str:
 
 def _wait_listening(process: subprocess.Popen[bytes], port: int, name: str, log: Path) -> None:
     deadline = time.monotonic() + _START_S
-    while not _listening(port):
+    while not listening(port):
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited ({process.returncode}):\n{log.read_text()}")
         if time.monotonic() > deadline:
@@ -77,7 +77,7 @@ class DurableBroker:
         self.starts += 1
         address = f"tcp://127.0.0.1:{self.port}"
         argv = [
-            _tansu(),
+            tansu_binary(),
             "broker",
             "--listener-url",
             address,

@@ -63,7 +63,7 @@ def durable_kafka(request: pytest.FixtureRequest) -> Iterator[DurableBroker]:
 @pytest.fixture(scope="package")
 def kafka_server(durable_kafka: DurableBroker) -> Server:
     """The production profile's broker here is the restartable one (tests/e2e's
-    ``_production_environment`` asks for ``kafka_server``)."""
+    ``production_environment`` asks for ``kafka_server``)."""
     return durable_kafka.as_server()
 
 

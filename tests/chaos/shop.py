@@ -9,13 +9,10 @@ The launcher's own lines are the source of truth: ``started inventory (pid N)`` 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
-import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -24,15 +21,7 @@ import pytest
 from bench.gateway_proxy import UNLIMITED
 from bench.procs import descendants
 
-from tests.e2e.conftest import (
-    DEV_ADMIN_PASSWORD,
-    REGISTRANTS,
-    SERVICE_CLIENTS,
-    System,
-    _production_environment,
-    _wait_until_serving,
-)
-from tests.support import free_port
+from tests.shop_system import System, running_system
 
 __all__ = ["ChaosShop", "running_shop"]
 
@@ -58,7 +47,6 @@ TUNING = {
     # Quick event retries: a locked log or a stopped broker is waited out in seconds.
     "SHOP_EVENT_RETRY_BACKOFF_MAX_S": "2",
 }
-STOP_TIMEOUT_S = 30.0
 
 
 class ChaosShop:
@@ -159,70 +147,20 @@ def running_shop(
 ) -> Iterator[ChaosShop]:
     """``shop up`` on free ports, restarting crashed services with a high limit (chaos kills
     more often than the default 5 within 60 s), stopped with Ctrl-C at the end."""
-    registry_port, gateway_port = free_port(), free_port()
-    registry_clients = {name: secrets.token_urlsafe(32) for name in REGISTRANTS}
-    service_clients = {name: secrets.token_urlsafe(32) for name in SERVICE_CLIENTS}
-    env = {
-        **os.environ,
-        **TUNING,
-        "REGISTRY_CLIENTS": json.dumps(registry_clients),
-        "AUTH_SERVICE_CLIENTS": json.dumps(service_clients),
-        **(extra or {}),
-    }
-    command: list[str] = [
-        sys.executable,
-        "-m",
-        "shop.launcher.cli",
-        "up",
-        "--profile",
-        profile,
-        "--registry-port",
-        str(registry_port),
-        "--gateway-port",
-        str(gateway_port),
-        "--data-dir",
-        str(root / "data"),
-        "--max-restarts",
-        "100",
-    ]
-    admin_password = DEV_ADMIN_PASSWORD
-    databases: dict[str, str] = {}
-    if profile == "production":
-        production = _production_environment(request, root)
-        env.update(production)
-        admin_password = production["AUTH_ADMIN_PASSWORD"]
-        databases = {
-            service: production[f"{service.upper()}_DATABASE_URL"]
-            for service in ("inventory", "order", "notification")
-        }
-    if scale:
-        command += ["--scale", ",".join(f"{name}={n}" for name, n in scale.items())]
-    system = System(
+    with running_system(
+        root,
         profile=profile,
-        gateway=f"http://127.0.0.1:{gateway_port}",
-        registry=f"http://127.0.0.1:{registry_port}",
-        log=root / "shop-up.log",
-        data_dir=root / "data",
-        admin_password=admin_password,
-        registry_clients=registry_clients,
-        service_clients=service_clients,
-    )
-    with system.log.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_until_serving(system, process)
-        yield ChaosShop(system=system, process=process, databases=databases)
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"`shop up` did not stop within {STOP_TIMEOUT_S:g} s of Ctrl-C")
+        environment={**TUNING, **(extra or {})},
+        arguments=["--max-restarts", "100"],
+        scale=scale,
+        request=request,
+    ) as running:
+        databases = (
+            {
+                service: running.environment[f"{service.upper()}_DATABASE_URL"]
+                for service in ("inventory", "order", "notification")
+            }
+            if profile == "production"
+            else {}
+        )
+        yield ChaosShop(system=running.system, process=running.process, databases=databases)

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.e2e.conftest import System
+from tests.shop_system import System
 from tests.support import require_or_skip
 
 if TYPE_CHECKING:

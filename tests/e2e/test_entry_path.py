@@ -15,8 +15,8 @@ import httpx
 import jwt
 import pytest
 
-from tests.e2e.conftest import System
 from tests.integration.test_registry_eureka_client import DRIVER
+from tests.shop_system import System
 
 PROBLEM_JSON = "application/problem+json"
 

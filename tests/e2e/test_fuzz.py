@@ -28,7 +28,7 @@ from schemathesis.checks import (
 from schemathesis.core.result import Err
 
 from shop.gateway.domain import Access, Match, public_route_table
-from tests.e2e.conftest import System
+from tests.shop_system import System
 
 pytestmark = [
     pytest.mark.e2e,

@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.e2e.conftest import System
+from tests.shop_system import System
 
 pytestmark = [
     pytest.mark.e2e,

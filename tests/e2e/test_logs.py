@@ -10,7 +10,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.e2e.conftest import System
+from tests.shop_system import System
 
 
 def _grep(system: System, needle: str, *, services: set[str]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.conftest import System
+from tests.shop_system import System
 
 PROBLEM_JSON = "application/problem+json"
 

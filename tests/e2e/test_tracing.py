@@ -9,12 +9,6 @@ module alone, with the standard ``OTEL_*`` variables an operator would set, once
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -30,8 +24,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.e2e.conftest import REGISTRANTS, SERVICE_CLIENTS, System, _wait_until_serving
-from tests.support import free_port
+from tests.shop_system import System, running_system
 
 SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # SpanKind in OTLP's numbering
 SERVICES = ("api-gateway", "order-service", "inventory-service", "notification-service")
@@ -137,17 +130,10 @@ def traced_system(
     price_source: str, receiver: Receiver, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[System]:
     """`shop up` on the embedded profile, every span exported to ``receiver``."""
-    root = tmp_path_factory.mktemp("system-traced")
-    registry_port, gateway_port = free_port(), free_port()
-    registry_clients = {name: secrets.token_urlsafe(32) for name in REGISTRANTS}
-    service_clients = {name: secrets.token_urlsafe(32) for name in SERVICE_CLIENTS}
-    env = {
-        **os.environ,
+    environment = {
         "SHOP_HEARTBEAT_INTERVAL_S": "1",
         "SHOP_REGISTRY_CACHE_TTL_S": "1",
         "REGISTRY_EVICTION_INTERVAL_S": "1",
-        "REGISTRY_CLIENTS": json.dumps(registry_clients),
-        "AUTH_SERVICE_CLIENTS": json.dumps(service_clients),
         "OTEL_TRACES_EXPORTER": "otlp",
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
@@ -155,42 +141,10 @@ def traced_system(
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # ms: spans reach the receiver within the test
         "ORDER_PRICE_SOURCE": price_source,
     }
-    command = [
-        sys.executable,
-        "-m",
-        "shop.launcher.cli",
-        "up",
-        "--profile",
-        "embedded",
-        "--registry-port",
-        str(registry_port),
-        "--gateway-port",
-        str(gateway_port),
-        "--data-dir",
-        str(root / "data"),
-    ]
-    system = System(
-        profile="embedded",
-        gateway=f"http://127.0.0.1:{gateway_port}",
-        registry=f"http://127.0.0.1:{registry_port}",
-        log=root / "shop-up.log",
-        data_dir=root / "data",
-        admin_password="admin-password",
-        registry_clients=registry_clients,
-        service_clients=service_clients,
-    )
-    with system.log.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_until_serving(system, proc)
-        yield system
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_system(
+        tmp_path_factory.mktemp("system-traced"), environment=environment
+    ) as running:
+        yield running.system
 
 
 @pytest.fixture(scope="module")

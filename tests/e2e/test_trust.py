@@ -24,7 +24,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.e2e.conftest import System
+from tests.shop_system import System
 
 # On both profiles: the attacks must fail whichever engines and how many instances run.
 
