@@ -11,28 +11,23 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
 import threading
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
+from tests.e2e.browser import SCREENSHOTS, chromium, home_tab
 from tests.shop_system import System
-from tests.support import require_or_skip
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page, Route
+    from playwright.sync_api import Browser, Page
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package `chromium`: never a downloaded browser
-SCREENSHOTS = Path(__file__).resolve().parents[2] / ".artifacts" / "screenshots"
 # Started by `shop up`: the console must show each of them, every instance UP.
 SERVICES = (
     "api-gateway",
@@ -49,43 +44,14 @@ TRACE_UI = "http://127.0.0.1:9411/zipkin/traces/{traceId}"
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require_or_skip("the Python package playwright is not installed")
-    if shutil.which(CHROMIUM) is None:
-        require_or_skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
 def page(browser: Browser, system: System) -> Iterator[Page]:
-    """A fresh tab that may reach the system's own origin and nothing else: a request to any
-    other host (a CDN) is aborted and remembered, and the test fails on it."""
-    own = urlsplit(system.gateway).netloc
-    elsewhere: list[str] = []
-
-    def keep_home(route: Route) -> None:
-        if urlsplit(route.request.url).netloc == own:
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    context = browser.new_context()
-    context.route("**/*", keep_home)
-    tab = context.new_page()
-    tab.set_default_timeout(20_000)
-    try:
+    with home_tab(browser, system.gateway) as tab:
         yield tab
-    finally:
-        context.close()
-    assert not elsewhere, f"the page tried to load from another origin: {elsewhere}"
 
 
 def _screenshot(page: Page, name: str, system: System) -> None:

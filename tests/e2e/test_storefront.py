@@ -16,25 +16,23 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
+from tests.e2e.browser import SCREENSHOTS as BROWSER_SCREENSHOTS
+from tests.e2e.browser import chromium, home_tab
 from tests.shop_system import System
-from tests.support import require_or_skip
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page, Route
+    from playwright.sync_api import Browser, Page
 
 # One system (the embedded profile) and one browser for the whole module: the production
 # topology serves the same pages through the same gateway (docs/storefront.md).
@@ -43,8 +41,7 @@ pytestmark = [
     pytest.mark.parametrize("system", ["embedded"], indirect=True),
 ]
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package `chromium`: never a downloaded browser
-SCREENSHOTS = Path(__file__).resolve().parents[2] / ".artifacts" / "screenshots" / "storefront"
+SCREENSHOTS = BROWSER_SCREENSHOTS / "storefront"
 PASSWORD = "correct horse battery"
 # A phone held upright (an iPhone 12's CSS pixels).
 PHONE = {"width": 390, "height": 844}
@@ -52,50 +49,13 @@ PHONE = {"width": 390, "height": 844}
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require_or_skip("the Python package playwright is not installed")
-    if shutil.which(CHROMIUM) is None:
-        require_or_skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
-        try:
-            yield browser
-        finally:
-            browser.close()
-
-
-@contextmanager
-def _tab(browser: Browser, system: System, **options: object) -> Iterator[Page]:
-    """A fresh tab that may reach the system's own origin and nothing else: a request to any
-    other host is aborted and remembered, and the test fails on it. Dialogs (the cancel's
-    "are you sure") are accepted."""
-    own = urlsplit(system.gateway).netloc
-    elsewhere: list[str] = []
-
-    def keep_home(route: Route) -> None:
-        if urlsplit(route.request.url).netloc == own:
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    context = browser.new_context(**options)  # type: ignore[arg-type]
-    context.route("**/*", keep_home)
-    tab = context.new_page()
-    tab.set_default_timeout(20_000)
-    tab.on("dialog", lambda dialog: dialog.accept())
-    try:
-        yield tab
-    finally:
-        context.close()
-    assert not elsewhere, f"the page tried to load from another origin: {elsewhere}"
+    with chromium() as browser:
+        yield browser
 
 
 @pytest.fixture
 def page(browser: Browser, system: System) -> Iterator[Page]:
-    with _tab(browser, system) as tab:
+    with home_tab(browser, system.gateway) as tab:
         yield tab
 
 
@@ -405,7 +365,7 @@ def test_a_customer_is_refused_the_admin_page(page: Page, system: System) -> Non
 def test_browsing_works_without_javascript_at_phone_width(
     browser: Browser, system: System, stocked: Stocked
 ) -> None:
-    with _tab(browser, system, java_script_enabled=False, viewport=PHONE) as tab:
+    with home_tab(browser, system.gateway, java_script_enabled=False, viewport=PHONE) as tab:
         tab.goto(f"{system.gateway}/")
         tab.get_by_label("Category").select_option(f"home-{stocked.tag}")
         tab.get_by_role("button", name="Apply").click()
