@@ -132,12 +132,16 @@ async def test_processes_writing_at_once_lose_nothing_and_keep_their_order(bus_u
         assert recorder.numbers(key) == list(range(100))
 
 
+@pytest.mark.parametrize("watch", ["inotify", "polling"])
 async def test_an_idle_consumer_hears_of_new_events_without_polling_the_table(
-    bus_url: str, monkeypatch: pytest.MonkeyPatch
+    bus_url: str, monkeypatch: pytest.MonkeyPatch, watch: str
 ) -> None:
     """Appends by this process wake its consumers; appends by another process are noticed
-    through the file's data version. Neither waits for the consumer's own re-check."""
+    through the file's data version. Neither waits for the consumer's own re-check, whether
+    the kernel reports writes to the file (inotify) or the watcher polls (elsewhere)."""
     monkeypatch.setattr(eventlog, "_RECHECK_S", 60.0)
+    if watch == "polling":
+        monkeypatch.setattr(eventlog, "_wal_writes", lambda _database: None)
     recorder = Recorder()
     async with open_bus(bus_url) as bus:
         bus.subscribe("orders", group="g", handler=recorder)
@@ -145,6 +149,34 @@ async def test_an_idle_consumer_hears_of_new_events_without_polling_the_table(
         await bus.publish("orders", [_event("A", 1)])
         await _until(lambda: recorder.numbers() == [1], within_s=5)
         await asyncio.sleep(0.2)  # the consumer found nothing more and waits
+        with closing(sqlite3.connect(bus_url.removeprefix("sqlite:///"))) as db, db:
+            db.execute(
+                "INSERT INTO events (topic, key, event_id, payload, appended_at)"
+                " VALUES ('orders', 'A', ?, ?, 0)",
+                ("e2", _event("A", 2).to_json()),
+            )
+        await _until(lambda: recorder.numbers() == [1, 2], within_s=5)
+
+
+async def test_an_idle_watcher_looks_only_when_the_file_is_written(
+    bus_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel reports writes (Linux), a process with nothing to consume does not
+    wake up a hundred times a second to look for other processes' appends, and still hears
+    of one at once: here neither the watcher's fallback nor the consumer's re-check would
+    come within the test."""
+    monkeypatch.setattr(eventlog, "_RECHECK_S", 60.0)
+    monkeypatch.setattr(eventlog, "_WATCH_FALLBACK_S", 60.0)
+    recorder = Recorder()
+    async with open_bus(bus_url) as bus:
+        bus.subscribe("orders", group="g", handler=recorder)
+        await bus.start()
+        await bus.publish("orders", [_event("A", 1)])
+        await _until(lambda: recorder.numbers() == [1], within_s=5)
+        await asyncio.sleep(0.1)  # the look after this process's own append has been
+        idle_since = bus.watch_looks
+        await asyncio.sleep(0.5)  # idle: polling every 10 ms would have looked ~50 times
+        assert bus.watch_looks - idle_since <= 1
         with closing(sqlite3.connect(bus_url.removeprefix("sqlite:///"))) as db, db:
             db.execute(
                 "INSERT INTO events (topic, key, event_id, payload, appended_at)"

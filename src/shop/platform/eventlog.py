@@ -16,7 +16,8 @@
   ``python -m shop.platform.eventlog replay``) puts them back.
 - A consumer that found nothing new waits to be told rather than polling the table: an
   append by its own process wakes it, and one watcher per process notices other processes'
-  commits through ``PRAGMA data_version``.
+  commits through ``PRAGMA data_version``, looking when the kernel reports a write to the
+  file (inotify, on Linux) rather than a hundred times a second.
 WAL mode lets readers and one writer work at once across processes.
 """
 
@@ -132,6 +133,8 @@ _DELETE_PASSED = text(
 _NO_BOUND = 2**63 - 1
 # A consumer that found nothing new looks again at least this often, whatever it was told.
 _RECHECK_S = 1.0
+# Where writes to the log are reported (inotify), the watcher looks this often all the same.
+_WATCH_FALLBACK_S = 1.0
 # How long the offset writer waits out another process's write lock, and its longest pause.
 _BUSY_PATIENCE_S = 10.0
 _BUSY_PAUSE_MAX_S = 0.05
@@ -196,6 +199,37 @@ class _Writer:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _wal_writes(database: str) -> Any | None:
+    """Linux's inotify watching ``<database>-wal`` for writes (non-blocking), or None where
+    there is none: not Linux, the user's limit of inotify instances reached, a file system
+    that cannot be watched. The watcher then polls (``_start_watch``)."""
+    try:
+        from asyncinotify import Inotify, Mask
+    except (ImportError, RuntimeError):  # RuntimeError: a libc without inotify
+        return None
+    try:
+        notes = Inotify()
+    except OSError as exc:
+        log.info("event log watch polls: no inotify instance (%s)", exc)
+        return None
+    # asyncinotify 4.4's InitFlags.NONBLOCK is O_CLOEXEC's value: made non-blocking here.
+    os.set_blocking(notes.fd, False)
+    try:
+        notes.add_watch(f"{database}-wal", Mask.MODIFY)
+    except OSError as exc:
+        log.info("event log watch polls: cannot watch %s-wal (%s)", database, exc)
+        notes.close()
+        return None
+    return notes
+
+
+def _drain(fd: int) -> None:
+    """Read every pending inotify record (one watch, one kind: what they say is known)."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 4096):
+            pass
 
 
 @dataclass(slots=True)
@@ -411,6 +445,12 @@ class SqliteEventLog:
         """How long an event whose handler keeps failing is retried before it is set aside."""
         return self._retry.patience_s
 
+    @property
+    def watch_looks(self) -> int:
+        """How often this process's watcher has looked at the file for other processes'
+        appends (diagnostics: an idle process should hardly look at all)."""
+        return 0 if self._watch_loop is None else self._watch_loop.steps
+
     async def _consume(self, sub: _Subscription) -> None:
         # Every step, the first ones included, is retried until the log closes: a log that
         # is locked (or missing) when the consumer starts must not end it for good while
@@ -460,15 +500,42 @@ class SqliteEventLog:
 
     def _start_watch(self) -> None:
         """Tell the consumers when another process appended events, without a query of the
-        log per consumer and poll: every ``poll_interval_s`` one ``PRAGMA data_version``
-        (which changes when another connection committed to the file) on a connection of
-        its own, and only then a look at the last ``seq``. A job on the common loop."""
+        log per consumer and poll: one ``PRAGMA data_version`` (which changes when another
+        connection committed to the file) on a connection of its own, and only then a look
+        at the last ``seq``. A job on the common loop.
+
+        When to look: where the kernel reports writes to the log's ``-wal`` file (Linux's
+        inotify; every commit in WAL mode writes there), as soon as one comes and at most
+        once per ``poll_interval_s`` while they keep coming (writes in between are merged by
+        the kernel), and every ``_WATCH_FALLBACK_S`` in case one went unreported: an idle
+        process does not wake up a hundred times a second. Elsewhere, every
+        ``poll_interval_s``."""
         database = make_url(self._url).database
         if not database or database == ":memory:":
             # Nobody else can write to it: appends here wake the consumers directly.
             return
         watcher = sqlite3.connect(database, timeout=0, check_same_thread=False)
         seen: dict[str, Any] = {"version": None, "last": None}
+        loop = asyncio.get_running_loop()
+        # The first read opens the -wal file (creating it if no one had), so it can be watched.
+        with contextlib.suppress(sqlite3.Error):
+            watcher.execute("PRAGMA data_version").fetchone()
+        notes = _wal_writes(database)
+        listening: dict[str, Any] = {"on": False, "soon": None}
+
+        def written() -> None:
+            # Read the notes away and stop listening until the next look has been.
+            assert notes is not None  # noqa: S101 - only ever registered with notes
+            _drain(notes.fd)
+            loop.remove_reader(notes.fd)
+            listening["on"] = False
+            watching.wake()
+
+        def listen() -> None:
+            listening["soon"] = None
+            if notes is not None and not listening["on"] and not watching.stopping:
+                loop.add_reader(notes.fd, written)
+                listening["on"] = True
 
         async def look() -> bool:
             try:
@@ -483,21 +550,31 @@ class SqliteEventLog:
             except sqlite3.Error as exc:  # the file is busy being recovered: look again
                 log.debug("event log watch: %r", exc)
                 seen["version"] = None
+            if notes is not None and not listening["on"] and listening["soon"] is None:
+                listening["soon"] = loop.call_later(self._poll, listen)
             return False
 
         class _Watching(Loop):
             async def _stopped(self) -> None:
+                if notes is not None:
+                    if listening["soon"] is not None:
+                        listening["soon"].cancel()
+                    if listening["on"]:
+                        loop.remove_reader(notes.fd)
+                    notes.close()
                 watcher.close()
 
-        self._watch_loop = _Watching(
+        watching = _Watching(
             look,
             name="eventlog-watch",
-            interval_s=self._poll,
+            interval_s=self._poll if notes is None else _WATCH_FALLBACK_S,
             backoff_s=self._poll,
             backoff_max_s=1.0,
             grace_s=1.0,
         )
-        self._watch_loop.start()
+        self._watch_loop = watching
+        listen()
+        watching.start()
 
     async def purge_events(self, before: float, limit: int) -> tuple[int, bool]:
         """Retention: delete at most ``limit`` events appended before ``before`` that every

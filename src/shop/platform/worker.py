@@ -128,6 +128,7 @@ class Loop:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self.steps = 0  # steps tried since the loop was made
         self.failures = 0  # steps that raised, since the loop was made
 
     @property
@@ -188,6 +189,7 @@ class Loop:
         failed_in_a_row = 0
         while not self._stopping.is_set():
             try:
+                self.steps += 1
                 more = await self._attempt()
             except Exception as exc:
                 failed_in_a_row += 1
