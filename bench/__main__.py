@@ -235,6 +235,12 @@ def _system_lines(report: SystemReport) -> Iterator[str]:
             f"{_fmt(brk.recovered_after_s, ' s', 1)} after SIGCONT"
         )
     yield f"PSS MiB by process after the run: {report.pss_by_process_mib}"
+    if report.idle_cpu_percent:
+        idle = report.idle_cpu_percent
+        yield (
+            f"idle CPU after start-up, % of one core: all {sum(idle.values()):.1f}, "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(idle.items(), key=lambda kv: -kv[1]))
+        )
     for name, frames in report.pyspy.items():
         yield f"py-spy {name}: " + " | ".join(frames)
     for note in report.notes:

@@ -5,7 +5,8 @@ One run, in order:
 1. **start-up**: spawn ``shop up`` (free registry and gateway ports, a temporary data dir)
    and time it until the launcher says every service answered 200 on ``/health/ready``;
    then check each ``/health/ready`` again ourselves. Idle PSS of the launcher and all its
-   children, 2 s later.
+   children, 2 s later; then each process's idle CPU over ``IDLE_CPU_S`` (printed, no
+   target).
 2. **set-up** through the gateway: the admin logs in, creates the bench's products and their
    stock (inventory admin API); customers register and log in.
 3. **orders**, c=64, closed loop (wrk): every order one unit of one of 32 SKUs, its own
@@ -58,6 +59,7 @@ SERVICES = ("registry", "gateway", "auth", "product", "inventory", "order", "not
 ADMIN = ("admin@example.com", "admin-password")
 MYSQL = {"host": "127.0.0.1", "port": 3306, "user": "root", "password": ""}
 MIB = 1024
+IDLE_CPU_S = 5.0  # how long the idle system's CPU is sampled after start-up
 DB_SERVERS = ("mariadbd", "mysqld")
 PASSWORD = "bench-password-1"  # noqa: S105 - a throwaway customer of a throwaway system
 
@@ -106,6 +108,8 @@ class SystemReport:
     store: str
     startup_s: float = float("nan")
     idle_pss_mib: float = float("nan")
+    # Share of one core each process used while the system sat idle after start-up (no target).
+    idle_cpu_percent: dict[str, float] = field(default_factory=dict)
     settled_pss_mib: float = float("nan")
     settled_rss_mib: float = float("nan")
     pss_by_process_mib: dict[str, float] = field(default_factory=dict)
@@ -548,6 +552,12 @@ async def _measure(
             await _json(http, "GET", f"{url}/health/ready", expect=(200,))
         await asyncio.sleep(2.0)
         report.idle_pss_mib = tree_pss_kib(launcher.all_pids()) / MIB
+        before, began = launcher.cpu_by_service(), time.monotonic()
+        await asyncio.sleep(IDLE_CPU_S)
+        after, took = launcher.cpu_by_service(), time.monotonic() - began
+        report.idle_cpu_percent = {
+            name: round(100 * (after[name] - before.get(name, 0.0)) / took, 2) for name in after
+        }
 
         gateway = launcher.gateway
         admin = {"Authorization": f"Bearer {await _login(http, gateway, *ADMIN)}"}
