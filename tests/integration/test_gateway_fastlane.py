@@ -247,3 +247,50 @@ async def test_traced_requests_take_the_fast_lane_with_the_proxys_span(
     assert sampled == f"00-{span.context.trace_id:032x}-{span.context.span_id:016x}-01"
     assert not_sampled.startswith("00-1af7651916cd43dd8448eb211c80319c-")
     assert not_sampled.endswith("-00")
+
+
+async def test_a_connection_varying_its_head_gets_each_request_forwarded_as_sent(
+    world: World, fast_lane: list[bool]
+) -> None:
+    # The fast lane reuses what it concluded from a connection's last head only when the
+    # method, target and headers are the same again: any change is forwarded as sent.
+    await _warm(world)
+    fast_lane.clear()
+    world.forget_requests()
+    heads = [
+        (b"GET", b"/api/product/1?x=1", b""),
+        (b"GET", b"/api/product/1?x=1", b""),
+        (b"GET", b"/api/product/1?x=2", b""),
+        (b"GET", b"/api/product/2?x=2", b""),
+        (b"GET", b"/api/product/2?x=2", b"X-Extra: a\r\n"),
+        (b"GET", b"/api/product/2?x=2", b"X-Extra: b\r\n"),
+        (b"GET", b"/api/product/2?x=2", b"X-Extra: b\r\n"),
+        (b"GET", b"/api/product/2", b"X-Extra: b\r\n"),
+        # Last: an answer to HEAD leaves its connection unusable (the fast lane opens none).
+        (b"HEAD", b"/api/product/2", b"X-Extra: b\r\n"),
+    ]
+    reader, writer = await asyncio.open_connection("127.0.0.1", world.gateway.port)
+    try:
+        for method, target, extra in heads:
+            writer.write(b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, target, extra))
+            answer = await reader.readuntil(b"\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            length = next(
+                int(line.split(b":")[1])
+                for line in answer.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            if method != b"HEAD":
+                assert json.loads(await reader.readexactly(length))["path"] == target.decode()
+    finally:
+        writer.close()
+    assert fast_lane == [True] * len(heads)
+    seen = [
+        (r.method, r.raw_path, {k.lower(): v for k, v in r.headers.items()}.get("x-extra"))
+        for r in world.reached()
+    ]
+    # Two instances answer in turn: the order across them is the round-robin's.
+    expected = [
+        (m.decode(), t.decode(), e[len(b"X-Extra: ") : -2].decode() or None) for m, t, e in heads
+    ]
+    assert sorted(seen, key=str) == sorted(expected, key=str)

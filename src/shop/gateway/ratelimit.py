@@ -92,6 +92,21 @@ def _count(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> None
             memory.count(key, expiry)
 
 
+def _admit(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> bool:
+    """``_reached`` then ``_count``, in one call (the fast lane's public request makes this
+    one check): True with a hit on each of ``counters`` if none has reached its amount."""
+    expirations, counts = memory.expirations, memory.storage
+    for key, amount, _ in counters:
+        if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+            return False
+    for key, _, expiry in counters:
+        if expirations.get(key, 0) > now:
+            counts[key] += 1
+        else:
+            memory.count(key, expiry)
+    return True
+
+
 def _storage(url: str, *, key_prefix: str) -> Storage:
     if shared_storage(url):
         # redis-py rather than limits' default coredis: one Redis client in the dependencies.
@@ -141,12 +156,8 @@ class RateLimits:
         memory = self._memory
         if memory is None:
             return False
-        counters = self._counters("client", client)
-        now = time.time()
-        if _reached(memory, counters, now):
-            return False
-        _count(memory, counters, now)
-        return True
+        counters = self._counter_sets.get(("client", client)) or self._counters("client", client)
+        return _admit(memory, counters, time.time())
 
     def admit_now(self, client: str, user: str) -> bool:
         """``admit_client_now`` with ``user``'s limits too (a token route): True with every

@@ -16,6 +16,7 @@ from shop.platform.problems import send_problem
 __all__ = [
     "BodyLimitMiddleware",
     "BodyTimeoutMiddleware",
+    "LATENCY_BUCKETS",
     "HttpMetrics",
     "MetricsMiddleware",
     "RequestContextMiddleware",
@@ -189,6 +190,11 @@ class BodyTimeoutMiddleware:
             )
 
 
+# The upper bounds of ``shop_http_request_duration_seconds``' buckets (+Inf added by the
+# histogram); the gateway's proxy counts into the same buckets (gateway/api.py).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
 class HttpMetrics:
     """Prometheus instruments of one app, in its own registry (several apps may share a process)."""
 
@@ -205,7 +211,7 @@ class HttpMetrics:
             "Time to answer an HTTP request",
             ["service", "method", "route"],
             registry=self.registry,
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=LATENCY_BUCKETS,
         )
         self.service = service
 
