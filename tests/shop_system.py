@@ -125,6 +125,9 @@ def production_environment(request: pytest.FixtureRequest, root: Path) -> dict[s
         # The gateways' rate limits are shared through Redis (the one running on this machine).
         "GATEWAY_RATE_LIMIT_STORAGE_URL": "redis://127.0.0.1:6379/0",
         "GATEWAY_RATE_LIMIT_KEY_PREFIX": f"shop-e2e-{secrets.token_hex(4)}",
+        # So are auth's counts of failed log-ins, over both of its instances' attempts.
+        "AUTH_LOGIN_THROTTLE_STORAGE_URL": "redis://127.0.0.1:6379/0",
+        "AUTH_LOGIN_THROTTLE_KEY_PREFIX": f"shop-e2e-auth-{secrets.token_hex(4)}",
         "AUTH_DATABASE_URL": mysql.new_url(),
         "PRODUCT_DATABASE_URL": mongo,
         "INVENTORY_DATABASE_URL": mysql.new_url(),

@@ -128,7 +128,8 @@ def for_podman(
       the pod's fsGroup as group, which podman does not apply itself.
     - `secrets` is a folder holding `<secretName>/` with the Secret's files (make_secrets.py's);
       each pod's folder is made beside it.
-    - `extra_env`: settings this test adds to keep runs apart (the gateway's Redis key prefix).
+    - `extra_env`: settings this test adds to keep runs apart (the gateway's and auth's Redis
+      key prefixes).
     - names carry the run's id and a label, so that cleaning up finds exactly this run's pods.
     """
     played: list[Manifest] = []
@@ -274,8 +275,12 @@ def deployment(
         ("shop-config", "SHOP_EVENT_BUS_URL"): kafka_server.url,
         ("shop-endpoints", "product-database-url"): f"{base.rstrip('/')}/shop_{run_id}?{query}",
         ("shop-endpoints", "gateway-rate-limit-storage-url"): "redis://127.0.0.1:6379/0",
+        ("shop-endpoints", "auth-login-throttle-storage-url"): "redis://127.0.0.1:6379/0",
     }
-    extra_env = {"gateway": {"GATEWAY_RATE_LIMIT_KEY_PREFIX": f"shop-deploy-{run_id}"}}
+    extra_env = {
+        "gateway": {"GATEWAY_RATE_LIMIT_KEY_PREFIX": f"shop-deploy-{run_id}"},
+        "auth": {"AUTH_LOGIN_THROTTLE_KEY_PREFIX": f"shop-deploy-auth-{run_id}"},
+    }
     played = for_podman(
         manifests, run_id=run_id, ports=ports, config=config, secrets=secrets,
         extra_env=extra_env,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -576,7 +577,9 @@ def _production(
 ) -> None:
     build_app(
         platform=_platform(tmp_path, profile="production", service_secret=service_secret),
-        settings=_settings(**overrides),
+        settings=_settings(
+            **{"login_throttle_storage_url": "redis://127.0.0.1:6379/0", **overrides}
+        ),
     )
 
 
@@ -702,6 +705,15 @@ def test_production_refuses_to_start_without_a_signing_key(tmp_path: Path) -> No
     assert not (tmp_path / "auth" / "keys").exists()  # it did not quietly make one either
 
 
+def test_production_refuses_to_count_failed_log_ins_in_one_process(tmp_path: Path) -> None:
+    """Checked with the stores, before anything else (``python -m shop.auth``'s one line is
+    in test_production_profile.py)."""
+    platform = _platform(tmp_path, profile="production", service_secret=SERVICE_SECRET)
+    settings = _settings(login_throttle_storage_url="")
+    with pytest.raises(SettingsRefused, match="needs AUTH_LOGIN_THROTTLE_STORAGE_URL=redis://"):
+        settings.check_stores(platform)
+
+
 def test_production_refuses_the_dev_admin_password(tmp_path: Path) -> None:
     pem = private_pem(new_private_key()).decode()
     with pytest.raises(UnsafeSettings, match="default admin password"):
@@ -725,6 +737,8 @@ async def test_production_signs_with_the_configured_key(tmp_path: Path) -> None:
         signing_key_file=key_file,
         previous_signing_keys=private_pem(previous).decode(),
         admin_password="",
+        login_throttle_storage_url="redis://127.0.0.1:6379/0",
+        login_throttle_key_prefix=f"test-auth-{secrets.token_hex(4)}",
     ) as auth:
         assert (
             await auth.post("/auth/token", json={"email": "admin@example.com", "password": "x"})

@@ -61,6 +61,8 @@ def _production(**env: str) -> dict[str, str]:
         "SHOP_EVENT_BUS_URL": "kafka://127.0.0.1:9",
         "SHOP_SERVICE_SECRET": SECRET,
         "AUTH_SERVICE_CLIENTS": f'{{"order-service": "{SECRET}"}}',
+        # Not contacted by these tests: every auth case is refused, or answers, before.
+        "AUTH_LOGIN_THROTTLE_STORAGE_URL": "redis://127.0.0.1:6379/0",
         # Each process's own registry credential (the auth case needs one to get that far).
         "SHOP_REGISTRY_URL": f"http://auth-service:{SECRET}@127.0.0.1:9/eureka",
         "ORDER_DATABASE_URL": MYSQL_PLACEHOLDER,
@@ -108,6 +110,12 @@ CASES: list[tuple[str, dict[str, str], str]] = [
         "shop.gateway",
         {"SHOP_HEARTBEAT_INTERVAL_S": "0"},
         "api-gateway refuses to start: SHOP_HEARTBEAT_INTERVAL_S: Input should be greater than",
+    ),
+    (
+        "shop.auth",
+        _production(AUTH_DATABASE_URL=MYSQL_PLACEHOLDER, AUTH_LOGIN_THROTTLE_STORAGE_URL=""),
+        "auth-service refuses to start: the production profile needs"
+        " AUTH_LOGIN_THROTTLE_STORAGE_URL=redis://",
     ),
     (
         "shop.auth",

@@ -55,44 +55,44 @@ def test_memory_stays_bounded_under_many_distinct_keys() -> None:
     assert window.retry_after("user99") is not None  # the newest keys are the ones kept
 
 
-def test_attempts_are_counted_when_admitted_not_when_they_fail() -> None:
+async def test_attempts_are_counted_when_admitted_not_when_they_fail() -> None:
     # Three guesses admitted before any of them is judged: the fourth is already refused.
     throttle = _throttle(per_pair=3)
     for _ in range(3):
-        throttle.admit(email="ada@x.io", client="10.0.0.1")
+        await throttle.admit(email="ada@x.io", client="10.0.0.1")
     with pytest.raises(TooManyAttempts) as refused:
-        throttle.admit(email="ada@x.io", client="10.0.0.1")
+        await throttle.admit(email="ada@x.io", client="10.0.0.1")
     assert refused.value.retry_after_s == 60
 
 
-def test_one_clients_failures_do_not_lock_the_owner_out_elsewhere() -> None:
+async def test_one_clients_failures_do_not_lock_the_owner_out_elsewhere() -> None:
     throttle = _throttle(per_pair=2)
     for _ in range(2):
-        throttle.admit(email="ada@x.io", client="203.0.113.66")
+        await throttle.admit(email="ada@x.io", client="203.0.113.66")
     assert throttle.retry_after_s(email="ada@x.io", client="203.0.113.66") == 60
-    owner = throttle.admit(email="ada@x.io", client="10.0.0.2")
-    throttle.succeeded(owner)
+    owner = await throttle.admit(email="ada@x.io", client="10.0.0.2")
+    await throttle.succeeded(owner)
     assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.2") is None
 
 
-def test_a_client_spraying_many_emails_is_refused_for_every_email() -> None:
+async def test_a_client_spraying_many_emails_is_refused_for_every_email() -> None:
     throttle = _throttle(per_client=3)
     for i in range(3):
-        throttle.admit(email=f"user{i}@x.io", client="10.0.0.9")
+        await throttle.admit(email=f"user{i}@x.io", client="10.0.0.9")
     assert throttle.retry_after_s(email="fresh@x.io", client="10.0.0.9") == 60
     assert throttle.retry_after_s(email="fresh@x.io", client="10.0.0.8") is None
 
 
-def test_success_clears_the_pair_and_is_not_a_failure_but_earlier_failures_stay() -> None:
+async def test_success_clears_the_pair_and_is_not_a_failure_but_earlier_failures_stay() -> None:
     throttle = _throttle(per_pair=2, per_client=2)
-    throttle.admit(email="ada@x.io", client="10.0.0.1")
-    throttle.succeeded(throttle.admit(email="ada@x.io", client="10.0.0.1"))
+    await throttle.admit(email="ada@x.io", client="10.0.0.1")
+    await throttle.succeeded(await throttle.admit(email="ada@x.io", client="10.0.0.1"))
     assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.1") is None
-    throttle.admit(email="other@x.io", client="10.0.0.1")
+    await throttle.admit(email="other@x.io", client="10.0.0.1")
     assert throttle.retry_after_s(email="bob@x.io", client="10.0.0.1") is not None
 
 
-def test_an_abandoned_attempt_is_not_counted() -> None:
+async def test_an_abandoned_attempt_is_not_counted() -> None:
     throttle = _throttle(per_pair=1, per_client=1)
-    throttle.abandoned(throttle.admit(email="ada@x.io", client="10.0.0.1"))
+    await throttle.abandoned(await throttle.admit(email="ada@x.io", client="10.0.0.1"))
     assert throttle.retry_after_s(email="ada@x.io", client="10.0.0.1") is None

@@ -134,6 +134,7 @@ def _production(monkeypatch: pytest.MonkeyPatch, **env: str) -> None:
         "AUTH_DATABASE_URL": MYSQL,
         "SHOP_REGISTRY_URL": REGISTRY_WITH_CREDENTIALS,
         "GATEWAY_RATE_LIMIT_STORAGE_URL": "redis://cache:6379/0",
+        "AUTH_LOGIN_THROTTLE_STORAGE_URL": "redis://cache:6379/0",
         "SHOP_JWKS_URL": "https://auth.internal/auth/.well-known/jwks.json",
         "SHOP_AUTH_URL": "https://auth.internal",
         "AUTH_SERVICE_CLIENTS": f'{{"order-service": "{SECRET}"}}',

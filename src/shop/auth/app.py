@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from shop.auth.passwords import Passwords
 from shop.auth.service import AuthService, LoginMetrics
 from shop.auth.settings import DEV_ADMIN_PASSWORD, AuthSettings, UnsafeSettings
 from shop.auth.store import SqlAuthStore
-from shop.auth.throttle import LoginThrottle
+from shop.auth.throttle import LoginThrottle, SharedLoginThrottle, Throttle, redis_client
 from shop.platform.app import Runtime, create_app, service_database
 from shop.platform.retention import RetentionJob
 from shop.platform.settings import PlatformSettings
@@ -26,6 +26,7 @@ __all__ = [
     "SERVICE_NAME",
     "build_app",
     "configured_keyring",
+    "login_throttle",
     "passwords_from",
     "refuse_dev_admin",
 ]
@@ -57,6 +58,26 @@ def _read(file: Path) -> bytes:
         return file.read_bytes()
     except OSError as exc:
         raise UnsafeSettings(f"cannot read key file {file}: {exc.strerror}") from exc
+
+
+def login_throttle(settings: AuthSettings, metrics: LoginMetrics) -> Throttle:
+    """Failed log-ins counted in Redis when AUTH_LOGIN_THROTTLE_STORAGE_URL is given (every
+    instance shares them), else in this process's memory. No connection is made here."""
+    per_pair, per_client = settings.max_failures_per_email, settings.max_failures_per_client
+    if settings.login_throttle_storage_url is None:
+        return LoginThrottle(
+            max_failures_per_email=per_pair,
+            max_failures_per_client=per_client,
+            window_s=settings.login_window_s,
+        )
+    return SharedLoginThrottle(
+        redis_client(settings.login_throttle_storage_url),
+        max_failures_per_email=per_pair,
+        max_failures_per_client=per_client,
+        window_s=settings.login_window_s,
+        key_prefix=settings.login_throttle_key_prefix,
+        fallbacks=metrics.throttle_fallbacks,
+    )
 
 
 def passwords_from(settings: AuthSettings) -> Passwords:
@@ -97,7 +118,10 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                 keep_previous=settings.published_previous_keys,
             )
         url = settings.resolved_database_url(platform=platform, service="auth")
-        async with service_database(runtime, url=url, package="shop.auth") as engine:
+        async with (
+            service_database(runtime, url=url, package="shop.auth") as engine,
+            aclosing(login_throttle(settings, login_metrics)) as throttle,
+        ):
             passwords = passwords_from(settings)
             await passwords.prepare()
             store = SqlAuthStore(engine)
@@ -108,11 +132,7 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
                 store=store,
                 passwords=passwords,
                 keyring=keys,
-                throttle=LoginThrottle(
-                    max_failures_per_email=settings.max_failures_per_email,
-                    max_failures_per_client=settings.max_failures_per_client,
-                    window_s=settings.login_window_s,
-                ),
+                throttle=throttle,
                 issuer=platform.auth_issuer,
                 audience=platform.auth_audience,
                 access_ttl=timedelta(seconds=settings.access_token_ttl_s),

@@ -33,7 +33,7 @@ from shop.auth.domain import (
 from shop.auth.keys import Keyring
 from shop.auth.passwords import Passwords
 from shop.auth.store import AuthStore
-from shop.auth.throttle import LoginThrottle
+from shop.auth.throttle import Throttle
 from shop.platform.tokens import InvalidToken, Principal, principal_from_claims
 
 __all__ = ["AuthService", "LoginMetrics", "TokenPair"]
@@ -54,18 +54,22 @@ class TokenPair:
 
 class LoginMetrics:
     """``shop_auth_logins_total{outcome}``: ``success``, ``bad_credentials`` (a failure) or
-    ``throttled`` (refused before any check)."""
+    ``throttled`` (refused before any check); ``shop_auth_login_throttle_fallbacks_total``:
+    attempts the shared (Redis) throttle judged in this process's memory, Redis failing."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = registry if registry is not None else CollectorRegistry()
         logins = Counter(
-            "shop_auth_logins",
-            "Log-in attempts, by outcome",
-            ["outcome"],
-            registry=registry if registry is not None else CollectorRegistry(),
+            "shop_auth_logins", "Log-in attempts, by outcome", ["outcome"], registry=registry
         )
         self.success = logins.labels("success")
         self.bad_credentials = logins.labels("bad_credentials")
         self.throttled = logins.labels("throttled")
+        self.throttle_fallbacks = Counter(
+            "shop_auth_login_throttle_fallbacks",
+            "Log-in attempts throttled in this process's memory because Redis failed",
+            registry=registry,
+        )
 
 
 class AuthService:
@@ -75,7 +79,7 @@ class AuthService:
         store: AuthStore,
         passwords: Passwords,
         keyring: Keyring,
-        throttle: LoginThrottle,
+        throttle: Throttle,
         issuer: str,
         audience: str,
         access_ttl: timedelta,
@@ -114,7 +118,7 @@ class AuthService:
     async def log_in(self, *, email: str, password: str, client: str) -> TokenPair:
         email = normalise_email(email)
         try:
-            attempt = self.throttle.admit(email=email, client=client)
+            attempt = await self.throttle.admit(email=email, client=client)
         except TooManyAttempts:
             self._throttled.inc()
             raise
@@ -128,12 +132,12 @@ class AuthService:
         except Exception:
             # No verdict on the password. A cancelled request (BaseException) stays counted:
             # hanging up mid-check must not be a way to guess for free.
-            self.throttle.abandoned(attempt)
+            await self.throttle.abandoned(attempt)
             raise
         if found is None or not ok:
             self._bad_credentials.inc()
             raise BadCredentials
-        self.throttle.succeeded(attempt)
+        await self.throttle.succeeded(attempt)
         self._logged_in.inc()
         if self.passwords.needs_rehash(found.password_hash):
             await self.store.set_password_hash(found.user.id, await self.passwords.hash(password))

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from shop.auth.domain import SERVICE_NAME_RE, password_problem
+from shop.auth.throttle import check_redis_url
 from shop.platform.retention import RetentionPolicy
 from shop.platform.settings import (
     MIN_SERVICE_SECRET,
@@ -108,15 +109,43 @@ class AuthSettings(ServiceSettings):
     max_failures_per_client: int = Field(
         default=20, ge=1, description="Failed log-ins from one client address, any account."
     )
+    login_throttle_storage_url: str | None = Field(
+        default=None,
+        description=(
+            "Where failed log-ins are counted: unset, this process's memory; redis://host:6379/0"
+            " (rediss:// for TLS), shared by every auth instance and kept across restarts."
+        ),
+    )
+    login_throttle_key_prefix: str = Field(
+        default="shop-auth-login",
+        min_length=1,
+        description="Prefix of the log-in throttle's Redis keys.",
+    )
     trusted_proxies: list[str] = Field(
         default=["127.0.0.1", "::1"],
         description="Peers whose X-Forwarded-For names the real client (the gateway).",
     )
 
-    @field_validator("service_clients", mode="before")
+    @field_validator("service_clients", "login_throttle_storage_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("login_throttle_storage_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_redis_url(value)
+        return value
+
+    def check_stores(self, platform: PlatformSettings) -> None:
+        if platform.is_production and self.login_throttle_storage_url is None:
+            raise SettingsRefused(
+                "the production profile needs AUTH_LOGIN_THROTTLE_STORAGE_URL=redis://...: "
+                "failed log-ins counted in one auth process's memory are multiplied by the "
+                "instances"
+            )
+        super().check_stores(platform)
 
     def service_secrets(self) -> dict[str, str]:
         """Service name -> its secret; ``{}`` when no table is given (no service tokens)."""
