@@ -132,6 +132,17 @@ async def test_processes_writing_at_once_lose_nothing_and_keep_their_order(bus_u
         assert recorder.numbers(key) == list(range(100))
 
 
+def _append_elsewhere(url: str, event: Event) -> None:
+    """Append ``event`` to topic ``orders`` as another process would: on a connection the
+    log knows nothing of."""
+    with closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db, db:
+        db.execute(
+            "INSERT INTO events (topic, key, event_id, payload, appended_at)"
+            " VALUES ('orders', ?, ?, ?, 0)",
+            (event.subject, f"e-{event.id}", event.to_json()),
+        )
+
+
 @pytest.mark.parametrize("watch", ["inotify", "polling"])
 async def test_an_idle_consumer_hears_of_new_events_without_polling_the_table(
     bus_url: str, monkeypatch: pytest.MonkeyPatch, watch: str
@@ -149,12 +160,7 @@ async def test_an_idle_consumer_hears_of_new_events_without_polling_the_table(
         await bus.publish("orders", [_event("A", 1)])
         await _until(lambda: recorder.numbers() == [1], within_s=5)
         await asyncio.sleep(0.2)  # the consumer found nothing more and waits
-        with closing(sqlite3.connect(bus_url.removeprefix("sqlite:///"))) as db, db:
-            db.execute(
-                "INSERT INTO events (topic, key, event_id, payload, appended_at)"
-                " VALUES ('orders', 'A', ?, ?, 0)",
-                ("e2", _event("A", 2).to_json()),
-            )
+        _append_elsewhere(bus_url, _event("A", 2))
         await _until(lambda: recorder.numbers() == [1, 2], within_s=5)
 
 
@@ -177,12 +183,7 @@ async def test_an_idle_watcher_looks_only_when_the_file_is_written(
         idle_since = bus.watch_looks
         await asyncio.sleep(0.5)  # idle: polling every 10 ms would have looked ~50 times
         assert bus.watch_looks - idle_since <= 1
-        with closing(sqlite3.connect(bus_url.removeprefix("sqlite:///"))) as db, db:
-            db.execute(
-                "INSERT INTO events (topic, key, event_id, payload, appended_at)"
-                " VALUES ('orders', 'A', ?, ?, 0)",
-                ("e2", _event("A", 2).to_json()),
-            )
+        _append_elsewhere(bus_url, _event("A", 2))
         await _until(lambda: recorder.numbers() == [1, 2], within_s=5)
 
 
