@@ -834,9 +834,13 @@ async def test_hop_by_hop_headers_stop_and_forwarding_headers_are_set(world: Wor
     assert [v for n, v in answer_headers if n == "x-request-id"] == ["req-123"]
 
 
-async def test_behind_a_trusted_load_balancer_its_forwarding_is_kept(world: World) -> None:
+@pytest.mark.parametrize("trusted", ["127.0.0.1", "127.0.0.0/8"])
+async def test_behind_a_trusted_load_balancer_its_forwarding_is_kept(
+    world: World, trusted: str
+) -> None:
+    """Trusted by its address, or by its network (pods whose addresses change)."""
     registry = FakeRegistry({"product-service": [world.products[0].port]})
-    async with started(registry), running_gateway(registry, trusted_proxies=("127.0.0.1",)) as gw:
+    async with started(registry), running_gateway(registry, trusted_proxies=(trusted,)) as gw:
         spoof = {"X-Forwarded-For": "203.0.113.9", "X-Forwarded-Proto": "https"}
         async with world.http.get(gw.url + "/api/product", headers=spoof) as resp:
             assert resp.status == 200

@@ -28,6 +28,7 @@ from shop.auth.domain import (
     password_problem,
 )
 from shop.auth.service import AuthService, TokenPair
+from shop.platform.addresses import TrustedAddresses
 from shop.platform.problems import Problem, from_problem
 from shop.platform.tokens import InvalidToken, Principal
 
@@ -127,7 +128,7 @@ CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
 
 def client_address(request: Request) -> str:
     """The caller's address; behind a trusted proxy (the gateway), the one it forwarded."""
-    trusted: frozenset[str] = request.app.state.trusted_proxies
+    trusted: TrustedAddresses = request.app.state.trusted_proxies
     peer = request.client.host if request.client else "unknown"
     if peer not in trusted:
         return peer

@@ -18,6 +18,7 @@ from shop.auth.service import AuthService, LoginMetrics
 from shop.auth.settings import DEV_ADMIN_PASSWORD, AuthSettings, UnsafeSettings
 from shop.auth.store import SqlAuthStore
 from shop.auth.throttle import LoginThrottle, SharedLoginThrottle, Throttle, redis_client
+from shop.platform.addresses import TrustedAddresses
 from shop.platform.app import Runtime, create_app, service_database
 from shop.platform.retention import RetentionJob
 from shop.platform.settings import PlatformSettings
@@ -161,7 +162,7 @@ def build_app(*, platform: PlatformSettings, settings: AuthSettings) -> FastAPI:
         routers=[router, internal],
         lifespan=lifespan,
     )
-    app.state.trusted_proxies = frozenset(settings.trusted_proxies)
+    app.state.trusted_proxies = TrustedAddresses(settings.trusted_proxies)
     app.state.jwks_max_age_s = settings.jwks_max_age_s
     install_error_answers(app)
     login_metrics = LoginMetrics(app.state.metrics.registry)

@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shop.auth.domain import SERVICE_NAME_RE, password_problem
 from shop.auth.throttle import check_redis_url
+from shop.platform.addresses import check_entries
 from shop.platform.retention import RetentionPolicy
 from shop.platform.settings import (
     MIN_SERVICE_SECRET,
@@ -123,8 +124,16 @@ class AuthSettings(ServiceSettings):
     )
     trusted_proxies: list[str] = Field(
         default=["127.0.0.1", "::1"],
-        description="Peers whose X-Forwarded-For names the real client (the gateway).",
+        description=(
+            "Peers whose X-Forwarded-For names the real client (the gateway), as addresses "
+            "or networks (CIDR: 10.42.0.0/16)."
+        ),
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return check_entries(value)
 
     @field_validator("service_clients", "login_throttle_storage_url", mode="before")
     @classmethod

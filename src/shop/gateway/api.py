@@ -11,7 +11,7 @@ import random
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -223,7 +223,7 @@ class Proxy:
         metrics: HttpMetrics,
         max_body_bytes: int,
         body_timeout_s: float,
-        trusted_proxies: frozenset[str] = frozenset(),
+        trusted_proxies: Container[str] = frozenset(),
         service: str = "api-gateway",
     ) -> None:
         self.routes = routes

@@ -21,6 +21,7 @@ from shop.gateway.fastlane import GatewayProtocol
 from shop.gateway.ratelimit import RateLimits, parse_limits
 from shop.gateway.service import ApiCatalogue, Upstreams
 from shop.gateway.settings import GatewaySettings
+from shop.platform.addresses import TrustedAddresses
 from shop.platform.discovery import Heartbeat, Registration, RegistryClient
 from shop.platform.http import http_session
 from shop.platform.middleware import (
@@ -86,7 +87,7 @@ def build_app(*, platform: PlatformSettings, settings: GatewaySettings) -> Starl
         metrics=instruments,
         max_body_bytes=platform.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
-        trusted_proxies=frozenset(settings.trusted_proxies),
+        trusted_proxies=TrustedAddresses(settings.trusted_proxies),
     )
 
     @asynccontextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,7 +310,7 @@ def upstream_headers(
     client_ip: str | None,
     scheme: str,
     identity: Iterable[tuple[bytes, bytes]],
-    trusted_proxies: frozenset[str] = frozenset(),
+    trusted_proxies: Container[str] = frozenset(),
 ) -> list[tuple[bytes, bytes]]:
     """The caller's headers as the service should see them (names in lower case).
 

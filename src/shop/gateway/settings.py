@@ -11,6 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shop.gateway.domain import Access, RouteTimeouts, public_route_table
 from shop.gateway.ratelimit import parse_limits, shared_storage
+from shop.platform.addresses import check_entries
 from shop.platform.serve import ServerLimits
 from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused
 
@@ -74,10 +75,16 @@ class GatewaySettings(ServiceSettings):
     trusted_proxies: list[str] = Field(
         default=[],
         description=(
-            "Peers (load balancers) whose X-Forwarded-* are kept and appended to; from any "
-            "other peer they are replaced by what the gateway saw."
+            "Peers (load balancers, the storefront) whose X-Forwarded-* are kept and appended "
+            "to, as addresses or networks (CIDR: 10.42.0.0/16); from any other peer they are "
+            "replaced by what the gateway saw."
         ),
     )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return check_entries(value)
 
     # Generous: the e2e suite (20 concurrent orders of one user, bursts of registrations,
     # all from 127.0.0.1) and a person clicking through `make up` never meet them.
