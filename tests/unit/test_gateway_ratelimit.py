@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from limits.aio.storage import MemoryStorage
 
-from shop.gateway.ratelimit import RateLimits, _SweptMemoryStorage, parse_limits
+from shop.gateway.ratelimit import RateLimits, _Windows, parse_limits
 from shop.platform.problems import Problem
 
 
@@ -51,17 +48,23 @@ def test_limits_that_do_not_parse_are_refused() -> None:
         parse_limits("lots")
 
 
-async def test_the_memory_sweep_runs_at_most_once_a_second() -> None:
-    # The override must name the method limits really calls, or the sweep is per request.
-    assert callable(getattr(MemoryStorage, "_MemoryStorage__schedule_expiry", None))
-    storage = _SweptMemoryStorage()
-    await storage.incr("a", 60)
-    first = storage.timer
-    assert first is not None
-    await asyncio.sleep(0)  # the first sweep runs and finishes
-    for key in range(100):
-        await storage.incr(f"k{key}", 60)
-    assert storage.timer is first
+def test_a_window_that_ended_counts_afresh_and_is_dropped_at_the_next_sweep() -> None:
+    windows = _Windows()
+    windows.sweep_every_s = 3600.0  # no sweep within the test
+    assert [windows.count("a", 10, now) for now in (0.0, 1.0, 2.0)] == [1, 2, 3]
+    assert windows.reached("a", 3, 9.9)
+    assert windows.ends_in("a", 9.0) == pytest.approx(1.0)
+    # The window ended at 10: the next hit opens a new one, the old count is gone.
+    assert not windows.reached("a", 3, 10.0)
+    assert windows.ends_in("a", 10.0) == 0.0
+    assert windows.count("a", 10, 10.0) == 1
+    # Ended windows of other keys stay in memory until a sweep, which drops them all.
+    windows.count("b", 1, 11.0)
+    assert "b" in windows.counts
+    windows.sweep_every_s = 0.0
+    windows.count("c", 10, 13.0)  # a new window: the sweep runs
+    assert "b" not in windows.counts and "b" not in windows.ends
+    assert windows.counts == {"a": 1, "c": 1}
 
 
 async def test_the_fast_lanes_check_counts_like_check_client_and_never_refuses_itself() -> None:

@@ -3,14 +3,13 @@ memory, or in Redis so that every gateway instance shares the counts."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections.abc import Sequence
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
 
@@ -32,90 +31,97 @@ def shared_storage(url: str) -> bool:
     return url.startswith(_REDIS_SCHEMES)
 
 
-class _SweptMemoryStorage(MemoryStorage):
-    """limits' MemoryStorage starts a sweep over every key after each hit: 260 µs a request
-    with 10,000 clients in the window (measured). Expired counters are already ignored when
-    read, so sweeping once a second only delays reclaiming their memory."""
+class _Windows:
+    """Fixed windows counted in this process's memory: per key, the hits of its current
+    window and when that window ends. Why not limits' own ``MemoryStorage``: a hit there is
+    a coroutine behind a per-key ``asyncio.Lock`` (guarding nothing when no await comes
+    between reading the count and writing it) and starts a sweep over every key (260 µs a
+    request with 10,000 clients in the window, measured): most of what a hit cost the
+    gateway. Bending it meant overriding its private methods; these few lines are the
+    same fixed-window arithmetic without them (docs/gateway.md, "Rate limits").
+
+    A window that ended counts as empty when next read; ended windows are dropped all at
+    once at most once a second (``sweep_every_s``), so memory follows the clients seen in
+    the longest window, not every client ever seen."""
 
     sweep_every_s = 1.0
-    _swept_at = float("-inf")
 
-    async def _MemoryStorage__schedule_expiry(self) -> None:
-        now = time.monotonic()
-        if now - self._swept_at >= self.sweep_every_s:
-            self._swept_at = now
-            await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.ends: dict[str, float] = {}
+        self._swept_at = time.monotonic()
 
-    async def incr(self, key: str, expiry: float, amount: int = 1) -> int:
-        return self.count(key, expiry, amount)
-
-    def count(self, key: str, expiry: float, amount: int = 1) -> int:
-        """limits' ``incr``, without an await: its per-key asyncio.Lock guards nothing when
-        no await comes between reading the count and writing it, and the coroutines and
-        the lock were most of the cost of a hit (a few per cent of the gateway's CPU)."""
-        now = time.time()
-        if self.expirations.get(key, 0) <= now:
-            self.storage.pop(key, None)
-            self.expirations.pop(key, None)
+    def count(self, key: str, expiry: float, now: float) -> int:
+        """One hit on ``key`` at ``now`` (``time.time()``); its window's hits so far. A new
+        window lasts ``expiry`` seconds from its first hit."""
+        if self.ends.get(key, 0.0) > now:
+            count = self.counts[key] = self.counts[key] + 1
+            return count
         clock = time.monotonic()
         if clock - self._swept_at >= self.sweep_every_s:
             self._swept_at = clock
-            timer = self.timer
-            if timer is None or timer.done():
-                self.timer = asyncio.create_task(self._MemoryStorage__expire_events())  # type: ignore[attr-defined]
-        count = self.storage[key] + amount
-        self.storage[key] = count
-        if count == amount:
-            self.expirations[key] = now + expiry
-        return count
+            self._sweep(now)
+        self.counts[key] = 1
+        self.ends[key] = now + expiry
+        return 1
+
+    def reached(self, key: str, amount: int, now: float) -> bool:
+        """Whether ``key``'s window is open and has had ``amount`` hits already."""
+        return self.ends.get(key, 0.0) > now and self.counts[key] >= amount
+
+    def ends_in(self, key: str, now: float) -> float:
+        """Seconds until ``key``'s window ends (0 when none is open)."""
+        return max(0.0, self.ends.get(key, 0.0) - now)
+
+    def _sweep(self, now: float) -> None:
+        ended = [key for key, end in self.ends.items() if end <= now]
+        for key in ended:
+            del self.ends[key]
+            del self.counts[key]
 
 
 _Counters = tuple[tuple[str, int, int], ...]
 
 
-def _reached(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> bool:
+def _reached(memory: _Windows, counters: _Counters, now: float) -> bool:
     """Whether a window still open of any of ``counters`` has reached its amount."""
-    expirations, counts = memory.expirations, memory.storage
+    ends, counts = memory.ends, memory.counts
     for key, amount, _ in counters:
-        if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+        if ends.get(key, 0.0) > now and counts[key] >= amount:
             return True
     return False
 
 
-def _count(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> None:
+def _count(memory: _Windows, counters: _Counters, now: float) -> None:
     """One hit on each of ``counters``."""
-    expirations, counts = memory.expirations, memory.storage
+    ends, counts = memory.ends, memory.counts
     for key, _, expiry in counters:
-        if expirations.get(key, 0) > now:
+        if ends.get(key, 0.0) > now:
             counts[key] += 1  # a window in progress; ``count`` opens a new one (and sweeps)
         else:
-            memory.count(key, expiry)
+            memory.count(key, expiry, now)
 
 
-def _admit(memory: _SweptMemoryStorage, counters: _Counters, now: float) -> bool:
+def _admit(memory: _Windows, counters: _Counters, now: float) -> bool:
     """``_reached`` then ``_count``, in one call (the fast lane's public request makes this
     one check): True with a hit on each of ``counters`` if none has reached its amount."""
-    expirations, counts = memory.expirations, memory.storage
+    ends, counts = memory.ends, memory.counts
     for key, amount, _ in counters:
-        if expirations.get(key, 0) > now and counts.get(key, 0) >= amount:
+        if ends.get(key, 0.0) > now and counts[key] >= amount:
             return False
     for key, _, expiry in counters:
-        if expirations.get(key, 0) > now:
-            counts[key] += 1
+        if ends.get(key, 0.0) > now:
+            counts[key] += 1  # a window in progress; ``count`` opens a new one (and sweeps)
         else:
-            memory.count(key, expiry)
+            memory.count(key, expiry, now)
     return True
 
 
-def _storage(url: str, *, key_prefix: str) -> Storage:
-    if shared_storage(url):
-        # redis-py rather than limits' default coredis: one Redis client in the dependencies.
-        return RedisStorage(
-            "async+" + url, implementation="redispy", key_prefix=key_prefix, wrap_exceptions=True
-        )
-    if url == "memory://":
-        return _SweptMemoryStorage()
-    raise ValueError(f"{url!r} is neither memory:// nor redis://")
+def _redis(url: str, *, key_prefix: str) -> RedisStorage:
+    # redis-py rather than limits' default coredis: one Redis client in the dependencies.
+    return RedisStorage(
+        "async+" + url, implementation="redispy", key_prefix=key_prefix, wrap_exceptions=True
+    )
 
 
 class RateLimits:
@@ -134,13 +140,19 @@ class RateLimits:
         per_user: Sequence[RateLimitItem],
         key_prefix: str = "shop-gateway",
     ) -> None:
-        self._storage = _storage(storage_url, key_prefix=key_prefix)
-        # In memory a hit is counted without a coroutine (see _SweptMemoryStorage.count).
-        self._memory = self._storage if isinstance(self._storage, _SweptMemoryStorage) else None
+        # In memory a hit is counted without a coroutine (_Windows); in Redis by limits.
+        self._memory: _Windows | None = None
+        self._redis: RedisStorage | None = None
+        if shared_storage(storage_url):
+            self._redis = _redis(storage_url, key_prefix=key_prefix)
+        elif storage_url == "memory://":
+            self._memory = _Windows()
+        else:
+            raise ValueError(f"{storage_url!r} is neither memory:// nor redis://")
         self._keys: dict[tuple[RateLimitItem, str, str], str] = {}
         # Per (kind, who): (key, amount, expiry) of each of its limits, for the fast lane.
         self._counter_sets: dict[tuple[str, str], _Counters] = {}
-        self._limiter = FixedWindowRateLimiter(self._storage)
+        self._limiter = None if self._redis is None else FixedWindowRateLimiter(self._redis)
         self._per_client = tuple(per_client)
         self._per_user = tuple(per_user)
         self._warned_at = float("-inf")
@@ -190,19 +202,25 @@ class RateLimits:
         await self._check(self._per_user, "user", user)
 
     async def _check(self, items: Sequence[RateLimitItem], kind: str, who: str) -> None:
-        memory = self._memory
+        memory, limiter = self._memory, self._limiter
         for item in items:
-            try:
-                if memory is not None:
-                    if memory.count(self._key(item, kind, who), item.get_expiry()) <= item.amount:
-                        continue
-                elif await self._limiter.hit(item, kind, who):
+            if memory is not None:
+                now = time.time()
+                key = self._key(item, kind, who)
+                if memory.count(key, item.get_expiry(), now) <= item.amount:
                     continue
-                stats = await self._limiter.get_window_stats(item, kind, who)
-            except StorageError as exc:
-                self._warn(exc)
-                return
-            wait = max(1, math.ceil(stats.reset_time - time.time()))
+                wait_s = memory.ends_in(key, now)
+            else:
+                assert limiter is not None  # noqa: S101 - one of the two is set
+                try:
+                    if await limiter.hit(item, kind, who):
+                        continue
+                    stats = await limiter.get_window_stats(item, kind, who)
+                except StorageError as exc:
+                    self._warn(exc)
+                    return
+                wait_s = stats.reset_time - time.time()
+            wait = max(1, math.ceil(wait_s))
             raise Problem(
                 429,
                 f"Too many requests from this {kind} (limit {item}); retry in {wait} s.",
@@ -225,13 +243,10 @@ class RateLimits:
             log.warning("rate limits not enforced: their storage failed (%s)", exc)
 
     async def close(self) -> None:
-        if isinstance(self._storage, MemoryStorage):
-            # Its expiry sweep is a task of its own; a shut-down loop must not find it pending.
-            timer = self._storage.timer
-            if timer is not None and not timer.done():
-                timer.cancel()
+        if self._redis is None:
             return
-        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        # limits' Redis storage keeps redis-py's client on its bridge and has no close of its own.
+        client = getattr(getattr(self._redis, "bridge", None), "storage", None)
         close = getattr(client, "aclose", None)
         if close is not None:
             await close()
