@@ -423,6 +423,19 @@ def _unhosted(head: bytes) -> bytes:
     return head[:line_end] + head[head.index(b"\r\n", line_end) + 2 :]
 
 
+class _NothingWaits:
+    """An exchange's ``message_event``: uvicorn sets it when the caller leaves, and nothing
+    of the fast lane's waits on it."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        """Nothing to wake."""
+
+
+_NOTHING_WAITS = _NothingWaits()
+
+
 class _Exchange:
     """One fast-lane request in flight. It stands in for uvicorn's ``RequestResponseCycle``
     as the protocol's ``cycle``, so that pipelined requests queue behind it and a lost
@@ -480,10 +493,10 @@ class _Exchange:
         self.response_complete = False
         self.disconnected = False
         self.more_body = False
-        self.message_event = self  # uvicorn sets it when the caller leaves; nothing waits
-
-    def set(self) -> None:
-        """``message_event.set()``: nothing to wake."""
+        # uvicorn sets it when the caller leaves; nothing waits. Not ``self`` (with a ``set``
+        # of its own), as it was: that made every exchange a reference cycle, its identity,
+        # headers and trace left for the garbage collector (~3 µs a request in collections).
+        self.message_event = _NOTHING_WAITS
 
     def send(self) -> None:
         runtime = self.proxy.runtime
