@@ -38,6 +38,15 @@ def fast_lane(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     yield taken
 
 
+def _content_length(head: bytes) -> int:
+    """The Content-Length an answer's head (status line and headers) declares."""
+    return next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+
+
 async def _warm(world: World) -> None:
     """Instances known and a kept-alive connection idle to each product instance."""
     for _ in range(4):
@@ -147,11 +156,7 @@ async def test_pipelined_requests_are_answered_in_order(world: World) -> None:
         for _ in paths:
             head = await reader.readuntil(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
+            length = _content_length(head)
             got.append(json.loads(await reader.readexactly(length)))
         assert [g.get("path") for g in got] == [paths[0], None, paths[2], paths[3]]
     finally:
@@ -191,11 +196,7 @@ async def test_http_1_0_takes_the_asgi_path_even_after_the_same_head_in_1_1(
             writer.write(request)
             answer = await reader.readuntil(b"\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 200 ")
-            length = next(
-                int(line.split(b":")[1])
-                for line in answer.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
+            length = _content_length(answer)
             assert json.loads(await reader.readexactly(length))["path"] == "/api/product/4"
         assert await asyncio.wait_for(reader.read(), 5) == b""  # 1.0: closed after it
     finally:
@@ -276,11 +277,7 @@ async def test_a_connection_varying_its_head_gets_each_request_forwarded_as_sent
             writer.write(b"%s %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (method, target, extra))
             answer = await reader.readuntil(b"\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 200 ")
-            length = next(
-                int(line.split(b":")[1])
-                for line in answer.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
+            length = _content_length(answer)
             if method != b"HEAD":
                 assert json.loads(await reader.readexactly(length))["path"] == target.decode()
     finally:
