@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shop.auth.domain import SERVICE_NAME_RE, password_problem
 from shop.auth.throttle import check_redis_url
-from shop.platform.addresses import check_entries
+from shop.platform.addresses import AddressEntries
 from shop.platform.retention import RetentionPolicy
 from shop.platform.settings import (
     MIN_SERVICE_SECRET,
@@ -122,18 +122,13 @@ class AuthSettings(ServiceSettings):
         min_length=1,
         description="Prefix of the log-in throttle's Redis keys.",
     )
-    trusted_proxies: list[str] = Field(
+    trusted_proxies: AddressEntries = Field(
         default=["127.0.0.1", "::1"],
         description=(
             "Peers whose X-Forwarded-For names the real client (the gateway), as addresses "
             "or networks (CIDR: 10.42.0.0/16)."
         ),
     )
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _addresses(cls, value: list[str]) -> list[str]:
-        return check_entries(value)
 
     @field_validator("service_clients", "login_throttle_storage_url", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shop.gateway.domain import Access, RouteTimeouts, public_route_table
 from shop.gateway.ratelimit import parse_limits, shared_storage
-from shop.platform.addresses import check_entries
+from shop.platform.addresses import AddressEntries
 from shop.platform.serve import ServerLimits
 from shop.platform.settings import PlatformSettings, ServiceSettings, SettingsRefused
 
@@ -72,7 +72,7 @@ class GatewaySettings(ServiceSettings):
         default=10.0, ge=0, description="An unknown key id refetches the JWKS at most this often."
     )
 
-    trusted_proxies: list[str] = Field(
+    trusted_proxies: AddressEntries = Field(
         default=[],
         description=(
             "Peers (load balancers, the storefront) whose X-Forwarded-* are kept and appended "
@@ -80,11 +80,6 @@ class GatewaySettings(ServiceSettings):
             "replaced by what the gateway saw."
         ),
     )
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _addresses(cls, value: list[str]) -> list[str]:
-        return check_entries(value)
 
     # Generous: the e2e suite (20 concurrent orders of one user, bursts of registrations,
     # all from 127.0.0.1) and a person clicking through `make up` never meet them.

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import Annotated
 
-__all__ = ["TrustedAddresses", "check_entries"]
+from pydantic import AfterValidator
+
+__all__ = ["AddressEntries", "TrustedAddresses", "check_entries"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Peers whose verdict is kept when networks are given (bounded: a scan of many addresses
@@ -38,6 +41,10 @@ def check_entries(entries: Iterable[str]) -> list[str]:
     for entry in out:
         _network(entry)
     return out
+
+
+# A setting's list of addresses and networks, checked when the settings are read.
+AddressEntries = Annotated[list[str], AfterValidator(check_entries)]
 
 
 class TrustedAddresses:
