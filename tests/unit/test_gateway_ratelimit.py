@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shop.gateway.ratelimit import RateLimits, _Windows, parse_limits
+from shop.gateway.ratelimit import RateLimits, _reached, _Windows, parse_limits
 from shop.platform.problems import Problem
 
 
@@ -52,10 +52,11 @@ def test_a_window_that_ended_counts_afresh_and_is_dropped_at_the_next_sweep() ->
     windows = _Windows()
     windows.sweep_every_s = 3600.0  # no sweep within the test
     assert [windows.count("a", 10, now) for now in (0.0, 1.0, 2.0)] == [1, 2, 3]
-    assert windows.reached("a", 3, 9.9)
+    at_three = (("a", 3, 10),)  # (key, amount, expiry), as RateLimits keeps its limits
+    assert _reached(windows, at_three, 9.9)
     assert windows.ends_in("a", 9.0) == pytest.approx(1.0)
     # The window ended at 10: the next hit opens a new one, the old count is gone.
-    assert not windows.reached("a", 3, 10.0)
+    assert not _reached(windows, at_three, 10.0)
     assert windows.ends_in("a", 10.0) == 0.0
     assert windows.count("a", 10, 10.0) == 1
     # Ended windows of other keys stay in memory until a sweep, which drops them all.

@@ -65,10 +65,6 @@ class _Windows:
         self.ends[key] = now + expiry
         return 1
 
-    def reached(self, key: str, amount: int, now: float) -> bool:
-        """Whether ``key``'s window is open and has had ``amount`` hits already."""
-        return self.ends.get(key, 0.0) > now and self.counts[key] >= amount
-
     def ends_in(self, key: str, now: float) -> float:
         """Seconds until ``key``'s window ends (0 when none is open)."""
         return max(0.0, self.ends.get(key, 0.0) - now)
