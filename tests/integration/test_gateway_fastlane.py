@@ -222,8 +222,7 @@ async def test_traced_requests_take_the_fast_lane_with_the_proxys_span(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     telemetry.install("api-gateway", provider)
     proxy = world.gateway.app.proxy  # type: ignore[attr-defined]
-    monkeypatch.setattr(proxy, "sampled", telemetry.sampling(provider))
-    monkeypatch.setattr(proxy, "tracer", provider.get_tracer("shop.gateway"))
+    monkeypatch.setattr(proxy, "spans", telemetry.server_spans(provider, "shop.gateway"))
     try:
         await _warm(world)
         fast_lane.clear()

@@ -200,10 +200,20 @@ def test_zipkin_is_sent_spans_as_zipkin_json(monkeypatch: pytest.MonkeyPatch) ->
         provider = telemetry.tracer_provider("zipkin-service")
         assert provider is not None
         provider.get_tracer("test").start_span("checkout").end()
+        # The gateway's proxy span, a record in the queue, reaches Zipkin's exporter as a span.
+        spans = telemetry.server_spans(provider, "shop.gateway")
+        assert spans is not None
+        caller = context.TraceContext("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
+        spans.start(caller, "1" * 32, "2" * 16).end("GET", "/api/product/{id}", 503)
         provider.force_flush()
-        ((span,),) = received
+        ((span, proxy),) = received
         assert span["name"] == "checkout"
         assert span["localEndpoint"]["serviceName"] == "zipkin-service"
+        assert proxy["name"] == "GET /api/product/{id}"
+        assert proxy["kind"] == "SERVER"
+        assert (proxy["parentId"], proxy["id"]) == (caller.span_id, "2" * 16)
+        assert proxy["tags"]["http.response.status_code"] == "503"
+        assert proxy["tags"]["otel.status_code"] == "ERROR"
     finally:
         telemetry.shutdown()
         server.shutdown()
@@ -546,4 +556,82 @@ def test_an_operators_attribute_length_limit_still_cuts_long_values() -> None:
     span.end()
     (sent,) = exporter.get_finished_spans()
     assert dict(sent.attributes or {})["db.query.text"] == "SELECT"
+    provider.shutdown()
+
+
+@pytest.mark.parametrize("parent", [CALLER, None], ids=["under a caller", "root"])
+def test_the_proxys_span_record_is_the_span_the_sdk_would_make(
+    parent: context.TraceContext | None,
+) -> None:
+    """telemetry.ServerSpan (the gateway's span per sampled request): what processors get
+    of it is the SDK's own span of the same request, field for field."""
+    from opentelemetry.trace import StatusCode
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "api-gateway"}))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    spans = telemetry.server_spans(provider, "shop.gateway")
+    assert spans is not None
+    record = spans.start(parent, "3c" * 16, "4d" * 8)
+    assert isinstance(record, telemetry.ServerSpan)
+    assert record.trace == context.TraceContext(
+        parent.trace_id if parent else "3c" * 16, "4d" * 8, "01"
+    )
+    record.end("POST", "/api/order", 503)
+    record.end("POST", "/api/order", 200)  # ended once: nothing more is sent
+    made = provider.get_tracer("shop.gateway").start_span(
+        "POST /api/order",
+        context=telemetry.parent_of(parent),
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": "POST",
+            "http.response.status_code": 503,
+            "http.route": "/api/order",
+        },
+    )
+    made.set_status(StatusCode.ERROR)
+    made.end()
+    ours, sdks = exporter.get_finished_spans()
+    for field in ("name", "kind", "parent", "resource", "instrumentation_scope"):
+        assert getattr(ours, field) == getattr(sdks, field), field
+    assert list((ours.attributes or {}).items()) == list((sdks.attributes or {}).items())
+    assert ours.status.status_code is sdks.status.status_code is StatusCode.ERROR
+    assert ours.context.trace_flags == sdks.context.trace_flags
+    assert (ours.context.is_remote, sdks.context.is_remote) == (False, False)
+    assert format(ours.context.span_id, "016x") == "4d" * 8
+    assert ours.start_time is not None and ours.end_time is not None
+    assert 0 < ours.start_time <= ours.end_time
+    provider.shutdown()
+
+
+def test_with_a_sampler_of_its_own_the_proxys_span_is_the_sdk_tracers() -> None:
+    """A record could not carry what such a sampler adds: the SDK's tracer makes the span,
+    ended with the same name, attributes and status."""
+    from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
+
+    class Tagging(Sampler):
+        def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, {"sampled.by": "tagging"})
+
+        def get_description(self) -> str:
+            return "Tagging"
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=Tagging())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    spans = telemetry.server_spans(provider, "shop.gateway")
+    assert spans is not None and spans.sampled(None, "5" * 32)
+    span = spans.start(None, "5" * 32, "6" * 16)
+    assert not isinstance(span, telemetry.ServerSpan)
+    span.end("GET", None, 404)
+    (sent,) = exporter.get_finished_spans()
+    assert sent.name == "GET" and sent.kind is SpanKind.SERVER
+    assert dict(sent.attributes or {}) == {
+        "sampled.by": "tagging",
+        "http.request.method": "GET",
+        "http.response.status_code": 404,
+    }
+    # The next hop's parent is that span.
+    assert span.trace.trace_id == format(sent.context.trace_id, "032x")
+    assert span.trace.span_id == format(sent.context.span_id, "016x")
     provider.shutdown()

@@ -317,3 +317,57 @@ def test_a_recorded_span_reaches_the_processors_with_the_sdks_fields_and_no_span
     )
     assert '"name": "proxy"' in recorded.to_json()  # the console exporter's form
     provider.shutdown()
+
+
+# --- The gateway's proxy span kept as a record (telemetry.ServerSpan) -------------------------
+
+
+def _server_span(
+    provider: TracerProvider,
+    parent: context.TraceContext | None,
+    route: str | None,
+    status: int,
+) -> telemetry.ServerSpan:
+    spans = telemetry.server_spans(provider, "shop.gateway")
+    assert spans is not None
+    span = spans.start(parent, "1f" * 16, "2e" * 8)
+    assert isinstance(span, telemetry.ServerSpan)
+    span.end("GET", route, status)
+    return span
+
+
+@pytest.mark.parametrize("parent", [CALLER, None], ids=["under a caller", "root"])
+@pytest.mark.parametrize("route", ["/api/product/{id}", None], ids=["route", "unmatched"])
+@pytest.mark.parametrize("status", [200, 503])
+def test_a_server_span_record_is_encoded_as_the_sdk_encodes_its_readable_span(
+    parent: context.TraceContext | None, route: str | None, status: int
+) -> None:
+    provider = TracerProvider(resource=Resource.create({"service.name": "api-gateway"}))
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    record = _server_span(provider, parent, route, status)
+    # Alone, and in a batch with spans the SDK made under the same scope and another one.
+    made = provider.get_tracer("shop.gateway").start_span("other", kind=SpanKind.CLIENT)
+    made.end()
+    other = provider.get_tracer("shop").start_span("relay")
+    other.end()
+    for batch in ([record], [made, record, other, record]):
+        readables = [s.readable() if s is record else s for s in batch]
+        expected = encode_spans(readables).SerializePartialToString()  # type: ignore[arg-type]
+        assert telemetry.otlp_request(batch) == expected
+
+
+def test_a_server_span_record_is_queued_and_sent_by_the_batch_processor(
+    receiver: list[bytes],
+) -> None:
+    """Through the provider Shop makes: the batch processor queues the record itself and the
+    exporter sends what the SDK would encode of its span."""
+    provider = telemetry.tracer_provider("api-gateway")
+    assert provider is not None
+    record = _server_span(provider, CALLER, "/api/product/{id}", 200)
+    assert provider.force_flush()
+    (body,) = receiver
+    assert body == encode_spans([record.readable()]).SerializePartialToString()
+    (sent,) = ExportTraceServiceRequest.FromString(body).resource_spans[0].scope_spans[0].spans
+    assert sent.name == "GET /api/product/{id}" and sent.kind == sent.SPAN_KIND_SERVER
+    assert sent.parent_span_id == bytes.fromhex(CALLER.span_id)
+    assert (sent.trace_id.hex(), sent.span_id.hex()) == (CALLER.trace_id, "2e" * 8)

@@ -62,7 +62,6 @@ __all__ = [
     "Proxy",
     "ProxyMetrics",
     "ReadinessCheck",
-    "end_proxy_span",
     "with_identity",
     "UpstreamBreakers",
     "ops_routes",
@@ -184,7 +183,7 @@ class Identity:
     upstream: tuple[tuple[bytes, bytes], ...]  # the service's X-Request-ID and traceparent
     declared: bytes | None  # Content-Length
     has_body: bool
-    span: Any = None  # the request's server span, when spans are exported
+    span: Any = None  # the request's server span (ServerSpans.start), when spans are exported
 
 
 # The scope key of a request the fast lane (gateway/fastlane.py) began and hands over.
@@ -236,11 +235,9 @@ class Proxy:
         # Request and trace ids only need to be unique, not unpredictable: one draw of a
         # seeded PRNG instead of three reads of the OS's entropy per request.
         self._random_bits = random.Random(os.urandom(32)).getrandbits  # noqa: S311
-        provider = telemetry.tracer_provider(service)
         # The proxy's own server span (no ASGI instrumentation wraps it), started when the
-        # sampler says so; both None: tracing off.
-        self.tracer = provider.get_tracer("shop.gateway") if provider is not None else None
-        self.sampled = telemetry.sampling(provider) if provider is not None else None
+        # sampler says so; None: tracing off.
+        self.spans = telemetry.server_spans(telemetry.tracer_provider(service), "shop.gateway")
         metrics.registry.register(_BreakerMetrics(self, metrics.service))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -287,8 +284,8 @@ class Proxy:
             route = scope.get("route")
             template = route.path if route else None
             self.observe(scope["method"], template, status, began, identity)
-            if identity.span is not None:
-                end_proxy_span(identity.span, scope["method"], template, status)
+            if identity.span is not None:  # named by its route template, like the metrics
+                identity.span.end(scope["method"], template, status)
 
     def identify(self, headers: list[tuple[bytes, bytes]]) -> Identity:
         """Request id and trace (the caller's when valid, else new ones), the body's length."""
@@ -316,12 +313,10 @@ class Proxy:
         caller = context.parse_traceparent(caller_trace.decode("latin-1")) if caller_trace else None
         span = None
         flags = caller.flags if caller else "01"
-        sampled = self.sampled
-        if sampled is not None and self.tracer is not None:
-            if sampled(caller, fresh[32:64]):
-                span = telemetry.start_span(
-                    self.tracer, "proxy", kind="server", parent=caller, trace_id=fresh[32:64]
-                )
+        spans = self.spans
+        if spans is not None:
+            if spans.sampled(caller, fresh[32:64]):
+                span = spans.start(caller, fresh[32:64], fresh[64:80])
             elif caller is None:
                 flags = "00"  # a new trace not sampled: no span, and the services make none
         if span is None:
@@ -329,8 +324,8 @@ class Proxy:
             trace = caller or context.TraceContext(fresh[32:64], fresh[64:80], flags)
             child = f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()
         else:  # the service's parent is the gateway's span
-            trace = telemetry.span_trace(span)
-            child = trace.traceparent.encode()
+            trace = span.trace
+            child = f"00-{trace.trace_id}-{trace.span_id}-01".encode()
         stamp = (b"x-request-id", request_id.encode("latin-1"))
         return Identity(
             request_id, trace, stamp, (stamp, (b"traceparent", child)), declared, has_body, span
@@ -742,20 +737,6 @@ def with_identity(before: bytes, identity: Identity, after: bytes) -> bytes:
         (name, value), (other, more) = upstream
         return b"%s%s: %s\r\n%s: %s\r\n%s" % (before, name, value, other, more, after)
     return b"".join([before, *[b"%s: %s\r\n" % pair for pair in upstream], after])
-
-
-def end_proxy_span(span: Any, method: str, template: str | None, status: int) -> None:
-    """Name the proxy's span by its route template (bounded, like the metrics) and end it."""
-    span.update_name(f"{method} {template}" if template else method)
-    span.set_attribute("http.request.method", method)
-    span.set_attribute("http.response.status_code", status)
-    if template:
-        span.set_attribute("http.route", template)
-    if status >= 500:
-        from opentelemetry.trace import StatusCode
-
-        span.set_status(StatusCode.ERROR)
-    span.end()
 
 
 async def _relay(answer: Answer, send: Send, stamp: tuple[bytes, bytes]) -> None:

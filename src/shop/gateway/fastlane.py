@@ -48,7 +48,6 @@ from shop.gateway.api import (
     Handover,
     Identity,
     Proxy,
-    end_proxy_span,
     with_identity,
 )
 from shop.gateway.domain import Access, Match, Route, canonical_path, response_headers
@@ -560,7 +559,7 @@ class _Exchange:
         method, template = plan.method, plan.route.path
         self.proxy.observe(method, template, status, self.began, self.identity)
         if self.identity.span is not None:  # traced: the proxy's span ends with its answer
-            end_proxy_span(self.identity.span, method, template, status)
+            self.identity.span.end(method, template, status)
         if self.disconnected or protocol.raw_transport.is_closing():
             return
         head_only = method == "HEAD"

@@ -103,14 +103,14 @@ def tracer_provider(service: str) -> TracerProvider | None:
     # Imported here: with tracing off the SDK is never loaded.
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
     made = Resource.create({SERVICE_NAME: service})
     provider = TracerProvider(
         resource=_hashed_once(made.attributes, made.schema_url), id_generator=_chosen_ids()
     )
-    for name in names:
-        provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
+    batches = _batches[provider] = [_batching()(_exporter(name)) for name in names]
+    for processor in batches:
+        provider.add_span_processor(processor)
     _providers[service] = provider
     context.spans_exported = True
     log.info("tracing %s to %s", service, ", ".join(names))
@@ -252,6 +252,7 @@ def shutdown() -> None:
         provider.shutdown()
     _tracers.clear()
     _recorders.clear()
+    _batches.clear()
     context.spans_exported = False
 
 
@@ -570,6 +571,214 @@ def _recorded() -> Any:
 
     _RecordedSpan, _EndedSpan = RecordedSpan, EndedSpan
     return Recorder
+
+
+# --- HTTP server spans kept as records (the gateway's proxy span) ----------------------------
+#
+# The gateway makes one span per sampled request, always of one shape: a SERVER span named by
+# the route template, with the method, the status and the route as attributes, ERROR from 500
+# up, under the caller's span or at the root. Made as a recorded span (above) it still cost
+# ~28 µs of CPU per sampled request live at 10 % (a RecordedSpan, its EndedSpan, the
+# processors' on_end, its SpanContext): code that runs for one request in ten runs cold.
+# Kept as a record of eight fields it costs the sampled request a few lines on the loop; the
+# batch processor queues the record itself, the OTLP encoding below writes it directly, and
+# any other exporter (Zipkin) gets the SDK's ``ReadableSpan`` of it, made in the export
+# thread. docs/telemetry.md, "The proxy's span as a record".
+
+
+class ServerSpan:
+    """One HTTP request's SERVER span as a record: ``trace`` is its own ids (the next hop's
+    parent), ``parent`` the caller's span (remote) or None at a trace's root. End it once
+    with the request's method, route template and status."""
+
+    __slots__ = ("origin", "trace", "parent", "start", "end_time", "method", "route", "status")
+
+    def __init__(
+        self,
+        origin: ServerSpans,
+        trace: context.TraceContext,
+        parent: context.TraceContext | None,
+        start: int,
+    ) -> None:
+        self.origin = origin
+        self.trace = trace
+        self.parent = parent
+        self.start = start
+        self.end_time = 0
+        self.method = ""
+        self.route: str | None = None
+        self.status = 0
+
+    def end(self, method: str, route: str | None, status: int) -> None:
+        if self.end_time:
+            return
+        self.end_time = time_ns()
+        self.method, self.route, self.status = method, route, status
+        self.origin.ended(self)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method} {self.route}" if self.route else self.method
+
+    def attributes(self) -> dict[str, str | int]:
+        """Its attributes, in the order the SDK's span would hold them."""
+        attributes: dict[str, str | int] = {
+            "http.request.method": self.method,
+            "http.response.status_code": self.status,
+        }
+        if self.route:
+            attributes["http.route"] = self.route
+        return attributes
+
+    def readable(self) -> Any:
+        """The SDK's ``ReadableSpan`` of this record (for processors and exporters other
+        than Shop's batch processor and OTLP encoding)."""
+        from opentelemetry.sdk.trace import ReadableSpan
+        from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+        trace_id = int(self.trace.trace_id, 16)
+        parent = self.parent
+        if parent is None:
+            random, parent_context = self.origin.random, None
+        else:
+            parent_flags = int(parent.flags, 16)
+            random = bool(parent_flags & TraceFlags.RANDOM_TRACE_ID)
+            parent_context = SpanContext(
+                trace_id, int(parent.span_id, 16), True, TraceFlags(parent_flags)
+            )
+        flags = TraceFlags.SAMPLED | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+        return ReadableSpan(
+            name=self.name,
+            context=SpanContext(trace_id, int(self.trace.span_id, 16), False, TraceFlags(flags)),
+            parent=parent_context,
+            resource=self.origin.resource,
+            attributes=self.attributes(),
+            kind=SpanKind.SERVER,
+            instrumentation_scope=self.origin.scope,
+            status=Status(StatusCode.ERROR if self.status >= 500 else StatusCode.UNSET),
+            start_time=self.start,
+            end_time=self.end_time,
+        )
+
+
+class _SdkServerSpan:
+    """A server span the SDK's tracer makes (a sampler or span limits of the operator's own:
+    ``ServerSpans`` then cannot keep a record that exports the same), with the record's
+    ``trace`` and ``end``."""
+
+    __slots__ = ("span", "trace")
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+        self.trace = span_trace(span)
+
+    def end(self, method: str, route: str | None, status: int) -> None:
+        span = self.span
+        span.update_name(f"{method} {route}" if route else method)
+        span.set_attribute("http.request.method", method)
+        span.set_attribute("http.response.status_code", status)
+        if route:
+            span.set_attribute("http.route", route)
+        if status >= 500:
+            from opentelemetry.trace import StatusCode
+
+            span.set_status(StatusCode.ERROR)
+        span.end()
+
+
+class ServerSpans:
+    """Where a service's HTTP server spans of ``scope`` are decided and started
+    (:func:`server_spans`)."""
+
+    def __init__(self, provider: TracerProvider, scope: str) -> None:
+        self.tracer = provider.get_tracer(scope)
+        self.sampled = sampling(provider)
+        tracer: Any = self.tracer
+        self.resource = provider.resource
+        self.scope = getattr(tracer, "_instrumentation_scope", None)
+        self.random = bool(provider.id_generator.is_trace_id_random())
+        # A record exports what the SDK's span would only with a standard sampler and span
+        # limits that cut nothing (the recorded spans' conditions, ``_recorder``).
+        self.records = self.scope is not None and _recorder(tracer) is not False
+        # A provider ``tracer_provider`` made has Shop's batch processors only: they queue
+        # the record itself. Another's processors (tests) get the ReadableSpan of it.
+        ours = _batches.get(provider)
+        if ours is not None and len(ours) == 1:
+            self.ended: Callable[[ServerSpan], None] = ours[0].record
+        elif ours is not None:
+            self.ended = partial(_record_in_each, ours)
+        else:
+            self.ended = partial(_readable_to, tracer.span_processor)
+
+    def start(
+        self, parent: context.TraceContext | None, trace_id: str, span_id: str
+    ) -> ServerSpan | _SdkServerSpan:
+        """A span (end it) under ``parent``, else the root of ``trace_id``; ``span_id`` its
+        own id (16 hex digits, random): for a request ``sampled`` said yes to."""
+        if self.records:
+            trace = context.TraceContext(parent.trace_id if parent else trace_id, span_id, "01")
+            return ServerSpan(self, trace, parent, time_ns())
+        span = start_span(self.tracer, "proxy", kind="server", parent=parent, trace_id=trace_id)
+        return _SdkServerSpan(span)
+
+
+def server_spans(provider: TracerProvider | None, scope: str) -> ServerSpans | None:
+    """The server spans of ``provider``'s service (None: tracing is off)."""
+    return ServerSpans(provider, scope) if provider is not None else None
+
+
+def _record_in_each(processors: Sequence[Any], span: ServerSpan) -> None:
+    for processor in processors:
+        processor.record(span)
+
+
+def _readable_to(processor: Any, span: ServerSpan) -> None:
+    processor.on_end(span.readable())
+
+
+# The batch processors ``tracer_provider`` gave each provider it made.
+_batches: dict[Any, list[Any]] = {}
+
+
+@cache
+def _batching() -> Any:
+    """The SDK's ``BatchSpanProcessor``, which also queues ``ServerSpan`` records: as they
+    are for Shop's OTLP encoding, as ``ReadableSpan``s (made in the export thread) for any
+    other exporter."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Expanded(SpanExporter):
+        """An exporter given ReadableSpans for the records of a batch."""
+
+        def __init__(self, exporter: SpanExporter) -> None:
+            self.exporter = exporter
+
+        def export(self, spans: Sequence[Any]) -> SpanExportResult:
+            return self.exporter.export(_readables(spans))
+
+        def shutdown(self) -> None:
+            self.exporter.shutdown()
+
+        def force_flush(self, timeout_millis: int = 30000) -> bool:
+            return self.exporter.force_flush(timeout_millis)
+
+    class Batching(BatchSpanProcessor):
+        def __init__(self, exporter: SpanExporter) -> None:
+            encodes = isinstance(exporter, _otlp_exporter())
+            super().__init__(exporter if encodes else Expanded(exporter))
+            # A record goes into the queue as a span does (BatchProcessor.emit: the queue's
+            # bound, the wake-up at a full batch); without that method, as its ReadableSpan.
+            emit = getattr(getattr(self, "_batch_processor", None), "emit", None)
+            self.record: Callable[[ServerSpan], None] = (
+                emit if emit is not None else partial(_readable_to, self)
+            )
+
+    return Batching
+
+
+def _readables(spans: Sequence[Any]) -> list[Any]:
+    """``spans`` with each record as its ``ReadableSpan``."""
+    return [span.readable() if type(span) is ServerSpan else span for span in spans]
 
 
 def start_process_span(
@@ -918,6 +1127,54 @@ def _otlp_span(span: Any) -> bytes:
     return _field(b"\x12", out)
 
 
+# A record's status field (15): UNSET (empty), or ERROR (code = 3: 2).
+_UNSET_STATUS, _ERROR_STATUS = b"\x7a\x00", b"\x7a\x02\x18\x02"
+# Per (method, route, status): a record's fields before its times (name, kind) and after
+# them (attributes, status), the same for every request of that route and status. Bounded,
+# as ``_key_values``: the routes are the gateway's table, the statuses a few dozen.
+_server_parts: dict[tuple[str, str | None, int], tuple[bytes, bytes]] = {}
+
+
+def _otlp_server_span(span: ServerSpan) -> bytes:
+    """A ``Span`` message of a ``ServerSpan`` record: the same bytes as ``_otlp_span`` of
+    its ``ReadableSpan``, written from its fields."""
+    method, route, status = span.method, span.route, span.status
+    parts = _server_parts.get((method, route, status))
+    if parts is None:
+        parts = _server_span_parts(method, route, status)
+    trace, parent = span.trace, span.parent
+    before, after = parts
+    span_flags = _encoding()[1]
+    out = b"\x0a\x10%s\x12\x08%s%s%s\x39%s\x41%s%s%s" % (  # trace_id, span_id, parent ...
+        bytes.fromhex(trace.trace_id),
+        bytes.fromhex(trace.span_id),
+        b"" if parent is None else b"\x22\x08" + bytes.fromhex(parent.span_id),
+        before,
+        _FIXED64.pack(span.start),
+        _FIXED64.pack(span.end_time),
+        after,
+        span_flags[parent is not None],
+    )
+    return _field(b"\x12", out)
+
+
+def _server_span_parts(method: str, route: str | None, status: int) -> tuple[bytes, bytes]:
+    """A record's fields before its times and after them (without ``flags``)."""
+    from opentelemetry.trace import SpanKind
+
+    kinds, _, _ = _encoding()
+    before = _field(b"\x2a", (f"{method} {route}" if route else method).encode())
+    before += kinds[SpanKind.SERVER]
+    after = _key_value(b"\x4a", "http.request.method", method)
+    after += _key_value(b"\x4a", "http.response.status_code", status)
+    if route:
+        after += _key_value(b"\x4a", "http.route", route)
+    after += _ERROR_STATUS if status >= 500 else _UNSET_STATUS
+    if len(_server_parts) < _KEY_VALUES_KEPT:
+        _server_parts[(method, route, status)] = before, after
+    return before, after
+
+
 def otlp_request(spans: Sequence[Any]) -> bytes:
     """The serialised ``ExportTraceServiceRequest`` of ``spans`` (SDK ``ReadableSpan``s):
     what ``encode_spans(spans).SerializePartialToString()`` returns, spans grouped by
@@ -925,13 +1182,17 @@ def otlp_request(spans: Sequence[Any]) -> bytes:
     grouped: dict[Any, dict[Any, list[bytes]]] = {}
     last_resource = last_scope = encoded = None
     for span in spans:
-        resource, scope = span.resource, span.instrumentation_scope or None
+        record = type(span) is ServerSpan
+        if record:
+            resource, scope = span.origin.resource, span.origin.scope
+        else:
+            resource, scope = span.resource, span.instrumentation_scope or None
         # A batch is mostly one resource and scope: the same objects need no hashing
         # (``Resource.__hash__`` dumps its attributes as JSON unless cached).
         if resource is not last_resource or scope is not last_scope or encoded is None:
             encoded = grouped.setdefault(resource, {}).setdefault(scope, [])
             last_resource, last_scope = resource, scope
-        encoded.append(_otlp_span(span))
+        encoded.append(_otlp_server_span(span) if record else _otlp_span(span))
     out = []
     for resource, scopes in grouped.items():
         # ResourceSpans: resource = 1 (Resource.attributes = 1), scope_spans = 2, schema_url = 3
@@ -969,13 +1230,13 @@ def _otlp_exporter() -> Any:
     class Exporter(OTLPSpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
             if self._shutdown:
-                return super().export(spans)  # the SDK's warning and failure
+                return super().export(_readables(spans))  # the SDK's warning and failure
             try:
                 serialized = otlp_request(spans)
             except _Unencodable:
-                serialized = encode_spans(spans).SerializePartialToString()
+                serialized = encode_spans(_readables(spans)).SerializePartialToString()
             except Exception:  # noqa: BLE001 - the SDK's encoder logs what it cannot encode
-                return super().export(spans)
+                return super().export(_readables(spans))
             return self._send(serialized, len(spans))
 
         def _send(self, serialized: bytes, count: int) -> SpanExportResult:
