@@ -21,7 +21,8 @@ MYSQL_USER = os.environ.get("SHOP_TEST_MYSQL_USER", "root")
 MYSQL_PASSWORD = os.environ.get("SHOP_TEST_MYSQL_PASSWORD", "")
 
 
-def _mysql_admin() -> pymysql.connections.Connection:
+def mysql_admin() -> pymysql.connections.Connection:
+    """A connection as the test account (create and drop databases, watch sessions)."""
     return pymysql.connect(
         host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER, password=MYSQL_PASSWORD
     )
@@ -30,7 +31,7 @@ def _mysql_admin() -> pymysql.connections.Connection:
 @pytest.fixture(scope="session")
 def mysql_server() -> Iterator[None]:
     try:
-        _mysql_admin().close()
+        mysql_admin().close()
     except pymysql.err.MySQLError as exc:
         require_or_skip(f"MariaDB/MySQL on {MYSQL_HOST}:{MYSQL_PORT}: {exc}")
     yield
@@ -44,7 +45,7 @@ class MysqlDatabases:
 
     def new_url(self) -> str:
         name = f"shop_test_{uuid.uuid4().hex[:12]}"
-        conn = _mysql_admin()
+        conn = mysql_admin()
         try:
             with conn.cursor() as cur:
                 cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
@@ -55,7 +56,7 @@ class MysqlDatabases:
         return f"mysql+aiomysql://{auth}@{MYSQL_HOST}:{MYSQL_PORT}/{name}"
 
     def drop_all(self) -> None:
-        conn = _mysql_admin()
+        conn = mysql_admin()
         try:
             with conn.cursor() as cur:
                 for name in self.created:

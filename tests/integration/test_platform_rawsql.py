@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from shop.platform import db
 from shop.platform.db import create_engine, is_lock_conflict
 from shop.platform.rawsql import RawSql
+from tests.conftest import mysql_admin
 
 PROBE_COLUMNS = "id INTEGER PRIMARY KEY, note VARCHAR(40)"
 
@@ -159,3 +160,127 @@ async def test_sqlite_connections_are_kept_and_closed_with_the_engine(tmp_path: 
     assert _open_files(path) == 0
     with closing(sqlite3.connect(path)) as check:
         assert check.execute("SELECT count(*) FROM probe").fetchone() == (400,)
+
+
+# --- MySQL/MariaDB: aiomysql's pool beside the engine's -------------------------------------
+
+
+@pytest.fixture
+async def mysql_engine(make_mysql_url: Callable[[], str]) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(make_mysql_url())
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(f"CREATE TABLE probe ({PROBE_COLUMNS})"))
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+def _sessions_on(engine: AsyncEngine, *, running: str = "") -> list[tuple[int, str]]:
+    """(id, statement) of the server's sessions on ``engine``'s database, those running a
+    statement that contains ``running`` when given."""
+    admin = mysql_admin()
+    try:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT id, COALESCE(info, '') FROM information_schema.processlist WHERE db = %s",
+                (engine.url.database,),
+            )
+            rows = [(int(row[0]), str(row[1])) for row in cur.fetchall()]
+    finally:
+        admin.close()
+    return [row for row in rows if running in row[1] and "processlist" not in row[1]]
+
+
+@pytest.mark.mysql
+async def test_mysql_rowcount_counts_matched_rows_as_the_engine_does(
+    mysql_engine: AsyncEngine,
+) -> None:
+    """An UPDATE that sets a row to what it holds still counts it (the stores read
+    ``rowcount == 1`` as "the row is there"), as on SQLite and through the engine."""
+    raw = RawSql(mysql_engine)
+    async with raw.writing() as tx:
+        await tx.execute("INSERT INTO probe (id, note) VALUES (%s, %s)", (1, "same"))
+    async with raw.writing() as tx:
+        same = await tx.execute("UPDATE probe SET note = %s WHERE id = %s", ("same", 1))
+        none = await tx.execute("UPDATE probe SET note = %s WHERE id = %s", ("x", 9))
+    assert (same.rowcount, none.rowcount) == (1, 0)
+
+
+@pytest.mark.mysql
+async def test_mysql_a_transaction_cancelled_mid_statement_leaves_no_connection_behind(
+    mysql_engine: AsyncEngine,
+) -> None:
+    """A request given up while its statement runs: its connection (whose next read would
+    be that statement's answer) is closed, never handed to the next transaction."""
+    raw = RawSql(mysql_engine)
+
+    async def sleeper() -> None:
+        async with raw.writing() as tx:
+            await tx.execute("SELECT SLEEP(30)")
+
+    task = asyncio.create_task(sleeper())
+    for _ in range(500):  # until the server runs it (one statement's round trip)
+        if _sessions_on(mysql_engine, running="SLEEP(30)"):
+            break
+        await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the statement never reached the server")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for n in range(3):  # one connection would serve these: never the cancelled one
+        async with raw.writing() as tx:
+            assert (await tx.execute("SELECT %s", (40 + n,))).rows == [(40 + n,)]
+
+
+@pytest.mark.mysql
+async def test_mysql_a_connection_the_server_closed_is_not_handed_out(
+    mysql_engine: AsyncEngine,
+) -> None:
+    raw = RawSql(mysql_engine)
+    async with raw.writing() as tx:
+        await tx.execute("INSERT INTO probe (id, note) VALUES (%s, %s)", (1, "before"))
+        ((killed,),) = (await tx.execute("SELECT CONNECTION_ID()")).rows  # then idle
+    admin = mysql_admin()
+    try:
+        with admin.cursor() as cur:
+            cur.execute(f"KILL {int(killed)}")
+    finally:
+        admin.close()
+    await _gone(mysql_engine, {int(killed)})
+    async with raw.writing() as tx:
+        await tx.execute("INSERT INTO probe (id, note) VALUES (%s, %s)", (2, "after"))
+        ((serving,),) = (await tx.execute("SELECT CONNECTION_ID()")).rows
+    assert serving != killed
+    assert await _notes(mysql_engine) == [(1, "before"), (2, "after")]
+
+
+async def _gone(engine: AsyncEngine, sessions: set[int]) -> None:
+    """Wait until the server has none of ``sessions`` any more (it notices a closed
+    connection on its own time), and the loop has read what it sent."""
+    for _ in range(500):
+        if not sessions & {id_ for id_, _ in _sessions_on(engine)}:
+            await asyncio.sleep(0.01)  # the goodbye's bytes, read by the loop
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"sessions {sorted(sessions)} still open")
+
+
+@pytest.mark.mysql
+async def test_mysql_the_engines_dispose_closes_the_pools_connections(
+    make_mysql_url: Callable[[], str],
+) -> None:
+    engine = create_engine(make_mysql_url())
+    raw = RawSql(engine)
+
+    async def session() -> int:
+        async with raw.writing() as tx:
+            await tx.execute("SELECT SLEEP(0.05)")
+            ((found,),) = (await tx.execute("SELECT CONNECTION_ID()")).rows
+            return int(found)
+
+    pools = set(await asyncio.gather(*(session() for _ in range(4))))
+    assert len(pools) == 4 and pools <= {id_ for id_, _ in _sessions_on(engine)}
+    await engine.dispose()
+    await _gone(engine, pools)

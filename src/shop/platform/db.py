@@ -91,6 +91,14 @@ def normalise_url(url: str) -> URL:
     return parsed
 
 
+# A MySQL/MariaDB engine's pool (and RawSql's beside it: shop.platform.rawsql): connections
+# kept, more opened while concurrency asks, the age at which one is made anew, and the
+# isolation level of every transaction.
+MYSQL_POOL_SIZE = 10
+MYSQL_MAX_OVERFLOW = 20
+MYSQL_RECYCLE_S = 1800
+MYSQL_ISOLATION = "READ COMMITTED"
+
 # InnoDB's "deadlock found" and "lock wait timeout": the transaction was rolled back whole.
 _MYSQL_LOCK_CONFLICTS = {1213, 1205}
 
@@ -389,10 +397,10 @@ def create_engine(url: str, *, threaded: bool = False) -> AsyncEngine:
         parsed,
         hide_parameters=True,
         pool_pre_ping=True,
-        pool_recycle=1800,
-        pool_size=10,
-        max_overflow=20,
-        isolation_level="READ COMMITTED",
+        pool_recycle=MYSQL_RECYCLE_S,
+        pool_size=MYSQL_POOL_SIZE,
+        max_overflow=MYSQL_MAX_OVERFLOW,
+        isolation_level=MYSQL_ISOLATION,
     )
 
 

@@ -9,19 +9,33 @@ timeout), as ``BEGIN IMMEDIATE … COMMIT``: the write lock is taken first, wait
 the event loop as the engine does (``patiently``), and then held only while the
 transaction's statements run, back to back.
 
-On MySQL/MariaDB (and an in-memory SQLite, which a second connection could not see) it is
-a thin face over the engine: ``engine.begin()`` and ``exec_driver_sql``, as before. Either
-way the caller writes driver SQL (``placeholder`` tells ``?`` from ``%s``) and gets
-SQLAlchemy's exceptions (``IntegrityError``, ``OperationalError``), so one store serves
+On MySQL/MariaDB the same transaction runs on aiomysql's own connection pool
+(``aiomysql.Pool``), its connections made with the engine's connect arguments
+(``dialect.create_connect_args``: the same server, credentials, charset and client flags, so
+``rowcount`` counts matched rows as the engine's does) and its isolation level: each
+statement is one round trip and the transaction ends with one ``COMMIT`` (autocommit off:
+InnoDB starts the transaction at the first statement). Through the engine the same
+transaction also paid a ``ping`` at check-out (``pool_pre_ping``) and a ``ROLLBACK`` at
+check-in (the pool's reset), and SQLAlchemy's greenlet, execution context and result per
+statement: docs/platform.md, "Raw transactions on MySQL". aiomysql's pool drops a
+connection the server closed before handing it out and closes one given back inside a
+transaction; a transaction that failed is rolled back, and a connection whose state is
+unknown (cancelled mid-statement, a lost connection) is closed, not kept.
+
+An in-memory SQLite (which a second connection could not see) gets a thin face over the
+engine: ``engine.begin()`` and ``exec_driver_sql``. Either way the caller writes driver SQL
+(``placeholder`` tells ``?`` from ``%s``) and gets SQLAlchemy's exceptions
+(``IntegrityError``, ``OperationalError``, without the bound values), so one store serves
 both backends.
 
-Not a library: aiosqlite and its kin hand every call to a thread (the cost
+Not a library for SQLite: aiosqlite and its kin hand every call to a thread (the cost
 ``InlineSQLiteDialect`` removed), and SQLAlchemy's own ``raw_connection()`` still goes
-through the async pool. This is a pool of idle connections and a translation of errors.
+through the async pool. That part is a pool of idle connections and a translation of errors.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -30,9 +44,18 @@ from typing import Any, Protocol
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util.concurrency import await_, in_greenlet
 
 from shop.platform import context, telemetry
-from shop.platform.db import SQLITE_POOL_SIZE, open_sqlite, patiently
+from shop.platform.db import (
+    MYSQL_ISOLATION,
+    MYSQL_MAX_OVERFLOW,
+    MYSQL_POOL_SIZE,
+    MYSQL_RECYCLE_S,
+    SQLITE_POOL_SIZE,
+    open_sqlite,
+    patiently,
+)
 
 __all__ = ["RawSql", "RawTransaction", "Rows"]
 
@@ -115,9 +138,102 @@ class _EngineTransaction:
         return Rows([], result.rowcount)
 
 
-def _translated(sql: str, exc: sqlite3.Error) -> Exception:
-    """sqlite3's error as the engine would have raised it, without the bound values."""
-    return DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True)
+class _MysqlTransaction:
+    """Statements on one aiomysql connection, each a span of its own while spans are
+    exported (as the engine's get theirs from ``telemetry.trace_engine``)."""
+
+    __slots__ = ("_cursor", "_error", "_namespace")
+
+    def __init__(self, cursor: Any, error: type[Exception], namespace: str) -> None:
+        self._cursor = cursor
+        self._error = error
+        self._namespace = namespace
+
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
+        span = self._span(sql) if context.spans_exported else None
+        cursor = self._cursor
+        try:
+            # No parameters: no %-formatting (what the engine's exec_driver_sql does).
+            await cursor.execute(sql, tuple(parameters) if parameters else None)
+            rows = list(await cursor.fetchall()) if cursor.description else []
+        except self._error as exc:
+            if span is not None:
+                telemetry.end_span(span, exc)
+            raise _translated(sql, exc, self._error) from exc
+        if span is not None:
+            telemetry.end_span(span)
+        return Rows(rows, cursor.rowcount)
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows:
+        span = self._span(sql) if context.spans_exported else None
+        cursor = self._cursor
+        try:
+            # An INSERT ... VALUES is sent as one multi-row statement (aiomysql's rewrite).
+            await cursor.executemany(sql, [tuple(row) for row in rows])
+        except self._error as exc:
+            if span is not None:
+                telemetry.end_span(span, exc)
+            raise _translated(sql, exc, self._error) from exc
+        if span is not None:
+            telemetry.end_span(span)
+        return Rows([], cursor.rowcount)
+
+    def _span(self, sql: str) -> Any:
+        return telemetry.statement_span(
+            "mysql", telemetry.sql_operation(sql), sql, namespace=self._namespace
+        )
+
+
+class _MysqlWriting:
+    """``RawSql.writing()`` on MySQL/MariaDB: a connection from the pool, the statements,
+    ``COMMIT``; rolled back when the block raises."""
+
+    __slots__ = ("_connection", "_pool", "_raw")
+
+    def __init__(self, raw: RawSql) -> None:
+        self._raw = raw
+        self._pool: Any = None
+        self._connection: Any = None
+
+    async def __aenter__(self) -> RawTransaction:
+        raw = self._raw
+        pool = self._pool = raw._mysql_pool()
+        error = raw._mysql_error
+        try:
+            connection = await pool.acquire()
+        except error as exc:
+            raise _translated("connect", exc, error) from exc
+        self._connection = connection
+        cursor = await connection.cursor()  # no I/O: one per transaction, never closed
+        return _MysqlTransaction(cursor, error, raw._namespace)
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        connection, self._connection = self._connection, None
+        error = self._raw._mysql_error
+        try:
+            if kind is None:
+                try:
+                    await connection.commit()
+                except error as exc:
+                    connection.close()  # how it ended is the server's to know: not kept
+                    raise _translated("COMMIT", exc, error) from exc
+            elif issubclass(kind, Exception):  # a statement failed, or the caller gave up
+                try:
+                    await connection.rollback()
+                except error:
+                    connection.close()
+            else:  # cancelled, maybe mid-statement: what the connection will read is unknown
+                connection.close()
+        except BaseException:
+            connection.close()  # cancelled during COMMIT or ROLLBACK
+            raise
+        finally:
+            self._pool.release(connection)  # a closed connection is dropped, not kept
+
+
+def _translated(sql: str, exc: Exception, error: type[Exception] = sqlite3.Error) -> Exception:
+    """A driver's error as the engine would have raised it, without the bound values."""
+    return DBAPIError.instance(sql, None, exc, error, hide_parameters=True)
 
 
 class RawSql:
@@ -131,20 +247,45 @@ class RawSql:
         self._database = database if file_db else None
         self._namespace = (database or "").rsplit("/", 1)[-1]
         self._idle: list[sqlite3.Connection] = []
-        if self._database is not None:
+        self._mysql = engine.dialect.name in ("mysql", "mariadb") and engine.driver == "aiomysql"
+        self._pool: Any = None  # aiomysql's, made at the first transaction (it needs the loop)
+        self._mysql_error: type[Exception] = Exception
+        if self._database is not None or self._mysql:
             # The engine's dispose (the app's shutdown) closes these connections as well.
             event.listen(engine.sync_engine, "engine_disposed", lambda _engine: self.close())
 
     @property
     def raw(self) -> bool:
-        """Whether transactions bypass SQLAlchemy (a SQLite file)."""
+        """Whether this is a SQLite file (its transactions on bare sqlite3 connections)."""
         return self._database is not None
 
     def writing(self) -> contextlib.AbstractAsyncContextManager[RawTransaction]:
         """A write transaction: committed when the block ends, rolled back if it raises."""
+        if self._mysql:
+            return _MysqlWriting(self)
         if self._database is None:
             return self._engine_transaction()
         return _SqliteWriting(self, self._database)
+
+    def _mysql_pool(self) -> Any:
+        """aiomysql's pool for this engine's database (made once, on the running loop), as
+        large as the engine's and with its isolation level and recycling."""
+        if self._pool is None:
+            import aiomysql
+
+            _, kwargs = self._engine.dialect.create_connect_args(self._engine.url)
+            self._mysql_error = aiomysql.Error
+            self._pool = aiomysql.Pool(
+                minsize=0,
+                maxsize=MYSQL_POOL_SIZE + MYSQL_MAX_OVERFLOW,
+                echo=False,
+                pool_recycle=MYSQL_RECYCLE_S,
+                loop=asyncio.get_running_loop(),
+                autocommit=False,
+                init_command=f"SET SESSION TRANSACTION ISOLATION LEVEL {MYSQL_ISOLATION}",
+                **kwargs,
+            )
+        return self._pool
 
     @contextlib.asynccontextmanager
     async def _engine_transaction(self) -> AsyncIterator[RawTransaction]:
@@ -168,10 +309,15 @@ class RawSql:
     def close(self) -> None:
         """Close the idle connections, as the engine's ``dispose()`` does its pool's (one in
         a transaction at that moment is kept for the next, like the engine's checked-out
-        connections)."""
+        connections; on MySQL every connection is closed)."""
         idle, self._idle = self._idle, []
         for connection in idle:
             connection.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.terminate()  # the ones in use closed now (the server rolls back any open)
+            if in_greenlet():  # the async engine's dispose: the idle ones closed too
+                await_(pool.wait_closed())
 
 
 class _SqliteWriting:
