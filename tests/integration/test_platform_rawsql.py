@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shop.platform import db
 from shop.platform.db import create_engine, is_lock_conflict
-from shop.platform.rawsql import RawSql
+from shop.platform.rawsql import Many, RawSql
 from tests.conftest import mysql_admin
 
 PROBE_COLUMNS = "id INTEGER PRIMARY KEY, note VARCHAR(40)"
@@ -85,6 +85,49 @@ async def test_errors_are_the_engines_and_leave_nothing_behind(engine: AsyncEngi
     if engine.dialect.name == "sqlite":  # MariaDB quotes the entry in its own message
         assert "secret-value" not in str(taken.value)
     assert await _notes(engine) == [(1, "first")]
+
+
+async def test_a_pipeline_answers_each_step_in_order(engine: AsyncEngine) -> None:
+    """One round trip on MariaDB, statement by statement on SQLite: the same answers."""
+    raw = RawSql(engine)
+    insert = _driver_sql(raw, "INSERT INTO probe (id, note) VALUES (?, ?)")
+    async with raw.writing() as tx:
+        answers = await tx.pipeline(
+            [
+                (insert, (1, "a; DROP TABLE probe; --")),  # values stay values
+                Many(insert, [(2, "b"), (3, "it's")]),
+                (_driver_sql(raw, "UPDATE probe SET note = ? WHERE id >= ?"), ("c", 2)),
+                (_driver_sql(raw, "SELECT id, note FROM probe WHERE id < ? ORDER BY id"), (9,)),
+                ("SELECT COUNT(*) FROM probe", ()),
+            ]
+        )
+    assert [a.rowcount for a in answers[:3]] == [1, 2, 2]
+    assert answers[3].rows == [(1, "a; DROP TABLE probe; --"), (2, "c"), (3, "c")]
+    assert answers[4].rows == [(3,)]
+    assert await _notes(engine) == [(1, "a; DROP TABLE probe; --"), (2, "c"), (3, "c")]
+
+
+async def test_a_failed_step_stops_the_pipeline_and_the_transaction(engine: AsyncEngine) -> None:
+    raw = RawSql(engine)
+    insert = _driver_sql(raw, "INSERT INTO probe (id, note) VALUES (?, ?)")
+    async with raw.writing() as tx:
+        await tx.execute(insert, (1, "first"))
+    with pytest.raises(IntegrityError) as taken:
+        async with raw.writing() as tx:
+            await tx.pipeline(
+                [
+                    (insert, (2, "second")),
+                    (insert, (1, "secret-value")),  # taken
+                    (insert, (3, "never")),
+                ]
+            )
+    assert insert in str(taken.value), "the error names the statement as written"
+    if engine.dialect.name == "sqlite":  # MariaDB quotes the entry in its own message
+        assert "secret-value" not in str(taken.value)
+    assert await _notes(engine) == [(1, "first")]
+    async with raw.writing() as tx:  # the connection serves again
+        assert [a.rowcount for a in await tx.pipeline([(insert, (4, "d"))])] == [1]
+    assert await _notes(engine) == [(1, "first"), (4, "d")]
 
 
 async def test_sqlite_runs_bare_and_waits_for_another_writer_on_the_loop(tmp_path: Path) -> None:

@@ -61,7 +61,7 @@ from shop.platform.events import Event
 from shop.platform.inbox import first_delivery
 from shop.platform.lease import leases
 from shop.platform.outbox import add_event
-from shop.platform.rawsql import RawSql, RawTransaction
+from shop.platform.rawsql import Many, RawSql, Rows, Step
 from shop.platform.retention import KeysetSweep
 
 __all__ = [
@@ -448,31 +448,25 @@ class SqlOrderStore:
         now: datetime,
     ) -> OrderStart:
         sql = self._sql
+        # One pipeline per transaction (one round trip on MySQL): the hold, the prices.
+        steps: list[Step] = []
+        if hold is not None:
+            steps.append((sql.insert_hold, (hold.order_number, sql.time(hold.due_at))))
+        if sku_codes:
+            steps.append((sql.prices_of(len(sku_codes)), sku_codes))
         if key is None:
             async with self._raw.writing() as tx:
-                if hold is not None:
-                    await tx.execute(sql.insert_hold, (hold.order_number, sql.time(hold.due_at)))
-                return OrderStart(None, await self._prices_in(tx, sku_codes))
+                return OrderStart(None, self._prices_of(await tx.pipeline(steps), sku_codes))
         # Inserting first makes the unique key the referee between concurrent requests.
+        insert_key: Step = (
+            sql.insert_key,
+            (key.user_id, key.key, key.fingerprint, sql.time(now), key.attempt, key.owner),
+        )
         for _ in range(3):
             try:
                 async with self._raw.writing() as tx:
-                    await tx.execute(
-                        sql.insert_key,
-                        (
-                            key.user_id,
-                            key.key,
-                            key.fingerprint,
-                            sql.time(now),
-                            key.attempt,
-                            key.owner,
-                        ),
-                    )
-                    if hold is not None:
-                        await tx.execute(
-                            sql.insert_hold, (hold.order_number, sql.time(hold.due_at))
-                        )
-                    prices = await self._prices_in(tx, sku_codes)
+                    answers = await tx.pipeline([insert_key, *steps])
+                prices = self._prices_of(answers, sku_codes)
                 return OrderStart(KeyClaim(ClaimOutcome.CLAIMED), prices)
             except IntegrityError:
                 pass
@@ -667,13 +661,12 @@ class SqlOrderStore:
     ) -> None:
         number = order.order_number
         sql = self._sql
-        async with self._raw.writing() as tx:
+        steps: list[Step] = [
             # First: a release the reconciler started (or finished) means the stock is on
-            # its way back, and an order without its stock must not be saved.
-            kept = await tx.execute(sql.drop_unstarted_hold, (number,))
-            if kept.rowcount != 1:
-                raise ReservationLapsed(number)
-            await tx.execute(
+            # its way back, and an order without its stock must not be saved (checked
+            # below, before the COMMIT: the rows written after it are then rolled back).
+            (sql.drop_unstarted_hold, (number,)),
+            (
                 sql.insert_order,
                 (
                     number,
@@ -683,33 +676,33 @@ class SqlOrderStore:
                     cents(order.total),
                     sql.time(order.created_at),
                 ),
-            )
-            await tx.executemany(
+            ),
+            Many(
                 sql.insert_lines,
                 [
                     (number, line_no, line.sku_code, line.quantity, cents(line.unit_price))
                     for line_no, line in enumerate(order.lines, start=1)
                 ],
-            )
+            ),
             # add_event's row (shop.platform.outbox), in plain SQL like the rest.
-            await tx.execute(
-                sql.insert_event,
-                (event.id, ORDERS_TOPIC, event.key, event.to_json(), time.time()),
+            (sql.insert_event, (event.id, ORDERS_TOPIC, event.key, event.to_json(), time.time())),
+        ]
+        if answer is not None:
+            saved = (
+                answer.status_code,
+                _COMPACT.encode(answer.body),
+                number,
+                answer.user_id,
+                answer.key,
+                number,
             )
-            if answer is not None:
-                kept = await tx.execute(
-                    sql.save_answer,
-                    (
-                        answer.status_code,
-                        _COMPACT.encode(answer.body),
-                        number,
-                        answer.user_id,
-                        answer.key,
-                        number,
-                    ),
-                )
-                if kept.rowcount != 1:
-                    raise KeyLost(answer.key)
+            steps.append((sql.save_answer, saved))
+        async with self._raw.writing() as tx:
+            answers = await tx.pipeline(steps)  # one round trip on MySQL
+            if answers[0].rowcount != 1:
+                raise ReservationLapsed(number)
+            if answer is not None and answers[-1].rowcount != 1:
+                raise KeyLost(answer.key)
 
     async def order(self, order_number: str) -> Order | None:
         async with self._engine.connect() as conn:
@@ -830,12 +823,12 @@ class SqlOrderStore:
         rows = await conn.exec_driver_sql(self._sql.prices_of(len(sku_codes)), tuple(sku_codes))
         return _priced(cast("list[tuple[str, int | None]]", rows.all()))
 
-    async def _prices_in(self, tx: RawTransaction, sku_codes: Sequence[str]) -> dict[str, Decimal]:
-        """``_known_prices`` in a raw transaction."""
+    @staticmethod
+    def _prices_of(answers: Sequence[Rows], sku_codes: Sequence[str]) -> dict[str, Decimal]:
+        """The prices a ``start_order`` pipeline read (its last step, when it had SKUs)."""
         if not sku_codes:
             return {}
-        rows = await tx.execute(self._sql.prices_of(len(sku_codes)), sku_codes)
-        return _priced(cast("list[tuple[str, int | None]]", rows.rows))
+        return _priced(cast("list[tuple[str, int | None]]", answers[-1].rows))
 
     async def _with_lines(self, conn: AsyncConnection, rows: Sequence[Any]) -> list[Order]:
         if not rows:

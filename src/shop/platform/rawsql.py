@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
@@ -57,7 +57,7 @@ from shop.platform.db import (
     patiently,
 )
 
-__all__ = ["RawSql", "RawTransaction", "Rows"]
+__all__ = ["Many", "RawSql", "RawTransaction", "Rows", "Step"]
 
 
 class Rows:
@@ -70,12 +70,38 @@ class Rows:
         self.rowcount = rowcount
 
 
+class Many(NamedTuple):
+    """One statement run for each of ``rows`` (``executemany``), as a step of a pipeline."""
+
+    sql: str
+    rows: Sequence[Sequence[Any]]
+
+
+# A step of ``RawTransaction.pipeline``: a statement and its parameters, or a ``Many``.
+Step = tuple[str, Sequence[Any]] | Many
+
+
 class RawTransaction(Protocol):
     """One open write transaction; parameters are positional, in the driver's style."""
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Rows: ...
 
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows: ...
+
+    async def pipeline(self, steps: Sequence[Step]) -> list[Rows]:
+        """Run ``steps`` in order and give each one's ``Rows`` (a ``Many``'s: no rows and
+        the rows changed by all); the first that fails raises, and the ones after it do not
+        run. On MySQL/MariaDB they go to the server together, one round trip for all:
+        use it for statements whose parameters do not depend on each other's answers."""
+        ...
+
+
+async def _one_by_one(tx: RawTransaction, steps: Sequence[Step]) -> list[Rows]:
+    """``pipeline`` where statements cost no round trip (SQLite) or through the engine."""
+    return [
+        await (tx.executemany(*step) if isinstance(step, Many) else tx.execute(*step))
+        for step in steps
+    ]
 
 
 class _SqliteTransaction:
@@ -114,6 +140,9 @@ class _SqliteTransaction:
             telemetry.end_span(span)
         return Rows([], cursor.rowcount)
 
+    async def pipeline(self, steps: Sequence[Step]) -> list[Rows]:
+        return await _one_by_one(self, steps)
+
     def _span(self, sql: str) -> Any:
         return telemetry.statement_span(
             "sqlite", telemetry.sql_operation(sql), sql, namespace=self._namespace
@@ -136,6 +165,9 @@ class _EngineTransaction:
     async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Rows:
         result = await self._conn.exec_driver_sql(sql, [tuple(row) for row in rows])
         return Rows([], result.rowcount)
+
+    async def pipeline(self, steps: Sequence[Step]) -> list[Rows]:
+        return await _one_by_one(self, steps)
 
 
 class _MysqlTransaction:
@@ -177,6 +209,51 @@ class _MysqlTransaction:
         if span is not None:
             telemetry.end_span(span)
         return Rows([], cursor.rowcount)
+
+    async def pipeline(self, steps: Sequence[Step]) -> list[Rows]:
+        """The statements as one multi-statement query (aiomysql, like PyMySQL, always
+        asks for ``CLIENT_MULTI_STATEMENTS``), each with its parameters escaped by the
+        driver as ``execute`` escapes them; then each statement's result in turn. The
+        server stops at the first statement that fails. Spans and errors name the
+        statement as written, never with its values."""
+        cursor = self._cursor
+        sent: list[str] = []  # with the values
+        written: list[str] = []  # without
+        sizes: list[int] = []  # statements per step (a Many: one per row)
+        for step in steps:
+            if isinstance(step, Many):
+                sent += [cursor.mogrify(step.sql, tuple(row)) for row in step.rows]
+                written += [step.sql] * len(step.rows)
+                sizes.append(len(step.rows))
+            else:
+                sql, parameters = step
+                sent.append(cursor.mogrify(sql, tuple(parameters) if parameters else None))
+                written.append(sql)
+                sizes.append(1)
+        if not sent:
+            return [Rows([], 0) for _ in steps]
+        spans = [self._span(sql) for sql in written] if context.spans_exported else []
+        done = 0
+        answers: list[Rows] = []
+        try:
+            await cursor.execute(";\n".join(sent))
+            for size in sizes:
+                changed = 0
+                for _ in range(size):
+                    if done:
+                        await cursor.nextset()
+                    rows = list(await cursor.fetchall()) if cursor.description else []
+                    changed += cursor.rowcount
+                    if spans and spans[done] is not None:
+                        telemetry.end_span(spans[done])
+                    done += 1
+                answers.append(Rows(rows, changed) if size == 1 else Rows([], changed))
+        except self._error as exc:
+            for span in spans[done:]:
+                if span is not None:
+                    telemetry.end_span(span, exc)
+            raise _translated(written[done], exc, self._error) from exc
+        return answers
 
     def _span(self, sql: str) -> Any:
         return telemetry.statement_span(
