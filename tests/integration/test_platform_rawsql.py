@@ -107,6 +107,19 @@ async def test_a_pipeline_answers_each_step_in_order(engine: AsyncEngine) -> Non
     assert await _notes(engine) == [(1, "a; DROP TABLE probe; --"), (2, "c"), (3, "c")]
 
 
+async def test_a_read_sees_what_was_committed(engine: AsyncEngine) -> None:
+    raw = RawSql(engine)
+    select = _driver_sql(raw, "SELECT note FROM probe WHERE id = ?")
+    assert (await raw.read(select, (1,))).rows == []
+    async with raw.writing() as tx:
+        await tx.execute(_driver_sql(raw, "INSERT INTO probe (id, note) VALUES (?, ?)"), (1, "a"))
+    for _ in range(3):  # the pool's connection is not left inside a read's transaction
+        assert (await raw.read(select, (1,))).rows == [("a",)]
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE probe SET note = 'b' WHERE id = 1"))
+    assert (await raw.read(select, (1,))).rows == [("b",)], "no snapshot kept across reads"
+
+
 async def test_a_failed_step_stops_the_pipeline_and_the_transaction(engine: AsyncEngine) -> None:
     raw = RawSql(engine)
     insert = _driver_sql(raw, "INSERT INTO probe (id, note) VALUES (?, ?)")

@@ -549,9 +549,8 @@ class SqlOrderStore:
             self._close_reader()
             found = False
         if not found:
-            async with self._engine.connect() as conn:
-                result = await conn.exec_driver_sql(self._sql.key_answer, params)
-                row = cast("tuple[str, int | None, str | None] | None", result.first())
+            rows = (await self._raw.read(self._sql.key_answer, params)).rows
+            row = cast("tuple[str, int | None, str | None] | None", rows[0] if rows else None)
         if row is None:
             return None
         fingerprint, status_code, body = row

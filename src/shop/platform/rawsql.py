@@ -344,6 +344,17 @@ class RawSql:
             return self._engine_transaction()
         return _SqliteWriting(self, self._database)
 
+    async def read(self, sql: str, parameters: Sequence[Any] = ()) -> Rows:
+        """One statement on its own (a read): on MySQL/MariaDB on this pool (the statement
+        and ``COMMIT``: no ping, no reset), otherwise through the engine."""
+        if self._mysql:
+            async with _MysqlWriting(self) as tx:
+                return await tx.execute(sql, parameters)
+        async with self._engine.connect() as conn:
+            result = await conn.exec_driver_sql(sql, tuple(parameters))
+            rows = [tuple(row) for row in result.all()] if result.returns_rows else []
+            return Rows(rows, result.rowcount)
+
     def _mysql_pool(self) -> Any:
         """aiomysql's pool for this engine's database (made once, on the running loop), as
         large as the engine's and with its isolation level and recycling."""
