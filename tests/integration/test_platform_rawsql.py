@@ -96,15 +96,16 @@ async def test_a_pipeline_answers_each_step_in_order(engine: AsyncEngine) -> Non
             [
                 (insert, (1, "a; DROP TABLE probe; --")),  # values stay values
                 Many(insert, [(2, "b"), (3, "it's")]),
-                (_driver_sql(raw, "UPDATE probe SET note = ? WHERE id >= ?"), ("c", 2)),
+                Many(_driver_sql(raw, "UPDATE probe SET note = ? WHERE id = ?"), [("x", 2)] * 2),
+                (_driver_sql(raw, "UPDATE probe SET note = ? WHERE id >= ?"), ("c", 3)),
                 (_driver_sql(raw, "SELECT id, note FROM probe WHERE id < ? ORDER BY id"), (9,)),
                 ("SELECT COUNT(*) FROM probe", ()),
             ]
         )
-    assert [a.rowcount for a in answers[:3]] == [1, 2, 2]
-    assert answers[3].rows == [(1, "a; DROP TABLE probe; --"), (2, "c"), (3, "c")]
-    assert answers[4].rows == [(3,)]
-    assert await _notes(engine) == [(1, "a; DROP TABLE probe; --"), (2, "c"), (3, "c")]
+    assert [a.rowcount for a in answers[:4]] == [1, 2, 2, 1]
+    assert answers[4].rows == [(1, "a; DROP TABLE probe; --"), (2, "x"), (3, "c")]
+    assert answers[5].rows == [(3,)]
+    assert await _notes(engine) == [(1, "a; DROP TABLE probe; --"), (2, "x"), (3, "c")]
 
 
 async def test_a_read_sees_what_was_committed(engine: AsyncEngine) -> None:

@@ -47,7 +47,7 @@ from shop.inventory.domain import (
 )
 from shop.platform.db import Timestamp, is_lock_conflict, is_mysql, to_db_time
 from shop.platform.inbox import first_delivery
-from shop.platform.rawsql import RawSql, RawTransaction
+from shop.platform.rawsql import Many, RawSql, RawTransaction, Rows
 
 __all__ = ["CONSUMER", "InventoryStore", "SqlInventoryStore", "metadata"]
 
@@ -360,8 +360,14 @@ class SqlInventoryStore:
         sku_codes = sorted({line.sku_code for ask in asks for line in ask.lines})
         try:
             async with self._raw.writing() as tx:
-                known = await self._stored(tx, order_numbers)
-                rows = await tx.execute(sql.lock_stock(len(sku_codes)), sku_codes)
+                # Reads, then writes: each a pipeline (one round trip on MySQL).
+                heads, rows = await tx.pipeline(
+                    [
+                        (sql.reservations_of(len(order_numbers)), order_numbers),
+                        (sql.lock_stock(len(sku_codes)), sku_codes),
+                    ]
+                )
+                known = await self._stored(tx, heads)
                 available = {sku: int(quantity) for sku, quantity in rows.rows}
                 settled = settle(
                     [ReservationAsk(ask.order_number, ask.lines) for ask in asks],
@@ -371,22 +377,30 @@ class SqlInventoryStore:
                 if settled.new:
                     now = self._db_time(asks[0].now)
                     reserved = ReservationStatus.RESERVED.value
-                    await tx.executemany(
-                        sql.insert_reservations,
-                        [(r.order_number, reserved, now) for r in settled.new],
-                    )
-                    await tx.executemany(
-                        sql.insert_lines,
-                        [
-                            (r.order_number, line.sku_code, line.quantity)
-                            for r in settled.new
-                            for line in r.lines
-                        ],
-                    )
                     taken = sorted(settled.taken.items())
-                    decremented = await tx.execute(
-                        sql.take_stock(len(taken)),
-                        (*(v for item in taken for v in item), now, *(sku for sku, _ in taken)),
+                    *_, decremented = await tx.pipeline(
+                        [
+                            Many(
+                                sql.insert_reservations,
+                                [(r.order_number, reserved, now) for r in settled.new],
+                            ),
+                            Many(
+                                sql.insert_lines,
+                                [
+                                    (r.order_number, line.sku_code, line.quantity)
+                                    for r in settled.new
+                                    for line in r.lines
+                                ],
+                            ),
+                            (
+                                sql.take_stock(len(taken)),
+                                (
+                                    *(v for item in taken for v in item),
+                                    now,
+                                    *(sku for sku, _ in taken),
+                                ),
+                            ),
+                        ]
                     )
                     if decremented.rowcount != len(taken):
                         raise _TryAgain  # cannot happen under the lock; never write on a guess
@@ -395,12 +409,10 @@ class SqlInventoryStore:
             raise _TryAgain from exc
         return settled.outcomes
 
-    async def _stored(
-        self, tx: RawTransaction, order_numbers: Sequence[str]
-    ) -> dict[str, Reservation]:
-        """The reservations already stored under any of ``order_numbers``, with their lines."""
+    async def _stored(self, tx: RawTransaction, heads: Rows) -> dict[str, Reservation]:
+        """The reservations already stored (``heads``: their numbers and statuses, read in
+        ``tx``), with their lines."""
         sql = self._sql
-        heads = await tx.execute(sql.reservations_of(len(order_numbers)), order_numbers)
         statuses = {order: ReservationStatus(status) for order, status in heads.rows}
         if not statuses:
             return {}

@@ -216,12 +216,27 @@ class _MysqlTransaction:
         driver as ``execute`` escapes them; then each statement's result in turn. The
         server stops at the first statement that fails. Spans and errors name the
         statement as written, never with its values."""
+        from aiomysql.cursors import RE_INSERT_VALUES
+
         cursor = self._cursor
         sent: list[str] = []  # with the values
         written: list[str] = []  # without
         sizes: list[int] = []  # statements per step (a Many: one per row)
         for step in steps:
             if isinstance(step, Many):
+                # An INSERT ... VALUES: one multi-row statement, as executemany sends it.
+                insert = RE_INSERT_VALUES.match(step.sql) if step.rows else None
+                if insert is not None:
+                    head, values, tail = (
+                        insert.group(1) % (),
+                        insert.group(2).rstrip(),
+                        insert.group(3),
+                    )
+                    each = ",".join(cursor.mogrify(values, tuple(row)) for row in step.rows)
+                    sent.append(f"{head}{each}{tail or ''}")
+                    written.append(step.sql)
+                    sizes.append(1)
+                    continue
                 sent += [cursor.mogrify(step.sql, tuple(row)) for row in step.rows]
                 written += [step.sql] * len(step.rows)
                 sizes.append(len(step.rows))
