@@ -312,7 +312,7 @@ class _MysqlWriting:
             elif issubclass(kind, Exception):  # a statement failed, or the caller gave up
                 try:
                     await connection.rollback()
-                except error:
+                except Exception:  # noqa: BLE001 - the caller's error is the one to raise
                     connection.close()
             else:  # cancelled, maybe mid-statement: what the connection will read is unknown
                 connection.close()
