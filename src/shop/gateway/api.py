@@ -325,7 +325,7 @@ class Proxy:
             child = f"00-{trace.trace_id}-{fresh[80:96]}-{trace.flags}".encode()
         else:  # the service's parent is the gateway's span
             trace = span.trace
-            child = f"00-{trace.trace_id}-{trace.span_id}-{trace.flags}".encode()
+            child = trace.traceparent.encode()
         stamp = (b"x-request-id", request_id.encode("latin-1"))
         return Identity(
             request_id, trace, stamp, (stamp, (b"traceparent", child)), declared, has_body, span

@@ -586,6 +586,18 @@ def _recorded() -> Any:
 # thread. docs/telemetry.md, "The proxy's span as a record".
 
 
+def _server_shape(method: str, route: str | None, status: int) -> tuple[str, dict[str, str | int]]:
+    """An HTTP server span's name (by its route template, bounded like the metrics) and
+    attributes, in the order the SDK's span holds them; from 500 up it is also ERROR."""
+    attributes: dict[str, str | int] = {
+        "http.request.method": method,
+        "http.response.status_code": status,
+    }
+    if route:
+        attributes["http.route"] = route
+    return (f"{method} {route}" if route else method), attributes
+
+
 class ServerSpan:
     """One HTTP request's SERVER span as a record: ``trace`` is its own ids (the next hop's
     parent), ``parent`` the caller's span (remote) or None at a trace's root. End it once
@@ -616,20 +628,6 @@ class ServerSpan:
         self.method, self.route, self.status = method, route, status
         self.origin.ended(self)
 
-    @property
-    def name(self) -> str:
-        return f"{self.method} {self.route}" if self.route else self.method
-
-    def attributes(self) -> dict[str, str | int]:
-        """Its attributes, in the order the SDK's span would hold them."""
-        attributes: dict[str, str | int] = {
-            "http.request.method": self.method,
-            "http.response.status_code": self.status,
-        }
-        if self.route:
-            attributes["http.route"] = self.route
-        return attributes
-
     def readable(self) -> Any:
         """The SDK's ``ReadableSpan`` of this record (for processors and exporters other
         than Shop's batch processor and OTLP encoding)."""
@@ -647,12 +645,13 @@ class ServerSpan:
                 trace_id, int(parent.span_id, 16), True, TraceFlags(parent_flags)
             )
         flags = TraceFlags.SAMPLED | (TraceFlags.RANDOM_TRACE_ID if random else 0)
+        name, attributes = _server_shape(self.method, self.route, self.status)
         return ReadableSpan(
-            name=self.name,
+            name=name,
             context=SpanContext(trace_id, int(self.trace.span_id, 16), False, TraceFlags(flags)),
             parent=parent_context,
             resource=self.origin.resource,
-            attributes=self.attributes(),
+            attributes=attributes,
             kind=SpanKind.SERVER,
             instrumentation_scope=self.origin.scope,
             status=Status(StatusCode.ERROR if self.status >= 500 else StatusCode.UNSET),
@@ -674,11 +673,9 @@ class _SdkServerSpan:
 
     def end(self, method: str, route: str | None, status: int) -> None:
         span = self.span
-        span.update_name(f"{method} {route}" if route else method)
-        span.set_attribute("http.request.method", method)
-        span.set_attribute("http.response.status_code", status)
-        if route:
-            span.set_attribute("http.route", route)
+        name, attributes = _server_shape(method, route, status)
+        span.update_name(name)
+        span.set_attributes(attributes)
         if status >= 500:
             from opentelemetry.trace import StatusCode
 
@@ -698,8 +695,8 @@ class ServerSpans:
         self.scope = getattr(tracer, "_instrumentation_scope", None)
         self.random = bool(provider.id_generator.is_trace_id_random())
         # A record exports what the SDK's span would only with a standard sampler and span
-        # limits that cut nothing (the recorded spans' conditions, ``_recorder``).
-        self.records = self.scope is not None and _recorder(tracer) is not False
+        # limits that cut nothing, from the SDK's tracer (the recorded spans' conditions).
+        self.records = _recorder(tracer) is not False
         # A provider ``tracer_provider`` made has Shop's batch processors only: they queue
         # the record itself. Another's processors (tests) get the ReadableSpan of it.
         ours = _batches.get(provider)
@@ -1163,12 +1160,9 @@ def _server_span_parts(method: str, route: str | None, status: int) -> tuple[byt
     from opentelemetry.trace import SpanKind
 
     kinds, _, _ = _encoding()
-    before = _field(b"\x2a", (f"{method} {route}" if route else method).encode())
-    before += kinds[SpanKind.SERVER]
-    after = _key_value(b"\x4a", "http.request.method", method)
-    after += _key_value(b"\x4a", "http.response.status_code", status)
-    if route:
-        after += _key_value(b"\x4a", "http.route", route)
+    name, attributes = _server_shape(method, route, status)
+    before = _field(b"\x2a", name.encode()) + kinds[SpanKind.SERVER]
+    after = _attributes(b"\x4a", attributes)
     after += _ERROR_STATUS if status >= 500 else _UNSET_STATUS
     if len(_server_parts) < _KEY_VALUES_KEPT:
         _server_parts[(method, route, status)] = before, after
