@@ -150,7 +150,8 @@ class _SqliteTransaction:
 
 
 class _EngineTransaction:
-    """The same on an SQLAlchemy connection (MySQL/MariaDB), statements as the driver's."""
+    """The same on an SQLAlchemy connection (an in-memory SQLite), statements as the
+    driver's."""
 
     __slots__ = ("_conn",)
 
